@@ -1,0 +1,1 @@
+"""Agentic step data: sources, step segmentation, splits."""
