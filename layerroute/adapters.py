@@ -1,0 +1,246 @@
+"""LoRA through peft, the routed model bundle, and the adapter directory on disk.
+
+An adapter directory holds only what trained, beside its metadata:
+
+    adapter_config.json, adapter_model.safetensors   PEFT's own files (LoRA)
+    router.safetensors                               one router per block ("layers.<i>.<param>")
+    layerroute.json                                  router/LoRA config, base model identity, library version
+
+Writes are atomic (a temp folder renamed into place); loading refuses pickled weights and an adapter whose
+base shape differs from the model it is loaded onto.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .config import LoraSettings, ModelConfig, RouterConfig, from_dict
+from .errors import AdapterError
+from .model import LoadedModel, configure_trainable, load_base, router_factory
+from .routed import RoutingState, find_routed_layers, wrap_model
+
+ROUTER_FILE = "router.safetensors"
+META_FILE = "layerroute.json"
+_PICKLED = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def peft_lora_config(cfg: LoraSettings) -> LoraConfig:
+    return LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets),
+        bias="none", task_type="CAUSAL_LM",
+    )
+
+
+def apply_lora(model: nn.Module, cfg: LoraSettings) -> nn.Module:
+    """Add LoRA adapters with peft (returns the PeftModel); `configure_trainable` then re-enables routers."""
+    model = get_peft_model(model, peft_lora_config(cfg))
+    configure_trainable(model)
+    return model
+
+
+@dataclass
+class RoutedModel:
+    """A frozen base model with routers on every block and (optionally) LoRA adapters."""
+
+    model: nn.Module  # PeftModel when LoRA is enabled, else the transformers model
+    tokenizer: object | None
+    identity: dict
+    router_cfg: RouterConfig
+    lora_cfg: LoraSettings
+    state: RoutingState
+
+    @property
+    def has_lora(self) -> bool:
+        return isinstance(self.model, PeftModel)
+
+    @property
+    def config(self):
+        return self.base_model.config
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The transformers model (inside the PEFT wrapper when there is one)."""
+        return self.model.get_base_model() if self.has_lora else self.model
+
+    @property
+    def num_layers(self) -> int:
+        return self.state.num_layers
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def routers(self) -> list[nn.Module]:
+        return [layer.router for layer in find_routed_layers(self.model)]
+
+    @contextmanager
+    def lora_disabled(self):
+        """Run the base model's weights (routers still act): the 'routed_no_lora' and 'base' configurations."""
+        if self.has_lora:
+            with self.model.disable_adapter():
+                yield
+        else:
+            yield
+
+    @contextmanager
+    def merged(self):
+        """LoRA merged into the weights (inference speed: no adapter matmuls); unmerged on exit."""
+        if not self.has_lora:
+            yield
+            return
+        self.model.merge_adapter()
+        try:
+            yield
+        finally:
+            self.model.unmerge_adapter()
+
+    def save(self, directory: str | Path, extra: dict | None = None) -> Path:
+        return save_adapter(self, directory, extra)
+
+
+def build_routed_model(
+    model_cfg: ModelConfig,
+    router_cfg: RouterConfig | None = None,
+    lora_cfg: LoraSettings | None = None,
+    loaded: LoadedModel | None = None,
+) -> RoutedModel:
+    """Load the base model, wrap every block with a router, add LoRA; only routers and LoRA train."""
+    router_cfg = router_cfg or RouterConfig()
+    lora_cfg = lora_cfg or LoraSettings()
+    loaded = loaded or load_base(model_cfg)
+    model = loaded.model
+    state = wrap_model(
+        model, router_factory(model.config.hidden_size, router_cfg), pooling=router_cfg.pooling,
+        threshold=router_cfg.threshold,
+    )
+    if lora_cfg.enabled:
+        model = apply_lora(model, lora_cfg)
+    else:
+        configure_trainable(model)
+    return RoutedModel(model, loaded.tokenizer, loaded.identity, router_cfg, lora_cfg, state)
+
+
+def _router_state_dict(rm: RoutedModel) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for layer in find_routed_layers(rm.model):
+        for name, value in layer.router.state_dict().items():
+            tensors[f"layers.{layer.index}.{name}"] = value.detach().to("cpu").contiguous()
+    return tensors
+
+
+def write_atomically(directory: Path, fill) -> Path:
+    """Create `directory` by filling a temp sibling with `fill(tmp)` and renaming it into place."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        fill(tmp)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def save_adapter(rm: RoutedModel, directory: str | Path, extra: dict | None = None) -> Path:
+    """Save PEFT's adapter files + router.safetensors + layerroute.json, atomically."""
+    meta = {
+        "library": "layerroute",
+        "version": __version__,
+        "base_model": rm.identity,
+        "router": asdict(rm.router_cfg),
+        "lora": asdict(rm.lora_cfg),
+        **(extra or {}),
+    }
+
+    def fill(tmp: Path) -> None:
+        if rm.has_lora:
+            rm.model.save_pretrained(str(tmp), safe_serialization=True)
+        save_file(_router_state_dict(rm), str(tmp / ROUTER_FILE))
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+
+    return write_atomically(Path(directory), fill)
+
+
+def read_adapter_meta(directory: str | Path) -> dict:
+    directory = Path(directory)
+    if not (directory / META_FILE).is_file():
+        raise AdapterError(f"{directory} is not a layerroute adapter directory ({META_FILE} is missing)")
+    pickled = [p.name for p in directory.iterdir() if p.suffix in _PICKLED]
+    if pickled:
+        raise AdapterError(
+            f"{directory} holds pickled weights ({', '.join(pickled)}); layerroute loads safetensors only and "
+            "never unpickles"
+        )
+    return json.loads((directory / META_FILE).read_text())
+
+
+def check_base_matches(meta: dict, identity: dict, directory) -> None:
+    saved = meta.get("base_model", {})
+    mismatched = [k for k, v in identity.items() if k != "name" and k in saved and saved[k] != v]
+    if mismatched:
+        detail = ", ".join(f"{k}: adapter {saved[k]} vs model {identity[k]}" for k in mismatched)
+        raise AdapterError(
+            f"adapter {directory} was trained on {saved.get('name')!r}, whose shape differs from "
+            f"{identity.get('name')!r} ({detail})"
+        )
+
+
+def load_adapter(
+    directory: str | Path,
+    model_cfg: ModelConfig | None = None,
+    loaded: LoadedModel | None = None,
+    trainable: bool = False,
+) -> RoutedModel:
+    """Load a base model (the adapter's own unless `model_cfg` names another) and put the adapter on it."""
+    directory = Path(directory)
+    meta = read_adapter_meta(directory)
+    router_cfg = from_dict(RouterConfig, meta["router"], "router")
+    lora_cfg = from_dict(LoraSettings, meta["lora"], "lora")
+    if loaded is None:
+        model_cfg = model_cfg or ModelConfig(name=meta["base_model"]["name"])
+        loaded = load_base(model_cfg)
+    check_base_matches(meta, loaded.identity, directory)
+    model = loaded.model
+    state = wrap_model(
+        model, router_factory(model.config.hidden_size, router_cfg), pooling=router_cfg.pooling,
+        threshold=router_cfg.threshold,
+    )
+    if lora_cfg.enabled:
+        if not (directory / "adapter_model.safetensors").is_file():
+            raise AdapterError(f"{directory} has LoRA enabled but no adapter_model.safetensors")
+        model = PeftModel.from_pretrained(model, str(directory), is_trainable=trainable)
+    rm = RoutedModel(model, loaded.tokenizer, loaded.identity, router_cfg, lora_cfg, state)
+    tensors = load_file(str(directory / ROUTER_FILE))
+    for layer in find_routed_layers(rm.model):
+        prefix = f"layers.{layer.index}."
+        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            layer.router.load_state_dict(own)
+        except RuntimeError as err:
+            raise AdapterError(f"{directory}: router of block {layer.index} does not fit: {err}") from err
+    if trainable:
+        configure_trainable(rm.model)
+    else:
+        for p in rm.model.parameters():
+            p.requires_grad_(False)
+    rm.model.eval()
+    return rm

@@ -1,0 +1,80 @@
+"""`layerroute <command>`: one entry point, one sub-command per job.
+
+Sub-commands register themselves from their modules' `add_arguments` / `run` pairs so that this file stays
+a table of contents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from .errors import LayerRouteError
+
+# name -> (module, one-line help). Modules expose add_arguments(parser) and run(args) -> int.
+COMMANDS = {
+    "params": ("layerroute.cli", "count backbone / LoRA / router parameters (no weights are allocated)"),
+    "data": ("layerroute.data.cli", "build the step data and print stats or rendered examples"),
+    "train": ("layerroute.train", "train routers + LoRA from a YAML config"),
+    "sweep": ("layerroute.sweep", "train and evaluate several seeds, one table"),
+    "eval": ("layerroute.evaluate", "skip rates, perplexity in four configurations, task accuracy, plots"),
+    "bench": ("layerroute.bench", "wall-clock latency of routed vs dense generation (prints JSON)"),
+    "generate": ("layerroute.generate", "routed generation for one prompt"),
+    "serve": ("layerroute.serve", "OpenAI-compatible chat endpoint with tools"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:  # `layerroute params`
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="model name (see README)")
+    parser.add_argument("--router-kind", default="linear", choices=["linear", "mlp"])
+    parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--no-lora", action="store_true", help="count routers only")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:  # `layerroute params`
+    from .config import LoraSettings, RouterConfig
+    from .model import count_parameters
+
+    counts = count_parameters(
+        args.model, RouterConfig(kind=args.router_kind), LoraSettings(r=args.lora_r, enabled=not args.no_lora)
+    )
+    if args.json:
+        print(json.dumps(counts))
+    else:
+        for key in ("backbone", "lora", "router", "trainable"):
+            print(f"{key:>20}: {counts[key]:>15,}")
+        print(f"{'trainable_fraction':>20}: {100 * counts['trainable_fraction']:>14.3f}%")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="layerroute", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if not err.name or not err.name.startswith("layerroute"):
+                raise
+            continue  # a command whose module is not written yet is simply not offered
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except LayerRouteError as err:
+        print(f"layerroute {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

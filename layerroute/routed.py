@@ -1,0 +1,316 @@
+"""The wrapper around one decoder block: decision, training mix, real skip, KV-cache policy.
+
+`wrap_model` replaces every entry of the model's decoder-layer list with a `RoutedLayer` that keeps the
+original block as `.block` and calls it (the pattern of PEFT's LoRA layers and torchtune's layer dropout):
+the model family's own forward runs unchanged, so any Llama/Qwen2-style model works without a copied forward.
+
+All routed layers of a model share one `RoutingState`, set for a forward with the `routing(...)` context
+manager. Modes:
+
+- ``off``: the wrapper is transparent (the block always runs, no router is evaluated).
+- ``mix`` (training and teacher-forced evaluation): the block always runs and its contribution is mixed by the
+  hard gate with a straight-through gradient, ``h + g * (block(h) - h)``. Under ``torch.no_grad`` a block whose
+  gate is closed for every row is not called (the result, ``h``, is the same).
+- ``skip`` (inference): a block whose gate is closed is not called. The decision is taken once per *step*, at the
+  first forward after ``new_step()`` (the prefill), and reused by every later forward of the step (decode).
+  With the ``kv_preserving`` policy a skipped block still writes K/V for the step's tokens into the cache, so a
+  later step that runs the block finds a complete cache. With ``exact`` it writes nothing (use `RoutedCache`).
+
+The decision for block l reads the hidden states *entering* block l, pooled over the decision mask (context
+positions only). It never sees the step's own target tokens, so a decision made in training can be made at
+inference.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from .router import Router, hard_gate, masked_pool
+
+MODES = ("off", "mix", "skip")
+KV_POLICIES = ("exact", "kv_preserving")
+
+
+@dataclass
+class RoutingState:
+    """What every routed layer of one model reads during a forward. Set it with `routing(...)`."""
+
+    mode: str = "off"
+    decision_mask: torch.Tensor | None = None  # [B, T] 1 = context position the router may read
+    forced: torch.Tensor | None = None  # [L] or [B, L] bool: gates to apply instead of the routers'
+    threshold: float = 0.5
+    kv_policy: str = "exact"
+    # keep per-block running sums of the context states so a session's next step pools over all its context
+    session_pooling: bool = False
+    num_layers: int = 0
+    layers: list = field(default_factory=list, repr=False)
+
+    def new_step(self) -> None:
+        """Forget this step's decisions: the next forward decides again (the next agent step's prefill)."""
+        for layer in self.layers:
+            layer.decision = None
+
+    def reset_session(self) -> None:
+        """Forget the running context sums too (a new conversation)."""
+        self.new_step()
+        for layer in self.layers:
+            layer.pool_sum = None
+            layer.pool_count = None
+
+
+@dataclass
+class GateRecord:
+    """What a routed layer decided in its last decision forward (one entry per batch row)."""
+
+    logit: torch.Tensor  # [B] router logit (float32, detached)
+    prob: torch.Tensor  # [B] sigmoid(logit); carries gradient in mix mode (soft regulariser)
+    gate: torch.Tensor  # [B] applied gate in {0, 1}; carries the straight-through gradient in mix mode
+    forced: bool  # True when the gate came from a forced pattern, not the router
+
+
+class RoutedCache(DynamicCache):
+    """A DynamicCache whose length is that of its longest layer.
+
+    Under the ``exact`` policy a skipped block writes no K/V, so its cache layer can be empty (block 0 too);
+    transformers reads the sequence length and mask sizes from layer 0 by default. Every block that runs in a
+    step has the same length, so the longest layer is the true length of what has been processed.
+    """
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max((layer.get_seq_length() for layer in self.layers), default=0)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.get_seq_length()
+
+
+class RoutedLayer(nn.Module):
+    """One decoder block plus its router. The block is kept as `.block` and called, never copied."""
+
+    def __init__(self, block: nn.Module, router: Router, index: int, state: RoutingState, pooling: str = "mean"):
+        super().__init__()
+        self.block = block
+        self.router = router
+        self.index = index
+        self.pooling = pooling
+        self.state = state
+        self.decision: torch.Tensor | None = None  # [B] float gate for the current step (skip mode)
+        self.record: GateRecord | None = None
+        self.pool_sum: torch.Tensor | None = None  # [B, H] session running sum of context states
+        self.pool_count: torch.Tensor | None = None  # [B, 1]
+
+    # -- decision -------------------------------------------------------------------------------------------
+    def _forced_gate(self, batch: int, device) -> torch.Tensor | None:
+        forced = self.state.forced
+        if forced is None:
+            return None
+        column = forced[..., self.index].to(device=device, dtype=torch.float32)
+        return column.expand(batch) if column.dim() == 0 else column
+
+    def _pooled_context(self, hidden: torch.Tensor) -> torch.Tensor:
+        st = self.state
+        mask = st.decision_mask
+        if mask is None:  # no padding, no targets: every position is context
+            mask = torch.ones(hidden.shape[:2], device=hidden.device, dtype=hidden.dtype)
+        elif mask.shape != hidden.shape[:2]:
+            raise ValueError(
+                f"decision_mask has shape {tuple(mask.shape)} but block {self.index} received hidden states of "
+                f"shape {tuple(hidden.shape[:2])}; pass one mask entry per input position"
+            )
+        mask = mask.to(device=hidden.device, dtype=hidden.dtype)
+        if not (st.session_pooling and self.pooling == "mean"):
+            return masked_pool(hidden, mask, self.pooling)
+        step_sum = torch.einsum("bth,bt->bh", hidden.detach().float(), mask.float())
+        step_count = mask.float().sum(dim=1, keepdim=True)
+        if self.pool_sum is not None:
+            step_sum, step_count = step_sum + self.pool_sum, step_count + self.pool_count
+        return (step_sum / step_count.clamp_min(1.0)).to(hidden.dtype)
+
+    def _accumulate_session(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Add this forward's states entering the block to the session's running sum (defined whether or not
+        the block runs). Decode tokens count: they are the step's output and the next step's context."""
+        if mask is None:
+            mask = torch.ones(hidden.shape[:2], device=hidden.device)
+        part = torch.einsum("bth,bt->bh", hidden.detach().float(), mask.float())
+        count = mask.float().sum(dim=1, keepdim=True)
+        if self.pool_sum is None:
+            self.pool_sum, self.pool_count = part, count
+        else:
+            self.pool_sum, self.pool_count = self.pool_sum + part, self.pool_count + count
+
+    def decide(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Gate per row [B] in {0, 1} for the current forward (straight-through gradient in mix mode)."""
+        st = self.state
+        logit = self.router(self._pooled_context(hidden))  # [B]
+        prob = torch.sigmoid(logit)
+        forced = self._forced_gate(hidden.shape[0], hidden.device)
+        if forced is not None:
+            gate = forced
+        elif st.mode == "mix":
+            gate = hard_gate(prob, st.threshold)
+        else:
+            gate = (prob > st.threshold).float()
+        self.record = GateRecord(logit=logit.detach(), prob=prob, gate=gate, forced=forced is not None)
+        return gate
+
+    # -- forward --------------------------------------------------------------------------------------------
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        st = self.state
+        if st.mode == "off":
+            return self.block(hidden_states, *args, **kwargs)
+        if st.mode == "mix":
+            gate = self.decide(hidden_states)
+            if not torch.is_grad_enabled() and not bool(gate.any()):
+                return hidden_states  # h + 0 * (block(h) - h) == h: no need to run the block
+            out = self.block(hidden_states, *args, **kwargs)
+            g = gate.to(hidden_states.dtype).view(-1, 1, 1)
+            return hidden_states + g * (out - hidden_states)
+        # skip mode: decide once per step (prefill), reuse during decode
+        if self.decision is None:
+            self.decision = self.decide(hidden_states).detach()
+            if st.session_pooling:
+                self._accumulate_session(hidden_states, st.decision_mask)
+        elif st.session_pooling:
+            self._accumulate_session(hidden_states, None)
+        run = self.decision > 0.5  # [B]
+        if bool(run.all()):
+            return self.block(hidden_states, *args, **kwargs)
+        if not bool(run.any()):
+            if st.kv_policy == "kv_preserving":
+                self._write_kv(hidden_states, kwargs)
+            return hidden_states
+        # Rows disagree: run the block for the whole batch (its cache stays complete) and keep its output only
+        # where the row runs it. Correct per row; saves nothing for this block. Group prompts by skip pattern
+        # (generate.py) to save compute on mixed batches.
+        out = self.block(hidden_states, *args, **kwargs)
+        return torch.where(run.view(-1, 1, 1), out, hidden_states)
+
+    def _write_kv(self, hidden: torch.Tensor, kwargs: dict) -> None:
+        """kv_preserving: compute and cache this block's K/V for the step's tokens without running it.
+
+        Costs the input norm plus the k and v projections (about 1.5% of a Qwen2.5-0.5B block, whose grouped-query
+        attention has 2 KV heads of 14)."""
+        cache = kwargs.get("past_key_values")
+        if cache is None or not kwargs.get("use_cache", True):
+            return
+        attn = self.block.self_attn
+        x = self.block.input_layernorm(hidden)
+        shape = (*x.shape[:-1], -1, attn.head_dim)
+        key = attn.k_proj(x).view(shape).transpose(1, 2)  # [B, kv_heads, T, head_dim]
+        value = attn.v_proj(x).view(shape).transpose(1, 2)
+        if hasattr(attn, "k_norm"):  # families that normalise keys before RoPE
+            key = attn.k_norm(key)
+        cos, sin = kwargs["position_embeddings"]
+        rotate_half = sys.modules[type(attn).__module__].rotate_half  # the family's own RoPE helper
+        key = key * cos.unsqueeze(1) + rotate_half(key) * sin.unsqueeze(1)
+        cache.update(key, value, attn.layer_idx)
+
+
+# ------------------------------------------------------------------------------------------------------------
+def find_routed_layers(model: nn.Module) -> list[RoutedLayer]:
+    """The routed layers of a model (through any PEFT wrapper), in depth order."""
+    layers = [m for m in model.modules() if isinstance(m, RoutedLayer)]
+    return sorted(layers, key=lambda m: m.index)
+
+
+def routing_state(model: nn.Module) -> RoutingState:
+    layers = find_routed_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no routed layers; call layerroute.routed.wrap_model first")
+    return layers[0].state
+
+
+def _as_forced(forced, num_layers: int) -> torch.Tensor | None:
+    """None | 'open' | 'closed' | sequence/tensor of bools [L] or [B, L] -> bool tensor or None."""
+    if forced is None:
+        return None
+    if isinstance(forced, str):
+        if forced not in ("open", "closed"):
+            raise ValueError(f"forced gates must be 'open', 'closed' or a per-layer pattern, not {forced!r}")
+        return torch.full((num_layers,), forced == "open", dtype=torch.bool)
+    pattern = torch.as_tensor(forced).bool()
+    if pattern.shape[-1] != num_layers:
+        raise ValueError(f"forced pattern has {pattern.shape[-1]} entries for a model with {num_layers} blocks")
+    return pattern
+
+
+@contextmanager
+def routing(
+    model: nn.Module,
+    mode: str = "mix",
+    *,
+    decision_mask: torch.Tensor | None = None,
+    forced=None,
+    threshold: float | None = None,
+    kv_policy: str = "exact",
+    session_pooling: bool = False,
+):
+    """Set how the routed layers behave for the forwards inside the block; restores the previous state after.
+
+    forced: None (the routers decide), 'open', 'closed', or a bool pattern [L] (per block) or [B, L] (per row).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    if kv_policy not in KV_POLICIES:
+        raise ValueError(f"kv_policy must be one of {KV_POLICIES}, not {kv_policy!r}")
+    st = routing_state(model)
+    saved = (st.mode, st.decision_mask, st.forced, st.threshold, st.kv_policy, st.session_pooling)
+    st.mode, st.decision_mask, st.kv_policy, st.session_pooling = mode, decision_mask, kv_policy, session_pooling
+    st.forced = _as_forced(forced, st.num_layers)
+    if threshold is not None:
+        st.threshold = threshold
+    if not session_pooling:
+        st.reset_session()
+    st.new_step()
+    try:
+        yield st
+    finally:
+        st.mode, st.decision_mask, st.forced, st.threshold, st.kv_policy, st.session_pooling = saved
+        st.new_step()
+
+
+def gate_records(model: nn.Module) -> list[GateRecord]:
+    """The last decision of every routed layer, in depth order (raises if a layer has not decided yet)."""
+    records = []
+    for layer in find_routed_layers(model):
+        if layer.record is None:
+            raise RuntimeError(f"routed layer {layer.index} has not taken a decision yet")
+        records.append(layer.record)
+    return records
+
+
+def wrap_model(model: nn.Module, router_factory, pooling: str = "mean", threshold: float = 0.5) -> RoutingState:
+    """Replace every decoder block of `model` in place with a RoutedLayer; returns the shared state.
+
+    router_factory(index) -> Router builds the router for block `index` (so parameters land on the block's
+    device and dtype policy is decided in one place, model.py)."""
+    from .model import decoder_layers  # model.py knows where each family keeps its blocks
+
+    layers = decoder_layers(model)
+    if any(isinstance(layer, RoutedLayer) for layer in layers):
+        raise ValueError("model is already wrapped with routed layers")
+    state = RoutingState(threshold=threshold, num_layers=len(layers))
+    for i, block in enumerate(layers):
+        device = next(block.parameters()).device
+        router = router_factory(i).to(device)
+        layers[i] = RoutedLayer(block, router, i, state, pooling=pooling)
+        state.layers.append(layers[i])
+    return state
+
+
+def unwrap_model(model: nn.Module) -> None:
+    """Put the original blocks back (routers are dropped)."""
+    from .model import decoder_layers
+
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        if isinstance(layer, RoutedLayer):
+            layers[i] = layer.block

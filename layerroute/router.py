@@ -1,0 +1,89 @@
+"""The per-block router and the straight-through hard gate (plain torch).
+
+A router reads the hidden states *entering* its block at the context positions of a step, pools them
+into one vector per row and outputs one logit. The gate is hard (run the block or not); its gradient is the
+sigmoid's (straight-through estimator), so training sees exactly the decisions inference will take.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+POOLINGS = ("mean", "last")
+
+
+def masked_pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """Pool `hidden` [B, T, H] over the positions where `mask` [B, T] is 1 -> [B, H].
+
+    `mask` is the *decision* mask (context positions only, never padding, never the step's targets);
+    a row whose mask is empty pools to zeros rather than NaN.
+    """
+    mask = mask.to(hidden.dtype)
+    if pooling == "mean":
+        total = torch.einsum("bth,bt->bh", hidden, mask)  # [B, H]
+        count = mask.sum(dim=1, keepdim=True).clamp_min(1.0)  # [B, 1]
+        return total / count
+    if pooling == "last":
+        # index of the last 1 in each row; rows without any context fall back to position 0
+        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        last = torch.where(mask > 0, positions, torch.zeros_like(positions)).amax(dim=1)  # [B]
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
+
+
+def hard_gate(prob: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """1.0 where prob > threshold else 0.0, with the gradient of `prob` (straight-through)."""
+    hard = (prob > threshold).to(prob.dtype)
+    return hard + prob - prob.detach()
+
+
+class Router(nn.Module):
+    """One block's router: pooled context state -> one logit (run the block when sigmoid(logit) > threshold).
+
+    kind="linear" is the paper's `Linear(hidden, 1)` (897 parameters at hidden 896). kind="mlp" is a
+    bottleneck MLP (hidden -> bottleneck -> 1), which FlexiDepth found stronger than a linear router.
+
+    The pooled vector is RMS-normalised without parameters first: the residual stream's scale grows with depth
+    (tens of units in the middle of a 0.5B model), and without this one learning rate is wrong for every block.
+    It adds no parameters, so the paper's counts hold.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        kind: str = "linear",
+        bottleneck: int = 64,
+        init_bias: float = 2.0,
+        normalize_input: bool = True,
+        eps: float = 1e-6,
+    ):
+        super().__init__()
+        self.kind = kind
+        self.normalize_input = normalize_input
+        self.eps = eps
+        if kind == "linear":
+            self.net = nn.Linear(hidden_size, 1)
+            out = self.net
+        elif kind == "mlp":
+            self.net = nn.Sequential(nn.Linear(hidden_size, bottleneck), nn.SiLU(), nn.Linear(bottleneck, 1))
+            out = self.net[-1]
+        else:
+            raise ValueError(f"unknown router kind {kind!r}; expected 'linear' or 'mlp'")
+        # Start every block open and input-independent: zero weights on the output, a uniform bias
+        # (sigmoid(2.0) = 0.88). The router learns input dependence from the straight-through gradient.
+        nn.init.zeros_(out.weight)
+        nn.init.constant_(out.bias, init_bias)
+
+    @property
+    def output_bias(self) -> torch.Tensor:
+        """The bias of the final projection: what a bias-only router would decide from."""
+        return (self.net if self.kind == "linear" else self.net[-1]).bias
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """pooled [B, H] -> logit [B]."""
+        x = pooled.float()
+        if self.normalize_input:
+            x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        x = x.to(self.net.weight.dtype if self.kind == "linear" else self.net[0].weight.dtype)
+        return self.net(x).squeeze(-1).float()
