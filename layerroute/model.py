@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
@@ -120,7 +121,14 @@ def _dequantized_gguf_dir(gguf: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
+        # transformers refuses save_pretrained on a GGUF-loaded model (it is flagged as quantized) although the
+        # weights are dense after loading: write the dense weights and a config without the quantization flag.
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))  # handles the tied embedding / LM head
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)  # atomic: a crash leaves a temp folder, never a half-written cache
     except OSError:
