@@ -422,13 +422,15 @@ def check_tool_calls(
     specs = list(function_specs)
     if not specs or not all(isinstance(s, Mapping) and "name" in s for s in specs):
         raise DataError(f"function_specs must be a non-empty list of BFCL function docs: {function_specs!r}")
-    for spec in specs:  # validate every type up front, so a bad spec raises whatever the generation is
-        for param, details in ((spec.get("parameters") or {}).get("properties") or {}).items():
-            _param_type(details, f"function {spec['name']!r} parameter {param!r}")
     if kind == "simple":
         targets = [specs[0]]  # BFCL checks a simple entry against its first (only) function
     else:
         targets = [_find_spec(specs, name) for name, _ in expected]
+    # Validate the types of the functions the verdict can depend on up front, so that a bad spec raises
+    # whatever the generation is (the other functions' specs never matter to the verdict).
+    for spec in {id(s): s for s in targets}.values():
+        for param, details in ((spec.get("parameters") or {}).get("properties") or {}).items():
+            _param_type(details, f"function {spec['name']!r} parameter {param!r}")
 
     parsed = _normalize_calls(calls)
     if isinstance(parsed, CheckResult):

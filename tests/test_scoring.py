@@ -393,9 +393,8 @@ def _mutations(calls, specs, answer, rng):
             return calls[:i] + [new_call] + calls[i + 1 :]
 
         yield replaced({"name": c["name"] + "_v2", "arguments": args})
-        for other in names:
-            if other != c["name"]:
-                yield replaced({"name": other, "arguments": args})
+        for other in [n for n in names if n != c["name"]][:2]:  # live_multiple has up to ~40 functions
+            yield replaced({"name": other, "arguments": args})
         yield replaced({"name": c["name"], "arguments": {**args, "zz_unknown": 1}})
         for key in args:
             yield replaced({"name": c["name"], "arguments": {k: v for k, v in args.items() if k != key}})
@@ -414,7 +413,9 @@ def test_verdicts_agree_with_bfcls_own_checker(bfcl_checker):
     compared, disagreements, bfcl_crashes = 0, [], 0
     verdicts = collections.Counter()
     for category in REQUIRED_CATEGORIES + OTHER_AST_CATEGORIES:
-        for question, answer in _load(category):
+        # every entry of the four categories we score; every 4th of the others, to keep the test fast
+        entries = _load(category)[:: 1 if category in REQUIRED_CATEGORIES else 4]
+        for question, answer in entries:
             specs, truth = question["function"], answer["ground_truth"]
             try:
                 gold = answer_to_calls(truth, specs)
