@@ -226,7 +226,7 @@ def _hub_rows(src: SourceConfig) -> Iterable[dict]:
         raise DataError(
             f"{src.source_label}: could not load {path!r} (config {src.resolved_hub_config!r}, split {src.split!r}): "
             f"{type(e).__name__}: {e}. Without access to the hub, download the dataset elsewhere and set "
-            f"`path` to the local file."
+            f"`path` to the local file (HF_HUB_OFFLINE=1 makes this fail at once instead of retrying)."
         ) from e
     if src.limit is not None:
         ds = ds.select(range(min(src.limit, len(ds))))
