@@ -32,6 +32,7 @@ from . import flops as flop_count
 from .adapters import RoutedModel, load_adapter, read_adapter_meta
 from .config import ModelConfig, setting
 from .data.collate import collate_steps, length_grouped_batches
+from .data.tokenizer import pad_token_id
 from .errors import ConfigError
 from .losses import target_nll
 from .routed import find_routed_layers, gate_records, routing
@@ -95,7 +96,7 @@ def teacher_forced(rm: RoutedModel, steps, config: str, cfg: EvalConfig, *, thre
     """Per step: summed target NLL, token count, and the gates applied ([L] bools).
 
     patterns: optional [n_steps, L] bool tensor of forced gates (baselines)."""
-    pad = rm.tokenizer.pad_token_id if rm.tokenizer is not None and rm.tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(rm.tokenizer)
     results: list[dict | None] = [None] * len(steps)
     batches = length_grouped_batches(steps, cfg.batch_size, seed=cfg.seed)
     for batch_idx in tqdm(batches, desc=desc or config, leave=False, disable=len(batches) < 4):
@@ -152,7 +153,7 @@ def block_influence(rm: RoutedModel, steps, cfg: EvalConfig) -> list[float]:
         sums[layer.index] += float((cos * m).sum())
 
     handles = [layer.register_forward_hook(hook) for layer in layers]
-    pad = rm.tokenizer.pad_token_id or 0
+    pad = pad_token_id(rm.tokenizer)
     try:
         for batch_idx in length_grouped_batches(steps, cfg.batch_size, seed=cfg.seed):
             batch = collate_steps([steps[i] for i in batch_idx], pad)
@@ -191,8 +192,8 @@ def score_generation(step, text: str) -> tuple[bool, str | None]:
 
     if step.step_type == "tool_call":
         answer = step.meta.get("possible_answer")
-        functions = step.meta.get("functions")
-        if answer is None or functions is None:
+        functions = [t.get("function", t) for t in step.tools]  # OpenAI specs -> function docs
+        if answer is None or not functions:
             return False, "no BFCL ground truth for this step"
         calls, _, error = parse_tool_calls(text)
         if error or not calls:

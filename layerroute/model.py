@@ -160,6 +160,25 @@ def _from_pretrained(source: str, cfg: ModelConfig, **kwargs):
     return model, tokenizer
 
 
+def load_tokenizer(name: str):
+    """The tokenizer for a model name: the packaged default, a .gguf file, a local folder or a hub id."""
+    if name == OFFLINE_DEFAULT or name == "smollm2":
+        source = str(_dequantized_gguf_dir(packaged_gguf()))
+    elif name.endswith(".gguf"):
+        if not Path(name).is_file():
+            raise ModelLoadError(f"GGUF file {name} does not exist")
+        source = str(_dequantized_gguf_dir(Path(name)))
+    else:
+        source = name
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=_hub_offline() and not Path(source).exists())
+    except OSError as err:
+        raise ModelLoadError(
+            f"could not load a tokenizer for {name!r}: {err}. Offline, use {OFFLINE_DEFAULT!r}, a local folder "
+            "or a .gguf path"
+        ) from err
+
+
 def shape_config(preset: str):
     if preset not in SHAPE_PRESETS:
         raise ModelLoadError(f"unknown shape preset {preset!r}; known: {', '.join(sorted(SHAPE_PRESETS))}")
@@ -180,7 +199,7 @@ def load_base(cfg: ModelConfig, *, tokenizer: bool = True) -> LoadedModel:
         model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[cfg.dtype])
         if tokenizer and cfg.tokenizer is None and importlib.util.find_spec(_SMOLLM2_PACKAGE):
             # random weights have no tokenizer of their own; SmolLM2's ids are valid for every preset
-            tok = AutoTokenizer.from_pretrained(str(_dequantized_gguf_dir(packaged_gguf())))
+            tok = load_tokenizer(OFFLINE_DEFAULT)
     else:
         if name == OFFLINE_DEFAULT:
             source, extra = str(_dequantized_gguf_dir(packaged_gguf())), {}
@@ -195,7 +214,7 @@ def load_base(cfg: ModelConfig, *, tokenizer: bool = True) -> LoadedModel:
         if not tokenizer:
             tok = None
     if tokenizer and cfg.tokenizer is not None:
-        tok = AutoTokenizer.from_pretrained(cfg.tokenizer, local_files_only=_hub_offline())
+        tok = load_tokenizer(cfg.tokenizer)
     model.to(device=device, dtype=_DTYPES[cfg.dtype])
     model.eval()
     for p in model.parameters():
