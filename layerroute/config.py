@@ -7,7 +7,9 @@ so a wrong config stops a run before any model is loaded.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -182,6 +184,17 @@ def _type_ok(value, annotation) -> bool:
     return True
 
 
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _accepts_float(annotation) -> bool:
+    if annotation is float:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return float in typing.get_args(annotation)
+    return False
+
+
 def from_dict(cls, data: dict | None, section: str):
     """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types (naming `section.key`)."""
     data = dict(data or {})
@@ -198,8 +211,11 @@ def from_dict(cls, data: dict | None, section: str):
         if dataclasses.is_dataclass(annotation):
             kwargs[name] = from_dict(annotation, value, f"{section}.{name}")
             continue
-        if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+        if _accepts_float(annotation):
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            elif isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+                value = float(value)  # PyYAML reads `2e-4` (no dot) as a string: YAML 1.1's float needs one
         if not _type_ok(value, annotation):
             raise ConfigError(
                 f"{section}.{name} must be of type {getattr(annotation, '__name__', annotation)}, "
@@ -218,20 +234,43 @@ def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
 
 
+_KEY_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `section.key=value` strings (value parsed as YAML) to a raw config dict."""
-    raw = dict(raw)
+    """Apply `section.key=value` strings (value parsed as YAML) to a raw config dict.
+
+    List items are addressed by index: `data.sources[0].limit=50`."""
+    raw = copy.deepcopy(raw)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, text = item.split("=", 1)
-        parts = key.strip().split(".")
+        key = key.strip()
+        parts = [int(i) if i else name for name, i in _KEY_PART.findall(key)]
+        if not parts:
+            raise ConfigError(f"--set {item!r}: empty key")
         node = raw
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
+        for part, nxt in zip(parts[:-1], parts[1:], strict=True):
+            if isinstance(part, int):
+                if not isinstance(node, list) or part >= len(node):
+                    raise ConfigError(f"--set {key}: index [{part}] does not exist")
+                node = node[part]
+            else:
+                if not isinstance(node, dict):
+                    raise ConfigError(f"--set {key}: {part} is not a section")
+                if node.get(part) is None:
+                    node[part] = [] if isinstance(nxt, int) else {}
+                node = node[part]
+        last, value = parts[-1], yaml.safe_load(text)
+        if isinstance(last, int):
+            if not isinstance(node, list) or last >= len(node):
+                raise ConfigError(f"--set {key}: index [{last}] does not exist")
+            node[last] = value
+        else:
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(text)
+                raise ConfigError(f"--set {key}: the parent of {last} is not a section")
+            node[last] = value
     return raw
 
 

@@ -273,10 +273,14 @@ class ProgressBar:
             keys = [k for k in ("val/lm_loss", "val/lm_loss/tool_call", "val/lm_loss/planning") if k in metrics]
             self.bar.write(" ".join(f"{k}={metrics[k]:.4f}" for k in keys) + f" (step {metrics.get('step')})")
             return
+        def f(key: str, spec: str) -> str:
+            value = metrics.get(key)
+            return "-" if value is None else format(value, spec)
+
         self.bar.set_postfix_str(
-            f"loss={metrics['loss']:.4f} lm={metrics['lm_loss']:.4f} reg={metrics['reg']:.4f} "
-            f"run tool={metrics['run_rate/tool_call']:.2f} plan={metrics['run_rate/planning']:.2f} "
-            f"tok/s={metrics['tokens_per_s']:.0f}",
+            f"loss={f('loss', '.4f')} lm={f('lm_loss', '.4f')} reg={f('reg', '.4f')} "
+            f"run tool={f('run_rate/tool_call', '.2f')} plan={f('run_rate/planning', '.2f')} "
+            f"tok/s={f('tokens_per_s', '.0f')}",
             refresh=False,
         )
 
@@ -418,7 +422,7 @@ class Trainer:
         from .adapters import build_routed_model
         from .model import load_base, parameter_counts
 
-        t0 = time.perf_counter()
+        t0 = self._t0 = time.perf_counter()
         tc = self.cfg.train
         if self.accelerator is None:
             self.accelerator = Accelerator(mixed_precision="bf16" if tc.precision == "bf16" else "no")
@@ -455,7 +459,7 @@ class Trainer:
         self.train_steps = list(self.data.train)
         if not self.train_steps:
             raise ConfigError("the data section produced no training steps (check data.sources)")
-        self.eval_steps = eval_subset(list(self.data.eval), tc.eval_examples)
+        self.eval_steps = eval_subset(list(getattr(self.data, "eval", [])), tc.eval_examples)
         self.pad_id = self._pad_token_id()
         self.n_targets = [target_count(s) for s in self.train_steps]
         self.order = BatchOrder(self.train_steps, tc.batch_size, tc.seed)
@@ -650,6 +654,7 @@ class Trainer:
             totals = self._sum(local.clone())  # the step's global loss terms, summed over processes
             if not (torch.isfinite(totals).all() and math.isfinite(grad_norm)):
                 self._stop_non_finite(step + 1, totals, grad_norm)
+            lrs = [g["lr"] for g in self.inner_optimizer.param_groups]  # the lrs this step applies
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -660,7 +665,7 @@ class Trainer:
             window["grad_norm"] += grad_norm
             self.sinks[0].advance()
             if done % tc.log_every == 0 or done == tc.steps:
-                last = self._log_window(done, window)
+                last = self._log_window(done, window, lrs)
                 window = self._new_window()
             if tc.eval_every and done % tc.eval_every == 0 and done != tc.steps:
                 self.validate(done)
@@ -685,7 +690,7 @@ class Trainer:
             "train.router_lr, fp16 overflow, or a step without target tokens."
         )
 
-    def _log_window(self, step: int, window: dict) -> dict:
+    def _log_window(self, step: int, window: dict, lrs: list[float]) -> dict:
         n = window["steps"]
         gate_sum = self._sum(window["gate_sum"].clone()).cpu()
         rows = self._sum(window["rows"].clone()).cpu()
@@ -694,8 +699,8 @@ class Trainer:
         metrics = {
             "step": step,
             "epoch": round(step * self.cfg.train.grad_accum * self.world / max(1, self.order.batches_per_epoch), 4),
-            "lr": self.scheduler.get_last_lr()[0],
-            "router_lr": self.scheduler.get_last_lr()[-1],
+            "lr": lrs[0],
+            "router_lr": lrs[-1],
             "loss": window["loss"] / n,
             "lm_loss": window["lm"] / n,
             "reg": window["reg"] / n,
@@ -773,14 +778,14 @@ class Trainer:
 
     # -- the whole run -----------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        t0 = time.perf_counter()
-        self.setup()
+        if not hasattr(self, "rm"):
+            self.setup()
         last = self.fit()
         val = self.validate(self.cfg.train.steps)
         for sink in self.sinks:
             if hasattr(sink, "close"):
                 sink.close()
-        wall = self.wall_before + (time.perf_counter() - t0)
+        wall = self.wall_before + (time.perf_counter() - self._t0)
         adapter_dir = self.output_dir / "adapter"
         summary = {
             "steps": self.cfg.train.steps,
@@ -827,3 +832,21 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps({"adapter": str(result.adapter_dir), "wall_s": round(result.wall_s, 2),
                       **{k: v for k, v in result.metrics.items() if "layer_" not in k}}, default=str))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m layerroute.train ...` (what `accelerate launch -m layerroute.train` runs), same as `layerroute train`."""
+    from .errors import LayerRouteError
+
+    parser = argparse.ArgumentParser(prog="layerroute train", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except LayerRouteError as err:
+        print(f"layerroute train: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
