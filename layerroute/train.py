@@ -269,6 +269,8 @@ class ProgressBar:
         self.bar.update(1)
 
     def log(self, metrics: dict) -> None:
+        if self.bar.disable:
+            return
         if "loss" not in metrics:
             keys = [k for k in ("val/lm_loss", "val/lm_loss/tool_call", "val/lm_loss/planning") if k in metrics]
             self.bar.write(" ".join(f"{k}={metrics[k]:.4f}" for k in keys) + f" (step {metrics.get('step')})")
@@ -376,6 +378,7 @@ class TrainResult:
     steps: int
     metrics: dict
     wall_s: float
+    is_main_process: bool = True
 
 
 class Trainer:
@@ -420,12 +423,15 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from .adapters import build_routed_model
-        from .model import load_base, parameter_counts
+        from .model import load_base, parameter_counts, resolve_device
 
         t0 = self._t0 = time.perf_counter()
         tc = self.cfg.train
         if self.accelerator is None:
-            self.accelerator = Accelerator(mixed_precision="bf16" if tc.precision == "bf16" else "no")
+            # cpu=True on a CPU model is what lets accelerate see a torchrun-style launch (WORLD_SIZE > 1) as
+            # multi-process CPU training over gloo; without it every process would train alone.
+            cpu = resolve_device(self.cfg.model.device).type == "cpu"
+            self.accelerator = Accelerator(mixed_precision="bf16" if tc.precision == "bf16" else "no", cpu=cpu)
         acc = self.accelerator
         self.world, self.rank = acc.num_processes, acc.process_index
         checkpoints = list_checkpoints(self.output_dir)
@@ -802,7 +808,9 @@ class Trainer:
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         self.accelerator.wait_for_everyone()
         self._print(f"[fit] done: {self.cfg.train.steps} steps in {wall:.1f} s; adapter {adapter_dir}")
-        return TrainResult(self.output_dir, adapter_dir, self.cfg.train.steps, {**last, **val}, wall)
+        return TrainResult(
+            self.output_dir, adapter_dir, self.cfg.train.steps, {**last, **val}, wall, self.accelerator.is_main_process
+        )
 
 
 def train(cfg: RunConfig, output_dir: str | Path | None = None, *, resume: bool = False, data=None) -> TrainResult:
@@ -829,8 +837,9 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"train.seed={args.seed}")
     cfg = RunConfig.from_yaml(args.config, overrides)  # every config error surfaces here, before any model load
     result = train(cfg, args.output_dir, resume=args.resume)
-    print(json.dumps({"adapter": str(result.adapter_dir), "wall_s": round(result.wall_s, 2),
-                      **{k: v for k, v in result.metrics.items() if "layer_" not in k}}, default=str))
+    if result.is_main_process:
+            print(json.dumps({"adapter": str(result.adapter_dir), "wall_s": round(result.wall_s, 2),
+                          **{k: v for k, v in result.metrics.items() if "layer_" not in k}}, default=str))
     return 0
 
 

@@ -245,11 +245,14 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 @pytest.mark.slow
-def test_smoke_config_under_accelerate_launch_two_processes(tmp_path):
+def test_smoke_config_under_accelerate_launch_two_processes_gloo(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+        # `--cpu --num_processes 2` starts ONE process in accelerate 1.15 (its CPU multi-process path needs
+        # mpirun); `--multi_gpu` starts two through torch.distributed.run, and the trainer's Accelerator(cpu=True)
+        # turns them into MULTI_CPU over gloo. The assertion on "processes" below catches a silent single run.
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "layerroute.train",
         "--config", str(SMOKE), "--output-dir", str(out),
     ]
