@@ -297,7 +297,30 @@ def describe(cls, section: str) -> list[str]:
 # ------------------------------------------------------------------------------------------------------------
 # A whole run: every section of one YAML file.
 
-RUN_SECTIONS = ("model", "router", "lora", "data", "train")
+@dataclass
+class EvalConfig:
+    """How much to evaluate (CPU-sized defaults; raise them on a GPU)."""
+
+    batch_size: int = setting(4, "steps per teacher-forced batch")
+    max_steps_per_type: int = setting(64, "cap on eval steps per step type (0 = all)")
+    accuracy_steps_per_type: int = setting(12, "steps per type scored by free-running generation (0 = skip)")
+    max_new_tokens_tool: int = setting(96, "generation budget for a tool-call step")
+    max_new_tokens_planning: int = setting(256, "generation budget for a planning step")
+    thresholds: list = setting([0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], "gate thresholds of the sweep ([] = skip)")
+    baselines: bool = setting(True, "evaluate the ShortGPT and random-skip baselines at equal FLOPs")
+    calibration_steps: int = setting(32, "training steps used to measure ShortGPT block influence")
+    bootstrap: int = setting(1000, "bootstrap resamples for the differential's confidence interval")
+    kv_policy: str = setting("exact", "cache policy counted in FLOPs and used in generation")
+    seed: int = setting(0, "seed for sampling steps, random-skip patterns and the bootstrap")
+
+    def __post_init__(self):
+        _check_range("eval", "batch_size", self.batch_size, 1)
+        _check_choice("eval", "kv_policy", self.kv_policy, ("exact", "kv_preserving"))
+        if any(not 0 < t < 1 for t in self.thresholds):
+            raise ConfigError(f"eval.thresholds must lie in (0, 1), got {self.thresholds}")
+
+
+RUN_SECTIONS = ("model", "router", "lora", "data", "train", "eval")
 
 
 def _data_config_class():
@@ -320,12 +343,14 @@ class RunConfig:
     lora: LoraSettings = setting(None, "LoRA adapters")
     data: Any = setting(None, "step data (layerroute.data.config.DataConfig)")
     train: TrainConfig = setting(None, "the optimisation run")
+    eval: EvalConfig = setting(None, "evaluation after training (layerroute eval, make demo)")
 
     def __post_init__(self):
         self.model = self.model or ModelConfig()
         self.router = self.router or RouterConfig()
         self.lora = self.lora or LoraSettings()
         self.train = self.train or TrainConfig()
+        self.eval = self.eval or EvalConfig()
         if self.data is None:
             data_cls = _data_config_class()
             self.data = data_cls() if data_cls is not None else {}
@@ -349,6 +374,7 @@ class RunConfig:
             lora=from_dict(LoraSettings, raw.get("lora"), "lora"),
             data=data_cls.from_dict(data) if data_cls is not None else dict(data),
             train=from_dict(TrainConfig, raw.get("train"), "train"),
+            eval=from_dict(EvalConfig, raw.get("eval"), "eval"),
         )
 
     @classmethod

@@ -118,13 +118,6 @@ def _dequantized_gguf_dir(gguf: Path) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    # The weights are dense float32 now, but transformers 5 keeps a GGUF quantizer marker on the model and
-    # refuses save_pretrained for it; drop the marker (and the config entry) so the dense copy can be cached.
-    model.hf_quantizer = None
-    if hasattr(model, "is_quantized"):
-        model.is_quantized = False
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
