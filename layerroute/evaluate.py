@@ -381,10 +381,16 @@ def aggregate_seeds(per_adapter: list[dict]) -> dict:
                     vals[f"{t}.{key}"].append(s[t][key])
                 for c in PPL_CONFIGS:
                     vals[f"{t}.ppl.{c}"].append(s[t]["ppl"][c])
-        agg[split] = {
-            k: {"mean": float(np.nanmean(v)), "std": float(np.nanstd(v)), "values": v} for k, v in vals.items()
-        }
+        agg[split] = {k: {**_mean_std(v), "values": v} for k, v in vals.items()}
     return agg
+
+
+def _mean_std(values: list[float]) -> dict:
+    """Mean and std over the finite values (NaN when there are none, e.g. an empty length-matched split)."""
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    if not finite:
+        return {"mean": float("nan"), "std": float("nan")}
+    return {"mean": float(np.mean(finite)), "std": float(np.std(finite))}
 
 
 def run_eval(adapters: list[str], data_cfg, cfg: EvalConfig, model_name: str | None, out_dir: Path) -> dict:
