@@ -838,8 +838,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = RunConfig.from_yaml(args.config, overrides)  # every config error surfaces here, before any model load
     result = train(cfg, args.output_dir, resume=args.resume)
     if result.is_main_process:
-            print(json.dumps({"adapter": str(result.adapter_dir), "wall_s": round(result.wall_s, 2),
-                          **{k: v for k, v in result.metrics.items() if "layer_" not in k}}, default=str))
+        metrics = {k: (_finite_or_none(v) if isinstance(v, float) else v) for k, v in result.metrics.items()}
+        print(json.dumps({"adapter": str(result.adapter_dir), "wall_s": round(result.wall_s, 2),
+                          **{k: v for k, v in metrics.items() if "layer_" not in k}}, default=str))
     return 0
 
 
