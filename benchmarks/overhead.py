@@ -5,8 +5,9 @@
 1. Training step (forward + backward + AdamW step on the trainable parameters), same batch:
    routed + LoRA (mode 'mix', routers deciding, straight-through gates) vs LoRA only (the routed layers swapped
    out for their plain blocks). Target: < 3%.
-2. Inference, LoRA merged: a prefill forward and a run of decode forwards with a KV cache, all gates open
-   (mode 'skip', routers deciding at the prefill; every block runs) vs the plain model. Target: < 1%.
+2. Inference, LoRA merged: a prefill forward, and decode forwards with a KV cache (plain and routed alternating
+   token by token on their own caches), all gates open (mode 'skip', routers deciding at the prefill; every
+   block runs) vs the plain model. Target: < 1%.
 3. The wrapper itself: one RoutedLayer call around an identity block vs calling the block directly (the
    per-block, per-forward Python cost, free of memory-bandwidth noise), scaled to a decode token.
 
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from layerroute.generate import inference_weights, load_for_inference, plain_blocks
-from layerroute.routed import RoutedCache, RoutedLayer, RoutingState, routing
+from layerroute.routed import RoutedCache, RoutedLayer, RoutingState, find_routed_layers, routing
 
 
 def _timed(fn) -> tuple[float, float]:
@@ -114,50 +115,47 @@ def inference_overhead(rm, prompt: int, decode: int, reps: int) -> dict:
 
         out["prefill"] = {"tokens": prompt, **paired(prefill_plain, prefill_routed, reps)}
 
-        def decode_run(routed: bool):
-            # untimed prefill, timed decode forwards (what `decode` tokens cost on top of a `prompt` context)
-            def setup():
-                cache = RoutedCache() if routed else None
-                o = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                return o.past_key_values
+        # Decode: two caches prefilled once (plain and routed), then single decode forwards alternate between them
+        # token by token (ABBA), so both see the same context lengths and the same load; one ratio per pair.
+        with plain_blocks(model):
+            plain_cache = model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        routed_cache = RoutedCache()
+        with routing(rm.model, "skip"):  # the step's decision (all open) is taken here and kept for decode
+            model(input_ids=ids, past_key_values=routed_cache, use_cache=True, logits_to_keep=1)
+            layers_state = [(layer.decision, layer.plan) for layer in find_routed_layers(rm.model)]
 
-            def run():
-                if routed:
-                    with routing(rm.model, "skip"):
-                        cache = setup()
-                        times.append(_timed(lambda: [model(input_ids=token, past_key_values=cache, use_cache=True)
-                                                     for _ in range(decode)]))
-                else:
-                    with plain_blocks(model):
-                        cache = setup()
-                        times.append(_timed(lambda: [model(input_ids=token, past_key_values=cache, use_cache=True)
-                                                     for _ in range(decode)]))
-            times: list = []
-            return run, times
+        def plain_token():
+            with plain_blocks(model):
+                return _timed(lambda: model(input_ids=token, past_key_values=plain_cache, use_cache=True))
 
-        plain_run, plain_t = decode_run(False)
-        routed_run, routed_t = decode_run(True)
-        plain_run(), routed_run()  # warm-up
-        plain_t.clear(), routed_t.clear()
-        for rep in range(reps):
-            order = (plain_run, routed_run) if rep % 2 == 0 else (routed_run, plain_run)
-            for fn in order:
-                fn()
-        a_w = [t[0] / decode for t in plain_t]
-        b_w = [t[0] / decode for t in routed_t]
-        a_c = [t[1] / decode for t in plain_t]
-        b_c = [t[1] / decode for t in routed_t]
+        def routed_token():
+            with routing(rm.model, "skip"):
+                for layer, (decision, plan) in zip(find_routed_layers(rm.model), layers_state, strict=True):
+                    layer.decision, layer.plan = decision, plan  # continue the prefilled step
+                return _timed(lambda: model(input_ids=token, past_key_values=routed_cache, use_cache=True))
+
+        for _ in range(2):  # warm-up
+            plain_token(), routed_token()
+        a, b = [], []
+        for rep in range(decode):
+            if rep % 2 == 0:
+                a.append(plain_token()), b.append(routed_token())
+            else:
+                b.append(routed_token()), a.append(plain_token())
+        a_w, a_c = [x[0] for x in a], [x[1] for x in a]
+        b_w, b_c = [x[0] for x in b], [x[1] for x in b]
         out["decode"] = {
-            "context": prompt, "tokens_per_sample": decode,
+            "context_start": prompt, "tokens": decode,
             "base": {"wall_ms_per_token_min": 1e3 * min(a_w), "wall_ms_per_token_median": 1e3 * statistics.median(a_w),
-                     "cpu_ms_per_token_min": 1e3 * min(a_c)},
+                     "cpu_ms_per_token_min": 1e3 * min(a_c), "cpu_ms_per_token_median": 1e3 * statistics.median(a_c)},
             "routed": {"wall_ms_per_token_min": 1e3 * min(b_w),
-                       "wall_ms_per_token_median": 1e3 * statistics.median(b_w), "cpu_ms_per_token_min": 1e3 * min(b_c)},
-            "overhead_wall_median_of_pairs": statistics.median(b / a - 1 for a, b in zip(a_w, b_w, strict=True)),
-            "overhead_cpu_median_of_pairs": statistics.median(b / a - 1 for a, b in zip(a_c, b_c, strict=True)),
+                       "wall_ms_per_token_median": 1e3 * statistics.median(b_w), "cpu_ms_per_token_min": 1e3 * min(b_c),
+                       "cpu_ms_per_token_median": 1e3 * statistics.median(b_c)},
+            "overhead_wall_median_of_pairs": statistics.median(y / x - 1 for x, y in zip(a_w, b_w, strict=True)),
+            "overhead_cpu_median_of_pairs": statistics.median(y / x - 1 for x, y in zip(a_c, b_c, strict=True)),
             "overhead_wall_min": min(b_w) / min(a_w) - 1,
             "overhead_cpu_min": min(b_c) / min(a_c) - 1,
-            "reps": reps,
+            "overhead_cpu_median": statistics.median(b_c) / statistics.median(a_c) - 1,
         }
     return out
 
@@ -196,7 +194,7 @@ def main(argv=None) -> int:
     p.add_argument("--train-batch", type=int, default=2)
     p.add_argument("--train-seq", type=int, default=128)
     p.add_argument("--prompt", type=int, default=128)
-    p.add_argument("--decode", type=int, default=16)
+    p.add_argument("--decode", type=int, default=200, help="decode tokens, alternating plain/routed one by one")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--train-reps", type=int, default=6)
     p.add_argument("--skip-training", action="store_true")
