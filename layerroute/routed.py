@@ -55,6 +55,7 @@ class RoutingState:
         """Forget this step's decisions: the next forward decides again (the next agent step's prefill)."""
         for layer in self.layers:
             layer.decision = None
+            layer.plan = None
 
     def reset_session(self) -> None:
         """Forget the running context sums too (a new conversation)."""
@@ -103,6 +104,9 @@ class RoutedLayer(nn.Module):
         self.pooling = pooling
         self.state = state
         self.decision: torch.Tensor | None = None  # [B] float gate for the current step (skip mode)
+        # skip mode: "all" | "none" | (rows that run [R], rows that skip [B-R]) -- computed once per step from
+        # `decision`, so decode forwards never read a device tensor back to the host (one sync per block per step)
+        self.plan = None
         self.record: GateRecord | None = None
         self.pool_sum: torch.Tensor | None = None  # [B, H] session running sum of context states
         self.pool_count: torch.Tensor | None = None  # [B, 1]
@@ -118,7 +122,9 @@ class RoutedLayer(nn.Module):
     def _pooled_context(self, hidden: torch.Tensor) -> torch.Tensor:
         st = self.state
         mask = st.decision_mask
-        if mask is None:  # no padding, no targets: every position is context
+        if mask is None and self.pooling == "mean" and not st.session_pooling:
+            return hidden.mean(dim=1)  # no padding, no targets: every position is context (one op, not five)
+        if mask is None:
             mask = torch.ones(hidden.shape[:2], device=hidden.device, dtype=hidden.dtype)
         elif mask.shape != hidden.shape[:2]:
             raise ValueError(
@@ -176,31 +182,46 @@ class RoutedLayer(nn.Module):
         # skip mode: decide once per step (prefill), reuse during decode
         if self.decision is None:
             self.decision = self.decide(hidden_states).detach()
+            self.plan = _row_plan(self.decision)
             if st.session_pooling:
                 self._accumulate_session(hidden_states, st.decision_mask)
         elif st.session_pooling:
             self._accumulate_session(hidden_states, None)
-        run = self.decision > 0.5  # [B]
-        if bool(run.all()):
+        plan = self.plan
+        if plan == "all":
             return self.block(hidden_states, *args, **kwargs)
-        if not bool(run.any()):
+        if plan == "none":
             if st.kv_policy == "kv_preserving":
                 self._write_kv(hidden_states, kwargs)
             return hidden_states
-        # Rows disagree: run the block for the whole batch (its cache stays complete) and keep its output only
-        # where the row runs it. Correct per row; saves nothing for this block. Group prompts by skip pattern
-        # (generate.py) to save compute on mixed batches.
-        out = self.block(hidden_states, *args, **kwargs)
-        return torch.where(run.view(-1, 1, 1), out, hidden_states)
+        # Rows disagree: run the block on the rows that run it only (gathered), so its cost scales with them.
+        return self._forward_rows(hidden_states, plan, args, kwargs)
 
-    def _write_kv(self, hidden: torch.Tensor, kwargs: dict) -> None:
-        """kv_preserving: compute and cache this block's K/V for the step's tokens without running it.
+    def _forward_rows(self, hidden: torch.Tensor, plan, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Run the block for a subset of the batch rows; the others pass through unchanged.
 
-        Costs the input norm plus the k and v projections (about 1.5% of a Qwen2.5-0.5B block, whose grouped-query
-        attention has 2 KV heads of 14)."""
+        Every batch-first argument (the 4D attention mask, RoPE cos/sin, position ids) is gathered to those rows,
+        and the cache is seen through `_RowsCache`: the block writes K/V for its rows, the cache layer keeps one
+        entry per batch row (the skipping rows get their projected K/V under ``kv_preserving``, zeros under
+        ``exact``, where no later forward of theirs reads this layer in the step). Costs a gather of this layer's
+        cached K/V for the running rows per forward; saves the block for the other rows.
+        """
+        rows, others = plan
+        batch = hidden.shape[0]
+        sub_args = tuple(_take_rows(a, rows, batch) for a in args)
+        sub_kwargs = {k: _take_rows(v, rows, batch) for k, v in kwargs.items() if k != "past_key_values"}
         cache = kwargs.get("past_key_values")
-        if cache is None or not kwargs.get("use_cache", True):
-            return
+        if cache is not None:
+            fill = None
+            if self.state.kv_policy == "kv_preserving" and kwargs.get("use_cache", True):
+                skip_kwargs = {k: _take_rows(v, others, batch) for k, v in kwargs.items()}
+                fill = self._skip_kv(hidden.index_select(0, others), skip_kwargs)
+            sub_kwargs["past_key_values"] = _RowsCache(cache, rows, others, batch, fill)
+        out_rows = self.block(hidden.index_select(0, rows), *sub_args, **sub_kwargs)
+        return hidden.index_copy(0, rows, out_rows)
+
+    def _skip_kv(self, hidden: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """This block's K/V (after RoPE) for `hidden` without running it: input norm + k, v projections."""
         attn = self.block.self_attn
         x = self.block.input_layernorm(hidden)
         shape = (*x.shape[:-1], -1, attn.head_dim)
@@ -211,7 +232,64 @@ class RoutedLayer(nn.Module):
         cos, sin = kwargs["position_embeddings"]
         rotate_half = sys.modules[type(attn).__module__].rotate_half  # the family's own RoPE helper
         key = key * cos.unsqueeze(1) + rotate_half(key) * sin.unsqueeze(1)
-        cache.update(key, value, attn.layer_idx)
+        return key, value
+
+    def _write_kv(self, hidden: torch.Tensor, kwargs: dict) -> None:
+        """kv_preserving: compute and cache this block's K/V for the step's tokens without running it.
+
+        Costs the input norm plus the k and v projections (about 1.5% of a Qwen2.5-0.5B block, whose grouped-query
+        attention has 2 KV heads of 14)."""
+        cache = kwargs.get("past_key_values")
+        if cache is None or not kwargs.get("use_cache", True):
+            return
+        key, value = self._skip_kv(hidden, kwargs)
+        cache.update(key, value, self.block.self_attn.layer_idx)
+
+
+def _row_plan(decision: torch.Tensor):
+    """'all' | 'none' | (rows that run, rows that skip) as index tensors, from a [B] gate."""
+    run = (decision > 0.5).tolist()  # the step's one host sync for this block
+    if all(run):
+        return "all"
+    if not any(run):
+        return "none"
+    rows = [i for i, r in enumerate(run) if r]
+    others = [i for i, r in enumerate(run) if not r]
+    device = decision.device
+    return torch.tensor(rows, device=device), torch.tensor(others, device=device)
+
+
+def _take_rows(value, rows: torch.Tensor, batch: int):
+    """Gather batch rows of a batch-first tensor (or a tuple of them, e.g. RoPE's (cos, sin)); leave others."""
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, rows) if value.dim() > 0 and value.shape[0] == batch else value
+    if isinstance(value, tuple | list):
+        return type(value)(_take_rows(v, rows, batch) for v in value)
+    return value
+
+
+class _RowsCache:
+    """The cache as seen by a block that runs for some batch rows only (`RoutedLayer._forward_rows`).
+
+    `update` scatters the running rows' new K/V into a full-batch tensor (the other rows get `fill`, their own
+    projected K/V, or zeros), appends it to the real cache, and returns the running rows' keys and values."""
+
+    def __init__(self, cache, rows: torch.Tensor, others: torch.Tensor, batch: int, fill=None):
+        self.cache, self.rows, self.others, self.batch, self.fill = cache, rows, others, batch, fill
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        full = []
+        for i, part in enumerate((key_states, value_states)):
+            whole = part.new_zeros((self.batch, *part.shape[1:]))
+            whole.index_copy_(0, self.rows, part)
+            if self.fill is not None:
+                whole.index_copy_(0, self.others, self.fill[i].to(part.dtype))
+            full.append(whole)
+        keys, values = self.cache.update(full[0], full[1], layer_idx, *args, **kwargs)
+        return keys.index_select(0, self.rows), values.index_select(0, self.rows)
+
+    def __getattr__(self, name):
+        return getattr(self.cache, name)
 
 
 # ------------------------------------------------------------------------------------------------------------

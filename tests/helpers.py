@@ -32,3 +32,37 @@ def random_batch(batch: int = 2, length: int = 12, context: int = 8, vocab: int 
     mask = torch.zeros(batch, length)
     mask[:, :context] = 1
     return ids, mask
+
+
+def lively(rm: RoutedModel, std: float = 0.15, seed: int = 0) -> RoutedModel:
+    """Re-draw the base weights with a larger spread so greedy outputs vary from token to token (the default
+    0.02 init makes a tiny model repeat one token, which would make token-for-token comparisons weak)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in rm.model.named_parameters():
+            if ".router." in name or "lora_" in name or p.dim() < 2:
+                continue
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return rm
+
+
+def delete_blocks(model, keep: list[bool]):
+    """A deep copy of a plain causal LM with the blocks where keep[i] is False removed from its layer list,
+    `config.num_hidden_layers` (and `layer_types`) fixed and each attention's `layer_idx` renumbered: the
+    reference a forced skip pattern must reproduce."""
+    import copy
+
+    from layerroute.model import decoder_layers
+
+    ref = copy.deepcopy(model)
+    layers = decoder_layers(ref)
+    kept = [layer for layer, k in zip(layers, keep, strict=True) if k]
+    for i in reversed(range(len(layers))):
+        del layers[i]
+    for new_idx, layer in enumerate(kept):
+        layer.self_attn.layer_idx = new_idx
+        layers.append(layer)
+    ref.config.num_hidden_layers = len(kept)
+    if getattr(ref.config, "layer_types", None) is not None:
+        ref.config.layer_types = [t for t, k in zip(ref.config.layer_types, keep, strict=True) if k]
+    return ref

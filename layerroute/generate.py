@@ -1,0 +1,426 @@
+"""Routed generation with a KV cache: skipped blocks are never called, in prefill or in decode.
+
+One agent step = one call: the prompt is the step's context. At the prefill every routed layer decides its gate
+from the hidden states entering it, pooled over the prompt's real tokens (left padding excluded), and the
+decision holds for every token the step decodes. Generation itself is transformers' own ``generate()`` with a
+`RoutedCache` passed as ``past_key_values`` (a cache whose length is its longest layer's, because under the
+``exact`` policy a skipped block writes no K/V).
+
+Batches whose rows decide differently are served in one call: a block that some rows run and others skip runs
+on the rows that run it only (``RoutedLayer._forward_rows`` gathers them), so every row gets exactly its own
+decisions and a block costs in proportion to the rows that run it. One row's decision is never applied to the
+batch.
+
+For inference LoRA is merged into the base weights and the PEFT wrappers are taken out of the forward path
+(`inference_weights`), so a routed step costs the plain model's blocks that run plus one router per block at
+the prefill; both are restored on exit.
+
+    layerroute generate --model smollm2-135m-instruct --prompt "What is 2+2?" --skip-fraction 0.25
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .model import decoder_layers
+from .routed import RoutedCache, RoutedLayer, gate_records, routing
+
+DEFAULT = "default"  # eos_token_id sentinel: the model's own generation config
+
+
+# -- timing --------------------------------------------------------------------------------------------------
+def synchronize(device: torch.device | str | None = None) -> None:
+    """Wait for queued device work so `time.perf_counter()` measures it (no-op on CPU)."""
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device is not None and device.type == "mps":
+        torch.mps.synchronize()
+
+
+class TimingStreamer:
+    """A generate() streamer that timestamps each emitted token (after a device sync).
+
+    generate() puts the prompt first, then one [B] tensor per generated step; the tokens are moved to the host by
+    generate() itself (``tokens.cpu()``), which is already a sync point, so timing adds no extra stall on GPU."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.times: list[float] = []
+        self.cpu_times: list[float] = []  # process CPU time: robust to other processes on a shared CPU
+        self._seen_prompt = False
+
+    def put(self, value) -> None:
+        if not self._seen_prompt:  # the prompt
+            self._seen_prompt = True
+            return
+        synchronize(self.device)
+        self.times.append(time.perf_counter())
+        self.cpu_times.append(time.process_time())
+
+    def end(self) -> None:
+        pass
+
+
+# -- weights and blocks for inference -----------------------------------------------------------------------
+def _lora_layers(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    from peft.tuners.lora import LoraLayer
+
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and hasattr(module, "base_layer"):
+            parent_name, _, child = name.rpartition(".")
+            found.append((model.get_submodule(parent_name) if parent_name else model, child, module))
+    return found
+
+
+@contextmanager
+def inference_weights(rm, merge_lora: bool = True):
+    """Yield the module to call for inference: LoRA merged into the base weights and the PEFT wrappers taken
+    out of the forward path (each LoRA Linear replaced by its own `base_layer`, which now holds W + BA), so the
+    routed model runs plain `nn.Linear`s. On exit the wrappers are put back and LoRA is unmerged.
+
+    merge_lora=False yields the PEFT model unchanged (LoRA computed on the side: slower, for comparison)."""
+    if getattr(rm, "_inference_weights_active", False):  # re-entrant: already merged and swapped
+        yield rm.base_model
+        return
+    if not merge_lora or not rm.has_lora:
+        yield rm.model
+        return
+    with rm.merged():
+        swapped = _lora_layers(rm.model)
+        for parent, child, module in swapped:
+            setattr(parent, child, module.base_layer)
+        rm._inference_weights_active = True
+        try:
+            yield rm.base_model
+        finally:
+            rm._inference_weights_active = False
+            for parent, child, module in swapped:
+                setattr(parent, child, module)
+
+
+@contextmanager
+def plain_blocks(model: nn.Module):
+    """Temporarily put the original decoder blocks back in place of the routed layers (the dense baseline:
+    the plain transformers forward, no router code at all); the routed layers are restored on exit."""
+    layers = decoder_layers(model)
+    routed = list(layers)
+    for i, layer in enumerate(routed):
+        if isinstance(layer, RoutedLayer):
+            layers[i] = layer.block
+    try:
+        yield model
+    finally:
+        for i, layer in enumerate(routed):
+            layers[i] = layer
+
+
+# -- prompts -------------------------------------------------------------------------------------------------
+def pad_left(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (input_ids [B, T], attention_mask [B, T]) with left padding (decoder-only generation)."""
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq) :] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+def as_batch(prompts, tokenizer=None, pad_id: int = 0, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accepts token id lists, one id list, strings (with a tokenizer), a mapping with input_ids/attention_mask,
+    or a padded [B, T] tensor (with `attention_mask`, else all ones). Returns left-padded ids and mask."""
+    if isinstance(prompts, dict) or hasattr(prompts, "keys"):
+        attention_mask = prompts.get("attention_mask", attention_mask)
+        prompts = prompts["input_ids"]
+    if isinstance(prompts, torch.Tensor):
+        ids = prompts if prompts.dim() == 2 else prompts.unsqueeze(0)
+        mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).to(ids.device)
+        if bool((mask[:, -1] == 0).any()):
+            raise ValueError("prompts are right-padded; decoder-only generation needs left padding")
+        return ids.long(), mask.long()
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if prompts and isinstance(prompts[0], int):
+        prompts = [prompts]
+    if prompts and isinstance(prompts[0], str):
+        if tokenizer is None:
+            raise ValueError("string prompts need a tokenizer")
+        prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    return pad_left([list(map(int, p)) for p in prompts], pad_id)
+
+
+def _pad_id(rm, eos) -> int:
+    tok = rm.tokenizer
+    if tok is not None and tok.pad_token_id is not None:
+        return int(tok.pad_token_id)
+    cfg = rm.base_model.generation_config
+    for candidate in (cfg.pad_token_id, eos, cfg.eos_token_id, 0):
+        if isinstance(candidate, list | tuple):
+            candidate = candidate[0] if candidate else None
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _eos_ids(eos) -> set[int]:
+    if eos is None:
+        return set()
+    if isinstance(eos, int):
+        return {eos}
+    if isinstance(eos, torch.Tensor):
+        return set(eos.flatten().tolist())
+    return set(int(e) for e in eos)
+
+
+# -- generation ----------------------------------------------------------------------------------------------
+@dataclass
+class GenerationResult:
+    """What one routed generation call produced and how long it took."""
+
+    tokens: list[list[int]]  # generated ids per row (prompt excluded; cut after the first EOS, which is kept)
+    gates: list[list[bool]]  # per row, per block: True = the block ran for this step
+    ttft_s: float  # call start -> first token on the host (prefill, including routers)
+    decode_s_per_token: float  # mean time per decode step after the first token (whole batch)
+    total_s: float  # call start -> generate() returned
+    steps: int  # decode steps taken (tokens per row, before EOS cuts)
+    prompt_lengths: list[int] = field(default_factory=list)
+    # the same three in process CPU time (CPU only: on GPU they count host time, not device time)
+    cpu_ttft_s: float = float("nan")
+    cpu_decode_s_per_token: float = float("nan")
+    cpu_total_s: float = float("nan")
+
+    @property
+    def skipped_fraction(self) -> list[float]:
+        """Fraction of blocks each row skipped."""
+        return [1.0 - sum(g) / len(g) if g else 0.0 for g in self.gates]
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "skipped_fraction": self.skipped_fraction}
+
+
+def _cut(row: list[int], eos: set[int]) -> list[int]:
+    for i, tok in enumerate(row):
+        if tok in eos:
+            return row[: i + 1]
+    return row
+
+
+def run_generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    cache=None,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int | None = None,
+    eos_token_id=DEFAULT,
+    pad_token_id: int = 0,
+) -> tuple[torch.Tensor, dict]:
+    """model.generate() with timings. Returns (sequences [B, T + steps], timings dict).
+
+    `input_ids` may extend what `cache` already holds (a session): generate() prefills only the uncached tail."""
+    device = next(model.parameters()).device
+    gen_kwargs = dict(
+        max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad_token_id, use_cache=True,
+        num_beams=1,
+    )
+    if do_sample:
+        gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k if top_k is not None else 0)
+    else:  # keep a model's sampling defaults (temperature, top_p in its generation config) out of greedy runs
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    if eos_token_id != DEFAULT:
+        gen_kwargs["eos_token_id"] = eos_token_id
+    if cache is not None:
+        gen_kwargs["past_key_values"] = cache
+    streamer = TimingStreamer(device)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    synchronize(device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    out = model.generate(input_ids, attention_mask=attention_mask, streamer=streamer, **gen_kwargs)
+    synchronize(device)
+    end, cpu_end = time.perf_counter(), time.process_time()
+    steps = len(streamer.times)
+    timings = {"steps": steps}
+    for prefix, marks, t0, t1 in (("", streamer.times, start, end), ("cpu_", streamer.cpu_times, cpu_start, cpu_end)):
+        marks = marks or [t1]
+        timings[f"{prefix}ttft_s"] = marks[0] - t0
+        timings[f"{prefix}decode_s_per_token"] = (marks[-1] - marks[0]) / (steps - 1) if steps > 1 else float("nan")
+        timings[f"{prefix}total_s"] = t1 - t0
+    return out, timings
+
+
+def _row_gates(model: nn.Module, batch: int) -> list[list[bool]]:
+    records = gate_records(model)
+    columns = [r.gate.detach().float().cpu().expand(batch) > 0.5 for r in records]  # L x [B]
+    return [[bool(col[row]) for col in columns] for row in range(batch)]
+
+
+def routed_generate(
+    rm,
+    prompts,
+    *,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int | None = None,
+    forced=None,
+    threshold: float | None = None,
+    kv_policy: str = "exact",
+    merge_lora: bool = True,
+    eos_token_id=DEFAULT,
+    attention_mask: torch.Tensor | None = None,
+    mode: str = "skip",
+    seed: int | None = None,
+) -> GenerationResult:
+    """Generate one agent step for each prompt with real block skipping.
+
+    prompts: token id lists (left-padded here), a padded [B, T] tensor (+ `attention_mask`), a tokenizer output,
+    or strings (tokenised without special tokens; render chat templates yourself).
+    forced: None (the routers decide), 'open', 'closed', a bool pattern [L] or per row [B, L] (True = run).
+    kv_policy: 'exact' (skipped blocks write no K/V) or 'kv_preserving' (they write their K/V: a session that
+    continues from this cache finds every block complete).
+    eos_token_id: DEFAULT = the model's generation config; None = never stop before `max_new_tokens`.
+    mode: 'skip' (real skipping) or 'off' (routers bypassed: every block runs, no router evaluated).
+    """
+    pad_id = _pad_id(rm, None if eos_token_id == DEFAULT else eos_token_id)
+    input_ids, mask = as_batch(prompts, rm.tokenizer, pad_id, attention_mask)
+    if seed is not None:
+        torch.manual_seed(seed)
+    eos = rm.base_model.generation_config.eos_token_id if eos_token_id == DEFAULT else eos_token_id
+    batch = input_ids.shape[0]
+    with torch.no_grad(), inference_weights(rm, merge_lora) as model:
+        device = next(model.parameters()).device
+        # the decision reads the prompt's real tokens only: left padding is excluded
+        with routing(rm.model, mode, decision_mask=mask.to(device).float(), forced=forced, threshold=threshold,
+                     kv_policy=kv_policy):
+            out, timings = run_generate(
+                model, input_ids, mask, cache=RoutedCache(), max_new_tokens=max_new_tokens, do_sample=do_sample,
+                temperature=temperature, top_p=top_p, top_k=top_k, eos_token_id=eos_token_id, pad_token_id=pad_id,
+            )
+            gates = _row_gates(rm.model, batch) if mode == "skip" else [[True] * rm.num_layers] * batch
+    new = out[:, input_ids.shape[1] :].cpu().tolist()
+    eos_set = _eos_ids(eos)
+    return GenerationResult(
+        tokens=[_cut(row, eos_set) for row in new], gates=gates, prompt_lengths=mask.sum(1).tolist(), **timings
+    )
+
+
+# -- CLI: `layerroute generate` ------------------------------------------------------------------------------
+def skip_pattern(num_layers: int, fraction: float) -> list[bool]:
+    """A forced gate pattern skipping round(fraction * L) blocks, spread evenly over the middle: never the first
+    two blocks nor the last (measured as indispensable on SmolLM2; see GUIDE section 3). True = run."""
+    from .errors import ConfigError
+
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError(f"skip fraction must be in [0, 1), got {fraction}")
+    candidates = list(range(2, num_layers - 1))
+    n_skip = round(fraction * num_layers)
+    if n_skip > len(candidates):
+        raise ConfigError(
+            f"cannot skip {n_skip} of {num_layers} blocks while keeping the first two and the last"
+        )
+    pattern = [True] * num_layers
+    if n_skip == 0:
+        return pattern
+    # evenly spaced picks over the candidates (centred in each of n_skip equal bins)
+    for k in range(n_skip):
+        pattern[candidates[int((k + 0.5) * len(candidates) / n_skip)]] = False
+    return pattern
+
+
+def load_for_inference(
+    model_name: str | None, adapter: str | None, dtype: str = "float32", device: str = "auto", lora: bool = True
+):
+    """A RoutedModel from an adapter directory, or a freshly wrapped base model (routers at their init, which
+    opens every gate, and a fresh LoRA, whose zero B matrices leave the model unchanged; merged for inference
+    it costs nothing, so timings match a trained adapter's)."""
+    from .adapters import build_routed_model, load_adapter
+    from .config import LoraSettings, ModelConfig
+
+    if adapter:
+        cfg = ModelConfig(name=model_name, dtype=dtype, device=device) if model_name else None
+        return load_adapter(adapter, cfg)
+    cfg = ModelConfig(name=model_name or "smollm2-135m-instruct", dtype=dtype, device=device)
+    rm = build_routed_model(cfg, lora_cfg=LoraSettings(enabled=lora))
+    for p in rm.model.parameters():
+        p.requires_grad_(False)
+    rm.model.eval()
+    return rm
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="model name (default: the adapter's base, else the offline one)")
+    parser.add_argument("--adapter", default=None, help="adapter directory (routers + LoRA)")
+    parser.add_argument("--prompt", action="append", required=True, help="user message (repeat for a batch)")
+    parser.add_argument("--system", default=None, help="system message")
+    parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    parser.add_argument("--skip-fraction", type=float, default=None, help="force a pattern skipping this fraction")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kv-policy", default="exact", choices=["exact", "kv_preserving"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="auto")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+
+    rm = load_for_inference(args.model, args.adapter, args.dtype, args.device)
+    tok = rm.tokenizer
+    if tok is None:
+        raise ConfigError("this model has no tokenizer; use the Python API with token ids")
+    if args.raw:
+        prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in args.prompt]
+    else:
+        prompts = []
+        for p in args.prompt:
+            messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+                {"role": "user", "content": p}
+            ]
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            prompts.append(tok(text, add_special_tokens=False)["input_ids"])
+    forced = skip_pattern(rm.num_layers, args.skip_fraction) if args.skip_fraction is not None else None
+    res = routed_generate(
+        rm, prompts, max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+        top_p=args.top_p, forced=forced, kv_policy=args.kv_policy, seed=args.seed,
+    )
+    for row, toks in enumerate(res.tokens):
+        gates = "".join("1" if g else "." for g in res.gates[row])
+        print(f"--- [{row}] gates {gates} (skipped {res.skipped_fraction[row]:.0%})")
+        print(tok.decode(toks, skip_special_tokens=True))
+    summary = {k: v for k, v in res.to_dict().items() if k not in ("tokens", "gates")}
+    print(json.dumps(summary))
+    return 0
+
+
+__all__ = [
+    "GenerationResult",
+    "TimingStreamer",
+    "as_batch",
+    "inference_weights",
+    "load_for_inference",
+    "pad_left",
+    "plain_blocks",
+    "routed_generate",
+    "run_generate",
+    "skip_pattern",
+    "synchronize",
+]
