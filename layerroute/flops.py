@@ -122,6 +122,7 @@ def from_model_config(cfg: Any) -> ModelShape:
     if isinstance(cfg, Mapping):
         get = cfg.get
     else:
+
         def get(key: str, default: Any = None) -> Any:
             return getattr(cfg, key, default)
 
@@ -163,7 +164,11 @@ def block_flops(cfg: Any, n_new: int, n_past: int = 0) -> int:
     s = from_model_config(cfg)
     _check_count("n_new", n_new)
     _check_count("n_past", n_past)
-    h, q_width, kv_width = s.hidden_size, s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim
+    h, q_width, kv_width = (
+        s.hidden_size,
+        s.num_attention_heads * s.head_dim,
+        s.num_key_value_heads * s.head_dim,
+    )
     projections = 2 * n_new * h * (2 * q_width + 2 * kv_width)  # q, o: h <-> H*d; k, v: h -> G*d
     mlp = 3 * 2 * n_new * h * s.intermediate_size  # gate, up (h -> I), down (I -> h)
     attention = 2 * 2 * q_width * attention_pairs(n_new, n_past)  # Q K^T and P V, every query head
@@ -227,9 +232,7 @@ def step_flops(
     _check_count("step_length", step_length, allow_zero=False)
     mask = [bool(m) for m in run_mask]
     if len(mask) != s.num_hidden_layers:
-        raise ConfigError(
-            f"run_mask has {len(mask)} entries but the model has {s.num_hidden_layers} blocks"
-        )
+        raise ConfigError(f"run_mask has {len(mask)} entries but the model has {s.num_hidden_layers} blocks")
     if lm_head_positions is None:
         lm_head_positions = step_length
 

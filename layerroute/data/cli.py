@@ -1,0 +1,173 @@
+"""`layerroute data --config <yaml> [--set data.key=value ...] (--stats | --show N)`.
+
+The YAML file has a top-level `data:` section (see DataConfig); other sections (`model:`, `train:`, ...) are
+ignored except `model.name`, which names the model whose tokenizer renders the data. `--stats` prints the
+statistics JSON on stdout (the rejected-row summary goes to stderr); `--show N` prints N rendered steps,
+alternating tool-call and planning, with the label span wrapped in ⟦ ⟧.
+
+Runs standalone as `python -m layerroute.data.cli ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from typing import Any
+
+from layerroute.errors import ConfigError
+
+SHOW_OPEN, SHOW_CLOSE = "⟦", "⟧"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML file with a `data:` section (and `model.name`)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (YAML syntax), e.g. data.max_length=512 or data.sources[0].limit=100",
+    )
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--stats", action="store_true", help="print statistics as JSON")
+    what.add_argument(
+        "--show", type=int, metavar="N", help="print N rendered steps with the label span marked"
+    )
+    parser.add_argument(
+        "--split", default="train", choices=("train", "eval", "eval_length_matched"), help="split for --show"
+    )
+    parser.add_argument(
+        "--tokenizer", default=None, help="render with this tokenizer instead of model.name's"
+    )
+    parser.add_argument("--out", default=None, help="--stats: also write the JSON to this file")
+
+
+_PATH_TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def _split_key(key: str) -> list[str | int]:
+    parts: list[str | int] = []
+    for name, idx in _PATH_TOKEN.findall(key):
+        parts.append(int(idx) if idx else (int(name) if name.isdigit() else name))
+    if not parts:
+        raise ConfigError(f"--set: empty key in {key!r}")
+    return parts
+
+
+def apply_override(cfg: dict, assignment: str) -> None:
+    """Apply one `a.b[0].c=value` assignment (value parsed as YAML) to a nested dict, in place."""
+    import yaml
+
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE")
+    key, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw)
+    parts = _split_key(key.strip())
+    node: Any = cfg
+    for i, p in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(p, int):
+            if not isinstance(node, list) or p >= len(node):
+                raise ConfigError(f"--set {key}: index [{p}] does not exist")
+            node = node[p]
+        else:
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p!r} is not inside a mapping")
+            if node.get(p) is None:
+                node[p] = [] if isinstance(nxt, int) else {}
+            node = node[p]
+    last = parts[-1]
+    if isinstance(last, int):
+        if not isinstance(node, list) or last > len(node):
+            raise ConfigError(f"--set {key}: index [{last}] does not exist")
+        if last == len(node):
+            node.append(value)
+        else:
+            node[last] = value
+    else:
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {last!r} is not inside a mapping")
+        node[last] = value
+
+
+def load_config_dict(path: str, overrides: list[str]) -> dict:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"--config: file not found: {path!r}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"--config {path!r}: the top level must be a mapping with a `data:` section")
+    for a in overrides:
+        apply_override(cfg, a)
+    return cfg
+
+
+def _pick_show(steps: list, n: int) -> list:
+    """Up to n steps alternating tool_call / planning, in a fixed pseudo-random order."""
+    from layerroute.data.splits import hash_fraction
+
+    by_type: dict[str, list] = {}
+    for s in sorted(steps, key=lambda s: hash_fraction(s.id, 0)):
+        by_type.setdefault(s.step_type, []).append(s)
+    queues = [by_type.get("tool_call", []), by_type.get("planning", [])]
+    out = []
+    while len(out) < n and any(queues):
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop(0))
+    return out
+
+
+def format_step(step, tokenizer) -> str:
+    """The step's text with its label span wrapped in ⟦ ⟧."""
+    ctx = tokenizer.decode(step.input_ids[: step.context_length], skip_special_tokens=False)
+    tgt = tokenizer.decode(step.input_ids[step.context_length :], skip_special_tokens=False)
+    return ctx + SHOW_OPEN + tgt + SHOW_CLOSE
+
+
+def run(args: argparse.Namespace) -> int:
+    from layerroute.data.build import load_steps
+    from layerroute.data.config import DataConfig
+    from layerroute.data.tokenizer import load_tokenizer
+
+    raw = load_config_dict(args.config, args.set)
+    cfg = DataConfig.from_dict(raw.get("data"))
+    name = args.tokenizer or (raw.get("model") or {}).get("name")
+    if not name:
+        raise ConfigError(
+            "model.name: missing; it names the model whose tokenizer renders the data (or pass --tokenizer)"
+        )
+    tokenizer = load_tokenizer(name)
+    data = load_steps(cfg, tokenizer)
+    print(data.report.summary(), file=sys.stderr)
+    if args.stats:
+        text = json.dumps(data.stats(), indent=2, ensure_ascii=False)
+        print(text)
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+        return 0
+    steps = _pick_show(data.split(args.split), args.show)
+    for k, s in enumerate(steps, 1):
+        print(
+            f"===== {k}/{len(steps)} {s.id}  {s.step_type}  source={s.source} category={s.category}  "
+            f"context={s.context_length} target={s.length} tokens"
+        )
+        print(format_step(s, tokenizer))
+        print()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="layerroute data", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

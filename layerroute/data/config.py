@@ -1,0 +1,259 @@
+"""Typed settings of the data module: which sources to read, and how to cut, split and match them.
+
+Every field carries a one-line docstring (the string literal after it). Values are checked in
+`__post_init__`; a bad value raises `ConfigError` naming the key as the YAML spells it, e.g.
+`data.eval_fraction` or `data.sources[1].limit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from layerroute.errors import ConfigError
+
+#: Source kinds and what each reads (see `layerroute.data.sources`).
+SOURCE_KINDS = (
+    "hermes",  # hub NousResearch/hermes-function-calling-v1 (ShareGPT from/value, <tool_call> blocks)
+    "glaive",  # hub glaiveai/glaive-function-calling-v2 (system + chat text, <functioncall>)
+    "gsm8k_hub",  # hub openai/gsm8k, config main (question / answer with '#### N')
+    "turing",  # hub TuringEnterprises/Turing-Open-Reasoning (question / answer [/ reasoning])
+    "bfcl",  # the bfcl-eval package's questions + possible answers (offline)
+    "gsm_symbolic",  # reasoning-gym's generated GSM8K-style problems with worked solutions (offline)
+    "gsm8k_jsonl",  # a local GSM8K JSONL file with question / answer lines (offline)
+    "jsonl",  # any local JSONL with `messages` (+ optional `tools`) per line (offline)
+)
+
+#: Single-turn question/answer sources (one planning step per row), which can be chained into multi-turn chats.
+QA_KINDS = ("gsm8k_hub", "turing", "gsm_symbolic", "gsm8k_jsonl")
+
+#: Default hub id (or package location) per source kind; `path` overrides it.
+DEFAULT_PATHS = {
+    "hermes": "NousResearch/hermes-function-calling-v1",
+    "glaive": "glaiveai/glaive-function-calling-v2",
+    "gsm8k_hub": "openai/gsm8k",
+    "turing": "TuringEnterprises/Turing-Open-Reasoning",
+}
+
+#: Default hub configuration name per source kind.
+DEFAULT_HUB_CONFIGS = {"gsm8k_hub": "main"}
+
+#: BFCL categories that are single-turn and have ground truth, so they become one tool-call step each.
+BFCL_CATEGORIES = (
+    "simple_python",
+    "simple_java",
+    "simple_javascript",
+    "multiple",
+    "parallel",
+    "parallel_multiple",
+    "live_simple",
+    "live_multiple",
+    "live_parallel",
+    "live_parallel_multiple",
+)
+#: The BFCL categories read when a `bfcl` source names none (Java/JavaScript left out: their argument
+#: values are source-code strings, a different task from Python/JSON calls).
+BFCL_DEFAULT_CATEGORIES = (
+    "simple_python",
+    "multiple",
+    "parallel",
+    "parallel_multiple",
+    "live_simple",
+    "live_multiple",
+    "live_parallel",
+    "live_parallel_multiple",
+)
+#: BFCL's user-contributed categories: functions never seen in the others, reserved for evaluation.
+BFCL_LIVE_CATEGORIES = ("live_simple", "live_multiple", "live_parallel", "live_parallel_multiple")
+
+ROLES = ("both", "train", "eval")
+
+
+def _fail(key: str, msg: str) -> ConfigError:
+    return ConfigError(f"{key}: {msg}")
+
+
+def _unknown_keys(cls, d: dict, prefix: str) -> None:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(
+            f"{prefix}: unknown key(s) {', '.join(repr(k) for k in unknown)}; known keys: {', '.join(sorted(names))}"
+        )
+
+
+@dataclass
+class SourceConfig:
+    """One dataset to read. `name` picks the loader; the other fields narrow what it reads."""
+
+    name: str
+    """Source kind: one of hermes, glaive, gsm8k_hub, turing, bfcl, gsm_symbolic, gsm8k_jsonl, jsonl."""
+    path: str | None = None
+    """Hub id, or a local file/folder (json, jsonl, parquet). Hub kinds default to their dataset id; bfcl to the package data."""
+    hub_config: str | None = None
+    """Hub dataset configuration name (gsm8k_hub defaults to 'main'; hermes e.g. 'func_calling_singleturn')."""
+    split: str = "train"
+    """Hub/file split to read (the source's own split name, not our train/eval assignment)."""
+    limit: int | None = None
+    """Read at most this many rows (after category filtering); for gsm_symbolic, how many problems to generate."""
+    categories: list[str] | None = None
+    """bfcl only: the categories to read (default: the single-turn Python/JSON ones, live_* included)."""
+    role: str = "both"
+    """Where its conversations go: 'both' (split by eval_fraction), 'train' (train only) or 'eval' (eval only)."""
+    label: str | None = None
+    """Name reported in statistics and stored in Step.source (default: the source kind)."""
+    seed: int | None = None
+    """gsm_symbolic only: generator seed (default: data.seed)."""
+    turns_per_conversation: int = 1
+    """Question/answer sources only: chain this many consecutive problems into one multi-turn chat, so that
+    planning steps also come with long contexts (each later problem sees the earlier ones)."""
+
+    def __post_init__(self) -> None:
+        self._validate("data.sources[?]")
+
+    def _validate(self, key: str) -> None:
+        if self.name not in SOURCE_KINDS:
+            raise _fail(
+                f"{key}.name", f"unknown source {self.name!r}; choose one of {', '.join(SOURCE_KINDS)}"
+            )
+        if self.role not in ROLES:
+            raise _fail(f"{key}.role", f"must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if self.limit is not None and (
+            not isinstance(self.limit, int) or isinstance(self.limit, bool) or self.limit < 1
+        ):
+            raise _fail(f"{key}.limit", f"must be a positive integer or null, got {self.limit!r}")
+        if self.name in ("gsm8k_jsonl", "jsonl") and not self.path:
+            raise _fail(f"{key}.path", f"source {self.name!r} needs a local file path")
+        if self.name == "gsm_symbolic" and self.limit is None:
+            raise _fail(f"{key}.limit", "gsm_symbolic generates problems: set how many with limit")
+        if self.categories is not None:
+            if self.name != "bfcl":
+                raise _fail(f"{key}.categories", f"only the bfcl source has categories, not {self.name!r}")
+            if isinstance(self.categories, str) or not self.categories:
+                raise _fail(f"{key}.categories", "must be a non-empty list of BFCL category names")
+            bad = [c for c in self.categories if c not in BFCL_CATEGORIES]
+            if bad:
+                raise _fail(
+                    f"{key}.categories",
+                    f"unsupported BFCL categories {bad}; supported: {', '.join(BFCL_CATEGORIES)} "
+                    "(irrelevance and multi-turn categories have no single gold assistant turn)",
+                )
+        t = self.turns_per_conversation
+        if not isinstance(t, int) or isinstance(t, bool) or t < 1:
+            raise _fail(f"{key}.turns_per_conversation", f"must be a positive integer, got {t!r}")
+        if t > 1 and self.name not in QA_KINDS:
+            raise _fail(
+                f"{key}.turns_per_conversation",
+                f"only question/answer sources ({', '.join(QA_KINDS)}) can be chained, not {self.name!r}",
+            )
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise _fail(f"{key}.seed", f"must be an integer or null, got {self.seed!r}")
+
+    @property
+    def source_label(self) -> str:
+        """The name used in reports and in Step.source."""
+        return self.label or self.name
+
+    @property
+    def resolved_path(self) -> str | None:
+        """`path`, or the kind's default hub id."""
+        return self.path or DEFAULT_PATHS.get(self.name)
+
+    @property
+    def resolved_hub_config(self) -> str | None:
+        return self.hub_config or DEFAULT_HUB_CONFIGS.get(self.name)
+
+    @property
+    def resolved_categories(self) -> list[str]:
+        return list(self.categories) if self.categories else list(BFCL_DEFAULT_CATEGORIES)
+
+    @classmethod
+    def from_dict(cls, d: dict, index: int = 0) -> SourceConfig:
+        key = f"data.sources[{index}]"
+        if not isinstance(d, dict):
+            raise ConfigError(f"{key}: must be a mapping with at least `name`, got {d!r}")
+        _unknown_keys(cls, d, key)
+        if "name" not in d:
+            raise ConfigError(f"{key}.name: missing; choose one of {', '.join(SOURCE_KINDS)}")
+        try:
+            return cls(**d)
+        except ConfigError as e:  # re-key the message with the source's position in the list
+            raise ConfigError(str(e).replace("data.sources[?]", key)) from None
+
+
+@dataclass
+class DataConfig:
+    """Everything the data module needs to turn sources into train/eval steps."""
+
+    sources: list[SourceConfig] = field(default_factory=list)
+    """The datasets to read, in order."""
+    max_length: int = 1024
+    """Longest step (context + target tokens) kept; longer steps are dropped and counted, never truncated."""
+    eval_fraction: float = 0.1
+    """Fraction of the conversations of 'both'-role sources assigned to eval (by a hash of id and seed)."""
+    seed: int = 0
+    """Seed of the train/eval hash split and of the length-matched sampling."""
+    bad_row_max_fraction: float = 0.05
+    """Stop with DataError when a source's unparseable/unrenderable rows exceed this fraction of its rows."""
+    bfcl_eval_only_categories: list[str] = field(default_factory=lambda: list(BFCL_LIVE_CATEGORIES))
+    """BFCL categories never trained on (evaluation on unseen functions)."""
+    length_match_bin_ratio: float = 1.25
+    """Width of the length-matching bins, as a ratio: bin k holds lengths in [r^k, r^(k+1)) on both axes."""
+    length_match_max_per_type: int | None = None
+    """Cap on the length-matched subset size per step type (None: as many as the matched bins allow)."""
+    progress: bool = True
+    """Show tqdm progress bars while loading and rendering."""
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    def _validate(self) -> None:
+        if not isinstance(self.sources, list):
+            raise _fail("data.sources", "must be a list of sources")
+        for i, s in enumerate(self.sources):
+            if isinstance(s, dict):
+                self.sources[i] = SourceConfig.from_dict(s, i)
+            elif isinstance(s, SourceConfig):
+                s._validate(f"data.sources[{i}]")
+            else:
+                raise _fail(f"data.sources[{i}]", f"must be a mapping, got {s!r}")
+        if not isinstance(self.max_length, int) or isinstance(self.max_length, bool) or self.max_length < 8:
+            raise _fail("data.max_length", f"must be an integer >= 8, got {self.max_length!r}")
+        if not isinstance(self.eval_fraction, (int, float)) or not 0.0 <= self.eval_fraction < 1.0:
+            raise _fail("data.eval_fraction", f"must be in [0, 1), got {self.eval_fraction!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise _fail("data.seed", f"must be an integer, got {self.seed!r}")
+        if (
+            not isinstance(self.bad_row_max_fraction, (int, float))
+            or not 0.0 <= self.bad_row_max_fraction <= 1.0
+        ):
+            raise _fail("data.bad_row_max_fraction", f"must be in [0, 1], got {self.bad_row_max_fraction!r}")
+        if isinstance(self.bfcl_eval_only_categories, str) or not isinstance(
+            self.bfcl_eval_only_categories, list
+        ):
+            raise _fail("data.bfcl_eval_only_categories", "must be a list of BFCL category names")
+        bad = [c for c in self.bfcl_eval_only_categories if c not in BFCL_CATEGORIES]
+        if bad:
+            raise _fail("data.bfcl_eval_only_categories", f"unknown BFCL categories {bad}")
+        if not isinstance(self.length_match_bin_ratio, (int, float)) or self.length_match_bin_ratio <= 1.0:
+            raise _fail("data.length_match_bin_ratio", f"must be > 1, got {self.length_match_bin_ratio!r}")
+        m = self.length_match_max_per_type
+        if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m < 1):
+            raise _fail("data.length_match_max_per_type", f"must be a positive integer or null, got {m!r}")
+        if not isinstance(self.progress, bool):
+            raise _fail("data.progress", f"must be true or false, got {self.progress!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> DataConfig:
+        """Build from the YAML `data:` section; unknown keys are rejected by name."""
+        d = dict(d or {})
+        _unknown_keys(cls, d, "data")
+        sources = d.pop("sources", [])
+        if not isinstance(sources, list):
+            raise _fail("data.sources", f"must be a list of sources, got {type(sources).__name__}")
+        srcs = [SourceConfig.from_dict(s, i) for i, s in enumerate(sources)]
+        return cls(sources=srcs, **d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

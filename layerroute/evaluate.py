@@ -1,0 +1,493 @@
+"""Evaluation that cannot fool itself: skip rates, perplexity in four configurations, free-running task accuracy,
+equal-FLOP baselines, a threshold sweep, diagnostics, and several seeds.
+
+`layerroute eval --adapter DIR [--adapter DIR2 ...] [--config YAML] --output-dir OUT` writes OUT/eval.json,
+OUT/report.md and PNG plots.
+
+Configurations, always on the same steps:
+  base             LoRA off, every block runs (the frozen model)
+  lora_full_depth  LoRA on, every block runs
+  routed           LoRA on, the routers decide (hard gates, context only)
+  routed_no_lora   LoRA off, the routers decide
+Baselines at the routed model's FLOP budget (LoRA on): `shortgpt` removes the k blocks of lowest block influence
+(1 - cos(h_in, h_out), measured on training steps), `random` skips k random blocks per step, where k is the
+routed model's mean number of skipped blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import flops as flop_count
+from .adapters import RoutedModel, load_adapter, read_adapter_meta
+from .config import ModelConfig, setting
+from .data.collate import collate_steps, length_grouped_batches
+from .data.tokenizer import pad_token_id
+from .errors import ConfigError
+from .losses import target_nll
+from .routed import find_routed_layers, gate_records, routing
+
+STEP_TYPES = ("tool_call", "planning")
+PPL_CONFIGS = ("base", "lora_full_depth", "routed", "routed_no_lora")
+ACC_CONFIGS = ("base", "lora_full_depth", "routed")
+
+
+@dataclass
+class EvalConfig:
+    """How much to evaluate (CPU-sized defaults; raise them on a GPU)."""
+
+    batch_size: int = setting(4, "steps per teacher-forced batch")
+    max_steps_per_type: int = setting(64, "cap on eval steps per step type (0 = all)")
+    accuracy_steps_per_type: int = setting(12, "steps per type scored by free-running generation (0 = skip)")
+    max_new_tokens_tool: int = setting(96, "generation budget for a tool-call step")
+    max_new_tokens_planning: int = setting(256, "generation budget for a planning step")
+    thresholds: list = setting([0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], "gate thresholds of the sweep ([] = skip)")
+    baselines: bool = setting(True, "evaluate the ShortGPT and random-skip baselines at equal FLOPs")
+    calibration_steps: int = setting(32, "training steps used to measure ShortGPT block influence")
+    bootstrap: int = setting(1000, "bootstrap resamples for the differential's confidence interval")
+    kv_policy: str = setting("exact", "cache policy counted in FLOPs and used in generation")
+    seed: int = setting(0, "seed for sampling steps, random-skip patterns and the bootstrap")
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ConfigError(f"eval.batch_size must be >= 1, got {self.batch_size}")
+        if self.kv_policy not in ("exact", "kv_preserving"):
+            raise ConfigError(f"eval.kv_policy must be 'exact' or 'kv_preserving', got {self.kv_policy!r}")
+        if any(not 0 < t < 1 for t in self.thresholds):
+            raise ConfigError(f"eval.thresholds must lie in (0, 1), got {self.thresholds}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Teacher-forced pass
+
+
+def _ppl_context(rm: RoutedModel, config: str, decision_mask, *, threshold=None, forced=None):
+    """(lora context manager, routing context manager) for one configuration."""
+    use_lora = config in ("lora_full_depth", "routed", "shortgpt", "random")
+    lora = _nullcontext() if use_lora else rm.lora_disabled()
+    if config in ("base", "lora_full_depth"):
+        route = routing(rm.model, "mix", decision_mask=decision_mask, forced="open")
+    else:
+        route = routing(rm.model, "mix", decision_mask=decision_mask, threshold=threshold, forced=forced)
+    return lora, route
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+@torch.no_grad()
+def teacher_forced(rm: RoutedModel, steps, config: str, cfg: EvalConfig, *, threshold=None, patterns=None,
+                   desc: str = "") -> list[dict]:
+    """Per step: summed target NLL, token count, and the gates applied ([L] bools).
+
+    patterns: optional [n_steps, L] bool tensor of forced gates (baselines)."""
+    pad = pad_token_id(rm.tokenizer)
+    results: list[dict | None] = [None] * len(steps)
+    batches = length_grouped_batches(steps, cfg.batch_size, seed=cfg.seed)
+    for batch_idx in tqdm(batches, desc=desc or config, leave=False, disable=len(batches) < 4):
+        batch = collate_steps([steps[i] for i in batch_idx], pad)
+        batch = {k: v.to(rm.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        forced = patterns[batch_idx] if patterns is not None else None
+        lora, route = _ppl_context(rm, config, batch["decision_mask"], threshold=threshold, forced=forced)
+        with lora, route:
+            nll, rows = target_nll(rm.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            gates = torch.stack([r.gate for r in gate_records(rm.model)], dim=1)  # [B, L]
+            probs = torch.stack([r.prob for r in gate_records(rm.model)], dim=1)
+        sums = torch.zeros(len(batch_idx), device=nll.device).index_add_(0, rows, nll)
+        counts = torch.bincount(rows, minlength=len(batch_idx))
+        for j, i in enumerate(batch_idx):
+            results[i] = {
+                "nll": float(sums[j]), "tokens": int(counts[j]),
+                "gates": gates[j].bool().tolist(), "probs": probs[j].float().tolist(),
+            }
+    return results  # type: ignore[return-value]
+
+
+def ppl(results: list[dict], idx: list[int]) -> float:
+    nll = sum(results[i]["nll"] for i in idx)
+    tokens = sum(results[i]["tokens"] for i in idx)
+    return math.exp(nll / tokens) if tokens else float("nan")
+
+
+def flop_summary(model_config, steps, gates: list[list[bool]], idx: list[int], kv_policy: str,
+                 count_routers: bool = True) -> dict:
+    parts = [
+        flop_count.step_flops(model_config, steps[i].context_length, steps[i].length, gates[i],
+                              kv_preserving=kv_policy == "kv_preserving", count_routers=count_routers)
+        for i in idx
+    ]
+    agg = flop_count.aggregate(parts)
+    return {"block_flops_skipped": agg["block_skipped_fraction"], "total_flops_skipped": agg["total_skipped_fraction"]}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Baselines
+
+
+@torch.no_grad()
+def block_influence(rm: RoutedModel, steps, cfg: EvalConfig) -> list[float]:
+    """ShortGPT's block influence per block: 1 - mean cosine(h_in, h_out) over (non-padding) tokens, full depth."""
+    layers = find_routed_layers(rm.model)
+    sums = [0.0] * len(layers)
+    count = [0]
+    mask_holder = {}
+
+    def hook(layer, args, out):
+        h_in, m = args[0].float(), mask_holder["mask"]
+        cos = torch.nn.functional.cosine_similarity(h_in, out.float(), dim=-1)  # [B, T]
+        sums[layer.index] += float((cos * m).sum())
+
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    pad = pad_token_id(rm.tokenizer)
+    try:
+        for batch_idx in length_grouped_batches(steps, cfg.batch_size, seed=cfg.seed):
+            batch = collate_steps([steps[i] for i in batch_idx], pad)
+            mask_holder["mask"] = batch["attention_mask"].float().to(rm.device)
+            count[0] += int(batch["attention_mask"].sum())
+            with routing(rm.model, "mix", forced="open"):
+                rm.model(input_ids=batch["input_ids"].to(rm.device),
+                         attention_mask=batch["attention_mask"].to(rm.device))
+    finally:
+        for h in handles:
+            h.remove()
+    return [1.0 - s / max(count[0], 1) for s in sums]
+
+
+def shortgpt_pattern(influence: list[float], k: int) -> list[bool]:
+    drop = set(np.argsort(influence)[:k].tolist())
+    return [i not in drop for i in range(len(influence))]
+
+
+def random_patterns(n_steps: int, n_layers: int, k: int, seed: int) -> torch.Tensor:
+    rng = random.Random(seed)
+    pats = torch.ones(n_steps, n_layers, dtype=torch.bool)
+    for s in range(n_steps):
+        pats[s, rng.sample(range(n_layers), k)] = False
+    return pats
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Free-running accuracy
+
+
+def score_generation(step, text: str) -> tuple[bool, str | None]:
+    """(correct, reason) for one generated assistant turn. Malformed output is wrong, never an exception."""
+    from .data.toolcalls import parse_tool_calls
+    from .scoring import check_tool_calls, gsm8k_exact_match
+
+    if step.step_type == "tool_call":
+        answer = step.meta.get("possible_answer")
+        functions = [t.get("function", t) for t in step.tools]  # OpenAI specs -> function docs
+        if answer is None or not functions:
+            return False, "no BFCL ground truth for this step"
+        calls, _, error = parse_tool_calls(text)
+        if error or not calls:
+            return False, f"unparsable tool call: {error or 'no call'}"
+        result = check_tool_calls(calls, functions, answer, step.category or "simple_python")
+        return result.valid, result.error
+    reference = step.meta.get("answer")
+    if reference is None:
+        return False, "no reference answer for this step"
+    ok = gsm8k_exact_match(text, str(reference))
+    return ok, None if ok else "wrong final number"
+
+
+def accuracy(rm: RoutedModel, steps, idx: list[int], config: str, cfg: EvalConfig, *, threshold=None,
+             forced=None) -> dict:
+    """Greedy generation with real skipping (LoRA merged) from each step's context; fraction scored correct."""
+    from .generate import routed_generate
+
+    eos = _eos_ids(rm.tokenizer)
+    correct, failures = 0, defaultdict(int)
+    for i in tqdm(idx, desc=f"generate {config}", leave=False):
+        step = steps[i]
+        budget = cfg.max_new_tokens_tool if step.step_type == "tool_call" else cfg.max_new_tokens_planning
+        prompt = step.input_ids[: step.context_length]
+        kwargs = dict(max_new_tokens=budget, eos_token_id=eos, kv_policy=cfg.kv_policy, threshold=threshold)
+        if config == "base":
+            with rm.lora_disabled():
+                out = routed_generate(rm, [prompt], forced="open", merge_lora=False, **kwargs)
+        elif config == "lora_full_depth":
+            out = routed_generate(rm, [prompt], forced="open", **kwargs)
+        else:
+            out = routed_generate(rm, [prompt], forced=forced, **kwargs)
+        text = rm.tokenizer.decode(out.tokens[0], skip_special_tokens=True)
+        ok, reason = score_generation(step, text)
+        correct += ok
+        if not ok:
+            failures[(reason or "wrong").split(":")[0]] += 1
+    return {"accuracy": correct / len(idx) if idx else float("nan"), "n": len(idx), "failures": dict(failures)}
+
+
+def _eos_ids(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Diagnostics
+
+
+def bootstrap_differential(block_skips: dict[str, list[float]], reps: int, seed: int) -> list[float]:
+    """95% CI of 100 x (mean tool skip - mean planning skip), resampling steps within each type."""
+    tool, plan = np.asarray(block_skips["tool_call"]), np.asarray(block_skips["planning"])
+    if len(tool) == 0 or len(plan) == 0 or reps == 0:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    diffs = [
+        100 * (rng.choice(tool, len(tool)).mean() - rng.choice(plan, len(plan)).mean()) for _ in range(reps)
+    ]
+    return [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))]
+
+
+def input_dependence(rm: RoutedModel, results: list[dict], idx: list[int]) -> list[float]:
+    """Per block: fraction of steps where the router's decision differs from a bias-only router's."""
+    thr = rm.state.threshold
+    out = []
+    for layer in find_routed_layers(rm.model):
+        bias_only = torch.sigmoid(layer.router.output_bias.detach().float()).item() > thr
+        out.append(float(np.mean([results[i]["gates"][layer.index] != bias_only for i in idx])) if idx else 0.0)
+    return out
+
+
+def length_correlation(steps, results, idx) -> float:
+    """Pearson correlation of the fraction of blocks run with the context length (0 when either is constant)."""
+    if len(idx) < 3:
+        return float("nan")
+    run = np.array([np.mean(results[i]["gates"]) for i in idx])
+    ctx = np.array([steps[i].context_length for i in idx], dtype=float)
+    if run.std() == 0 or ctx.std() == 0:
+        return 0.0
+    return float(np.corrcoef(run, ctx)[0, 1])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# One adapter
+
+
+def _by_type(steps, idx) -> dict[str, list[int]]:
+    groups = {t: [] for t in STEP_TYPES}
+    for i in idx:
+        groups[steps[i].step_type].append(i)
+    return groups
+
+
+def _cap(groups: dict[str, list[int]], n: int, seed: int) -> dict[str, list[int]]:
+    if n <= 0:
+        return groups
+    rng = random.Random(seed)
+    return {t: sorted(rng.sample(ix, n)) if len(ix) > n else ix for t, ix in groups.items()}
+
+
+def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict) -> dict:
+    """All metrics for one adapter on the eval split and its length-matched subset."""
+    steps = list(data.eval)
+    matched_keys = {(s.conversation_id, s.step_index) for s in data.eval_length_matched}
+    groups = _cap(_by_type(steps, range(len(steps))), cfg.max_steps_per_type, cfg.seed)
+    # the length-matched subset is evaluated in full, on top of the (capped) full split
+    keep = sorted(set(sum(groups.values(), [])) | {
+        i for i, s in enumerate(steps) if (s.conversation_id, s.step_index) in matched_keys
+    })
+    steps = [steps[i] for i in keep]
+    full = _cap(_by_type(steps, range(len(steps))), cfg.max_steps_per_type, cfg.seed)
+    matched = _by_type(steps, [i for i, s in enumerate(steps) if (s.conversation_id, s.step_index) in matched_keys])
+    splits = {"full": full, "length_matched": matched}
+    model_config = rm.config
+
+    runs = {c: teacher_forced(rm, steps, c, cfg) for c in PPL_CONFIGS}
+    routed = runs["routed"]
+    gates = [r["gates"] for r in routed]
+
+    out: dict = {"splits": {}, "meta": meta}
+    n_layers = rm.num_layers
+    mean_skipped = float(np.mean([n_layers - sum(g) for g in gates])) if gates else 0.0
+    k = int(round(mean_skipped))
+    baseline_runs = {}
+    if cfg.baselines and k > 0:
+        influence = block_influence(rm, list(data.train)[: cfg.calibration_steps] or steps, cfg)
+        pattern = shortgpt_pattern(influence, k)
+        baseline_runs["shortgpt"] = (
+            teacher_forced(rm, steps, "shortgpt", cfg, patterns=torch.tensor([pattern] * len(steps))), pattern
+        )
+        rand = random_patterns(len(steps), n_layers, k, cfg.seed)
+        baseline_runs["random"] = (teacher_forced(rm, steps, "random", cfg, patterns=rand), None)
+        out["block_influence"] = influence
+    out["baseline_blocks_skipped"] = k
+
+    for split, groups_ in splits.items():
+        entry = {}
+        for t in STEP_TYPES:
+            idx = groups_[t]
+            e = {"n": len(idx), **flop_summary(model_config, steps, gates, idx, cfg.kv_policy)}
+            e["ppl"] = {c: ppl(runs[c], idx) for c in PPL_CONFIGS}
+            e["context_length_mean"] = float(np.mean([steps[i].context_length for i in idx])) if idx else None
+            e["step_length_mean"] = float(np.mean([steps[i].length for i in idx])) if idx else None
+            for name, (res, _) in baseline_runs.items():
+                e.setdefault("baselines", {})[name] = {
+                    "ppl": ppl(res, idx),
+                    **flop_summary(model_config, steps, [r["gates"] for r in res], idx, cfg.kv_policy,
+                                   count_routers=False),
+                }
+            entry[t] = e
+        per_step_skip = {
+            t: [1 - np.mean(gates[i]) for i in groups_[t]] for t in STEP_TYPES
+        }
+        entry["skip_differential_points"] = 100 * (
+            entry["tool_call"]["block_flops_skipped"] - entry["planning"]["block_flops_skipped"]
+        ) if groups_["tool_call"] and groups_["planning"] else float("nan")
+        entry["differential_ci95"] = bootstrap_differential(per_step_skip, cfg.bootstrap, cfg.seed)
+        entry["per_layer_run_rate"] = {
+            t: [float(np.mean([gates[i][l] for i in groups_[t]])) if groups_[t] else None for l in range(n_layers)]
+            for t in STEP_TYPES
+        }
+        entry["input_dependence"] = input_dependence(rm, routed, sum(groups_.values(), []))
+        entry["gate_context_length_correlation"] = length_correlation(steps, routed, sum(groups_.values(), []))
+        out["splits"][split] = entry
+
+    if cfg.thresholds:
+        sweep = []
+        for thr in cfg.thresholds:
+            res = teacher_forced(rm, steps, "routed", cfg, threshold=thr, desc=f"threshold {thr}")
+            g = [r["gates"] for r in res]
+            point = {"threshold": thr}
+            for t in STEP_TYPES:
+                idx = full[t]
+                point[t] = {"ppl": ppl(res, idx), **flop_summary(model_config, steps, g, idx, cfg.kv_policy)}
+            sweep.append(point)
+        out["threshold_sweep"] = sweep
+
+    if cfg.accuracy_steps_per_type > 0:
+        acc_groups = _cap(full, cfg.accuracy_steps_per_type, cfg.seed + 1)
+        acc = {t: {} for t in STEP_TYPES}
+        for t in STEP_TYPES:
+            idx = acc_groups[t]
+            for c in ACC_CONFIGS:
+                acc[t][c] = accuracy(rm, steps, idx, c, cfg)
+            if "shortgpt" in baseline_runs:
+                acc[t]["shortgpt"] = accuracy(rm, steps, idx, "shortgpt", cfg, forced=baseline_runs["shortgpt"][1])
+        out["accuracy"] = acc
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Several adapters (seeds)
+
+
+def aggregate_seeds(per_adapter: list[dict]) -> dict:
+    """Mean and standard deviation over adapters of the headline numbers, per split."""
+    agg = {}
+    for split in ("full", "length_matched"):
+        vals = defaultdict(list)
+        for res in per_adapter:
+            s = res["splits"][split]
+            vals["skip_differential_points"].append(s["skip_differential_points"])
+            for t in STEP_TYPES:
+                for key in ("block_flops_skipped", "total_flops_skipped"):
+                    vals[f"{t}.{key}"].append(s[t][key])
+                for c in PPL_CONFIGS:
+                    vals[f"{t}.ppl.{c}"].append(s[t]["ppl"][c])
+        agg[split] = {
+            k: {"mean": float(np.nanmean(v)), "std": float(np.nanstd(v)), "values": v} for k, v in vals.items()
+        }
+    return agg
+
+
+def run_eval(adapters: list[str], data_cfg, cfg: EvalConfig, model_name: str | None, out_dir: Path) -> dict:
+    from .data.build import load_steps
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_adapter, data, loaded_tok = [], None, None
+    for path in adapters:
+        meta = read_adapter_meta(path)
+        rm = load_adapter(path, ModelConfig(name=model_name) if model_name else None)
+        if data is None:
+            data = load_steps(data_cfg, rm.tokenizer)
+            loaded_tok = rm.tokenizer
+        elif rm.tokenizer.get_vocab() != loaded_tok.get_vocab():
+            raise ConfigError(f"adapter {path} uses another tokenizer than {adapters[0]}; evaluate them separately")
+        res = evaluate_adapter(rm, data, cfg, meta)
+        res["adapter"] = str(path)
+        per_adapter.append(res)
+        del rm
+    first = per_adapter[0]
+    doc = {
+        **{k: v for k, v in first.items() if k not in ("adapter",)},
+        "adapters": [r["adapter"] for r in per_adapter],
+        "seeds": per_adapter if len(per_adapter) > 1 else [],
+        "aggregate": aggregate_seeds(per_adapter) if len(per_adapter) > 1 else None,
+        "eval_config": asdict(cfg),
+        "data_report": data.stats() if hasattr(data, "stats") else None,
+    }
+    # headline fields at top level, from the full split (mean over seeds when several adapters)
+    doc["skip_differential_points"] = (
+        doc["aggregate"]["full"]["skip_differential_points"]["mean"] if doc["aggregate"]
+        else first["splits"]["full"]["skip_differential_points"]
+    )
+    doc["per_layer_run_rate"] = first["splits"]["full"]["per_layer_run_rate"]
+    from .report import write_report
+
+    _write_json(out_dir / "eval.json", doc)
+    write_report(doc, out_dir)
+    return doc
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+    tmp.replace(path)
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", action="append", required=True, help="adapter directory (repeat for seeds)")
+    parser.add_argument("--config", help="YAML whose data: and eval: sections to use (default: the adapter's)")
+    parser.add_argument("--model", help="base model to load the adapter on (default: the adapter's own)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. eval.bootstrap=0")
+    parser.add_argument("--output-dir", required=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .config import apply_overrides, from_dict, load_yaml
+    from .data.config import DataConfig
+
+    raw = load_yaml(args.config) if args.config else {}
+    if not args.config:
+        meta = read_adapter_meta(args.adapter[0])
+        raw = {k: meta.get("config", {}).get(k, {}) for k in ("data", "eval")}
+    raw = apply_overrides(raw, args.set)
+    cfg = from_dict(EvalConfig, raw.get("eval"), "eval")
+    data_cfg = DataConfig.from_dict(raw.get("data") or {})
+    doc = run_eval(args.adapter, data_cfg, cfg, args.model, Path(args.output_dir))
+    print(json.dumps({"skip_differential_points": doc["skip_differential_points"],
+                      "report": str(Path(args.output_dir) / "report.md")}, default=_json_default))
+    return 0

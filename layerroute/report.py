@@ -1,0 +1,172 @@
+"""eval.json -> report.md (the paper's table first, then the honest columns) and PNG plots."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: files only
+import matplotlib.pyplot as plt  # noqa: E402
+
+# The paper's reported figures (LayerRoute, Qwen2.5-0.5B-Instruct), shown beside ours.
+PAPER = {
+    "tool_skip": 15.25, "planning_skip": 2.34, "differential": 12.91,
+    "ppl_delta_tool": -1.29, "ppl_delta_planning": -1.30, "trainable": 1_100_000, "train_minutes": 6.4,
+}
+
+
+def _f(x, digits=2, pct=False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{100 * x:.{digits}f}" if pct else f"{x:.{digits}f}"
+
+
+def _paper_table(doc: dict) -> list[str]:
+    full = doc["splits"]["full"]
+    meta = doc.get("meta", {})
+    tool, plan = full["tool_call"], full["planning"]
+    trainable = meta.get("parameters", {}).get("trainable")
+    minutes = meta.get("train_seconds")
+    rows = [
+        ("Tool-call block FLOPs skipped (%)", _f(tool["block_flops_skipped"], pct=True), f"{PAPER['tool_skip']:.2f}"),
+        ("Planning block FLOPs skipped (%)", _f(plan["block_flops_skipped"], pct=True), f"{PAPER['planning_skip']:.2f}"),
+        ("Differential (points)", _f(full["skip_differential_points"]), f"{PAPER['differential']:.2f}"),
+        ("PPL delta vs base, tool calls", _f(tool["ppl"]["routed"] - tool["ppl"]["base"]), f"{PAPER['ppl_delta_tool']:.2f}"),
+        ("PPL delta vs base, planning", _f(plan["ppl"]["routed"] - plan["ppl"]["base"]), f"{PAPER['ppl_delta_planning']:.2f}"),
+        ("Trainable parameters", f"{trainable:,}" if trainable else "n/a", f"{PAPER['trainable']:,} (1.10M)"),
+        ("Training time (min)", _f(minutes / 60, 1) if minutes else "n/a", f"{PAPER['train_minutes']} (A100)"),
+    ]
+    lines = ["## In the paper's terms", "", "| measure | this run | paper |", "|---|---:|---:|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return lines
+
+
+def _honest_table(doc: dict) -> list[str]:
+    lines = [
+        "## Honest columns", "",
+        "Total FLOPs include the LM head (never skipped) and the routers. Accuracy is free-running greedy "
+        "generation with real skipping.", "",
+        "| split | step type | n | block skip % | total skip % | PPL base | PPL LoRA full | PPL routed | PPL routed no-LoRA |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for split, entry in doc["splits"].items():
+        for t in ("tool_call", "planning"):
+            e = entry[t]
+            p = e["ppl"]
+            lines.append(
+                f"| {split} | {t} | {e['n']} | {_f(e['block_flops_skipped'], pct=True)} | "
+                f"{_f(e['total_flops_skipped'], pct=True)} | {_f(p['base'])} | {_f(p['lora_full_depth'])} | "
+                f"{_f(p['routed'])} | {_f(p['routed_no_lora'])} |"
+            )
+    lines.append("")
+    lines.append("| split | differential (points) | 95% CI | gate-vs-context-length corr. |")
+    lines.append("|---|---:|---|---:|")
+    for split, entry in doc["splits"].items():
+        lo, hi = entry["differential_ci95"]
+        lines.append(
+            f"| {split} | {_f(entry['skip_differential_points'])} | [{_f(lo)}, {_f(hi)}] | "
+            f"{_f(entry['gate_context_length_correlation'])} |"
+        )
+    base = doc["splits"]["full"]["tool_call"].get("baselines")
+    if base:
+        lines += ["", f"### Baselines at equal FLOPs ({doc.get('baseline_blocks_skipped')} blocks skipped)", "",
+                  "| split | step type | method | PPL | total skip % |", "|---|---|---|---:|---:|"]
+        for split, entry in doc["splits"].items():
+            for t in ("tool_call", "planning"):
+                lines.append(f"| {split} | {t} | routed | {_f(entry[t]['ppl']['routed'])} | "
+                             f"{_f(entry[t]['total_flops_skipped'], pct=True)} |")
+                for name, b in entry[t].get("baselines", {}).items():
+                    lines.append(f"| {split} | {t} | {name} | {_f(b['ppl'])} | {_f(b['total_flops_skipped'], pct=True)} |")
+    acc = doc.get("accuracy")
+    if acc:
+        configs = sorted({c for t in acc for c in acc[t]})
+        lines += ["", "### Task accuracy (free-running, greedy)", "",
+                  "| step type | " + " | ".join(configs) + " |", "|---|" + "---:|" * len(configs)]
+        for t, row in acc.items():
+            cells = [f"{_f(row[c]['accuracy'], 1, pct=True)}% (n={row[c]['n']})" if c in row else "" for c in configs]
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    agg = doc.get("aggregate")
+    if agg:
+        lines += ["", f"### Seeds ({len(doc['seeds'])})", "", "| split | measure | mean | std | per seed |",
+                  "|---|---|---:|---:|---|"]
+        for split, vals in agg.items():
+            for key in ("skip_differential_points", "tool_call.block_flops_skipped", "planning.block_flops_skipped",
+                        "tool_call.ppl.routed", "planning.ppl.routed"):
+                v = vals[key]
+                lines.append(f"| {split} | {key} | {_f(v['mean'])} | {_f(v['std'])} | "
+                             f"{', '.join(_f(x) for x in v['values'])} |")
+    return lines
+
+
+def plot_heatmap(doc: dict, path: Path) -> None:
+    rates = doc["splits"]["full"]["per_layer_run_rate"]
+    rows = [[x if x is not None else float("nan") for x in rates[t]] for t in ("tool_call", "planning")]
+    fig, ax = plt.subplots(figsize=(max(6, len(rows[0]) * 0.3), 2.2))
+    im = ax.imshow(rows, aspect="auto", vmin=0, vmax=1, cmap="viridis")
+    ax.set_yticks([0, 1], ["tool call", "planning"])
+    ax.set_xlabel("block")
+    ax.set_title("run rate per block (1 = always runs)")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_pareto(doc: dict, path: Path) -> None:
+    sweep = doc.get("threshold_sweep")
+    if not sweep:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for t, marker in (("tool_call", "o"), ("planning", "s")):
+        xs = [100 * p[t]["total_flops_skipped"] for p in sweep]
+        ys = [p[t]["ppl"] for p in sweep]
+        ax.plot(xs, ys, marker=marker, label=t)
+        for p, x, y in zip(sweep, xs, ys, strict=True):
+            ax.annotate(f"{p['threshold']:.1f}", (x, y), fontsize=7)
+    ax.set_xlabel("total forward FLOPs skipped (%)")
+    ax.set_ylabel("perplexity (routed)")
+    ax.set_title("threshold sweep")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_seeds(doc: dict, path: Path) -> None:
+    seeds = doc.get("seeds") or []
+    if len(seeds) < 2:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    width = 0.38
+    for j, split in enumerate(("full", "length_matched")):
+        vals = [s["splits"][split]["skip_differential_points"] for s in seeds]
+        ax.bar([i + j * width for i in range(len(vals))], vals, width, label=split)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks([i + width / 2 for i in range(len(seeds))], [Path(s["adapter"]).parent.name for s in seeds],
+                  rotation=30, fontsize=7)
+    ax.set_ylabel("differential (points)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(doc: dict, out_dir: Path) -> Path:
+    out_dir = Path(out_dir)
+    plot_heatmap(doc, out_dir / "run_rate_heatmap.png")
+    plot_pareto(doc, out_dir / "pareto.png")
+    plot_seeds(doc, out_dir / "seeds.png")
+    lines = ["# layerroute evaluation", "", f"Adapters: {', '.join(doc['adapters'])}", ""]
+    lines += _paper_table(doc) + [""] + _honest_table(doc)
+    lines += ["", "![run rate per block](run_rate_heatmap.png)"]
+    if doc.get("threshold_sweep"):
+        lines.append("![threshold sweep](pareto.png)")
+    if len(doc.get("seeds") or []) > 1:
+        lines.append("![differential per seed](seeds.png)")
+    path = out_dir / "report.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,131 @@
+"""The evaluation harness on a tiny model: exact skip fractions, the four PPL configurations, baselines, report."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from layerroute.adapters import save_adapter
+from layerroute.data.build import load_steps
+from layerroute.data.config import DataConfig
+from layerroute.evaluate import (
+    EvalConfig, flop_summary, ppl, random_patterns, score_generation, shortgpt_pattern, teacher_forced,
+)
+from tests.helpers import tiny_routed
+
+HERE = os.path.dirname(__file__)
+TOKENIZER = os.path.join(HERE, "fixtures", "tokenizers", "smollm2")
+# ../shared beside the checkout (development and CI); the small fixture otherwise
+GSM8K = os.path.join(HERE, "..", "..", "shared", "data", "gsm8k", "train.jsonl")
+if not os.path.exists(GSM8K):
+    GSM8K = os.path.join(HERE, "fixtures", "data", "gsm8k_main.jsonl")
+
+
+def data_cfg(limit: int = 12) -> DataConfig:
+    return DataConfig.from_dict({
+        "progress": False, "eval_fraction": 0.5, "max_length": 768,
+        "sources": [
+            {"name": "bfcl", "categories": ["simple_python"], "limit": limit},
+            {"name": "gsm8k_jsonl", "path": GSM8K, "limit": limit, "turns_per_conversation": 2},
+        ],
+    })
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    rm = tiny_routed("shape:tiny-qwen2")
+    rm.tokenizer = tok
+    data = load_steps(data_cfg(), tok)
+    steps = list(data.eval)[:6] + list(data.train)[:6]
+    return rm, data, steps
+
+
+def test_forced_patterns_give_exact_skip_fractions(setup):
+    rm, _, steps = setup
+    cfg = EvalConfig(batch_size=3)
+    patterns = torch.tensor([[True, False, True, False]] * len(steps))
+    res = teacher_forced(rm, steps, "shortgpt", cfg, patterns=patterns)
+    gates = [r["gates"] for r in res]
+    assert all(g == [True, False, True, False] for g in gates)
+    summary = flop_summary(rm.config, steps, gates, list(range(len(steps))), "exact")
+    assert summary["block_flops_skipped"] == pytest.approx(0.5, abs=1e-12)
+    assert 0 < summary["total_flops_skipped"] < 0.5  # the LM head is never skipped
+    none = flop_summary(rm.config, steps, [[True] * 4] * len(steps), list(range(len(steps))), "exact",
+                        count_routers=False)
+    assert none["block_flops_skipped"] == 0 and none["total_flops_skipped"] == 0
+
+
+def test_four_ppl_configurations(setup):
+    rm, _, steps = setup
+    cfg = EvalConfig(batch_size=4)
+    idx = list(range(len(steps)))
+    runs = {c: teacher_forced(rm, steps, c, cfg) for c in ("base", "lora_full_depth", "routed", "routed_no_lora")}
+    p = {c: ppl(r, idx) for c, r in runs.items()}
+    # routers start open: routed == LoRA full depth, routed without LoRA == base; LoRA changes the model
+    assert p["routed"] == pytest.approx(p["lora_full_depth"], rel=1e-5)
+    assert p["routed_no_lora"] == pytest.approx(p["base"], rel=1e-5)
+    assert abs(p["lora_full_depth"] - p["base"]) > 1e-3
+    # close block 2's router: routed now differs from full depth, and its gates say so
+    router = rm.routers()[2]
+    with torch.no_grad():
+        saved = router.net.bias.clone()
+        router.net.bias.fill_(-5.0)
+    try:
+        closed = teacher_forced(rm, steps, "routed", cfg)
+    finally:
+        with torch.no_grad():
+            router.net.bias.copy_(saved)
+    assert all(r["gates"] == [True, True, False, True] for r in closed)
+    assert abs(ppl(closed, idx) - p["lora_full_depth"]) > 1e-4
+
+
+def test_baseline_patterns():
+    assert shortgpt_pattern([0.5, 0.1, 0.3, 0.05], 2) == [True, False, True, False]
+    pats = random_patterns(50, 6, 2, seed=0)
+    assert (pats.sum(dim=1) == 4).all() and not (pats == pats[0]).all()
+
+
+def test_malformed_generation_is_scored_wrong(setup):
+    _, data, _ = setup
+    tool = next(s for s in list(data.eval) + list(data.train) if s.step_type == "tool_call")
+    plan = next(s for s in list(data.eval) + list(data.train) if s.step_type == "planning")
+    for text in ("", "<tool_call>{\"name\": \"f\", \"arguments\": {", "I think the answer is unclear", "\x00\x01"):
+        ok, reason = score_generation(tool, text)
+        assert ok is False and reason
+    assert score_generation(plan, "garbage")[0] is False
+    # the gold target itself scores right
+    gold = setup[0].tokenizer.decode(tool.target_ids, skip_special_tokens=True)
+    assert score_generation(tool, gold)[0] is True
+    gold_plan = setup[0].tokenizer.decode(plan.target_ids, skip_special_tokens=True)
+    assert score_generation(plan, gold_plan)[0] is True
+
+
+def test_run_eval_writes_json_report_and_plots(setup, tmp_path):
+    rm, _, _ = setup
+    adapter = save_adapter(rm, tmp_path / "a", extra={"config": {}})
+    # the adapter must carry its tokenizer's identity: evaluate loads the base model named in the adapter
+    cfg = EvalConfig(batch_size=4, max_steps_per_type=4, thresholds=[0.5, 0.9], bootstrap=50,
+                     accuracy_steps_per_type=0, calibration_steps=4)
+    from layerroute.evaluate import evaluate_adapter
+    from layerroute.report import write_report
+
+    data = load_steps(data_cfg(), rm.tokenizer)
+    res = evaluate_adapter(rm, data, cfg, {"note": "tiny"})
+    doc = {**res, "adapters": [str(adapter)], "seeds": [], "aggregate": None,
+           "skip_differential_points": res["splits"]["full"]["skip_differential_points"]}
+    write_report(doc, tmp_path)
+    for split in ("full", "length_matched"):
+        for t in ("tool_call", "planning"):
+            entry = res["splits"][split][t]
+            assert set(entry["ppl"]) == {"base", "lora_full_depth", "routed", "routed_no_lora"}
+    assert len(res["threshold_sweep"]) == 2
+    report = (tmp_path / "report.md").read_text()
+    assert "paper" in report and "Honest columns" in report
+    assert (tmp_path / "run_rate_heatmap.png").stat().st_size > 1000
+    assert (tmp_path / "pareto.png").is_file()
+    json.dumps(res, default=str)

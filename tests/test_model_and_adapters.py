@@ -1,0 +1,135 @@
+"""Loading, parameter counts and the adapter directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from layerroute.adapters import load_adapter, save_adapter
+from layerroute.config import LoraSettings, ModelConfig, RouterConfig
+from layerroute.errors import AdapterError, ModelLoadError
+from layerroute.model import count_parameters, load_base
+from layerroute.routed import routing
+from tests.helpers import TINY_SHAPES, random_batch, tiny_routed
+
+
+def test_paper_parameter_counts_on_meta_device():
+    counts = count_parameters("shape:qwen2.5-0.5b", RouterConfig(), LoraSettings())
+    assert counts["backbone"] == 494_032_768
+    assert counts["lora"] == 1_081_344
+    assert counts["router"] == 21_528  # 24 x (896 + 1)
+    assert counts["trainable"] == 1_102_872
+    assert round(100 * counts["trainable_fraction"], 2) == 0.22
+
+
+def test_params_cli_prints_json():
+    out = subprocess.run(
+        [sys.executable, "-m", "layerroute.cli", "params", "--model", "shape:qwen2.5-0.5b", "--json"],
+        capture_output=True, text=True, check=True,
+    )
+    counts = json.loads(out.stdout.strip().splitlines()[-1])
+    assert counts["trainable"] == 1_102_872 and counts["router"] == 21_528
+
+
+def test_mlp_router_counts():
+    counts = count_parameters("shape:tiny-llama", RouterConfig(kind="mlp", bottleneck=8), LoraSettings(enabled=False))
+    assert counts["router"] == 4 * (64 * 8 + 8 + 8 + 1)
+    assert counts["lora"] == 0
+
+
+@pytest.mark.parametrize("shape", TINY_SHAPES)
+def test_adapter_round_trip_reproduces_logits(tmp_path, shape):
+    rm = tiny_routed(shape, router=RouterConfig(init_bias=0.3))
+    with torch.no_grad():
+        for i, router in enumerate(rm.routers()):
+            router.net.weight.normal_(0, 0.5)
+            router.net.bias.fill_(0.2 * (i - 1))
+    ids, mask = random_batch()
+    with torch.no_grad(), routing(rm.model, "mix", decision_mask=mask):
+        before = rm.model(input_ids=ids).logits
+    out = save_adapter(rm, tmp_path / "adapter", extra={"note": "test"})
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "layerroute.json", "router.safetensors"
+    ] or {"adapter_config.json", "adapter_model.safetensors", "layerroute.json", "router.safetensors"} <= {
+        p.name for p in out.iterdir()
+    }
+    meta = json.loads((out / "layerroute.json").read_text())
+    assert meta["base_model"]["name"] == shape and meta["note"] == "test"
+    loaded = load_adapter(out, loaded=load_base(ModelConfig(name=shape, seed=0), tokenizer=False))
+    with torch.no_grad(), routing(loaded.model, "mix", decision_mask=mask):
+        after = loaded.model(input_ids=ids).logits
+    assert torch.equal(before, after)
+
+
+def test_adapter_save_is_atomic_and_overwrites(tmp_path):
+    rm = tiny_routed()
+    target = tmp_path / "adapter"
+    save_adapter(rm, target)
+    save_adapter(rm, target)  # overwriting leaves one complete directory and no temp folders behind
+    assert (target / "router.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_adapter_refuses_pickled_weights(tmp_path):
+    rm = tiny_routed()
+    out = save_adapter(rm, tmp_path / "adapter")
+    (out / "adapter_model.bin").write_bytes(b"not really a pickle")
+    with pytest.raises(AdapterError, match="pickled"):
+        load_adapter(out, loaded=load_base(ModelConfig(name="shape:tiny-qwen2"), tokenizer=False))
+
+
+def test_adapter_rejects_other_base_shape(tmp_path):
+    rm = tiny_routed("shape:tiny-qwen2")
+    out = save_adapter(rm, tmp_path / "adapter")
+    with pytest.raises(AdapterError, match="shape differs"):
+        load_adapter(out, loaded=load_base(ModelConfig(name="shape:smollm2-135m"), tokenizer=False))
+
+
+def test_not_an_adapter_dir(tmp_path):
+    with pytest.raises(AdapterError, match="layerroute.json"):
+        load_adapter(tmp_path)
+
+
+def test_offline_hub_id_fails_fast_naming_the_default(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    code = (
+        "from layerroute.model import load_base; from layerroute.config import ModelConfig\n"
+        "load_base(ModelConfig(name='Qwen/Qwen2.5-0.5B-Instruct'))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "smollm2-135m-instruct" in proc.stderr and "HF_HUB_OFFLINE" in proc.stderr
+
+
+def test_unknown_shape_and_missing_gguf():
+    with pytest.raises(ModelLoadError, match="unknown shape preset"):
+        load_base(ModelConfig(name="shape:nope"), tokenizer=False)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_base(ModelConfig(name="/nonexistent/model.gguf"), tokenizer=False)
+
+
+@pytest.mark.slow
+def test_real_offline_model_open_gates_reproduce_plain_logits():
+    """SmolLM2-135M-Instruct from its package: wrapped with open gates, it gives the unwrapped logits."""
+    from layerroute.adapters import build_routed_model
+    from layerroute.routed import unwrap_model
+
+    cfg = ModelConfig(name="smollm2-135m-instruct")
+    loaded = load_base(cfg)
+    tok = loaded.tokenizer
+    messages = [{"role": "user", "content": "What is the weather in Paris? Use the get_weather tool."}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = ids["input_ids"]
+    with torch.no_grad():
+        plain = loaded.model(input_ids=ids).logits
+    rm = build_routed_model(cfg, loaded=loaded)
+    assert rm.num_layers == 30
+    with torch.no_grad(), routing(rm.model, "mix"):
+        routed = rm.model(input_ids=ids).logits
+    assert (routed - plain).abs().max().item() < 1e-4
+    unwrap_model(rm.model)
