@@ -684,4 +684,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+if __name__ == "__main__":  # `python -m layerroute.serve ...` (same as `layerroute serve ...`)
+    import sys
+
+    _parser = argparse.ArgumentParser(prog="layerroute serve", description=__doc__.splitlines()[0])
+    add_arguments(_parser)
+    sys.exit(run(_parser.parse_args()))
+
+
 __all__ = ["ApiError", "BackgroundServer", "Server", "create_app", "parse_messages", "parse_tools"]
