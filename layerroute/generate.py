@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .model import decoder_layers
-from .routed import RoutedCache, RoutedLayer, find_routed_layers, gate_records, routing
+from .routed import RoutedCache, RoutedLayer, gate_records, routing
 
 DEFAULT = "default"  # eos_token_id sentinel: the model's own generation config
 
@@ -86,6 +86,9 @@ def inference_weights(rm, merge_lora: bool = True):
     routed model runs plain `nn.Linear`s. On exit the wrappers are put back and LoRA is unmerged.
 
     merge_lora=False yields the PEFT model unchanged (LoRA computed on the side: slower, for comparison)."""
+    if getattr(rm, "_inference_weights_active", False):  # re-entrant: already merged and swapped
+        yield rm.base_model
+        return
     if not merge_lora or not rm.has_lora:
         yield rm.model
         return
@@ -93,9 +96,11 @@ def inference_weights(rm, merge_lora: bool = True):
         swapped = _lora_layers(rm.model)
         for parent, child, module in swapped:
             setattr(parent, child, module.base_layer)
+        rm._inference_weights_active = True
         try:
             yield rm.base_model
         finally:
+            rm._inference_weights_active = False
             for parent, child, module in swapped:
                 setattr(parent, child, module)
 
@@ -314,12 +319,14 @@ def routed_generate(
 def skip_pattern(num_layers: int, fraction: float) -> list[bool]:
     """A forced gate pattern skipping round(fraction * L) blocks, spread evenly over the middle: never the first
     two blocks nor the last (measured as indispensable on SmolLM2; see GUIDE section 3). True = run."""
+    from .errors import ConfigError
+
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"skip fraction must be in [0, 1), got {fraction}")
+        raise ConfigError(f"skip fraction must be in [0, 1), got {fraction}")
     candidates = list(range(2, num_layers - 1))
     n_skip = round(fraction * num_layers)
     if n_skip > len(candidates):
-        raise ValueError(
+        raise ConfigError(
             f"cannot skip {n_skip} of {num_layers} blocks while keeping the first two and the last"
         )
     pattern = [True] * num_layers
@@ -331,8 +338,12 @@ def skip_pattern(num_layers: int, fraction: float) -> list[bool]:
     return pattern
 
 
-def load_for_inference(model_name: str | None, adapter: str | None, dtype: str = "float32", device: str = "auto"):
-    """A RoutedModel from an adapter directory, or a freshly wrapped base model (routers at init, no LoRA)."""
+def load_for_inference(
+    model_name: str | None, adapter: str | None, dtype: str = "float32", device: str = "auto", lora: bool = True
+):
+    """A RoutedModel from an adapter directory, or a freshly wrapped base model (routers at their init, which
+    opens every gate, and a fresh LoRA, whose zero B matrices leave the model unchanged; merged for inference
+    it costs nothing, so timings match a trained adapter's)."""
     from .adapters import build_routed_model, load_adapter
     from .config import LoraSettings, ModelConfig
 
@@ -340,7 +351,7 @@ def load_for_inference(model_name: str | None, adapter: str | None, dtype: str =
         cfg = ModelConfig(name=model_name, dtype=dtype, device=device) if model_name else None
         return load_adapter(adapter, cfg)
     cfg = ModelConfig(name=model_name or "smollm2-135m-instruct", dtype=dtype, device=device)
-    rm = build_routed_model(cfg, lora_cfg=LoraSettings(enabled=False))
+    rm = build_routed_model(cfg, lora_cfg=LoraSettings(enabled=lora))
     for p in rm.model.parameters():
         p.requires_grad_(False)
     rm.model.eval()

@@ -1,0 +1,296 @@
+"""Wall-clock latency of routed vs dense generation, with the analytic ideal next to each measured speedup.
+
+    layerroute bench --model smollm2-135m-instruct --skip-fraction 0.25 0.5 --batch 1 8 --output bench.json
+
+For each scenario (tool-call-like: short prompt, short output; planning-like: longer prompt and output) and
+batch size, one repetition runs every configuration once, interleaved, so that load from other processes hits
+them alike (these machines are shared; compare within a run, never across runs):
+
+- ``dense``: the plain transformers model (routed layers swapped out for their blocks), LoRA merged, KV cache:
+  the best dense baseline.
+- ``open``: the routed model with every gate forced open (routers evaluated, every block runs): its cost over
+  ``dense`` is the router overhead.
+- ``skip<F>``: a forced pattern skipping round(F * L) blocks spread evenly over the middle (never the first two
+  nor the last), or ``routed`` with ``--adapter``: the adapter's routers decide per prompt.
+- ``mixed<F>`` (batch > 1): half the rows skip the pattern, half run dense, served in one call (each block runs on
+  the rows that run it); ``grouped<F>`` serves the same rows as two sequential calls, one per pattern (the
+  alternative design), for comparison.
+
+Reported per configuration: time to first token, decode ms/token, tokens/s and whole-step latency (min and
+median over repetitions after warm-up). Per skip configuration: measured speedup over dense for decode and for
+the whole step, ``ideal_speedup = 1 / (1 - total FLOPs skipped)`` from `layerroute.flops` (LM head and routers
+included), and ``efficiency = measured / ideal``. The last line printed is the whole result as one JSON line,
+also written to ``--output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import flops
+from .generate import (
+    inference_weights,
+    load_for_inference,
+    pad_left,
+    plain_blocks,
+    routed_generate,
+    run_generate,
+    skip_pattern,
+)
+
+DEFAULT_SCENARIOS = {"tool": (64, 16), "planning": (256, 64)}  # name -> (prompt tokens, new tokens)
+
+
+def _prompts(vocab: int, batch: int, length: int, seed: int) -> list[list[int]]:
+    """Fixed random token ids (speed does not depend on the text; every row has the same length, no padding)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(100, min(vocab, 30000), (batch, length), generator=gen).tolist()
+
+
+def _stats(values: list[float]) -> dict:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
+
+
+def _summarise(runs: list[dict], batch: int, new_tokens: int) -> dict:
+    return {
+        "ttft_ms": _stats([1e3 * r["ttft_s"] for r in runs]),
+        "decode_ms_per_token": _stats([1e3 * r["decode_s_per_token"] for r in runs]),
+        "step_ms": _stats([1e3 * r["total_s"] for r in runs]),
+        "tokens_per_s": _stats([batch * new_tokens / r["total_s"] for r in runs]),
+    }
+
+
+def _ideal(cfg, prompt: int, new: int, masks: list[list[bool]], router_hidden: int | None) -> dict:
+    """Ideal speedups from FLOPs, summed over the batch rows (each row with its own gate pattern).
+
+    step: the prefill of `prompt` tokens plus `new` generated ones through the blocks that run, LM head at the
+    `new` positions generate() projects (the prefill keeps only the last position's logits), routers included.
+    decode: the `new - 1` decode forwards only (routers decide at the prefill)."""
+    steps = [flops.step_flops(cfg, prompt, new, m, router_hidden=router_hidden) for m in masks]
+    step = flops.aggregate(steps)
+    shape = flops.from_model_config(cfg)
+    one_block = flops.block_flops(shape, new - 1, n_past=prompt + 1)
+    head = flops.lm_head_flops(shape, new - 1)
+    dense = sum(shape.num_hidden_layers * one_block + head for _ in masks)
+    routed = sum(sum(m) * one_block + head for m in masks)
+    return {
+        "step": {
+            "total_skipped_fraction": step["total_skipped_fraction"],
+            "block_skipped_fraction": step["block_skipped_fraction"],
+            "ideal_speedup": 1.0 / (1.0 - step["total_skipped_fraction"]),
+        },
+        "decode": {
+            "total_skipped_fraction": 1.0 - routed / dense,
+            "ideal_speedup": dense / routed,
+        },
+    }
+
+
+def _speedup(dense: dict, routed: dict, ideal: dict) -> dict:
+    out = {}
+    for part, key in (("decode", "decode_ms_per_token"), ("step", "step_ms")):
+        ideal_speedup = ideal[part]["ideal_speedup"]
+        entry = {"ideal_speedup": ideal_speedup, "total_skipped_fraction": ideal[part]["total_skipped_fraction"]}
+        for stat in ("min", "median"):
+            measured = dense[key][stat] / routed[key][stat]
+            entry[f"measured_speedup_{stat}"] = measured
+            entry[f"efficiency_{stat}"] = measured / ideal_speedup
+        out[part] = entry
+    out["ttft_speedup_median"] = dense["ttft_ms"]["median"] / routed["ttft_ms"]["median"]
+    return out
+
+
+def _overhead(dense: dict, open_: dict) -> dict:
+    out = {}
+    for key in ("step_ms", "decode_ms_per_token", "ttft_ms"):
+        out[key] = {stat: open_[key][stat] / dense[key][stat] - 1.0 for stat in ("min", "median")}
+    return out
+
+
+def bench_scenario(rm, model, *, name, prompt_len, new_tokens, batch, configs, reps, warmup, seed, log) -> dict:
+    """Time every configuration `reps` times (after `warmup` untimed rounds), interleaved round-robin."""
+    prompts = _prompts(rm.config.vocab_size, batch, prompt_len, seed)
+    ids, mask = pad_left(prompts, 0)
+    runs: dict[str, list[dict]] = {c: [] for c in configs}
+    gates: dict[str, list[list[bool]]] = {}
+
+    def once(config: str, spec) -> dict:
+        kind, pattern = spec
+        if kind == "dense":
+            with plain_blocks(model):
+                _, t = run_generate(model, ids, mask, max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
+            gates[config] = [[True] * rm.num_layers] * batch
+            return t
+        if kind == "grouped":  # one call per distinct pattern, sequentially
+            total = {"ttft_s": 0.0, "total_s": 0.0, "decode_s_per_token": 0.0}
+            rows_by_pattern: dict[tuple, list[int]] = {}
+            for row, p in enumerate(pattern):
+                rows_by_pattern.setdefault(tuple(p), []).append(row)
+            for p, rows in rows_by_pattern.items():
+                r = routed_generate(rm, [prompts[i] for i in rows], max_new_tokens=new_tokens, eos_token_id=None,
+                                    forced=list(p))
+                # the first group's first token is the earliest any row waits for; later groups wait longer
+                total["ttft_s"] = max(total["ttft_s"], total["total_s"] + r.ttft_s)
+                total["total_s"] += r.total_s
+                total["decode_s_per_token"] += r.decode_s_per_token
+            gates[config] = [list(p) for p in pattern]
+            return total
+        r = routed_generate(rm, prompts, max_new_tokens=new_tokens, eos_token_id=None, forced=pattern)
+        gates[config] = r.gates
+        return {"ttft_s": r.ttft_s, "decode_s_per_token": r.decode_s_per_token, "total_s": r.total_s}
+
+    for rep in range(warmup + reps):
+        for config, spec in configs.items():
+            t = once(config, spec)
+            if rep >= warmup:
+                runs[config].append(t)
+        log(f"  {name} b{batch} rep {rep + 1}/{warmup + reps}: "
+            + " ".join(f"{c}={1e3 * runs[c][-1]['total_s']:.0f}ms" for c in configs if runs[c]))
+    summary = {c: _summarise(runs[c], batch, new_tokens) for c in configs}
+    router_hidden = rm.router_cfg.bottleneck if rm.router_cfg.kind == "mlp" else None
+    result = {
+        "scenario": name, "batch": batch, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
+        "configs": summary, "speedups": {},
+    }
+    if "open" in summary:
+        result["router_overhead"] = _overhead(summary["dense"], summary["open"])
+    for config in configs:
+        if config in ("dense", "open"):
+            continue
+        ideal = _ideal(rm.config, prompt_len, new_tokens, gates[config], router_hidden)
+        result["speedups"][config] = _speedup(summary["dense"], summary[config], ideal)
+        result["speedups"][config]["skipped_blocks_per_row"] = [g.count(False) for g in gates[config]]
+    return result
+
+
+def run_bench(
+    rm,
+    *,
+    skip_fractions: list[float] | None,
+    batches: list[int],
+    scenarios: dict[str, tuple[int, int]],
+    reps: int,
+    warmup: int,
+    seed: int = 0,
+    mixed: bool = True,
+    log=print,
+) -> dict:
+    L = rm.num_layers
+    patterns = {f: skip_pattern(L, f) for f in (skip_fractions or [])}
+    results = []
+    with torch.no_grad(), inference_weights(rm) as model:
+        for name, (prompt_len, new_tokens) in scenarios.items():
+            for batch in batches:
+                configs: dict[str, tuple] = {"dense": ("dense", None), "open": ("routed", "open")}
+                if not patterns:
+                    configs["routed"] = ("routed", None)  # the adapter's routers decide
+                for f, pattern in patterns.items():
+                    configs[f"skip{f:g}"] = ("routed", pattern)
+                    if batch > 1 and mixed:
+                        per_row = [pattern if row % 2 == 0 else [True] * L for row in range(batch)]
+                        configs[f"mixed{f:g}"] = ("routed", per_row)
+                        configs[f"grouped{f:g}"] = ("grouped", per_row)
+                results.append(bench_scenario(
+                    rm, model, name=name, prompt_len=prompt_len, new_tokens=new_tokens, batch=batch,
+                    configs=configs, reps=reps, warmup=warmup, seed=seed, log=log,
+                ))
+    return {
+        "patterns": {f"{f:g}": "".join("1" if g else "." for g in p) for f, p in patterns.items()},
+        "results": results,
+    }
+
+
+def headline(report: dict) -> dict:
+    """The numbers the issue asks for: worst efficiency (decode / step) and router overhead, per configuration."""
+    out: dict = {}
+    for res in report["results"]:
+        key = f"{res['scenario']}_b{res['batch']}"
+        entry = {}
+        if "router_overhead" in res:
+            entry["router_overhead_step_median"] = res["router_overhead"]["step_ms"]["median"]
+            entry["router_overhead_step_min"] = res["router_overhead"]["step_ms"]["min"]
+        for config, sp in res["speedups"].items():
+            entry[config] = {
+                "decode_eff_median": sp["decode"]["efficiency_median"], "decode_eff_min": sp["decode"]["efficiency_min"],
+                "step_eff_median": sp["step"]["efficiency_median"], "step_eff_min": sp["step"]["efficiency_min"],
+                "step_ideal": sp["step"]["ideal_speedup"], "step_measured_median": sp["step"]["measured_speedup_median"],
+            }
+        out[key] = entry
+    return out
+
+
+def _parse_scenario(text: str) -> tuple[int, int]:
+    try:
+        prompt, new = text.split(":")
+        return int(prompt), int(new)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected PROMPT_TOKENS:NEW_TOKENS, got {text!r}") from err
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="model name (default: the adapter's base, else the offline one)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--adapter", default=None, help="adapter directory: its routers decide")
+    group.add_argument("--skip-fraction", type=float, nargs="+", default=None,
+                       help="forced patterns skipping these fractions of the blocks (default 0.25 0.5)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--new-tokens", type=int, default=None, help="override the new tokens of every scenario")
+    parser.add_argument("--tool", type=_parse_scenario, default=DEFAULT_SCENARIOS["tool"],
+                        help="tool-call-like scenario PROMPT:NEW (default 64:16)")
+    parser.add_argument("--planning", type=_parse_scenario, default=DEFAULT_SCENARIOS["planning"],
+                        help="planning-like scenario PROMPT:NEW (default 256:64)")
+    parser.add_argument("--scenarios", nargs="+", default=["tool", "planning"], choices=["tool", "planning"])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--no-mixed", action="store_true", help="skip the mixed-batch configurations")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--output", default=None, help="write the JSON here too")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731 (progress to stderr; JSON last on stdout)
+    t0 = time.perf_counter()
+    rm = load_for_inference(args.model, args.adapter, args.dtype, args.device)
+    fractions = args.skip_fraction if args.skip_fraction is not None else (None if args.adapter else [0.25, 0.5])
+    scenarios = {}
+    for name in args.scenarios:
+        prompt, new = getattr(args, name)
+        scenarios[name] = (prompt, args.new_tokens or new)
+    report = run_bench(
+        rm, skip_fractions=fractions, batches=args.batch, scenarios=scenarios, reps=args.reps, warmup=args.warmup,
+        mixed=not args.no_mixed, log=log,
+    )
+    device = rm.device
+    meta = {
+        "model": rm.identity.get("name"), "adapter": args.adapter, "num_layers": rm.num_layers,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "dtype": args.dtype, "threads": torch.get_num_threads(), "reps": args.reps, "warmup": args.warmup,
+        "torch": torch.__version__, "command": " ".join(sys.argv),
+        "wall_s": None,
+    }
+    import transformers
+
+    meta["transformers"] = transformers.__version__
+    meta["wall_s"] = time.perf_counter() - t0
+    out = {**meta, **report, "headline": headline(report)}
+    for key, entry in out["headline"].items():
+        log(f"{key}: " + json.dumps(entry, default=lambda x: round(x, 3)))
+    line = json.dumps(out)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(line + "\n")
+    print(line)
+    return 0
