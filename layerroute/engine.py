@@ -245,6 +245,7 @@ class Completion:
     cached_tokens: int  # prompt tokens served from a session
     gates: list[bool]  # per block: True = ran
     router_probs: list[float]  # per block sigmoid(logit) (empty for the dense model)
+    router_logits: list[float]
     timings: dict
     flops: dict
     cache: dict
@@ -352,11 +353,12 @@ class Engine:
                 synchronize(self.device)
                 end = time.perf_counter()
                 if self.dense:
-                    gates, probs = [True] * self.rm.num_layers, []
+                    gates, probs, logits = [True] * self.rm.num_layers, [], []
                 else:
                     recs = gate_records(self.rm.model)
                     gates = [bool(r.gate.reshape(-1)[0] > 0.5) for r in recs]
                     probs = [float(r.prob.reshape(-1)[0]) for r in recs]
+                    logits = [float(r.logit.reshape(-1)[0]) for r in recs]
                     final_pools = [(layer.pool_sum, layer.pool_count) for layer in self.routed_layers]
             finally:
                 for h in hooks:
@@ -417,7 +419,7 @@ class Engine:
         }
         return Completion(
             tokens=tokens, text=text, finish_reason=finish, prompt_tokens=n_prompt, cached_tokens=cached,
-            gates=gates, router_probs=probs, timings=timings, flops=flops, cache=cache_info,
+            gates=gates, router_probs=probs, router_logits=logits, timings=timings, flops=flops, cache=cache_info,
         )
 
 

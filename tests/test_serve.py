@@ -428,3 +428,40 @@ def test_forced_skipping_dense_and_exact_servers():
     # routers at init run every block: routed (either policy) answers exactly as the dense model
     assert e1.choices[0].message.content == d1.choices[0].message.content
     assert e2.choices[0].message.content == d2.choices[0].message.content
+
+
+def test_engine_sessions_agree_with_the_session_class():
+    """The server's per-conversation caches follow `layerroute.session.Session` (kv_preserving): same tokens,
+    same gates and router logits at every step, with input-dependent routers that skip different blocks."""
+    from layerroute.engine import Engine, SamplingParams
+    from layerroute.session import Session
+
+    rm = routed_model(seed=5, lora=False)
+    gen = torch.Generator().manual_seed(20)  # seed picked for gates that change between the steps
+    with torch.no_grad():  # decisive, input-dependent routers: some blocks skip, differently per step
+        for r in rm.routers():
+            r.net.weight.copy_(torch.randn(r.net.weight.shape, generator=gen))
+            r.net.bias.zero_()
+    engine = Engine(rm, cache_sessions=2)
+    try:
+        tok = rm.tokenizer
+        convo = [{"role": "user", "content": "Plan a short trip to the coast."}]
+        p1 = render_prompt(tok, convo)
+        c1 = engine.generate(p1, SamplingParams(max_new_tokens=6))
+        convo += [{"role": "assistant", "content": c1.text}, {"role": "user", "content": "And pack what?"}]
+        p2 = render_prompt(tok, convo)
+        c2 = engine.generate(p2, SamplingParams(max_new_tokens=6))
+        assert c2.cache["reused"] and c2.cache["cached_tokens"] > len(p1)
+
+        s = Session(rm, "kv_preserving", merge_lora=False)  # the engine already holds the inference weights
+        r1 = s.add(p1).generate(6, eos_token_id=engine.eos_ids)
+        assert p2[: len(s.tokens)] == s.tokens  # the resent conversation extends the session's tokens
+        r2 = s.add(p2[len(s.tokens):]).generate(6, eos_token_id=engine.eos_ids)
+        for c, r in ((c1, r1), (c2, r2)):
+            assert c.tokens == [t for t in r.tokens if t not in engine.eos_ids]
+            assert c.gates == r.gates
+            assert c.router_logits == pytest.approx(r.router_logits, abs=1e-4)
+        # a block skipped at step 1 runs at step 2: it reads the K/V it wrote while skipped
+        assert any(not a and b for a, b in zip(c1.gates, c2.gates, strict=True)), (c1.gates, c2.gates)
+    finally:
+        engine.close()
