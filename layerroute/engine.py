@@ -278,6 +278,9 @@ class Engine:
         self.routed_layers = [] if dense else find_routed_layers(rm.model)
         reusable = dense or kv_policy == "kv_preserving"
         self.sessions = SessionStore(cache_sessions if reusable else 0, any_prefix=dense)
+        # running context sums per block only when a session may continue (they cost a small op per block per
+        # token); without them the decision pools over the prompt at once (same mean)
+        self._pooling = not dense and self.sessions.capacity > 0
         self.device = next(self.model.parameters()).device
         cfg = rm.base_model.generation_config
         eos = cfg.eos_token_id
@@ -336,9 +339,10 @@ class Engine:
             if not self.dense:
                 stack.enter_context(routing(
                     self.rm.model, "skip", decision_mask=torch.ones(1, n_new, device=self.device),
-                    forced=self.forced, threshold=self.threshold, kv_policy=self.kv_policy, session_pooling=True,
+                    forced=self.forced, threshold=self.threshold, kv_policy=self.kv_policy,
+                    session_pooling=self._pooling,
                 ))
-                for i, layer in enumerate(self.routed_layers):
+                for i, layer in enumerate(self.routed_layers if self._pooling else []):
                     layer.pool_sum, layer.pool_count = pools[i] if pools else (None, None)
 
                     def snap(module, args, output, i=i):  # after the prefill: the running sums at the prompt's end
@@ -387,7 +391,7 @@ class Engine:
             if self.dense:
                 checkpoints = {n_prompt: None, len(cached_ids): None}
             else:
-                at_prompt = [snapshots.get(i, (None, None)) for i in range(len(self.routed_layers))]
+                at_prompt = [snapshots[i] for i in range(len(self.routed_layers))]
                 checkpoints = {n_prompt: at_prompt, len(cached_ids): final_pools}
             self.sessions.put(Session(cached_ids, cache, checkpoints))
         elif self.sessions.capacity:
