@@ -187,6 +187,7 @@ def run_task(client, model: str, task: Task, *, max_steps: int, max_tokens: int,
             steps.append({
                 "task": task.id, "turn": t, "step": s, "finish_reason": choice.finish_reason,
                 "calls": [c.function.name for c in calls], "parsed_tool_call": ext.get("parsed_tool_call"),
+                "content": (choice.message.content or "")[:300],
                 "gate_pattern": ext.get("gate_pattern"), "blocks_skipped": ext.get("blocks_skipped"),
                 "block_flops_skipped": ext.get("block_flops_skipped"),
                 "total_flops_skipped": ext.get("total_flops_skipped"),
