@@ -46,6 +46,7 @@ from .generate import (
     skip_pattern,
 )
 
+TIMING_KEYS = ("ttft_s", "decode_s_per_token", "total_s", "cpu_ttft_s", "cpu_decode_s_per_token", "cpu_total_s")
 DEFAULT_SCENARIOS = {"tool": (64, 16), "planning": (256, 64)}  # name -> (prompt tokens, new tokens)
 
 
@@ -60,12 +61,13 @@ def _stats(values: list[float]) -> dict:
 
 
 def _summarise(runs: list[dict], batch: int, new_tokens: int) -> dict:
-    return {
-        "ttft_ms": _stats([1e3 * r["ttft_s"] for r in runs]),
-        "decode_ms_per_token": _stats([1e3 * r["decode_s_per_token"] for r in runs]),
-        "step_ms": _stats([1e3 * r["total_s"] for r in runs]),
-        "tokens_per_s": _stats([batch * new_tokens / r["total_s"] for r in runs]),
-    }
+    out = {}
+    for prefix in ("", "cpu_"):
+        out[f"{prefix}ttft_ms"] = _stats([1e3 * r[f"{prefix}ttft_s"] for r in runs])
+        out[f"{prefix}decode_ms_per_token"] = _stats([1e3 * r[f"{prefix}decode_s_per_token"] for r in runs])
+        out[f"{prefix}step_ms"] = _stats([1e3 * r[f"{prefix}total_s"] for r in runs])
+    out["tokens_per_s"] = _stats([batch * new_tokens / r["total_s"] for r in runs])
+    return out
 
 
 def _ideal(cfg, prompt: int, new: int, masks: list[list[bool]], router_hidden: int | None) -> dict:
@@ -76,6 +78,10 @@ def _ideal(cfg, prompt: int, new: int, masks: list[list[bool]], router_hidden: i
     decode: the `new - 1` decode forwards only (routers decide at the prefill)."""
     steps = [flops.step_flops(cfg, prompt, new, m, router_hidden=router_hidden) for m in masks]
     step = flops.aggregate(steps)
+    # the prefill alone: `prompt` tokens, the LM head at the last position only
+    prefill = flops.aggregate([
+        flops.step_flops(cfg, 0, prompt, m, lm_head_positions=1, router_hidden=router_hidden) for m in masks
+    ])
     shape = flops.from_model_config(cfg)
     one_block = flops.block_flops(shape, new - 1, n_past=prompt + 1)
     head = flops.lm_head_flops(shape, new - 1)
@@ -87,6 +93,7 @@ def _ideal(cfg, prompt: int, new: int, masks: list[list[bool]], router_hidden: i
             "block_skipped_fraction": step["block_skipped_fraction"],
             "ideal_speedup": 1.0 / (1.0 - step["total_skipped_fraction"]),
         },
+        "prefill": {"total_skipped_fraction": prefill["total_skipped_fraction"]},
         "decode": {
             "total_skipped_fraction": 1.0 - routed / dense,
             "ideal_speedup": dense / routed,
@@ -94,24 +101,45 @@ def _ideal(cfg, prompt: int, new: int, masks: list[list[bool]], router_hidden: i
     }
 
 
+def _phase_weighted_ideal(dense: dict, ideal: dict, prefix: str, stat: str) -> float:
+    """The step's ideal speedup if each phase shrank by its own FLOP fraction: dense prefill time (TTFT) x the
+    prefill's FLOP ratio + dense decode time x the decode's. Unlike the FLOP-weighted `ideal_speedup` it weighs
+    each FLOP by what it costs on this machine (a decode FLOP, memory-bound, costs far more than a prefill one)."""
+    ttft, step = dense[f"{prefix}ttft_ms"][stat], dense[f"{prefix}step_ms"][stat]
+    routed = ttft * (1 - ideal["prefill"]["total_skipped_fraction"]) + (step - ttft) * (
+        1 - ideal["decode"]["total_skipped_fraction"]
+    )
+    return step / routed
+
+
 def _speedup(dense: dict, routed: dict, ideal: dict) -> dict:
     out = {}
-    for part, key in (("decode", "decode_ms_per_token"), ("step", "step_ms")):
-        ideal_speedup = ideal[part]["ideal_speedup"]
-        entry = {"ideal_speedup": ideal_speedup, "total_skipped_fraction": ideal[part]["total_skipped_fraction"]}
-        for stat in ("min", "median"):
-            measured = dense[key][stat] / routed[key][stat]
-            entry[f"measured_speedup_{stat}"] = measured
-            entry[f"efficiency_{stat}"] = measured / ideal_speedup
-        out[part] = entry
-    out["ttft_speedup_median"] = dense["ttft_ms"]["median"] / routed["ttft_ms"]["median"]
+    for prefix in ("", "cpu_"):
+        for part, key in (("decode", "decode_ms_per_token"), ("step", "step_ms")):
+            key = prefix + key
+            ideal_speedup = ideal[part]["ideal_speedup"]
+            entry = out.setdefault(prefix + part, {
+                "ideal_speedup": ideal_speedup, "total_skipped_fraction": ideal[part]["total_skipped_fraction"],
+            })
+            for stat in ("min", "median"):
+                measured = dense[key][stat] / routed[key][stat]
+                entry[f"measured_speedup_{stat}"] = measured
+                entry[f"efficiency_{stat}"] = measured / ideal_speedup
+                if part == "step":
+                    phase = _phase_weighted_ideal(dense, ideal, prefix, stat)
+                    entry[f"phase_weighted_ideal_{stat}"] = phase
+                    entry[f"efficiency_vs_phase_weighted_{stat}"] = measured / phase
+        out[prefix + "ttft_speedup_median"] = dense[prefix + "ttft_ms"]["median"] / routed[prefix + "ttft_ms"]["median"]
     return out
 
 
 def _overhead(dense: dict, open_: dict) -> dict:
     out = {}
-    for key in ("step_ms", "decode_ms_per_token", "ttft_ms"):
-        out[key] = {stat: open_[key][stat] / dense[key][stat] - 1.0 for stat in ("min", "median")}
+    for prefix in ("", "cpu_"):
+        for key in ("step_ms", "decode_ms_per_token", "ttft_ms"):
+            out[prefix + key] = {
+                stat: open_[prefix + key][stat] / dense[prefix + key][stat] - 1.0 for stat in ("min", "median")
+            }
     return out
 
 
@@ -130,22 +158,23 @@ def bench_scenario(rm, model, *, name, prompt_len, new_tokens, batch, configs, r
             gates[config] = [[True] * rm.num_layers] * batch
             return t
         if kind == "grouped":  # one call per distinct pattern, sequentially
-            total = {"ttft_s": 0.0, "total_s": 0.0, "decode_s_per_token": 0.0}
+            total = {k: 0.0 for k in TIMING_KEYS}
             rows_by_pattern: dict[tuple, list[int]] = {}
             for row, p in enumerate(pattern):
                 rows_by_pattern.setdefault(tuple(p), []).append(row)
             for p, rows in rows_by_pattern.items():
                 r = routed_generate(rm, [prompts[i] for i in rows], max_new_tokens=new_tokens, eos_token_id=None,
                                     forced=list(p))
-                # the first group's first token is the earliest any row waits for; later groups wait longer
-                total["ttft_s"] = max(total["ttft_s"], total["total_s"] + r.ttft_s)
-                total["total_s"] += r.total_s
-                total["decode_s_per_token"] += r.decode_s_per_token
+                for prefix in ("", "cpu_"):
+                    # the last group's rows wait for every earlier group before their first token
+                    total[f"{prefix}ttft_s"] = total[f"{prefix}total_s"] + getattr(r, f"{prefix}ttft_s")
+                    total[f"{prefix}total_s"] += getattr(r, f"{prefix}total_s")
+                    total[f"{prefix}decode_s_per_token"] += getattr(r, f"{prefix}decode_s_per_token")
             gates[config] = [list(p) for p in pattern]
             return total
         r = routed_generate(rm, prompts, max_new_tokens=new_tokens, eos_token_id=None, forced=pattern)
         gates[config] = r.gates
-        return {"ttft_s": r.ttft_s, "decode_s_per_token": r.decode_s_per_token, "total_s": r.total_s}
+        return {k: getattr(r, k) for k in TIMING_KEYS}
 
     for rep in range(warmup + reps):
         for config, spec in configs.items():
@@ -215,14 +244,20 @@ def headline(report: dict) -> dict:
         key = f"{res['scenario']}_b{res['batch']}"
         entry = {}
         if "router_overhead" in res:
-            entry["router_overhead_step_median"] = res["router_overhead"]["step_ms"]["median"]
-            entry["router_overhead_step_min"] = res["router_overhead"]["step_ms"]["min"]
+            for prefix in ("", "cpu_"):
+                for stat in ("min", "median"):
+                    entry[f"{prefix}router_overhead_step_{stat}"] = res["router_overhead"][f"{prefix}step_ms"][stat]
         for config, sp in res["speedups"].items():
-            entry[config] = {
-                "decode_eff_median": sp["decode"]["efficiency_median"], "decode_eff_min": sp["decode"]["efficiency_min"],
-                "step_eff_median": sp["step"]["efficiency_median"], "step_eff_min": sp["step"]["efficiency_min"],
-                "step_ideal": sp["step"]["ideal_speedup"], "step_measured_median": sp["step"]["measured_speedup_median"],
+            e = entry[config] = {
+                "decode_ideal": sp["decode"]["ideal_speedup"], "step_ideal": sp["step"]["ideal_speedup"],
             }
+            for prefix in ("", "cpu_"):
+                for stat in ("min", "median"):
+                    e[f"{prefix}decode_measured_{stat}"] = sp[prefix + "decode"][f"measured_speedup_{stat}"]
+                    e[f"{prefix}decode_eff_{stat}"] = sp[prefix + "decode"][f"efficiency_{stat}"]
+                    e[f"{prefix}step_measured_{stat}"] = sp[prefix + "step"][f"measured_speedup_{stat}"]
+                    e[f"{prefix}step_eff_{stat}"] = sp[prefix + "step"][f"efficiency_{stat}"]
+                    e[f"{prefix}step_eff_vs_phase_{stat}"] = sp[prefix + "step"][f"efficiency_vs_phase_weighted_{stat}"]
         out[key] = entry
     return out
 

@@ -7,7 +7,9 @@ so a wrong config stops a run before any model is loaded.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -96,6 +98,69 @@ class LoraSettings:
             raise ConfigError(f"lora.targets must be a non-empty list of module names, got {self.targets!r}")
 
 
+REGULARIZERS = ("soft_mean", "hard_ste", "budget", "none")
+ROUTER_LOSSES = ("none", "bce")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation run: what the loss is, how long, how fast, how often to log and save."""
+
+    steps: int = setting(3000, "optimizer steps (each = batch_size x grad_accum x processes steps of data)")
+    batch_size: int = setting(4, "steps (agent turns) per micro-batch and process")
+    grad_accum: int = setting(4, "micro-batches accumulated per optimizer step")
+    lr: float = setting(2e-4, "peak learning rate of the LoRA adapters")
+    router_lr: float | None = setting(None, "peak learning rate of the routers (null = lr)")
+    schedule: str = setting("cosine", "learning-rate schedule after warm-up: cosine (to min_lr_ratio) or constant")
+    warmup_steps: int = setting(0, "linear warm-up from 0 over this many optimizer steps")
+    min_lr_ratio: float = setting(0.0, "cosine ends at lr x min_lr_ratio")
+    weight_decay: float = setting(0.0, "AdamW weight decay on the LoRA matrices (never on routers)")
+    max_grad_norm: float = setting(1.0, "clip the global gradient norm to this (0 = no clipping)")
+    seed: int = setting(0, "seeds LoRA init, data order, dropout (the data split has its own data.seed)")
+    regularizer: str = setting(
+        "soft_mean",
+        "skip reward: soft_mean (paper: mean sigmoid prob), hard_ste (mean straight-through hard gate), "
+        "budget ((mean run-rate - target_run_rate)^2 per micro-batch) or none",
+    )
+    reg_weight: float = setting(0.1, "lambda: weight of the regulariser in the loss")
+    target_run_rate: float = setting(0.8, "budget regulariser: the run-rate (fraction of blocks run) to aim at")
+    router_loss: str = setting("none", "none, or bce (LayerRoute-BCE: every router pushed to skip tool calls, run planning)")
+    bce_weight: float = setting(1.0, "weight of the bce router loss")
+    checkpoint_every: int = setting(500, "save a resumable checkpoint every N optimizer steps (0 = never)")
+    keep_checkpoints: int = setting(2, "keep only the newest N checkpoints")
+    log_every: int = setting(10, "one metrics record (bar + metrics.jsonl) every N optimizer steps")
+    eval_every: int = setting(0, "teacher-forced val loss every N optimizer steps (0 = only at the end)")
+    eval_examples: int = setting(64, "size of the val subset (half tool calls, half planning when available)")
+    precision: str = setting("fp32", "fp32, or bf16 (autocast through accelerate's mixed_precision; GPU)")
+    output_dir: str | None = setting(None, "where checkpoints, metrics.jsonl and adapter/ go (--output-dir wins)")
+    progress: bool = setting(True, "show the tqdm progress bar")
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "eval_examples", "keep_checkpoints", "log_every"):
+            _check_range("train", name, getattr(self, name), 1)
+        for name in ("warmup_steps", "checkpoint_every", "eval_every"):
+            _check_range("train", name, getattr(self, name), 0)
+        _check_range("train", "lr", self.lr, 0.0, low_open=True)
+        if self.router_lr is not None:
+            _check_range("train", "router_lr", self.router_lr, 0.0, low_open=True)
+        _check_choice("train", "schedule", self.schedule, ("cosine", "constant"))
+        _check_range("train", "min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        _check_range("train", "weight_decay", self.weight_decay, 0.0)
+        _check_range("train", "max_grad_norm", self.max_grad_norm, 0.0)
+        _check_choice("train", "regularizer", self.regularizer, REGULARIZERS)
+        _check_range("train", "reg_weight", self.reg_weight, 0.0)
+        _check_range("train", "target_run_rate", self.target_run_rate, 0.0, 1.0)
+        _check_choice("train", "router_loss", self.router_loss, ROUTER_LOSSES)
+        _check_range("train", "bce_weight", self.bce_weight, 0.0)
+        _check_choice("train", "precision", self.precision, ("fp32", "bf16"))
+        if self.warmup_steps >= self.steps:
+            raise ConfigError(f"train.warmup_steps ({self.warmup_steps}) must be < train.steps ({self.steps})")
+
+    @property
+    def effective_router_lr(self) -> float:
+        return self.lr if self.router_lr is None else self.router_lr
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Generic construction from dicts, with type checks that name the key.
 
@@ -119,6 +184,17 @@ def _type_ok(value, annotation) -> bool:
     return True
 
 
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _accepts_float(annotation) -> bool:
+    if annotation is float:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return float in typing.get_args(annotation)
+    return False
+
+
 def from_dict(cls, data: dict | None, section: str):
     """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types (naming `section.key`)."""
     data = dict(data or {})
@@ -135,8 +211,11 @@ def from_dict(cls, data: dict | None, section: str):
         if dataclasses.is_dataclass(annotation):
             kwargs[name] = from_dict(annotation, value, f"{section}.{name}")
             continue
-        if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+        if _accepts_float(annotation):
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            elif isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+                value = float(value)  # PyYAML reads `2e-4` (no dot) as a string: YAML 1.1's float needs one
         if not _type_ok(value, annotation):
             raise ConfigError(
                 f"{section}.{name} must be of type {getattr(annotation, '__name__', annotation)}, "
@@ -155,20 +234,43 @@ def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
 
 
+_KEY_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `section.key=value` strings (value parsed as YAML) to a raw config dict."""
-    raw = dict(raw)
+    """Apply `section.key=value` strings (value parsed as YAML) to a raw config dict.
+
+    List items are addressed by index: `data.sources[0].limit=50`."""
+    raw = copy.deepcopy(raw)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, text = item.split("=", 1)
-        parts = key.strip().split(".")
+        key = key.strip()
+        parts = [int(i) if i else name for name, i in _KEY_PART.findall(key)]
+        if not parts:
+            raise ConfigError(f"--set {item!r}: empty key")
         node = raw
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
+        for part, nxt in zip(parts[:-1], parts[1:], strict=True):
+            if isinstance(part, int):
+                if not isinstance(node, list) or part >= len(node):
+                    raise ConfigError(f"--set {key}: index [{part}] does not exist")
+                node = node[part]
+            else:
+                if not isinstance(node, dict):
+                    raise ConfigError(f"--set {key}: {part} is not a section")
+                if node.get(part) is None:
+                    node[part] = [] if isinstance(nxt, int) else {}
+                node = node[part]
+        last, value = parts[-1], yaml.safe_load(text)
+        if isinstance(last, int):
+            if not isinstance(node, list) or last >= len(node):
+                raise ConfigError(f"--set {key}: index [{last}] does not exist")
+            node[last] = value
+        else:
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(text)
+                raise ConfigError(f"--set {key}: the parent of {last} is not a section")
+            node[last] = value
     return raw
 
 
@@ -190,3 +292,101 @@ def describe(cls, section: str) -> list[str]:
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         lines.append(f"{section}.{f.name} = {default!r}  # {f.metadata.get('help', '')}")
     return lines
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A whole run: every section of one YAML file.
+
+@dataclass
+class EvalConfig:
+    """How much to evaluate (CPU-sized defaults; raise them on a GPU)."""
+
+    batch_size: int = setting(4, "steps per teacher-forced batch")
+    max_steps_per_type: int = setting(64, "cap on eval steps per step type (0 = all)")
+    accuracy_steps_per_type: int = setting(12, "steps per type scored by free-running generation (0 = skip)")
+    max_new_tokens_tool: int = setting(96, "generation budget for a tool-call step")
+    max_new_tokens_planning: int = setting(256, "generation budget for a planning step")
+    thresholds: list = setting([0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], "gate thresholds of the sweep ([] = skip)")
+    baselines: bool = setting(True, "evaluate the ShortGPT and random-skip baselines at equal FLOPs")
+    calibration_steps: int = setting(32, "training steps used to measure ShortGPT block influence")
+    bootstrap: int = setting(1000, "bootstrap resamples for the differential's confidence interval")
+    kv_policy: str = setting("exact", "cache policy counted in FLOPs and used in generation")
+    seed: int = setting(0, "seed for sampling steps, random-skip patterns and the bootstrap")
+
+    def __post_init__(self):
+        _check_range("eval", "batch_size", self.batch_size, 1)
+        _check_choice("eval", "kv_policy", self.kv_policy, ("exact", "kv_preserving"))
+        if any(not 0 < t < 1 for t in self.thresholds):
+            raise ConfigError(f"eval.thresholds must lie in (0, 1), got {self.thresholds}")
+
+
+RUN_SECTIONS = ("model", "router", "lora", "data", "train", "eval")
+
+
+def _data_config_class():
+    """The data section's dataclass lives with the data module (layerroute.data.config)."""
+    try:
+        from .data.config import DataConfig
+    except ModuleNotFoundError as err:  # pragma: no cover - only while the data module is not there
+        if err.name and err.name.startswith("layerroute"):
+            return None
+        raise
+    return DataConfig
+
+
+@dataclass
+class RunConfig:
+    """One training run: model, router, lora, data and train sections of a YAML file."""
+
+    model: ModelConfig = setting(None, "the frozen base model")
+    router: RouterConfig = setting(None, "one router per block")
+    lora: LoraSettings = setting(None, "LoRA adapters")
+    data: Any = setting(None, "step data (layerroute.data.config.DataConfig)")
+    train: TrainConfig = setting(None, "the optimisation run")
+    eval: EvalConfig = setting(None, "evaluation after training (layerroute eval, make demo)")
+
+    def __post_init__(self):
+        self.model = self.model or ModelConfig()
+        self.router = self.router or RouterConfig()
+        self.lora = self.lora or LoraSettings()
+        self.train = self.train or TrainConfig()
+        self.eval = self.eval or EvalConfig()
+        if self.data is None:
+            data_cls = _data_config_class()
+            self.data = data_cls() if data_cls is not None else {}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> RunConfig:
+        """Validate every section (unknown sections/keys and wrong types named) without loading anything."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"a run config must be a mapping of sections, got {type(raw).__name__}")
+        unknown = sorted(set(raw) - set(RUN_SECTIONS))
+        if unknown:
+            raise ConfigError(f"unknown section {unknown[0]!r} (known: {', '.join(RUN_SECTIONS)})")
+        for name in RUN_SECTIONS:
+            if raw.get(name) is not None and not isinstance(raw[name], dict):
+                raise ConfigError(f"section {name} must be a mapping of keys, got {type(raw[name]).__name__}")
+        data_cls = _data_config_class()
+        data = raw.get("data") or {}
+        return cls(
+            model=from_dict(ModelConfig, raw.get("model"), "model"),
+            router=from_dict(RouterConfig, raw.get("router"), "router"),
+            lora=from_dict(LoraSettings, raw.get("lora"), "lora"),
+            data=data_cls.from_dict(data) if data_cls is not None else dict(data),
+            train=from_dict(TrainConfig, raw.get("train"), "train"),
+            eval=from_dict(EvalConfig, raw.get("eval"), "eval"),
+        )
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+        """Read a YAML run config and apply `section.key=value` overrides; errors name the key."""
+        return cls.from_dict(apply_overrides(load_yaml(path), overrides or []))
+
+    def to_dict(self) -> dict:
+        out = {}
+        for name in RUN_SECTIONS:
+            value = getattr(self, name)
+            if dataclasses.is_dataclass(value):
+                value = dataclasses.asdict(value)
+            out[name] = value
+        return out

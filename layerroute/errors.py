@@ -19,3 +19,7 @@ class ModelLoadError(LayerRouteError):
 
 class AdapterError(LayerRouteError):
     """An adapter directory is missing, pickled, or belongs to another base model."""
+
+
+class TrainingError(LayerRouteError):
+    """A training run stopped on purpose: a non-finite loss, or a checkpoint that cannot be resumed."""

@@ -21,7 +21,7 @@ import json
 import math
 import random
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -30,41 +30,17 @@ from tqdm.auto import tqdm
 
 from . import flops as flop_count
 from .adapters import RoutedModel, load_adapter, read_adapter_meta
-from .config import ModelConfig, setting
+from .config import EvalConfig, ModelConfig
 from .data.collate import collate_steps, length_grouped_batches
 from .data.tokenizer import pad_token_id
 from .errors import ConfigError
 from .losses import target_nll
+from .model import parameter_counts
 from .routed import find_routed_layers, gate_records, routing
 
 STEP_TYPES = ("tool_call", "planning")
 PPL_CONFIGS = ("base", "lora_full_depth", "routed", "routed_no_lora")
 ACC_CONFIGS = ("base", "lora_full_depth", "routed")
-
-
-@dataclass
-class EvalConfig:
-    """How much to evaluate (CPU-sized defaults; raise them on a GPU)."""
-
-    batch_size: int = setting(4, "steps per teacher-forced batch")
-    max_steps_per_type: int = setting(64, "cap on eval steps per step type (0 = all)")
-    accuracy_steps_per_type: int = setting(12, "steps per type scored by free-running generation (0 = skip)")
-    max_new_tokens_tool: int = setting(96, "generation budget for a tool-call step")
-    max_new_tokens_planning: int = setting(256, "generation budget for a planning step")
-    thresholds: list = setting([0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], "gate thresholds of the sweep ([] = skip)")
-    baselines: bool = setting(True, "evaluate the ShortGPT and random-skip baselines at equal FLOPs")
-    calibration_steps: int = setting(32, "training steps used to measure ShortGPT block influence")
-    bootstrap: int = setting(1000, "bootstrap resamples for the differential's confidence interval")
-    kv_policy: str = setting("exact", "cache policy counted in FLOPs and used in generation")
-    seed: int = setting(0, "seed for sampling steps, random-skip patterns and the bootstrap")
-
-    def __post_init__(self):
-        if self.batch_size < 1:
-            raise ConfigError(f"eval.batch_size must be >= 1, got {self.batch_size}")
-        if self.kv_policy not in ("exact", "kv_preserving"):
-            raise ConfigError(f"eval.kv_policy must be 'exact' or 'kv_preserving', got {self.kv_policy!r}")
-        if any(not 0 < t < 1 for t in self.thresholds):
-            raise ConfigError(f"eval.thresholds must lie in (0, 1), got {self.thresholds}")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -317,7 +293,7 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict) -> dict
     routed = runs["routed"]
     gates = [r["gates"] for r in routed]
 
-    out: dict = {"splits": {}, "meta": meta}
+    out: dict = {"splits": {}, "meta": meta, "parameters": parameter_counts(rm.model)}
     n_layers = rm.num_layers
     mean_skipped = float(np.mean([n_layers - sum(g) for g in gates])) if gates else 0.0
     k = int(round(mean_skipped))
@@ -477,17 +453,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .config import apply_overrides, from_dict, load_yaml
-    from .data.config import DataConfig
+    from .config import RunConfig, apply_overrides, load_yaml
 
-    raw = load_yaml(args.config) if args.config else {}
-    if not args.config:
-        meta = read_adapter_meta(args.adapter[0])
-        raw = {k: meta.get("config", {}).get(k, {}) for k in ("data", "eval")}
+    if args.config:
+        raw = load_yaml(args.config)
+    else:  # the run config the first adapter was trained with
+        raw = dict(read_adapter_meta(args.adapter[0]).get("training", {}).get("config", {}))
     raw = apply_overrides(raw, args.set)
-    cfg = from_dict(EvalConfig, raw.get("eval"), "eval")
-    data_cfg = DataConfig.from_dict(raw.get("data") or {})
-    doc = run_eval(args.adapter, data_cfg, cfg, args.model, Path(args.output_dir))
+    run_cfg = RunConfig.from_dict({k: raw.get(k) for k in ("model", "router", "lora", "data", "train", "eval")})
+    doc = run_eval(args.adapter, run_cfg.data, run_cfg.eval, args.model, Path(args.output_dir))
     print(json.dumps({"skip_differential_points": doc["skip_differential_points"],
                       "report": str(Path(args.output_dir) / "report.md")}, default=_json_default))
     return 0

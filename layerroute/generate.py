@@ -54,6 +54,7 @@ class TimingStreamer:
     def __init__(self, device):
         self.device = torch.device(device)
         self.times: list[float] = []
+        self.cpu_times: list[float] = []  # process CPU time: robust to other processes on a shared CPU
         self._seen_prompt = False
 
     def put(self, value) -> None:
@@ -62,6 +63,7 @@ class TimingStreamer:
             return
         synchronize(self.device)
         self.times.append(time.perf_counter())
+        self.cpu_times.append(time.process_time())
 
     def end(self) -> None:
         pass
@@ -193,6 +195,10 @@ class GenerationResult:
     total_s: float  # call start -> generate() returned
     steps: int  # decode steps taken (tokens per row, before EOS cuts)
     prompt_lengths: list[int] = field(default_factory=list)
+    # the same three in process CPU time (CPU only: on GPU they count host time, not device time)
+    cpu_ttft_s: float = float("nan")
+    cpu_decode_s_per_token: float = float("nan")
+    cpu_total_s: float = float("nan")
 
     @property
     def skipped_fraction(self) -> list[float]:
@@ -243,18 +249,17 @@ def run_generate(
     streamer = TimingStreamer(device)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     synchronize(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     out = model.generate(input_ids, attention_mask=attention_mask, streamer=streamer, **gen_kwargs)
     synchronize(device)
-    end = time.perf_counter()
-    times = streamer.times or [end]
+    end, cpu_end = time.perf_counter(), time.process_time()
     steps = len(streamer.times)
-    timings = {
-        "ttft_s": times[0] - start,
-        "decode_s_per_token": (times[-1] - times[0]) / (steps - 1) if steps > 1 else float("nan"),
-        "total_s": end - start,
-        "steps": steps,
-    }
+    timings = {"steps": steps}
+    for prefix, marks, t0, t1 in (("", streamer.times, start, end), ("cpu_", streamer.cpu_times, cpu_start, cpu_end)):
+        marks = marks or [t1]
+        timings[f"{prefix}ttft_s"] = marks[0] - t0
+        timings[f"{prefix}decode_s_per_token"] = (marks[-1] - marks[0]) / (steps - 1) if steps > 1 else float("nan")
+        timings[f"{prefix}total_s"] = t1 - t0
     return out, timings
 
 

@@ -27,8 +27,8 @@ def _paper_table(doc: dict) -> list[str]:
     full = doc["splits"]["full"]
     meta = doc.get("meta", {})
     tool, plan = full["tool_call"], full["planning"]
-    trainable = meta.get("parameters", {}).get("trainable")
-    minutes = meta.get("train_seconds")
+    trainable = doc.get("parameters", {}).get("trainable")
+    minutes = meta.get("training", {}).get("wall_s")
     rows = [
         ("Tool-call block FLOPs skipped (%)", _f(tool["block_flops_skipped"], pct=True), f"{PAPER['tool_skip']:.2f}"),
         ("Planning block FLOPs skipped (%)", _f(plan["block_flops_skipped"], pct=True), f"{PAPER['planning_skip']:.2f}"),

@@ -122,7 +122,9 @@ class RoutedLayer(nn.Module):
     def _pooled_context(self, hidden: torch.Tensor) -> torch.Tensor:
         st = self.state
         mask = st.decision_mask
-        if mask is None:  # no padding, no targets: every position is context
+        if mask is None and self.pooling == "mean" and not st.session_pooling:
+            return hidden.mean(dim=1)  # no padding, no targets: every position is context (one op, not five)
+        if mask is None:
             mask = torch.ones(hidden.shape[:2], device=hidden.device, dtype=hidden.dtype)
         elif mask.shape != hidden.shape[:2]:
             raise ValueError(
@@ -246,13 +248,15 @@ class RoutedLayer(nn.Module):
 
 def _row_plan(decision: torch.Tensor):
     """'all' | 'none' | (rows that run, rows that skip) as index tensors, from a [B] gate."""
-    run = decision > 0.5
-    n_run = int(run.sum())
-    if n_run == run.numel():
+    run = (decision > 0.5).tolist()  # the step's one host sync for this block
+    if all(run):
         return "all"
-    if n_run == 0:
+    if not any(run):
         return "none"
-    return run.nonzero().squeeze(1), (~run).nonzero().squeeze(1)
+    rows = [i for i, r in enumerate(run) if r]
+    others = [i for i, r in enumerate(run) if not r]
+    device = decision.device
+    return torch.tensor(rows, device=device), torch.tensor(others, device=device)
 
 
 def _take_rows(value, rows: torch.Tensor, batch: int):

@@ -55,6 +55,7 @@ class StepResult:
     total_s: float
     ttft_s: float = float("nan")
     decode_s_per_token: float = float("nan")
+    cpu_total_s: float = float("nan")  # process CPU time of the step
     nll_sum: float | None = None  # score(): summed negative log-likelihood of the reply (nats)
     router_logits: list[float] = field(default_factory=list)
 
@@ -200,17 +201,17 @@ class Session:
         with self._step(forced, threshold) as model:
             cache = self.cache if self.policy == "kv_preserving" else RoutedCache()
             synchronize(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             first = model(input_ids=torch.tensor([context], device=device), past_key_values=cache, use_cache=True,
                           logits_to_keep=1)
             rest = model(input_ids=torch.tensor([target], device=device), past_key_values=cache, use_cache=True)
             logits = torch.cat([first.logits[:, -1:], rest.logits[:, :-1]], dim=1)[0].float()  # [T, V]
             nll = F.cross_entropy(logits, torch.tensor(target, device=device), reduction="sum").item()
             synchronize(device)
-            elapsed = time.perf_counter() - start
+            elapsed, cpu_elapsed = time.perf_counter() - start, time.process_time() - cpu_start
             gates, router_logits = self._gates_and_logits()
-        result = StepResult(tokens=target, gates=gates, prefill_tokens=len(context), total_s=elapsed, nll_sum=nll,
-                            router_logits=router_logits)
+        result = StepResult(tokens=target, gates=gates, prefill_tokens=len(context), total_s=elapsed,
+                            cpu_total_s=cpu_elapsed, nll_sum=nll, router_logits=router_logits)
         if commit:
             self.tokens.extend(target)
             self.steps.append(result)
@@ -220,7 +221,8 @@ class Session:
 
 
 def t_fields(t: dict) -> dict:
-    return {"ttft_s": t["ttft_s"], "decode_s_per_token": t["decode_s_per_token"], "total_s": t["total_s"]}
+    return {"ttft_s": t["ttft_s"], "decode_s_per_token": t["decode_s_per_token"], "total_s": t["total_s"],
+            "cpu_total_s": t["cpu_total_s"]}
 
 
 # -- multi-turn data -----------------------------------------------------------------------------------------
@@ -373,12 +375,14 @@ def compare_policies(
                     g = s.generate(max_new_tokens, forced=forced, commit=False)
                     rec[f"{p}_generated"] = g.tokens
                     rec[f"{p}_gen_s"] = g.total_s
+                    rec[f"{p}_gen_cpu_s"] = g.cpu_total_s
                     rec[f"{p}_ttft_s"] = g.ttft_s
                     rec[f"{p}_prefill_tokens"] = g.prefill_tokens
                     rec[f"{p}_gen_gates"] = g.gates
                 sc = s.score(turn.target, forced=forced)
                 rec[f"{p}_nll_sum"] = sc.nll_sum
                 rec[f"{p}_score_s"] = sc.total_s
+                rec[f"{p}_score_cpu_s"] = sc.cpu_total_s
                 rec[f"{p}_gates"] = sc.gates
                 rec[f"{p}_router_logits"] = sc.router_logits
             records.append(rec)
@@ -405,6 +409,7 @@ def summarise_comparison(records: list[dict], generate: bool = True) -> dict:
     for p in ("exact", "kv_preserving"):
         out[f"{p}_nll_per_token"] = sum(r[f"{p}_nll_sum"] for r in records) / n_tok
         out[f"{p}_score_s"] = sum(r[f"{p}_score_s"] for r in records)
+        out[f"{p}_score_cpu_s"] = sum(r[f"{p}_score_cpu_s"] for r in records)
     out["nll_diff_kv_minus_exact"] = out["kv_preserving_nll_per_token"] - out["exact_nll_per_token"]
     diffs = [(r["kv_preserving_nll_sum"] - r["exact_nll_sum"]) / r["target_tokens"] for r in records]
     out["nll_diff_per_step_max_abs"] = max(abs(d) for d in diffs) if diffs else 0.0
@@ -425,9 +430,11 @@ def summarise_comparison(records: list[dict], generate: bool = True) -> dict:
         )
         for p in ("exact", "kv_preserving"):
             out[f"{p}_gen_s"] = sum(r[f"{p}_gen_s"] for r in records)
+            out[f"{p}_gen_cpu_s"] = sum(r[f"{p}_gen_cpu_s"] for r in records)
             out[f"{p}_ttft_s"] = sum(r[f"{p}_ttft_s"] for r in records)
             out[f"{p}_prefill_tokens"] = sum(r[f"{p}_prefill_tokens"] for r in records)
         out["cache_reuse_speedup_gen"] = out["exact_gen_s"] / out["kv_preserving_gen_s"]
+        out["cache_reuse_speedup_gen_cpu"] = out["exact_gen_cpu_s"] / out["kv_preserving_gen_cpu_s"]
         out["cache_reuse_speedup_ttft"] = out["exact_ttft_s"] / out["kv_preserving_ttft_s"]
         out["time_saved_fraction_gen"] = 1.0 - out["kv_preserving_gen_s"] / out["exact_gen_s"]
     return out

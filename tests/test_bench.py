@@ -1,0 +1,43 @@
+"""The benchmark harness: ideal speedups from FLOPs, and one tiny end-to-end run of `layerroute bench`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from layerroute import flops
+from layerroute.bench import _ideal
+from layerroute.cli import main
+from layerroute.model import shape_config
+
+
+def test_ideal_is_one_when_nothing_is_skipped_and_grows_with_skips():
+    cfg = shape_config("qwen2.5-0.5b")
+    dense = _ideal(cfg, 64, 16, [[True] * 24], None)
+    assert dense["decode"]["ideal_speedup"] == pytest.approx(1.0)
+    assert dense["step"]["ideal_speedup"] < 1.0  # the routers cost a little
+    half = [i % 2 == 0 or i < 2 for i in range(24)]
+    ideal = _ideal(cfg, 64, 16, [half], None)
+    expected = flops.step_flops(cfg, 64, 16, half)
+    assert ideal["step"]["ideal_speedup"] == pytest.approx(1 / (1 - expected["total_skipped_fraction"]))
+    assert 1.0 < ideal["decode"]["ideal_speedup"] < 1 / (1 - sum(not x for x in half) / 24)  # LM head is kept
+
+
+def test_bench_cli_writes_one_json_line(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--model", "shape:tiny-llama", "--skip-fraction", "0.25", "--batch", "1", "2",
+                 "--reps", "1", "--warmup", "0", "--tool", "8:3", "--planning", "12:4", "--output", str(out)])
+    assert code == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    report = json.loads(last)
+    assert report == json.loads(out.read_text())
+    assert report["patterns"] == {"0.25": "11.1"}
+    keys = {(r["scenario"], r["batch"]) for r in report["results"]}
+    assert keys == {("tool", 1), ("tool", 2), ("planning", 1), ("planning", 2)}
+    b2 = next(r for r in report["results"] if r["batch"] == 2 and r["scenario"] == "tool")
+    assert set(b2["configs"]) == {"dense", "open", "skip0.25", "mixed0.25", "grouped0.25"}
+    assert b2["speedups"]["mixed0.25"]["skipped_blocks_per_row"] == [1, 0]
+    for key in ("decode", "step", "cpu_decode", "cpu_step"):
+        assert b2["speedups"]["skip0.25"][key]["ideal_speedup"] > 1.0
+    assert "router_overhead" in b2 and "tool_b2" in report["headline"]

@@ -1,0 +1,270 @@
+"""Training: the smoke config trains, only routers + LoRA move, resume is bit-identical, guards stop bad runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import layerroute.train as train_mod
+from layerroute.adapters import load_adapter
+from layerroute.config import ModelConfig, RunConfig
+from layerroute.errors import ConfigError, TrainingError
+from layerroute.routed import routing
+from layerroute.train import Trainer, list_checkpoints, sliced_lm_loss
+from tests.helpers import random_batch, tiny_routed
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+
+def smoke_cfg(*overrides: str) -> RunConfig:
+    return RunConfig.from_yaml(SMOKE, list(overrides))
+
+
+@pytest.fixture(scope="module")
+def smoke_data():
+    """The smoke config's step data, loaded once (the tests that load it themselves exercise that path)."""
+    from transformers import AutoTokenizer
+
+    from layerroute.data.build import load_steps
+
+    cfg = smoke_cfg()
+    return load_steps(cfg.data, AutoTokenizer.from_pretrained(str(ROOT / cfg.model.tokenizer)))
+
+
+def trainable_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.rm.model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(autouse=True)
+def _in_repo_root(monkeypatch):
+    monkeypatch.chdir(ROOT)  # the smoke config's tokenizer path is relative to the repository root
+
+
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_smoke_config_trains_and_only_routers_and_lora_move(tmp_path):
+    trainer = Trainer(smoke_cfg(), tmp_path / "run")  # loads the data through the config (fixture tokenizer)
+    trainer.setup()
+    before = {n: p.detach().clone() for n, p in trainer.rm.model.named_parameters()}
+    result = trainer.run()
+
+    after = dict(trainer.rm.model.named_parameters())
+    trainable = {n for n, p in after.items() if p.requires_grad}
+    assert any(".router." in n for n in trainable) and any("lora_A" in n for n in trainable)
+    for name, value in before.items():
+        moved = not torch.equal(value, after[name].detach())
+        if name in trainable:
+            assert moved, f"trainable parameter {name} did not change"
+        else:
+            assert not moved, f"frozen parameter {name} changed"
+
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == [1, 2, 3, 4]
+    for key in ("loss", "lm_loss", "reg", "run_rate/tool_call", "run_rate/planning", "tokens_per_s",
+                "layer_run_rate/tool_call", "layer_run_rate/planning"):
+        assert key in train_records[-1], key
+    assert len(train_records[-1]["layer_run_rate/tool_call"]) == trainer.rm.num_layers
+    assert any("val/lm_loss" in r for r in records)
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000002", "step-000004"]
+
+    meta = json.loads((result.adapter_dir / "layerroute.json").read_text())
+    assert meta["training"]["steps"] == 4 and "final_val" in meta["training"]
+    loaded = load_adapter(result.adapter_dir, ModelConfig(name="shape:tiny-qwen2"))
+    saved = dict(loaded.model.named_parameters())
+    for name in trainable:
+        assert torch.equal(saved[name].detach(), after[name].detach()), name
+
+
+def test_resume_gives_identical_parameters(tmp_path, smoke_data, monkeypatch):
+    overrides = ("train.steps=6", "train.checkpoint_every=3", "train.eval_every=0")
+    straight = Trainer(smoke_cfg(*overrides), tmp_path / "straight", data=smoke_data)
+    straight.run()
+    expected = trainable_state(straight)
+
+    class Interrupted(Exception):
+        pass
+
+    original = Trainer.save_checkpoint
+
+    def save_then_die(self, step):
+        path = original(self, step)
+        if step == 3:
+            raise Interrupted  # the machine went away right after the checkpoint
+        return path
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
+    with pytest.raises(Interrupted):
+        Trainer(smoke_cfg(*overrides), tmp_path / "split", data=smoke_data).run()
+    monkeypatch.setattr(Trainer, "save_checkpoint", original)
+    with pytest.raises(ConfigError, match="--resume"):  # a run folder with checkpoints needs --resume
+        Trainer(smoke_cfg(*overrides), tmp_path / "split", data=smoke_data).setup()
+    resumed = Trainer(smoke_cfg(*overrides), tmp_path / "split", data=smoke_data, resume=True)
+    resumed.run()
+    assert resumed.start_step == 3
+    got = trainable_state(resumed)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), f"{name} differs after resume"
+    steps = [json.loads(x)["step"] for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6, 6]  # training records, then the final val record; no duplicates
+
+
+def test_resume_refuses_a_changed_config(tmp_path, smoke_data):
+    Trainer(smoke_cfg("train.steps=2", "train.checkpoint_every=1"), tmp_path, data=smoke_data).run()
+    with pytest.raises(TrainingError, match="train.lr"):
+        Trainer(smoke_cfg("train.steps=2", "train.lr=0.5"), tmp_path, data=smoke_data, resume=True).setup()
+
+
+def test_poisoned_loss_stops_naming_step_and_checkpoint(tmp_path, smoke_data, monkeypatch):
+    calls = {"n": 0}
+    real = train_mod.sliced_lm_loss
+
+    def poisoned(*args, **kwargs):
+        row_sum, row_count = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] >= 3:  # grad_accum 2: the first micro-batch of optimizer step 2
+            row_sum = row_sum * float("nan")
+        return row_sum, row_count
+
+    monkeypatch.setattr(train_mod, "sliced_lm_loss", poisoned)
+    trainer = Trainer(smoke_cfg("train.checkpoint_every=1", "train.eval_every=0"), tmp_path, data=smoke_data)
+    trainer.setup()
+    with pytest.raises(TrainingError) as err:
+        trainer.fit()
+    message = str(err.value)
+    assert "non-finite loss at step 2" in message
+    assert str(tmp_path / "checkpoints" / "step-000001") in message
+    # the poisoned step did not reach the parameters
+    saved = train_mod.load_file(str(tmp_path / "checkpoints" / "step-000001" / "trainable.safetensors"))
+    now = trainable_state(trainer)
+    assert all(torch.equal(now[n], saved[n]) for n in saved)
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("train:\n  lrr: 0.1\n", "train.lrr"),
+        ("train:\n  steps: ten\n", "train.steps"),
+        ("train:\n  lr: 0\n", "train.lr"),
+        ("train:\n  regularizer: l1\n", "train.regularizer"),
+        ("train:\n  router_loss: mse\n", "train.router_loss"),
+        ("model:\n  nme: x\n", "model.nme"),
+        ("data:\n  max_lenght: 10\n", "max_lenght"),
+        ("trian:\n  steps: 1\n", "trian"),
+    ],
+)
+def test_bad_config_is_rejected_naming_the_key_before_model_load(tmp_path, monkeypatch, capsys, text, key):
+    import layerroute.model
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the config was validated")
+
+    monkeypatch.setattr(layerroute.model, "load_base", no_load)
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=key):
+        RunConfig.from_yaml(path)
+    assert train_mod.main(["--config", str(path), "--output-dir", str(tmp_path / "out")]) == 2
+    assert key in capsys.readouterr().err
+    # and through --set
+    with pytest.raises(ConfigError, match="train.reg_weight"):
+        RunConfig.from_yaml(SMOKE, ["train.reg_weight=-1"])
+
+
+@pytest.mark.parametrize(
+    "regularizer, router_loss, expected_reg",
+    [
+        ("soft_mean", "none", torch.sigmoid(torch.tensor(2.0)).item()),  # every gate starts at prob 0.881
+        ("hard_ste", "none", 1.0),  # ...and open
+        ("budget", "none", (1.0 - 0.8) ** 2),  # run-rate 1 vs target 0.8
+        ("none", "none", 0.0),
+        ("soft_mean", "bce", torch.sigmoid(torch.tensor(2.0)).item()),
+    ],
+)
+def test_every_regularizer_and_bce_run_one_step(tmp_path, smoke_data, regularizer, router_loss, expected_reg):
+    cfg = smoke_cfg(
+        "train.steps=1", "train.warmup_steps=0", "train.grad_accum=1", "train.checkpoint_every=0",
+        "train.eval_every=0", f"train.regularizer={regularizer}", f"train.router_loss={router_loss}",
+    )
+    trainer = Trainer(cfg, tmp_path, data=smoke_data)
+    trainer.setup()
+    routers_before = {n: p.clone() for n, p in trainable_state(trainer).items() if ".router." in n}
+    metrics = trainer.fit()
+    assert metrics["reg"] == pytest.approx(expected_reg, abs=1e-5)
+    if router_loss == "bce":
+        # tool calls are pushed to skip (-log(1 - 0.881) = 2.13), planning to run (-log 0.881 = 0.13)
+        assert 0.12 < metrics["bce"] < 2.2
+    else:
+        assert metrics["bce"] == 0.0
+    assert torch.isfinite(torch.tensor(metrics["loss"]))
+    after = trainable_state(trainer)
+    assert any(not torch.equal(after[n], v) for n, v in routers_before.items())
+
+
+@pytest.mark.parametrize("shape", ["shape:tiny-qwen2", "shape:tiny-llama"])
+def test_sliced_lm_loss_equals_full_labels_loss(shape):
+    rm = tiny_routed(shape)
+    ids, mask = random_batch(batch=3, length=16, context=9, seed=3)
+    attention = torch.ones_like(ids)
+    attention[1, 13:] = 0  # a padded row
+    labels = ids.clone()
+    labels[:, :9] = -100  # context
+    labels[attention == 0] = -100
+    labels[2, 9:11] = -100  # a row with fewer targets
+    with routing(rm.model, "mix", decision_mask=mask):
+        full = rm.model(input_ids=ids, attention_mask=attention, labels=labels).loss
+    full.backward()
+    full_grads = {n: p.grad.clone() for n, p in rm.model.named_parameters() if p.requires_grad}
+    rm.model.zero_grad(set_to_none=True)
+    with routing(rm.model, "mix", decision_mask=mask):
+        row_sum, row_count = sliced_lm_loss(rm.model, ids, attention, labels)
+    assert row_count.tolist() == [7, 4, 5]
+    sliced = row_sum.sum() / row_count.sum()
+    assert sliced.item() == pytest.approx(full.item(), abs=1e-5)
+    sliced.backward()
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(dict(rm.model.named_parameters())[name].grad, grad, atol=1e-6, rtol=1e-4)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = smoke_cfg("train.steps=10", "train.warmup_steps=2", "train.min_lr_ratio=0.1").train
+    factors = [train_mod.lr_factor(s, cfg) for s in range(10)]
+    assert factors[0] == pytest.approx(1 / 3) and factors[1] == pytest.approx(2 / 3)
+    assert factors[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[2:], factors[3:], strict=False))
+    assert factors[-1] > 0.1
+
+
+@pytest.mark.slow
+def test_smoke_config_under_accelerate_launch_two_processes_gloo(tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        # `--cpu --num_processes 2` starts ONE process in accelerate 1.15 (its CPU multi-process path needs
+        # mpirun); `--multi_gpu` starts two through torch.distributed.run, and the trainer's Accelerator(cpu=True)
+        # turns them into MULTI_CPU over gloo. The assertion on "processes" below catches a silent single run.
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "layerroute.train",
+        "--config", str(SMOKE), "--output-dir", str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    meta = json.loads((out / "adapter" / "layerroute.json").read_text())
+    assert meta["training"]["processes"] == 2
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]  # one writer: rank 0
+    rm = load_adapter(out / "adapter", ModelConfig(name="shape:tiny-qwen2", tokenizer=str(ROOT / "tests/fixtures/tokenizers/smollm2")))
+    ids, mask = random_batch()
+    with torch.no_grad(), routing(rm.model, "mix", decision_mask=mask):
+        logits = rm.model(input_ids=ids).logits
+    assert torch.isfinite(logits).all()
+    assert any(bool((p != 0).any()) for n, p in rm.model.named_parameters() if "lora_B" in n)
