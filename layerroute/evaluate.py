@@ -381,6 +381,9 @@ def aggregate_seeds(per_adapter: list[dict]) -> dict:
                     vals[f"{t}.{key}"].append(s[t][key])
                 for c in PPL_CONFIGS:
                     vals[f"{t}.ppl.{c}"].append(s[t]["ppl"][c])
+                if split == "full":  # accuracy is measured on the full split's steps
+                    for c, v in (res.get("accuracy") or {}).get(t, {}).items():
+                        vals[f"{t}.accuracy.{c}"].append(v["accuracy"])
         agg[split] = {k: {**_mean_std(v), "values": v} for k, v in vals.items()}
     return agg
 
@@ -410,21 +413,47 @@ def run_eval(adapters: list[str], data_cfg, cfg: EvalConfig, model_name: str | N
         res["adapter"] = str(path)
         per_adapter.append(res)
         del rm
+    doc = assemble(per_adapter, asdict(cfg), data.stats() if hasattr(data, "stats") else None)
+    from .report import write_report
+
+    _write_json(out_dir / "eval.json", doc)
+    write_report(doc, out_dir)
+    return doc
+
+
+def assemble(per_adapter: list[dict], eval_config: dict, data_report) -> dict:
+    """One eval.json document from per-adapter results; several adapters are aggregated as seeds."""
     first = per_adapter[0]
+    several = len(per_adapter) > 1
     doc = {
-        **{k: v for k, v in first.items() if k not in ("adapter",)},
+        **{k: v for k, v in first.items() if k != "adapter"},
         "adapters": [r["adapter"] for r in per_adapter],
-        "seeds": per_adapter if len(per_adapter) > 1 else [],
-        "aggregate": aggregate_seeds(per_adapter) if len(per_adapter) > 1 else None,
-        "eval_config": asdict(cfg),
-        "data_report": data.stats() if hasattr(data, "stats") else None,
+        "seeds": per_adapter if several else [],
+        "aggregate": aggregate_seeds(per_adapter) if several else None,
+        "eval_config": eval_config,
+        "data_report": data_report,
     }
     # headline fields at top level, from the full split (mean over seeds when several adapters)
     doc["skip_differential_points"] = (
-        doc["aggregate"]["full"]["skip_differential_points"]["mean"] if doc["aggregate"]
+        doc["aggregate"]["full"]["skip_differential_points"]["mean"] if several
         else first["splits"]["full"]["skip_differential_points"]
     )
     doc["per_layer_run_rate"] = first["splits"]["full"]["per_layer_run_rate"]
+    return doc
+
+
+def combine(paths: list[str], out_dir: Path) -> dict:
+    """Aggregate finished evaluations (their eval.json files) as seeds, without evaluating again."""
+    per_adapter = []
+    for path in paths:
+        doc = json.loads(Path(path).read_text())
+        for one in doc["seeds"] or [doc]:
+            one = {k: v for k, v in one.items() if k not in ("seeds", "aggregate", "adapters")}
+            one.setdefault("adapter", (doc.get("adapters") or [path])[0])
+            per_adapter.append(one)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    first = json.loads(Path(paths[0]).read_text())
+    doc = assemble(per_adapter, first.get("eval_config", {}), first.get("data_report"))
     from .report import write_report
 
     _write_json(out_dir / "eval.json", doc)
@@ -451,7 +480,9 @@ def _json_default(o):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--adapter", action="append", required=True, help="adapter directory (repeat for seeds)")
+    parser.add_argument("--adapter", action="append", help="adapter directory (repeat for seeds)")
+    parser.add_argument("--combine", nargs="+", metavar="EVAL_JSON",
+                        help="aggregate finished evaluations (eval.json files) as seeds instead of evaluating")
     parser.add_argument("--config", help="YAML whose data: and eval: sections to use (default: the adapter's)")
     parser.add_argument("--model", help="base model to load the adapter on (default: the adapter's own)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. eval.bootstrap=0")
@@ -461,6 +492,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .config import RunConfig, apply_overrides, load_yaml
 
+    if args.combine:
+        doc = combine(args.combine, Path(args.output_dir))
+        print(json.dumps({"skip_differential_points": doc["skip_differential_points"],
+                          "report": str(Path(args.output_dir) / "report.md")}, default=_json_default))
+        return 0
+    if not args.adapter:
+        raise ConfigError("layerroute eval needs --adapter DIR (or --combine EVAL_JSON ...)")
     if args.config:
         raw = load_yaml(args.config)
     else:  # the run config the first adapter was trained with
