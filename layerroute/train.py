@@ -616,6 +616,7 @@ class Trainer:
         return {
             "steps": 0, "loss": 0.0, "lm": 0.0, "reg": 0.0, "bce": 0.0, "grad_norm": 0.0, "tokens": 0,
             "gate_sum": torch.zeros(2, L, dtype=torch.float64), "rows": torch.zeros(2, dtype=torch.float64),
+            "prob_sum": torch.zeros(2, L, dtype=torch.float64),
             "t0": time.perf_counter(),
         }
 
@@ -649,9 +650,11 @@ class Trainer:
                 local += torch.tensor([parts.total.item(), parts.lm.item(), parts.reg.item(), parts.bce.item()],
                                       dtype=torch.float64)
                 hard = gate.detach().round().double().cpu()  # [L, B] in {0, 1}
+                soft = prob.detach().double().cpu()  # [L, B]: shows the routers drifting before a gate flips
                 tool = batch["is_tool_call"].cpu()
                 for t, sel in enumerate((tool, ~tool)):
                     window["gate_sum"][t] += hard[:, sel].sum(dim=1)
+                    window["prob_sum"][t] += soft[:, sel].sum(dim=1)
                     window["rows"][t] += int(sel.sum())
                 window["tokens"] += int(batch["attention_mask"].sum())
             max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
@@ -699,6 +702,7 @@ class Trainer:
     def _log_window(self, step: int, window: dict, lrs: list[float]) -> dict:
         n = window["steps"]
         gate_sum = self._sum(window["gate_sum"].clone()).cpu()
+        prob_sum = self._sum(window["prob_sum"].clone()).cpu()
         rows = self._sum(window["rows"].clone()).cpu()
         tokens = float(self._sum(torch.tensor([float(window["tokens"])], dtype=torch.float64))[0])
         elapsed = time.perf_counter() - window["t0"]
@@ -718,7 +722,9 @@ class Trainer:
         for t, name in enumerate(STEP_TYPES):
             rate = (gate_sum[t] / rows[t]).tolist() if rows[t] > 0 else [None] * gate_sum.shape[1]
             metrics[f"run_rate/{name}"] = float(gate_sum[t].mean() / rows[t]) if rows[t] > 0 else float("nan")
+            metrics[f"prob/{name}"] = float(prob_sum[t].mean() / rows[t]) if rows[t] > 0 else float("nan")
             layer[f"layer_run_rate/{name}"] = [round(x, 4) if x is not None else None for x in rate]
+            layer[f"layer_prob/{name}"] = [round(x, 4) for x in (prob_sum[t] / rows[t]).tolist()] if rows[t] > 0 else None
         all_rows = float(rows.sum())
         metrics["run_rate/all"] = float(gate_sum.sum() / gate_sum.shape[1] / all_rows) if all_rows else float("nan")
         metrics.update(layer)
