@@ -34,7 +34,7 @@ from .config import EvalConfig, ModelConfig
 from .data.collate import collate_steps, length_grouped_batches
 from .data.tokenizer import pad_token_id
 from .errors import ConfigError
-from .losses import target_nll
+from .losses import sliced_lm_loss
 from .model import parameter_counts
 from .routed import find_routed_layers, gate_records, routing
 
@@ -81,11 +81,9 @@ def teacher_forced(rm: RoutedModel, steps, config: str, cfg: EvalConfig, *, thre
         forced = patterns[batch_idx] if patterns is not None else None
         lora, route = _ppl_context(rm, config, batch["decision_mask"], threshold=threshold, forced=forced)
         with lora, route:
-            nll, rows = target_nll(rm.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            sums, counts = sliced_lm_loss(rm.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
             gates = torch.stack([r.gate for r in gate_records(rm.model)], dim=1)  # [B, L]
             probs = torch.stack([r.prob for r in gate_records(rm.model)], dim=1)
-        sums = torch.zeros(len(batch_idx), device=nll.device).index_add_(0, rows, nll)
-        counts = torch.bincount(rows, minlength=len(batch_idx))
         for j, i in enumerate(batch_idx):
             results[i] = {
                 "nll": float(sums[j]), "tokens": int(counts[j]),
