@@ -144,7 +144,8 @@ def _overhead(dense: dict, open_: dict) -> dict:
 
 
 def bench_scenario(rm, model, *, name, prompt_len, new_tokens, batch, configs, reps, warmup, seed, log) -> dict:
-    """Time every configuration `reps` times (after `warmup` untimed rounds), interleaved round-robin."""
+    """Time every configuration `reps` times (after `warmup` untimed rounds), interleaved round-robin with the
+    order rotated each round."""
     prompts = _prompts(rm.config.vocab_size, batch, prompt_len, seed)
     ids, mask = pad_left(prompts, 0)
     runs: dict[str, list[dict]] = {c: [] for c in configs}
@@ -176,9 +177,11 @@ def bench_scenario(rm, model, *, name, prompt_len, new_tokens, batch, configs, r
         gates[config] = r.gates
         return {k: getattr(r, k) for k in TIMING_KEYS}
 
+    names = list(configs)
     for rep in range(warmup + reps):
-        for config, spec in configs.items():
-            t = once(config, spec)
+        # rotate the order every repetition so no configuration always runs first (or right after another)
+        for config in names[rep % len(names):] + names[: rep % len(names)]:
+            t = once(config, configs[config])
             if rep >= warmup:
                 runs[config].append(t)
         log(f"  {name} b{batch} rep {rep + 1}/{warmup + reps}: "

@@ -378,11 +378,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-policy", default="exact", choices=["exact", "kv_preserving"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def run(args: argparse.Namespace) -> int:
     from .errors import ConfigError
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rm = load_for_inference(args.model, args.adapter, args.dtype, args.device)
     tok = rm.tokenizer
     if tok is None:

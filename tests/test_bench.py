@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from layerroute import flops
 from layerroute.bench import _ideal
@@ -41,3 +42,19 @@ def test_bench_cli_writes_one_json_line(tmp_path, capsys):
     for key in ("decode", "step", "cpu_decode", "cpu_step"):
         assert b2["speedups"]["skip0.25"][key]["ideal_speedup"] > 1.0
     assert "router_overhead" in b2 and "tool_b2" in report["headline"]
+
+
+def test_bench_with_an_adapter_lets_its_routers_decide(tmp_path, capsys):
+    from tests.helpers import tiny_routed
+
+    rm = tiny_routed("shape:tiny-llama")
+    with torch.no_grad():  # a router that always closes block 2
+        rm.routers()[2].net.bias.fill_(-5.0)
+    rm.save(tmp_path / "adapter")
+    code = main(["bench", "--adapter", str(tmp_path / "adapter"), "--batch", "1", "--reps", "1", "--warmup", "0",
+                 "--scenarios", "tool", "--tool", "8:3"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (res,) = report["results"]
+    assert set(res["configs"]) == {"dense", "open", "routed"}
+    assert res["speedups"]["routed"]["skipped_blocks_per_row"] == [1]
