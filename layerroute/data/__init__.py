@@ -13,14 +13,22 @@ Pipeline (each stage is its own module):
   cli.py        `layerroute data --config <yaml> --stats | --show N`
   tokenizer.py  `load_tokenizer(name)` (offline SmolLM2 GGUF, .gguf path, folder, hub id)
 
-Import cost: this package imports torch only through `collate`, and `datasets` / `reasoning_gym` only when
-a source that needs them is read.
+Import cost: `datasets` and `reasoning_gym` are imported only when a source that needs them is read; torch
+comes in through `collate`.
 """
 
 from layerroute.data.build import DataReport, StepData, load_steps
 from layerroute.data.collate import collate_steps, length_grouped_batches
 from layerroute.data.config import DataConfig, SourceConfig
-from layerroute.data.render import IGNORE_INDEX, PLANNING, TOOL_CALL, RenderError, Step, render_steps, template_supports_tools
+from layerroute.data.render import (
+    IGNORE_INDEX,
+    PLANNING,
+    TOOL_CALL,
+    RenderError,
+    Step,
+    render_steps,
+    template_supports_tools,
+)
 from layerroute.data.sources import BadRow, Conversation, iter_source
 from layerroute.data.splits import assign_split, length_matched_subset
 from layerroute.data.toolcalls import parse_tool_calls, render_tool_calls

@@ -34,7 +34,9 @@ class DataReport:
     """Per source: rows read, conversations kept, bad rows, duplicates skipped, steps made."""
     rejected: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
     """Per source: bad rows by reason."""
-    examples: dict[str, dict[str, list[str]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+    examples: dict[str, dict[str, list[str]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(list))
+    )
     """Per source and reason: the first few offending rows, 'row_id: detail'."""
     repaired: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
     """Per source: rows kept after accepting a non-standard form (counted once per row and form)."""
@@ -106,7 +108,9 @@ class StepData:
         categories: dict = {}
         for split in SPLITS:
             for s in self.split(split):
-                c = counts.setdefault(s.source, {TOOL_CALL: {k: 0 for k in SPLITS}, PLANNING: {k: 0 for k in SPLITS}})
+                c = counts.setdefault(
+                    s.source, {TOOL_CALL: {k: 0 for k in SPLITS}, PLANNING: {k: 0 for k in SPLITS}}
+                )
                 c[s.step_type][split] += 1
                 cat = categories.setdefault(s.category or "?", {k: 0 for k in SPLITS})
                 cat[split] += 1
@@ -117,9 +121,13 @@ class StepData:
         lengths = {
             split: {
                 t: {
-                    "context_length": percentiles([s.context_length for s in self.split(split) if s.step_type == t]),
+                    "context_length": percentiles(
+                        [s.context_length for s in self.split(split) if s.step_type == t]
+                    ),
                     "step_length": percentiles([s.length for s in self.split(split) if s.step_type == t]),
-                    "total_length": percentiles([s.total_length for s in self.split(split) if s.step_type == t]),
+                    "total_length": percentiles(
+                        [s.total_length for s in self.split(split) if s.step_type == t]
+                    ),
                 }
                 for t in (TOOL_CALL, PLANNING)
             }
@@ -158,8 +166,13 @@ def percentiles(xs: list[int], ps=(0, 5, 25, 50, 75, 95, 100)) -> dict[str, floa
 
 
 def _load_source(
-    src: SourceConfig, cfg: DataConfig, renderer: StepRenderer, report: DataReport, seen: set[str],
-    train: list[Step], eval_: list[Step],
+    src: SourceConfig,
+    cfg: DataConfig,
+    renderer: StepRenderer,
+    report: DataReport,
+    seen: set[str],
+    train: list[Step],
+    eval_: list[Step],
 ) -> None:
     label = src.source_label
     rows = report.rows[label]
@@ -189,7 +202,9 @@ def _load_source(
         (eval_ if split == "eval" else train).extend(steps)
 
     chain: list[Conversation] = []
-    bar = tqdm(iter_source(src, cfg), desc=f"data[{label}]", unit="row", disable=not cfg.progress, leave=False)
+    bar = tqdm(
+        iter_source(src, cfg), desc=f"data[{label}]", unit="row", disable=not cfg.progress, leave=False
+    )
     for rec in bar:
         rows["rows"] += 1
         if isinstance(rec, BadRow):

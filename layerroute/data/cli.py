@@ -32,11 +32,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--stats", action="store_true", help="print statistics as JSON")
-    what.add_argument("--show", type=int, metavar="N", help="print N rendered steps with the label span marked")
+    what.add_argument(
+        "--show", type=int, metavar="N", help="print N rendered steps with the label span marked"
+    )
     parser.add_argument(
         "--split", default="train", choices=("train", "eval", "eval_length_matched"), help="split for --show"
     )
-    parser.add_argument("--tokenizer", default=None, help="render with this tokenizer instead of model.name's")
+    parser.add_argument(
+        "--tokenizer", default=None, help="render with this tokenizer instead of model.name's"
+    )
     parser.add_argument("--out", default=None, help="--stats: also write the JSON to this file")
 
 
@@ -135,7 +139,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = DataConfig.from_dict(raw.get("data"))
     name = args.tokenizer or (raw.get("model") or {}).get("name")
     if not name:
-        raise ConfigError("model.name: missing; it names the model whose tokenizer renders the data (or pass --tokenizer)")
+        raise ConfigError(
+            "model.name: missing; it names the model whose tokenizer renders the data (or pass --tokenizer)"
+        )
     tokenizer = load_tokenizer(name)
     data = load_steps(cfg, tokenizer)
     print(data.report.summary(), file=sys.stderr)

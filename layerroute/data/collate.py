@@ -47,7 +47,9 @@ def collate_steps(steps: list[Step], pad_token_id: int) -> dict[str, torch.Tenso
     }
 
 
-def length_grouped_batches(steps: list[Step], batch_size: int, seed: int, mega_factor: int = 50) -> list[list[int]]:
+def length_grouped_batches(
+    steps: list[Step], batch_size: int, seed: int, mega_factor: int = 50
+) -> list[list[int]]:
     """Indices of `steps` in batches of similar total length, in a seeded random order.
 
     As Hugging Face's LengthGroupedSampler: shuffle, cut into megabatches of `mega_factor * batch_size`,

@@ -114,10 +114,14 @@ class SourceConfig:
 
     def _validate(self, key: str) -> None:
         if self.name not in SOURCE_KINDS:
-            raise _fail(f"{key}.name", f"unknown source {self.name!r}; choose one of {', '.join(SOURCE_KINDS)}")
+            raise _fail(
+                f"{key}.name", f"unknown source {self.name!r}; choose one of {', '.join(SOURCE_KINDS)}"
+            )
         if self.role not in ROLES:
             raise _fail(f"{key}.role", f"must be one of {', '.join(ROLES)}, got {self.role!r}")
-        if self.limit is not None and (not isinstance(self.limit, int) or isinstance(self.limit, bool) or self.limit < 1):
+        if self.limit is not None and (
+            not isinstance(self.limit, int) or isinstance(self.limit, bool) or self.limit < 1
+        ):
             raise _fail(f"{key}.limit", f"must be a positive integer or null, got {self.limit!r}")
         if self.name in ("gsm8k_jsonl", "jsonl") and not self.path:
             raise _fail(f"{key}.path", f"source {self.name!r} needs a local file path")
@@ -220,9 +224,14 @@ class DataConfig:
             raise _fail("data.eval_fraction", f"must be in [0, 1), got {self.eval_fraction!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise _fail("data.seed", f"must be an integer, got {self.seed!r}")
-        if not isinstance(self.bad_row_max_fraction, (int, float)) or not 0.0 <= self.bad_row_max_fraction <= 1.0:
+        if (
+            not isinstance(self.bad_row_max_fraction, (int, float))
+            or not 0.0 <= self.bad_row_max_fraction <= 1.0
+        ):
             raise _fail("data.bad_row_max_fraction", f"must be in [0, 1], got {self.bad_row_max_fraction!r}")
-        if isinstance(self.bfcl_eval_only_categories, str) or not isinstance(self.bfcl_eval_only_categories, list):
+        if isinstance(self.bfcl_eval_only_categories, str) or not isinstance(
+            self.bfcl_eval_only_categories, list
+        ):
             raise _fail("data.bfcl_eval_only_categories", "must be a list of BFCL category names")
         bad = [c for c in self.bfcl_eval_only_categories if c not in BFCL_CATEGORIES]
         if bad:

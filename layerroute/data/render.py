@@ -40,7 +40,15 @@ TOOL_CALL = "tool_call"
 PLANNING = "planning"
 
 #: Tokens that end an assistant turn in common chat templates (besides the tokenizer's eos token).
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>")
+END_OF_TURN_TOKENS = (
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "</s>",
+    "<|eom_id|>",
+)
 
 DEFAULT_TOOL_SYSTEM = "You are a helpful assistant."
 
@@ -113,7 +121,9 @@ def chat_template_text(tokenizer) -> str:
     if isinstance(tmpl, dict):  # several named templates: the default one decides
         tmpl = tmpl.get("default") or next(iter(tmpl.values()), None)
     if not tmpl:
-        raise RenderError("no_chat_template", f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template")
+        raise RenderError(
+            "no_chat_template", f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template"
+        )
     return tmpl
 
 
@@ -222,15 +232,21 @@ class StepRenderer:
             full_ids = self._ids(full_text)
             n = len(prefix_ids)
             if full_ids[:n] != prefix_ids:
-                raise RenderError("token_boundary_mismatch", f"turn {i}: context tokens change when the turn follows")
+                raise RenderError(
+                    "token_boundary_mismatch", f"turn {i}: context tokens change when the turn follows"
+                )
             target = full_ids[n:]
             end = next((j for j, t in enumerate(target) if t in self.eot_ids), None)
             if end is None:
-                raise RenderError("no_end_of_turn_token", f"turn {i}: no end-of-turn token after the assistant turn")
+                raise RenderError(
+                    "no_end_of_turn_token", f"turn {i}: no end-of-turn token after the assistant turn"
+                )
             trailer = target[end + 1 :]
             if trailer and self.tokenizer.decode(trailer).strip():
                 # An end-of-turn token inside the turn's own text: cutting there would silently truncate it.
-                raise RenderError("end_of_turn_inside_turn", f"turn {i}: text follows the first end-of-turn token")
+                raise RenderError(
+                    "end_of_turn_inside_turn", f"turn {i}: text follows the first end-of-turn token"
+                )
             target = target[: end + 1]
             if len(target) < 2:
                 raise RenderError("empty_target", f"turn {i}: the assistant turn renders to no tokens")
@@ -268,7 +284,9 @@ def _step_meta(meta: dict, step_index: int) -> dict:
     return meta
 
 
-def render_steps(conv: Conversation, tokenizer, max_length: int, *, dropped: Counter | None = None) -> list[Step]:
+def render_steps(
+    conv: Conversation, tokenizer, max_length: int, *, dropped: Counter | None = None
+) -> list[Step]:
     """Every assistant turn of `conv` as one Step (over-long steps dropped and counted in `dropped` by step type).
 
     Raises RenderError (a DataError) when the template cannot render the conversation consistently.

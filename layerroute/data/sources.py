@@ -116,7 +116,11 @@ def assistant_message(text: str, source: str, row_id: str, repairs: list[str]) -
         return _bad(source, row_id, parsed.error)
     repairs.extend(parsed.repairs)
     if parsed.calls:
-        return {"role": "assistant", "content": parsed.remaining_text, "tool_calls": to_openai_tool_calls(parsed.calls)}
+        return {
+            "role": "assistant",
+            "content": parsed.remaining_text,
+            "tool_calls": to_openai_tool_calls(parsed.calls),
+        }
     return {"role": "assistant", "content": text.replace("<|endoftext|>", "").strip()}
 
 
@@ -152,13 +156,19 @@ def check_conversation(conv: Conversation) -> str | None:
                 return f"empty_assistant_turn: message {i}"
             for tc in m.get("tool_calls") or []:
                 f = tc.get("function") if isinstance(tc, dict) else None
-                if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not isinstance(f.get("arguments"), dict):
+                if (
+                    not isinstance(f, dict)
+                    or not isinstance(f.get("name"), str)
+                    or not isinstance(f.get("arguments"), dict)
+                ):
                     return f"tool_call_malformed: message {i}: {_short(tc, 80)}"
         elif not (content or "").strip() and role != "system":
             return f"empty_turn: message {i} ({role}) is empty"
     if n_assistant == 0:
         return "no_assistant_turn: the conversation has no assistant turn to learn"
-    if conv.messages[0]["role"] == "assistant" or all(m["role"] == "system" for m in conv.messages[: _first_assistant(conv)]):
+    if conv.messages[0]["role"] == "assistant" or all(
+        m["role"] == "system" for m in conv.messages[: _first_assistant(conv)]
+    ):
         return "no_context: the first assistant turn has no user turn before it"
     return None
 
@@ -204,7 +214,9 @@ def _hub_rows(src: SourceConfig) -> Iterable[dict]:
                 ext = path.rsplit(".", 1)[-1].lower()
                 builder = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}.get(ext)
                 if builder is None:
-                    raise DataError(f"{src.source_label}: cannot read {path!r}: use a .json, .jsonl, .parquet or .csv file")
+                    raise DataError(
+                        f"{src.source_label}: cannot read {path!r}: use a .json, .jsonl, .parquet or .csv file"
+                    )
                 ds = datasets.load_dataset(builder, data_files={src.split: path}, split=src.split)
         else:
             ds = datasets.load_dataset(path, src.resolved_hub_config, split=src.split)
@@ -214,7 +226,7 @@ def _hub_rows(src: SourceConfig) -> Iterable[dict]:
         raise DataError(
             f"{src.source_label}: could not load {path!r} (config {src.resolved_hub_config!r}, split {src.split!r}): "
             f"{type(e).__name__}: {e}. Without access to the hub, download the dataset elsewhere and set "
-            f"`path` to the local file."
+            f"`path` to the local file (HF_HUB_OFFLINE=1 makes this fail at once instead of retrying)."
         ) from e
     if src.limit is not None:
         ds = ds.select(range(min(src.limit, len(ds))))
@@ -235,10 +247,21 @@ def _jsonl_rows(path: str, source: str, limit: int | None) -> Iterator[tuple[int
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                yield lineno, BadRow(source, "invalid_json_line", f"line {lineno}: {e}: {_short(line, 80)}", f"line{lineno}")
+                yield (
+                    lineno,
+                    BadRow(
+                        source,
+                        "invalid_json_line",
+                        f"line {lineno}: {e}: {_short(line, 80)}",
+                        f"line{lineno}",
+                    ),
+                )
                 continue
             if not isinstance(row, dict):
-                yield lineno, BadRow(source, "invalid_json_line", f"line {lineno} is not an object", f"line{lineno}")
+                yield (
+                    lineno,
+                    BadRow(source, "invalid_json_line", f"line {lineno} is not an object", f"line{lineno}"),
+                )
                 continue
             yield lineno, row
 
@@ -246,7 +269,14 @@ def _jsonl_rows(path: str, source: str, limit: int | None) -> Iterator[tuple[int
 # ---------------------------------------------------------------------------------------------------------
 # hub sources (tested offline on fixture files in the same row format)
 
-_HERMES_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "tool": "tool"}
+_HERMES_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "tool": "tool",
+}
 _TOOLS_BLOCK = re.compile(r"<tools>(.*?)</tools>", re.DOTALL)
 _TOOL_RESPONSE = re.compile(r"<tool_response>(.*?)</tool_response>", re.DOTALL)
 
@@ -286,7 +316,9 @@ def hermes_row(row: dict, source: str) -> Record:
         if not isinstance(value, str):
             return BadRow(source, "non_text_content", f"turn {i} value is {type(value).__name__}", row_id)
         if role == "system":
-            m = _TOOLS_BLOCK.search(value)
+            # The instructions mention "<tools> </tools> XML tags" before the real block: take the last
+            # non-empty one.
+            m = next((b for b in reversed(list(_TOOLS_BLOCK.finditer(value))) if b.group(1).strip()), None)
             if m:
                 try:
                     tools = parse_tools_block(m.group(1))
@@ -306,7 +338,9 @@ def hermes_row(row: dict, source: str) -> Record:
                 messages.append({"role": "tool", "content": _normalize_json_text(b, repairs)})
         else:
             messages.append({"role": "user", "content": value})
-    conv = Conversation(row_id, source, messages, tools, category=row.get("category") or "hermes", repairs=repairs)
+    conv = Conversation(
+        row_id, source, messages, tools, category=row.get("category") or "hermes", repairs=repairs
+    )
     return _finish(conv)
 
 
@@ -353,7 +387,9 @@ def glaive_row(row: dict, source: str) -> Record:
         return BadRow(source, "no_turn_markers", _short(chat, 80), row_id)
     lead = chat[: marks[0].start()].strip()
     if lead:
-        return BadRow(source, "unknown_role", f"text before the first USER/ASSISTANT marker: {_short(lead, 80)}", row_id)
+        return BadRow(
+            source, "unknown_role", f"text before the first USER/ASSISTANT marker: {_short(lead, 80)}", row_id
+        )
     for k, m in enumerate(marks):
         end = marks[k + 1].start() if k + 1 < len(marks) else len(chat)
         text = chat[m.end() : end].replace("<|endoftext|>", "").strip()
@@ -419,11 +455,17 @@ def turing_row(row: dict, source: str) -> Record:
     rcol = next((c for c in TURING_REASONING_COLUMNS if c in row and c != acol), None)
     reasoning = str(row[rcol]).strip() if rcol and row[rcol] else ""
     answer = str(a).strip()
-    target = (reasoning + "\n" if reasoning else "") + f"The answer is {answer}" + ("" if answer.endswith(".") else ".")
+    target = (
+        (reasoning + "\n" if reasoning else "")
+        + f"The answer is {answer}"
+        + ("" if answer.endswith(".") else ".")
+    )
     domain = row.get("domain")
     msgs = [{"role": "user", "content": q.strip()}, {"role": "assistant", "content": target}]
     meta = {"answer": answer, "domain": domain, "sub_domain": row.get("sub_domain") or row.get("sub-domain")}
-    return _finish(Conversation(row_id, source, msgs, [], category=f"turing:{domain}" if domain else "turing", meta=meta))
+    return _finish(
+        Conversation(row_id, source, msgs, [], category=f"turing:{domain}" if domain else "turing", meta=meta)
+    )
 
 
 def load_turing(src: SourceConfig, cfg: DataConfig) -> Iterator[Record]:
@@ -541,7 +583,7 @@ def bfcl_gold_calls(ground_truth: list[dict], functions: list[dict]) -> list[dic
     for entry in ground_truth:
         if not isinstance(entry, dict) or len(entry) != 1:
             raise ValueError(f"ground truth entry is not {{function: args}}: {_short(entry, 80)}")
-        (name, possible), = entry.items()
+        ((name, possible),) = entry.items()
         if not isinstance(possible, dict):
             raise ValueError(f"ground truth for {name} is not an argument map")
         props = ((docs.get(name) or {}).get("parameters") or {}).get("properties") or {}
@@ -552,7 +594,11 @@ def bfcl_gold_calls(ground_truth: list[dict], functions: list[dict]) -> list[dic
 def _bfcl_file(folder: str, category: str) -> str | None:
     """The newest `BFCL_v<N>_<category>.json` (exact category: 'multiple' must not match 'live_multiple')."""
     pat = re.compile(rf"BFCL_v(\d+)_{re.escape(category)}\.json")
-    found = [(int(m.group(1)), f) for f in glob.glob(os.path.join(folder, "BFCL_v*.json")) if (m := pat.fullmatch(os.path.basename(f)))]
+    found = [
+        (int(m.group(1)), f)
+        for f in glob.glob(os.path.join(folder, "BFCL_v*.json"))
+        if (m := pat.fullmatch(os.path.basename(f)))
+    ]
     return max(found)[1] if found else None
 
 
@@ -583,7 +629,9 @@ def bfcl_row(row: dict, ground_truth: Any, category: str, source: str) -> Record
     row_id = f"bfcl:{bid}"
     question = row.get("question")
     if not isinstance(question, list) or len(question) != 1 or not isinstance(question[0], list):
-        return BadRow(source, "bfcl_not_single_turn", f"{bid}: question has {len(question or [])} turns", row_id)
+        return BadRow(
+            source, "bfcl_not_single_turn", f"{bid}: question has {len(question or [])} turns", row_id
+        )
     if ground_truth is None:
         return BadRow(source, "bfcl_missing_ground_truth", f"{bid}: no possible_answer entry", row_id)
     functions = row.get("function") or []
@@ -610,12 +658,16 @@ def load_gsm_symbolic(src: SourceConfig, cfg: DataConfig) -> Iterator[Record]:
         cot = (x.get("metadata") or {}).get("answer_cot")
         row_id = f"gsm_symbolic:{_hash(str(q))}"
         if not isinstance(q, str) or not isinstance(cot, str):
-            yield BadRow(src.source_label, "missing_field", f"item {i} lacks question or metadata.answer_cot", row_id)
+            yield BadRow(
+                src.source_label, "missing_field", f"item {i} lacks question or metadata.answer_cot", row_id
+            )
             continue
         target = math_target(cot, None if "####" in cot else str(x.get("answer")))
         final = target.rsplit("The answer is ", 1)[1][:-1]
         msgs = [{"role": "user", "content": q.strip()}, {"role": "assistant", "content": target}]
-        yield _finish(Conversation(row_id, src.source_label, msgs, [], category="gsm_symbolic", meta={"answer": final}))
+        yield _finish(
+            Conversation(row_id, src.source_label, msgs, [], category="gsm_symbolic", meta={"answer": final})
+        )
 
 
 def load_gsm8k_jsonl(src: SourceConfig, cfg: DataConfig) -> Iterator[Record]:
@@ -630,7 +682,9 @@ def messages_row(row: dict, source: str, lineno: int) -> Record:
     msgs = row.get("messages")
     row_id = f"jsonl:{row.get('id') or _hash(json.dumps(msgs, sort_keys=True, default=str))}"
     if not isinstance(msgs, list):
-        return BadRow(source, "missing_messages", f"line {lineno}: `messages` is {type(msgs).__name__}", row_id)
+        return BadRow(
+            source, "missing_messages", f"line {lineno}: `messages` is {type(msgs).__name__}", row_id
+        )
     try:
         tools = normalize_tools(row.get("tools"))
     except ValueError as e:
@@ -652,12 +706,23 @@ def messages_row(row: dict, source: str, lineno: int) -> Record:
                     try:
                         args, _ = loads_lenient(args) if args.strip() else ({}, False)
                     except ValueError:
-                        return BadRow(source, "tool_call_arguments_invalid_json", f"line {lineno}: {_short(args, 80)}", row_id)
+                        return BadRow(
+                            source,
+                            "tool_call_arguments_invalid_json",
+                            f"line {lineno}: {_short(args, 80)}",
+                            row_id,
+                        )
                     repairs.append("string_encoded_arguments")
-                if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not isinstance(args, dict):
+                if (
+                    not isinstance(f, dict)
+                    or not isinstance(f.get("name"), str)
+                    or not isinstance(args, dict)
+                ):
                     return BadRow(source, "tool_call_malformed", f"line {lineno}: {_short(tc, 80)}", row_id)
                 calls.append({"name": f["name"], "arguments": args})
-            out.append({"role": "assistant", "content": content or "", "tool_calls": to_openai_tool_calls(calls)})
+            out.append(
+                {"role": "assistant", "content": content or "", "tool_calls": to_openai_tool_calls(calls)}
+            )
         elif role == "assistant" and isinstance(content, str):
             msg = assistant_message(content, source, row_id, repairs)
             if isinstance(msg, BadRow):
@@ -685,7 +750,15 @@ def chain_conversations(convs: list[Conversation]) -> Conversation:
     kind = first.id.split(":", 1)[0]
     meta = {"chained_ids": [c.id for c in convs], "per_step": [c.meta for c in convs]}
     repairs = [r for c in convs for r in c.repairs]
-    return Conversation(f"{kind}:chain:{_hash(*meta['chained_ids'])}", first.source, messages, [], first.category, meta, repairs)
+    return Conversation(
+        f"{kind}:chain:{_hash(*meta['chained_ids'])}",
+        first.source,
+        messages,
+        [],
+        first.category,
+        meta,
+        repairs,
+    )
 
 
 SOURCES = {

@@ -28,7 +28,9 @@ def hash_fraction(key: str, seed: int) -> float:
     return int.from_bytes(h[:8], "big") / 2.0**64
 
 
-def assign_split(conversation_id: str, *, seed: int, eval_fraction: float, role: str = "both", eval_only: bool = False) -> str:
+def assign_split(
+    conversation_id: str, *, seed: int, eval_fraction: float, role: str = "both", eval_only: bool = False
+) -> str:
     """'train' or 'eval' for one conversation (see the module docstring)."""
     if eval_only or role == "eval":
         return "eval"

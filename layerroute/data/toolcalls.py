@@ -116,7 +116,10 @@ def _call_from_body(body: str, repairs: list[str]) -> tuple[dict | None, str | N
             try:
                 args, was_literal = loads_lenient(args)
             except ValueError:
-                return None, f"tool_call_arguments_invalid_json: {_short(obj['arguments'] if 'arguments' in obj else args)}"
+                return (
+                    None,
+                    f"tool_call_arguments_invalid_json: {_short(obj['arguments'] if 'arguments' in obj else args)}",
+                )
             repairs.append("string_encoded_arguments")
             if was_literal:
                 repairs.append("python_literal_arguments")
@@ -183,7 +186,13 @@ def parse_tool_calls(text: str) -> tuple[list[dict], str, str | None]:
 
 def render_tool_call(name: str, arguments: dict) -> str:
     """One call in the Hermes/Qwen2.5 form (what Qwen2.5's template writes for a structured call)."""
-    return TOOL_CALL_OPEN + "\n" + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + "\n" + TOOL_CALL_CLOSE
+    return (
+        TOOL_CALL_OPEN
+        + "\n"
+        + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+        + "\n"
+        + TOOL_CALL_CLOSE
+    )
 
 
 def render_tool_calls(calls: list[dict]) -> str:

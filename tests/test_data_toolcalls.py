@@ -1,0 +1,105 @@
+"""parse_tool_calls / render_tool_calls: every accepted form, and malformed input never raises."""
+
+import json
+
+import pytest
+
+from layerroute.data.toolcalls import parse_tool_calls, parse_tool_calls_detailed, render_tool_calls
+
+
+@pytest.mark.parametrize(
+    "text, calls, rest, repairs",
+    [
+        (  # Hermes / Qwen JSON
+            '<tool_call>\n{"name": "f", "arguments": {"a": 1, "b": "x"}}\n</tool_call>',
+            [{"name": "f", "arguments": {"a": 1, "b": "x"}}],
+            "",
+            [],
+        ),
+        (  # Hermes single-quoted Python literal, keys in the other order
+            "<tool_call>\n{'arguments': {'flag': True, 'v': None}, 'name': 'g'}\n</tool_call>\n",
+            [{"name": "g", "arguments": {"flag": True, "v": None}}],
+            "",
+            ["python_literal_call"],
+        ),
+        (  # two calls and text around them
+            'Sure.\n<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "h", "parameters": {"x": [1, 2]}}\n</tool_call>',
+            [{"name": "f", "arguments": {}}, {"name": "h", "arguments": {"x": [1, 2]}}],
+            "Sure.",
+            [],
+        ),
+        (  # Glaive: arguments as a single-quoted JSON string
+            '<functioncall> {"name": "get_news", "arguments": \'{"country": "US", "n": 3}\'} <|endoftext|>',
+            [{"name": "get_news", "arguments": {"country": "US", "n": 3}}],
+            "",
+            ["python_literal_call", "string_encoded_arguments"],
+        ),
+        (  # Glaive with a text lead and a plain-object arguments
+            'Let me check. <functioncall> {"name": "tip", "arguments": {"bill": 50}}',
+            [{"name": "tip", "arguments": {"bill": 50}}],
+            "Let me check.",
+            [],
+        ),
+        (  # OpenAI-style string-encoded arguments inside a Hermes block, JSON literals true/null
+            '<tool_call>\n{"name": "f", "arguments": "{\\"ok\\": true, \\"z\\": null}"}\n</tool_call>',
+            [{"name": "f", "arguments": {"ok": True, "z": None}}],
+            "",
+            ["string_encoded_arguments"],
+        ),
+        ("No call here, just an answer.", [], "No call here, just an answer.", []),
+    ],
+)
+def test_parse_accepted_forms(text, calls, rest, repairs):
+    r = parse_tool_calls_detailed(text)
+    assert r.error is None
+    assert r.calls == calls
+    assert r.remaining_text == rest
+    assert r.repairs == repairs
+    assert parse_tool_calls(text) == (calls, rest, None)
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ('<tool_call>\n{"name": "f", "arguments": {"a": 1\n</tool_call>', "tool_call_invalid_json"),
+        ('<tool_call>\n{"name": "f", "arguments": {"a": 1}}', "tool_call_unclosed"),
+        ('<tool_call>\n{"arguments": {"a": 1}}\n</tool_call>', "tool_call_missing_name"),
+        ('<tool_call>\n["f", {"a": 1}]\n</tool_call>', "tool_call_not_object"),
+        ('<tool_call>\n{"name": "f", "arguments": [1, 2]}\n</tool_call>', "tool_call_arguments_not_object"),
+        ('<functioncall> {"name": "f", "arguments": \'{"a": \'}', "tool_call_arguments_invalid_json"),
+        (
+            "<tool_call>\n{'name': 'f', 'arguments': {'a': __import__('os')}}\n</tool_call>",
+            "tool_call_invalid_json",
+        ),
+    ],
+)
+def test_parse_malformed_returns_error(text, reason):
+    calls, rest, err = parse_tool_calls(text)
+    assert calls == []
+    assert err is not None and err.split(":")[0] == reason
+
+
+def test_parse_never_raises_on_any_truncation():
+    good = render_tool_calls([{"name": "f", "arguments": {"a": [1, {"b": "c'd"}], "e": "ü"}}]) + " trailing"
+    glaive = '<functioncall> {"name": "f", "arguments": \'{"a": "b"}\'} <|endoftext|>'
+    for s in (good, glaive):
+        for i in range(len(s) + 1):
+            calls, rest, err = parse_tool_calls(s[:i])
+            assert isinstance(calls, list) and isinstance(rest, str)
+            assert err is None or isinstance(err, str)
+    assert parse_tool_calls(None)[2].startswith("tool_call_not_text")
+
+
+def test_render_matches_qwen_form_and_roundtrips():
+    calls = [
+        {"name": "weather.get", "arguments": {"city": "Zürich", "days": 2}},
+        {"name": "g", "arguments": {}},
+    ]
+    text = render_tool_calls(calls)
+    assert text == (
+        '<tool_call>\n{"name": "weather.get", "arguments": {"city": "Zürich", "days": 2}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "g", "arguments": {}}\n</tool_call>'
+    )
+    assert parse_tool_calls(text) == (calls, "", None)
+    openai = [{"type": "function", "function": {"name": "g", "arguments": json.dumps({"x": 1})}}]
+    assert render_tool_calls(openai) == '<tool_call>\n{"name": "g", "arguments": {"x": 1}}\n</tool_call>'
