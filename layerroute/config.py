@@ -312,7 +312,7 @@ class EvalConfig:
     """How much to evaluate (CPU-sized defaults; raise them on a GPU)."""
 
     batch_size: int = setting(4, "steps per teacher-forced batch")
-    max_steps_per_type: int = setting(64, "cap on eval steps per step type (0 = all)")
+    max_steps_per_type: int = setting(64, "cap on eval steps per step type, in each split (0 = all)")
     accuracy_steps_per_type: int = setting(12, "steps per type scored by free-running generation (0 = skip)")
     max_new_tokens_tool: int = setting(96, "generation budget for a tool-call step")
     max_new_tokens_planning: int = setting(256, "generation budget for a planning step")

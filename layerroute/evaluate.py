@@ -277,10 +277,13 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict) -> dict
     steps = list(data.eval)
     matched_keys = {(s.conversation_id, s.step_index) for s in data.eval_length_matched}
     groups = _cap(_by_type(steps, range(len(steps))), cfg.max_steps_per_type, cfg.seed)
-    # the length-matched subset is evaluated in full, on top of the (capped) full split
-    keep = sorted(set(sum(groups.values(), [])) | {
-        i for i, s in enumerate(steps) if (s.conversation_id, s.step_index) in matched_keys
-    })
+    matched_idx = _cap(
+        _by_type(steps, [i for i, s in enumerate(steps) if (s.conversation_id, s.step_index) in matched_keys]),
+        cfg.max_steps_per_type, cfg.seed,
+    )
+    # both splits capped per type; a step in both is evaluated once
+    keep = sorted(set(sum(groups.values(), [])) | set(sum(matched_idx.values(), [])))
+    matched_keys = {(steps[i].conversation_id, steps[i].step_index) for i in sum(matched_idx.values(), [])}
     steps = [steps[i] for i in keep]
     full = _cap(_by_type(steps, range(len(steps))), cfg.max_steps_per_type, cfg.seed)
     matched = _by_type(steps, [i for i, s in enumerate(steps) if (s.conversation_id, s.step_index) in matched_keys])
