@@ -186,7 +186,7 @@ def main() -> int:
             s.wait()
         clients = {n: openai.OpenAI(base_url=s.base_url, api_key="unused", max_retries=0, timeout=600)
                    for n, s in servers.items()}
-        for name, cl in clients.items():
+        for cl in clients.values():
             burst(cl, reqs, args.warmup, 1, args.max_tokens)
         results: dict = {name: {} for name in configs}
         for c in args.concurrency:

@@ -333,7 +333,7 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict) -> dict
         ) if groups_["tool_call"] and groups_["planning"] else float("nan")
         entry["differential_ci95"] = bootstrap_differential(per_step_skip, cfg.bootstrap, cfg.seed)
         entry["per_layer_run_rate"] = {
-            t: [float(np.mean([gates[i][l] for i in groups_[t]])) if groups_[t] else None for l in range(n_layers)]
+            t: [float(np.mean([gates[i][b] for i in groups_[t]])) if groups_[t] else None for b in range(n_layers)]
             for t in STEP_TYPES
         }
         entry["input_dependence"] = input_dependence(rm, routed, sum(groups_.values(), []))

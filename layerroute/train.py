@@ -45,6 +45,7 @@ from torch import nn
 from .config import RunConfig, TrainConfig
 from .errors import ConfigError, TrainingError
 from .losses import IGNORE_INDEX, distillation_kl, per_row_sum, sliced_lm_loss, target_logits
+
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "trainer_state.json"

@@ -2,8 +2,8 @@
 
 import json
 import os
-from pathlib import Path
 import random
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer

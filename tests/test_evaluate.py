@@ -13,7 +13,13 @@ from layerroute.adapters import save_adapter
 from layerroute.data.build import load_steps
 from layerroute.data.config import DataConfig
 from layerroute.evaluate import (
-    EvalConfig, flop_summary, ppl, random_patterns, score_generation, shortgpt_pattern, teacher_forced,
+    EvalConfig,
+    flop_summary,
+    ppl,
+    random_patterns,
+    score_generation,
+    shortgpt_pattern,
+    teacher_forced,
 )
 from tests.helpers import tiny_routed
 
