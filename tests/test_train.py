@@ -42,6 +42,15 @@ def trainable_state(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in trainer.rm.model.named_parameters() if p.requires_grad}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and two threads on a shared 2-core machine thrash (10x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _in_repo_root(monkeypatch):
     monkeypatch.chdir(ROOT)  # the smoke config's tokenizer path is relative to the repository root
