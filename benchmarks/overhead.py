@@ -8,8 +8,9 @@
 2. Inference, LoRA merged: a prefill forward, and decode forwards with a KV cache (plain and routed alternating
    token by token on their own caches), all gates open (mode 'skip', routers deciding at the prefill; every
    block runs) vs the plain model. Target: < 1%.
-3. The wrapper itself: one RoutedLayer call around an identity block vs calling the block directly (the
-   per-block, per-forward Python cost, free of memory-bandwidth noise), scaled to a decode token.
+3. The parts alone, free of memory-bandwidth noise: one RoutedLayer call around an identity block vs calling
+   the block directly (the per-block, per-forward Python cost), scaled to a decode token; and every block's
+   decision at the prefill (pool, router, gate), timed without the blocks, as a fraction of the prefill.
 
 The two sides of each comparison alternate in ABBA order (A B, then B A) so slow drift from other processes on
 a shared machine hits both alike; the overhead is the median over pairs of (B / A - 1), with min/median of
@@ -188,6 +189,27 @@ def wrapper_cost(num_layers: int, calls: int = 20000) -> dict:
             "added_us_per_token": 1e6 * (wrapped - direct) * num_layers}
 
 
+def decision_cost(rm, prompt: int, iters: int = 50) -> dict:
+    """What the routers add to a prefill: every block's decision (pool, router, gate, row plan) on a
+    [1, prompt, H] input, timed alone (no block runs), so memory-bandwidth noise from other processes barely
+    touches it."""
+    from layerroute.routed import _row_plan
+
+    layers = find_routed_layers(rm.model)
+    hidden = torch.randn(1, prompt, rm.config.hidden_size)
+    with torch.no_grad(), routing(rm.model, "skip"):
+        for layer in layers:  # warm-up
+            _row_plan(layer.decide(hidden))
+        times = []
+        for _ in range(iters):
+            c0 = time.process_time()
+            for layer in layers:
+                _row_plan(layer.decide(hidden))
+            times.append(time.process_time() - c0)
+    return {"prompt": prompt, "cpu_ms_all_blocks_min": 1e3 * min(times),
+            "cpu_ms_all_blocks_median": 1e3 * statistics.median(times)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -219,10 +241,15 @@ def main(argv=None) -> int:
     base_decode_ms = result["inference"]["decode"]["base"]["cpu_ms_per_token_min"]
     wc["fraction_of_decode_token"] = wc["added_us_per_token"] / (1e3 * base_decode_ms)
     result["wrapper"] = wc
+    dc = decision_cost(rm, args.prompt)
+    dc["fraction_of_prefill"] = dc["cpu_ms_all_blocks_median"] / result["inference"]["prefill"]["base"]["cpu_ms_min"]
+    result["decisions"] = dc
     result["targets"] = {
         "training_overhead_lt_3pct": result.get("training", {}).get("overhead_cpu_median_of_pairs"),
         "inference_prefill_overhead_lt_1pct": result["inference"]["prefill"]["overhead_cpu_median_of_pairs"],
         "inference_decode_overhead_lt_1pct": result["inference"]["decode"]["overhead_cpu_median_of_pairs"],
+        "decisions_fraction_of_prefill": dc["fraction_of_prefill"],
+        "wrapper_fraction_of_decode_token": wc["fraction_of_decode_token"],
     }
     result["wall_s"] = time.perf_counter() - t0
     line = json.dumps(result)
