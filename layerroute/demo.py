@@ -35,7 +35,8 @@ def stages(config: str, out: Path) -> list[tuple[str, str, list[str]]]:
         ("evaluation", "layerroute.evaluate",
          ["eval", "--config", config, "--adapter", str(adapter), "--output-dir", str(out / "eval")]),
         ("benchmark", "layerroute.bench",
-         ["bench", "--adapter", str(adapter), "--output", str(out / "bench.json")]),
+         # batch 1, 3 repetitions: a few minutes on 2 cores; `layerroute bench` alone does more
+         ["bench", "--adapter", str(adapter), "--batch", "1", "--reps", "3", "--output", str(out / "bench.json")]),
     ]
 
 
