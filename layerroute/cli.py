@@ -23,6 +23,7 @@ COMMANDS = {
     "bench": ("layerroute.bench", "wall-clock latency of routed vs dense generation (prints JSON)"),
     "generate": ("layerroute.generate", "routed generation for one prompt"),
     "serve": ("layerroute.serve", "OpenAI-compatible chat endpoint with tools"),
+    "agent": ("layerroute.agent", "BFCL multi-turn agent loop against a serve endpoint (success + routing per step)"),
 }
 
 

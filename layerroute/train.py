@@ -39,14 +39,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import RunConfig, TrainConfig
 from .errors import ConfigError, TrainingError
+from .losses import IGNORE_INDEX, distillation_kl, per_row_sum, sliced_lm_loss, target_logits
 
-IGNORE_INDEX = -100
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "trainer_state.json"
@@ -65,33 +64,6 @@ RESUME_MAY_CHANGE = {
 # Losses
 
 
-def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """The decoder stack (embeddings -> blocks -> final norm) and the LM head of a causal LM (through PEFT)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder(), base.get_output_embeddings()
-
-
-def sliced_lm_loss(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token NLL summed per row, computing logits only where the next token is a target.
-
-    Equals the plain `model(..., labels=labels).loss` (= row_sum.sum() / row_count.sum()) but skips the LM head on
-    context positions: a 1,500-token tool schema with a 40-token call costs 40 vocabulary projections, not 1,500.
-    Returns (row_sum [B] float32, row_count [B] long).
-    """
-    decoder, head = backbone_and_head(model)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # [B,T,H]
-    targets = labels[:, 1:]  # [B, T-1]: position t predicts token t+1
-    keep = targets != IGNORE_INDEX  # [B, T-1]
-    picked = hidden[:, :-1][keep]  # [N, H], N = number of target tokens in the batch
-    logits = head(picked).float()  # [N, V]
-    nll = F.cross_entropy(logits, targets[keep], reduction="none")  # [N]
-    rows = keep.nonzero()[:, 0]  # [N] row of each picked position (row-major, as the boolean index above)
-    row_sum = torch.zeros(labels.shape[0], device=nll.device, dtype=nll.dtype).index_add(0, rows, nll)  # [B]
-    return row_sum, keep.sum(dim=1)
-
-
 class RoutedStepLoss(nn.Module):
     """One forward of the routed model in `mix` mode -> per-row NLL sums and every block's gate.
 
@@ -99,19 +71,45 @@ class RoutedStepLoss(nn.Module):
     Returns row_sum [B], row_count [B], prob [L, B] (sigmoid, with gradient), gate [L, B] (hard, straight-through).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, cfg: TrainConfig | None = None):
         super().__init__()
         self.model = model
+        self.cfg = cfg or TrainConfig()
 
-    def forward(self, input_ids, attention_mask, labels, decision_mask):
-        from .routed import gate_records, routing
+    def drop_mask(self, batch: int, num_layers: int, is_tool_call: torch.Tensor | None, device) -> torch.Tensor | None:
+        """[B, L] keep-mask for LayerSkip-style block dropping: block l is dropped with probability
+        rate * l / (L - 1) (never the first block, most often the last), only while training."""
+        rate = self.cfg.block_drop_rate
+        if rate <= 0 or not self.training:
+            return None
+        depth = torch.linspace(0, 1, num_layers, device=device)  # [L]
+        keep = torch.rand(batch, num_layers, device=device) >= rate * depth  # [B, L]; global RNG: resumable
+        if self.cfg.block_drop_on == "tool_call" and is_tool_call is not None:
+            keep |= ~is_tool_call.to(device).bool().unsqueeze(1)  # planning rows keep every block
+        return keep
 
-        with routing(self.model, "mix", decision_mask=decision_mask):
-            row_sum, row_count = sliced_lm_loss(self.model, input_ids, attention_mask, labels)
+    def forward(self, input_ids, attention_mask, labels, decision_mask, is_tool_call=None):
+        from .routed import gate_records, routing, routing_state
+
+        distill = self.cfg.distill_weight > 0 and self.training
+        keep = self.drop_mask(input_ids.shape[0], routing_state(self.model).num_layers, is_tool_call,
+                              input_ids.device)
+        with routing(self.model, "mix", decision_mask=decision_mask, keep=keep):
+            row_sum, row_count, logits, rows = sliced_lm_loss(
+                self.model, input_ids, attention_mask, labels, return_logits=True
+            )
             records = gate_records(self.model)
         prob = torch.stack([r.prob for r in records])  # [L, B]
         gate = torch.stack([r.gate for r in records]).to(prob.dtype)  # [L, B]
-        return row_sum, row_count, prob, gate
+        kl_row = row_sum.new_zeros(row_sum.shape)
+        if distill:
+            # Self-distillation: the teacher is the same weights at full depth (all gates open), no gradient.
+            # Costs one more forward per micro-batch (no backward).
+            with torch.no_grad(), routing(self.model, "mix", forced="open"):
+                teacher, _, _ = target_logits(self.model, input_ids, attention_mask, labels)
+            kl = distillation_kl(logits, teacher, self.cfg.distill_temperature)  # [N]
+            kl_row = per_row_sum(kl, rows, row_sum.shape[0])
+        return row_sum, row_count, prob, gate, kl_row
 
 
 @dataclass
@@ -121,6 +119,7 @@ class LossParts:
     lm: torch.Tensor
     reg: torch.Tensor
     bce: torch.Tensor
+    distill: torch.Tensor
     total: torch.Tensor
 
 
@@ -131,6 +130,7 @@ def loss_parts(
     gate: torch.Tensor,
     is_tool_call: torch.Tensor,
     *,
+    kl_row: torch.Tensor | None = None,
     tokens_total: int,
     rows_total: int,
     micro_total: int,
@@ -160,8 +160,10 @@ def loss_parts(
         bce = bce_rows.sum() / rows_total
     else:
         bce = zero
-    total = lm + cfg.reg_weight * reg + cfg.bce_weight * bce
-    return LossParts(lm=lm, reg=reg, bce=bce, total=total)
+    # self-distillation: token-mean KL to the full-depth model, over the same tokens as the LM loss
+    distill = kl_row.sum() / max(tokens_total, 1) if kl_row is not None else zero
+    total = lm + cfg.reg_weight * reg + cfg.bce_weight * bce + cfg.distill_weight * distill
+    return LossParts(lm=lm, reg=reg, bce=bce, distill=distill, total=total)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -490,7 +492,7 @@ class Trainer:
         self.trainable = [p for g in groups for p in g["params"]]
         self.trainable_names = [n for n, p in rm.model.named_parameters() if p.requires_grad]
 
-        self.step_module = RoutedStepLoss(rm.model)
+        self.step_module = RoutedStepLoss(rm.model, self.cfg.train)
         rm.model.train()  # LoRA dropout on; the frozen backbone's own dropouts are 0 in these families
         self.model, self.optimizer = acc.prepare(self.step_module, optimizer)
         self.inner_optimizer = optimizer
@@ -614,8 +616,9 @@ class Trainer:
     def _new_window(self) -> dict:
         L = self.rm.num_layers
         return {
-            "steps": 0, "loss": 0.0, "lm": 0.0, "reg": 0.0, "bce": 0.0, "grad_norm": 0.0, "tokens": 0,
+            "steps": 0, "loss": 0.0, "lm": 0.0, "reg": 0.0, "bce": 0.0, "distill": 0.0, "grad_norm": 0.0, "tokens": 0,
             "gate_sum": torch.zeros(2, L, dtype=torch.float64), "rows": torch.zeros(2, dtype=torch.float64),
+            "prob_sum": torch.zeros(2, L, dtype=torch.float64),
             "t0": time.perf_counter(),
         }
 
@@ -631,27 +634,32 @@ class Trainer:
             micro = [[self.order.batch((step * A + k) * W + r) for r in range(W)] for k in range(A)]
             tokens_total = sum(self.n_targets[i] for mb in micro for b in mb for i in b)
             rows_total = sum(len(b) for mb in micro for b in mb)
-            local = torch.zeros(4, dtype=torch.float64)  # loss, lm, reg, bce (this process's share)
+            local = torch.zeros(5, dtype=torch.float64)  # loss, lm, reg, bce, distill (this process's share)
             for k in range(A):
                 batch = self._batch(micro[k][self.rank], self.train_steps)
                 sync = nullcontext() if k == A - 1 else acc.no_sync(self.model)
                 with sync:
-                    row_sum, _, prob, gate = self.model(
+                    row_sum, _, prob, gate, kl_row = self.model(
                         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         labels=batch["labels"], decision_mask=batch["decision_mask"],
+                        is_tool_call=batch["is_tool_call"],
                     )
                     parts = loss_parts(
-                        tc, row_sum, prob.float(), gate.float(), batch["is_tool_call"],
+                        tc, row_sum, prob.float(), gate.float(), batch["is_tool_call"], kl_row=kl_row,
                         tokens_total=tokens_total, rows_total=rows_total, micro_total=A * W,
                     )
                     # DDP averages gradients over processes; the parts are shares of the global sum: undo the mean.
                     acc.backward(parts.total * W)
-                local += torch.tensor([parts.total.item(), parts.lm.item(), parts.reg.item(), parts.bce.item()],
-                                      dtype=torch.float64)
+                local += torch.tensor(
+                    [parts.total.item(), parts.lm.item(), parts.reg.item(), parts.bce.item(), parts.distill.item()],
+                    dtype=torch.float64,
+                )
                 hard = gate.detach().round().double().cpu()  # [L, B] in {0, 1}
+                soft = prob.detach().double().cpu()  # [L, B]: shows the routers drifting before a gate flips
                 tool = batch["is_tool_call"].cpu()
                 for t, sel in enumerate((tool, ~tool)):
                     window["gate_sum"][t] += hard[:, sel].sum(dim=1)
+                    window["prob_sum"][t] += soft[:, sel].sum(dim=1)
                     window["rows"][t] += int(sel.sum())
                 window["tokens"] += int(batch["attention_mask"].sum())
             max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
@@ -666,7 +674,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             done = step + 1
             window["steps"] += 1
-            for i, key in enumerate(("loss", "lm", "reg", "bce")):
+            for i, key in enumerate(("loss", "lm", "reg", "bce", "distill")):
                 window[key] += float(totals[i])
             window["grad_norm"] += grad_norm
             self.sinks[0].advance()
@@ -681,7 +689,7 @@ class Trainer:
         return last
 
     def _stop_non_finite(self, step: int, totals: torch.Tensor, grad_norm: float) -> None:
-        loss, lm, reg, bce = (float(x) for x in totals)
+        loss, lm, reg, bce, _ = (float(x) for x in totals)
         where = (
             f"last good checkpoint: {self.last_checkpoint} (continue with --resume after the fix)"
             if self.last_checkpoint
@@ -699,6 +707,7 @@ class Trainer:
     def _log_window(self, step: int, window: dict, lrs: list[float]) -> dict:
         n = window["steps"]
         gate_sum = self._sum(window["gate_sum"].clone()).cpu()
+        prob_sum = self._sum(window["prob_sum"].clone()).cpu()
         rows = self._sum(window["rows"].clone()).cpu()
         tokens = float(self._sum(torch.tensor([float(window["tokens"])], dtype=torch.float64))[0])
         elapsed = time.perf_counter() - window["t0"]
@@ -711,6 +720,7 @@ class Trainer:
             "lm_loss": window["lm"] / n,
             "reg": window["reg"] / n,
             "bce": window["bce"] / n,
+            "distill": window["distill"] / n,
             "grad_norm": window["grad_norm"] / n,
             "tokens_per_s": tokens / max(elapsed, 1e-9),
         }
@@ -718,7 +728,9 @@ class Trainer:
         for t, name in enumerate(STEP_TYPES):
             rate = (gate_sum[t] / rows[t]).tolist() if rows[t] > 0 else [None] * gate_sum.shape[1]
             metrics[f"run_rate/{name}"] = float(gate_sum[t].mean() / rows[t]) if rows[t] > 0 else float("nan")
+            metrics[f"prob/{name}"] = float(prob_sum[t].mean() / rows[t]) if rows[t] > 0 else float("nan")
             layer[f"layer_run_rate/{name}"] = [round(x, 4) if x is not None else None for x in rate]
+            layer[f"layer_prob/{name}"] = [round(x, 4) for x in (prob_sum[t] / rows[t]).tolist()] if rows[t] > 0 else None
         all_rows = float(rows.sum())
         metrics["run_rate/all"] = float(gate_sum.sum() / gate_sum.shape[1] / all_rows) if all_rows else float("nan")
         metrics.update(layer)
@@ -752,7 +764,7 @@ class Trainer:
         try:
             for indices in batches[self.rank :: self.world]:
                 batch = self._batch(indices, self.eval_steps)
-                row_sum, row_count, prob, gate = self.step_module(
+                row_sum, row_count, prob, gate, _ = self.step_module(
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     labels=batch["labels"], decision_mask=batch["decision_mask"],
                 )
@@ -838,8 +850,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = RunConfig.from_yaml(args.config, overrides)  # every config error surfaces here, before any model load
     result = train(cfg, args.output_dir, resume=args.resume)
     if result.is_main_process:
-            print(json.dumps({"adapter": str(result.adapter_dir), "wall_s": round(result.wall_s, 2),
-                          **{k: v for k, v in result.metrics.items() if "layer_" not in k}}, default=str))
+        metrics = {k: (_finite_or_none(v) if isinstance(v, float) else v) for k, v in result.metrics.items()}
+        print(json.dumps({"adapter": str(result.adapter_dir), "wall_s": round(result.wall_s, 2),
+                          **{k: v for k, v in metrics.items() if "layer_" not in k}}, default=str))
     return 0
 
 

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -15,7 +16,13 @@ from layerroute.errors import DataError
 
 HERE = os.path.dirname(__file__)
 FIX = os.path.join(HERE, "fixtures", "data")
-GSM8K_TRAIN = "/work/shared/data/gsm8k/train.jsonl"
+# real GSM8K lives in shared/data/gsm8k beside (or above) the checkout; tests that need it skip without it
+GSM8K_TRAIN = next(
+    (str(c) for c in (p / "shared" / "data" / "gsm8k" / "train.jsonl" for p in Path(HERE).resolve().parents)
+     if c.is_file()),
+    None,
+)
+needs_gsm8k = pytest.mark.skipif(GSM8K_TRAIN is None, reason="no shared/data/gsm8k above the checkout")
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +81,7 @@ def test_bad_row_threshold_raises_with_examples(tok):
     assert "tool_call_invalid_json: 1" in msg and "hermes:bad-truncated-json:" in msg
 
 
+@needs_gsm8k
 def test_splits_are_disjoint_by_conversation_and_deterministic(tok):
     d = {
         "sources": [
@@ -155,6 +163,7 @@ def test_length_matched_subset_has_matched_bins():
     assert hc[TOOL_CALL] == hc[PLANNING] and cinfo["per_type"] == 10 == sum(hc[TOOL_CALL].values())
 
 
+@needs_gsm8k
 def test_length_matched_on_real_steps(tok):
     d = {
         "sources": [

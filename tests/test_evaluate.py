@@ -13,16 +13,18 @@ from layerroute.adapters import save_adapter
 from layerroute.data.build import load_steps
 from layerroute.data.config import DataConfig
 from layerroute.evaluate import (
-    EvalConfig, flop_summary, ppl, random_patterns, score_generation, shortgpt_pattern, teacher_forced,
+    EvalConfig,
+    flop_summary,
+    ppl,
+    random_patterns,
+    score_generation,
+    shortgpt_pattern,
+    teacher_forced,
 )
 from tests.helpers import tiny_routed
 
 HERE = os.path.dirname(__file__)
 TOKENIZER = os.path.join(HERE, "fixtures", "tokenizers", "smollm2")
-# ../shared beside the checkout (development and CI); the small fixture otherwise
-GSM8K = os.path.join(HERE, "..", "..", "shared", "data", "gsm8k", "train.jsonl")
-if not os.path.exists(GSM8K):
-    GSM8K = os.path.join(HERE, "fixtures", "data", "gsm8k_main.jsonl")
 
 
 def data_cfg(limit: int = 12) -> DataConfig:
@@ -30,7 +32,8 @@ def data_cfg(limit: int = 12) -> DataConfig:
         "progress": False, "eval_fraction": 0.5, "max_length": 768,
         "sources": [
             {"name": "bfcl", "categories": ["simple_python"], "limit": limit},
-            {"name": "gsm8k_jsonl", "path": GSM8K, "limit": limit, "turns_per_conversation": 2},
+            # generated offline by reasoning-gym: no file needed, so the test runs wherever the package is installed
+            {"name": "gsm_symbolic", "limit": limit, "turns_per_conversation": 2},
         ],
     })
 

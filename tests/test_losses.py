@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerroute.losses import target_nll
+from layerroute.losses import distillation_kl, sliced_lm_loss
 from layerroute.routed import routing
 from tests.helpers import TINY_SHAPES, random_batch, tiny_routed
 
@@ -19,8 +19,18 @@ def test_target_nll_matches_labels_loss(shape):
     labels[2, 8:] = -100  # a row with fewer targets (as after padding)
     attention = torch.ones_like(ids)
     with torch.no_grad(), routing(rm.model, "mix", decision_mask=mask):
-        nll, rows = target_nll(rm.model, ids, attention, labels)
+        row_sum, row_count, logits, rows = sliced_lm_loss(rm.model, ids, attention, labels, return_logits=True)
         ref = rm.model(input_ids=ids, attention_mask=attention, labels=labels).loss
-    assert nll.shape == rows.shape == (4 + 4 + 2,)
-    assert torch.bincount(rows).tolist() == [4, 4, 2]
-    assert torch.allclose(nll.mean(), ref, atol=1e-5)
+    assert logits.shape[0] == rows.shape[0] == 4 + 4 + 2
+    assert row_count.tolist() == [4, 4, 2]
+    assert torch.allclose(row_sum.sum() / row_count.sum(), ref, atol=1e-5)
+
+
+def test_distillation_kl_is_zero_for_identical_and_positive_otherwise():
+    a = torch.randn(5, 11)
+    assert torch.allclose(distillation_kl(a, a), torch.zeros(5), atol=1e-6)
+    b = a + torch.randn(5, 11)
+    kl = distillation_kl(b, a)
+    assert (kl > 0).all()
+    manual = (a.softmax(-1) * (a.log_softmax(-1) - b.log_softmax(-1))).sum(-1)
+    assert torch.allclose(kl, manual, atol=1e-5)

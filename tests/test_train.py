@@ -42,6 +42,15 @@ def trainable_state(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in trainer.rm.model.named_parameters() if p.requires_grad}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and two threads on a shared 2-core machine thrash (10x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _in_repo_root(monkeypatch):
     monkeypatch.chdir(ROOT)  # the smoke config's tokenizer path is relative to the repository root
@@ -129,11 +138,11 @@ def test_poisoned_loss_stops_naming_step_and_checkpoint(tmp_path, smoke_data, mo
     real = train_mod.sliced_lm_loss
 
     def poisoned(*args, **kwargs):
-        row_sum, row_count = real(*args, **kwargs)
+        row_sum, *rest = real(*args, **kwargs)
         calls["n"] += 1
         if calls["n"] >= 3:  # grad_accum 2: the first micro-batch of optimizer step 2
             row_sum = row_sum * float("nan")
-        return row_sum, row_count
+        return (row_sum, *rest)
 
     monkeypatch.setattr(train_mod, "sliced_lm_loss", poisoned)
     trainer = Trainer(smoke_cfg("train.checkpoint_every=1", "train.eval_every=0"), tmp_path, data=smoke_data)
@@ -268,3 +277,54 @@ def test_smoke_config_under_accelerate_launch_two_processes_gloo(tmp_path):
         logits = rm.model(input_ids=ids).logits
     assert torch.isfinite(logits).all()
     assert any(bool((p != 0).any()) for n, p in rm.model.named_parameters() if "lora_B" in n)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Options that train the shallow path (issue 8): block dropping and self-distillation
+
+
+def test_block_drop_mask_rises_with_depth_and_spares_planning():
+    from layerroute.config import TrainConfig
+    from layerroute.train import RoutedStepLoss
+
+    module = RoutedStepLoss(torch.nn.Linear(1, 1), TrainConfig(block_drop_rate=0.8))
+    module.train()
+    torch.manual_seed(0)
+    keep = module.drop_mask(4000, 5, None, "cpu")
+    dropped = 1 - keep.float().mean(dim=0)  # per block
+    assert dropped[0] == 0  # the first block is never dropped
+    assert torch.allclose(dropped, torch.tensor([0.0, 0.2, 0.4, 0.6, 0.8]), atol=0.03)
+    tool_only = RoutedStepLoss(torch.nn.Linear(1, 1), TrainConfig(block_drop_rate=0.8, block_drop_on="tool_call"))
+    tool_only.train()
+    is_tool = torch.tensor([True, False] * 500)
+    keep = tool_only.drop_mask(1000, 5, is_tool, "cpu")
+    assert keep[~is_tool].all() and not keep[is_tool].all()
+    module.eval()
+    assert module.drop_mask(10, 5, None, "cpu") is None  # never at evaluation
+
+
+def test_block_dropping_closes_gates_in_training(tmp_path, smoke_data):
+    cfg = smoke_cfg("train.steps=2", "train.grad_accum=1", "train.checkpoint_every=0", "train.eval_every=0",
+                    "train.block_drop_rate=1.0", "train.warmup_steps=0")
+    trainer = Trainer(cfg, tmp_path, data=smoke_data)
+    trainer.setup()
+    metrics = trainer.fit()
+    # routers start open (init bias 2); with rate 1 the last block is always dropped, block 0 never
+    rates = metrics["layer_run_rate/tool_call"]
+    assert rates[0] == 1.0 and rates[-1] == 0.0
+    assert metrics["run_rate/all"] < 1.0
+
+
+def test_self_distillation_adds_a_kl_term(tmp_path, smoke_data):
+    cfg = smoke_cfg("train.steps=1", "train.grad_accum=1", "train.checkpoint_every=0", "train.eval_every=0",
+                    "train.distill_weight=1.0", "train.block_drop_rate=0.9", "train.warmup_steps=0")
+    trainer = Trainer(cfg, tmp_path, data=smoke_data)
+    trainer.setup()
+    metrics = trainer.fit()
+    # the student skips blocks the full-depth teacher runs: their next-token distributions differ
+    assert metrics["distill"] > 0
+    assert metrics["loss"] == pytest.approx(metrics["lm_loss"] + 0.1 * metrics["reg"] + metrics["distill"], rel=1e-4)
+    no_kd = Trainer(smoke_cfg("train.steps=1", "train.grad_accum=1", "train.checkpoint_every=0",
+                              "train.eval_every=0", "train.warmup_steps=0"), tmp_path / "b", data=smoke_data)
+    no_kd.setup()
+    assert no_kd.fit()["distill"] == 0.0

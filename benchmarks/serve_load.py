@@ -1,0 +1,228 @@
+"""Load test of `layerroute serve`: requests/s and p50/p95 latency at 1 and 4 concurrent clients, routed vs dense.
+
+    PYTHONPATH=. python benchmarks/serve_load.py --model smollm2-135m-instruct --requests 8 --max-tokens 32
+
+One server process per configuration, all started first and kept running (idle ones cost nothing); then, for
+each concurrency level and repetition, every configuration takes a burst of `--requests` requests in turn
+(interleaved, so load from other processes on a shared machine hits them alike; compare within a run only).
+Configurations:
+
+- ``dense``: ``--dense``, the plain model (routed layers swapped out, LoRA merged): the baseline.
+- ``routed``: the routers decide (without ``--adapter`` they are at init and run every block, so this measures
+  the router overhead; with ``--adapter`` the trained routers decide).
+- ``skip<F>``: a forced pattern skipping round(F * L) blocks (real skipping; without a trained adapter the text
+  is not meaningful, the speed is).
+
+Requests are BFCL simple_python questions with their tool specs (a realistic tool-call prompt), sent with the
+official openai client, ``temperature=0``, and ``"layerroute": {"ignore_eos": true, "cache": false}`` so every
+configuration generates exactly ``--max-tokens`` tokens per request and re-prefills (no session reuse between
+unrelated requests). The server has one worker: at 4 clients requests queue, so requests/s stays near the
+1-client figure while latency grows; that is the design being measured.
+
+Prints one JSON line last (also written to ``--output``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bfcl_requests(n: int) -> list[tuple[list[dict], list[dict]]]:
+    from layerroute.data.sources import bfcl_data_dir, bfcl_tool
+
+    path = Path(bfcl_data_dir()) / "BFCL_v4_simple_python.json"
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            messages = [{"role": m["role"], "content": m["content"]} for m in row["question"][0]]
+            out.append((messages, [bfcl_tool(fn) for fn in row["function"]]))
+            if len(out) == n:
+                break
+    return out
+
+
+class ServerProc:
+    def __init__(self, name: str, model: str, extra: list[str], adapter: str | None):
+        self.name, self.port = name, free_port()
+        cmd = [sys.executable, "-m", "layerroute.serve", "--model", model, "--served-model-name", "bench",
+               "--port", str(self.port), "--cache-sessions", "0", "--log-level", "warning", *extra]
+        if adapter:
+            cmd += ["--adapter", adapter]
+        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"serve_load_{name}_{self.port}.log", "w")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def wait(self, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server {self.name} exited ({self.proc.returncode}); see {self.log.name}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+                    if json.loads(r.read())["status"] == "ok":
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError(f"server {self.name} did not come up in {timeout} s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def burst(client, reqs, n: int, concurrency: int, max_tokens: int) -> dict:
+    """n requests from `concurrency` client threads; per-request latency and server-side figures."""
+    lock, next_i = threading.Lock(), [0]
+    records, errors = [], []
+
+    def worker():
+        while True:
+            with lock:
+                i = next_i[0]
+                next_i[0] += 1
+            if i >= n:
+                return
+            messages, tools = reqs[i % len(reqs)]
+            t0 = time.perf_counter()
+            try:
+                r = client.chat.completions.create(
+                    model="bench", messages=messages, tools=tools, max_tokens=max_tokens, temperature=0,
+                    extra_body={"layerroute": {"ignore_eos": True, "cache": False}})
+            except Exception as e:  # noqa: BLE001 - counted
+                errors.append(repr(e))
+                continue
+            ext = r.model_extra["layerroute"]
+            with lock:
+                records.append({"latency": time.perf_counter() - t0, "ttft": ext["timings"]["ttft_s"],
+                                "decode": ext["timings"]["decode_s_per_token"], "queue": ext["timings"]["queue_s"],
+                                "tokens": r.usage.completion_tokens, "prompt": r.usage.prompt_tokens,
+                                "skipped": len(ext["blocks_skipped"]), "tfs": ext["total_flops_skipped"]})
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"wall": time.perf_counter() - start, "records": records, "errors": errors}
+
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (with 8-16 samples p95 is close to the maximum)."""
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, int(round(q / 100 * len(s) + 0.5)) - 1))]
+
+
+def summarize(bursts: list[dict]) -> dict:
+    recs = [r for b in bursts for r in b["records"]]
+    lat = [r["latency"] for r in recs]
+    rps = [len(b["records"]) / b["wall"] for b in bursts]
+    return {
+        "requests": len(recs), "errors": sum(len(b["errors"]) for b in bursts),
+        "rps_median": statistics.median(rps), "rps_per_rep": rps,
+        "p50_s": statistics.median(lat), "p95_s": pct(lat, 95),
+        "server_ttft_s_median": statistics.median(r["ttft"] for r in recs),
+        "server_decode_ms_per_token_median": 1000 * statistics.median(r["decode"] for r in recs if r["decode"]),
+        "queue_s_median": statistics.median(r["queue"] for r in recs),
+        "completion_tokens_mean": statistics.fmean(r["tokens"] for r in recs),
+        "prompt_tokens_mean": statistics.fmean(r["prompt"] for r in recs),
+        "blocks_skipped_mean": statistics.fmean(r["skipped"] for r in recs),
+        "total_flops_skipped_mean": statistics.fmean(r["tfs"] for r in recs),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--adapter", default=None, help="adapter for the routed configuration")
+    p.add_argument("--skip-fraction", type=float, nargs="*", default=[0.25], help="forced-skip configurations")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--requests", type=int, default=8, help="requests per burst")
+    p.add_argument("--reps", type=int, default=2, help="bursts per configuration and concurrency")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--output", default=None)
+    args = p.parse_args()
+
+    import openai
+
+    configs = {"dense": ["--dense"], "routed": []}
+    for f in args.skip_fraction:
+        configs[f"skip{f:g}"] = ["--skip-fraction", str(f)]
+    reqs = bfcl_requests(max(args.requests, 8))
+    servers = {name: ServerProc(name, args.model, extra, args.adapter if name == "routed" else None)
+               for name, extra in configs.items()}
+    try:
+        for s in servers.values():
+            s.wait()
+        clients = {n: openai.OpenAI(base_url=s.base_url, api_key="unused", max_retries=0, timeout=600)
+                   for n, s in servers.items()}
+        for cl in clients.values():
+            burst(cl, reqs, args.warmup, 1, args.max_tokens)
+        results: dict = {name: {} for name in configs}
+        for c in args.concurrency:
+            runs = {name: [] for name in configs}
+            for rep in range(args.reps):
+                for name, cl in clients.items():
+                    b = burst(cl, reqs, args.requests, c, args.max_tokens)
+                    runs[name].append(b)
+                    print(f"c={c} rep={rep} {name}: {len(b['records'])} ok, {len(b['errors'])} errors, "
+                          f"{len(b['records']) / b['wall']:.2f} req/s", file=sys.stderr)
+            for name in configs:
+                results[name][f"c{c}"] = summarize(runs[name])
+    finally:
+        for s in servers.values():
+            s.stop()
+    ratios = {}
+    for name in configs:
+        if name == "dense":
+            continue
+        for c in args.concurrency:
+            d, x = results["dense"][f"c{c}"], results[name][f"c{c}"]
+            ratios[f"{name}_vs_dense_c{c}"] = {"rps": x["rps_median"] / d["rps_median"],
+                                               "p50": x["p50_s"] / d["p50_s"], "p95": x["p95_s"] / d["p95_s"]}
+    out = {
+        "benchmark": "serve_load", "model": args.model, "adapter": args.adapter, "max_tokens": args.max_tokens,
+        "requests_per_burst": args.requests, "reps": args.reps, "concurrency": args.concurrency,
+        "prompts": "BFCL simple_python questions + tools", "results": results, "ratios": ratios,
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                    "loadavg_at_end": os.getloadavg()},
+        "note": "one worker per server (requests queue); shared CPU machine, timings noisy: compare within a run",
+    }
+    if args.output:
+        Path(args.output).write_text(json.dumps(out, indent=2))
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

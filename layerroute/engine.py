@@ -1,0 +1,433 @@
+"""One routed model behind a server: chat rendering, per-conversation KV-cache sessions, generation with
+streaming, and per-request routing / FLOP accounting.
+
+The HTTP layer (`layerroute.serve`) is a thin shell around `Engine.generate`, which is *not* thread-safe:
+the server calls it from one worker thread (requests queue in front of it).
+
+Prompts
+-------
+`render_prompt` renders OpenAI messages + tools with the data pipeline's own renderer
+(`layerroute.data.render.StepRenderer`), so a request's prompt is token for token the context a training step
+had (tokenizer chat template; Hermes/Qwen2.5 text convention for templates without tools).
+
+Sessions (the ``kv_preserving`` policy)
+---------------------------------------
+An agent resends its whole conversation every request. Each finished request leaves a `Session`: its KV cache
+(prompt + generated tokens, the last generated one excepted: it was never fed back) and, per routed block, the
+running sum and count of the hidden states that entered the block (`RoutedLayer.pool_sum` / `pool_count`,
+the "session pooling" of GUIDE section 2) at two checkpoints: the end of the prompt and the end of the cache.
+A new request whose prompt extends a session's tokens past a checkpoint reuses it: the cache is cropped to
+the checkpoint, the running sums are restored, and only the new tokens are prefilled. The routers then decide
+from the running sums, i.e. from the mean over the *whole* context, exactly as without a cache, but the cached
+positions keep the hidden states and K/V they got under the earlier steps' gates: that is what
+``kv_preserving`` means (each skipped block wrote K/V for its tokens, so every block's cache is complete).
+With every gate open it is the plain model with a prefix cache: same tokens as a fresh prefill.
+
+The running sums cannot be rewound, so a routed session is reusable only at its two checkpoints; the dense
+model (no routers) can reuse any common prefix. Under the ``exact`` policy a skipped block writes no K/V, so
+nothing is reused (each request re-prefills its context with its own decisions). Sessions are kept in LRU
+order, at most `cache_sessions` of them; a reused session is taken out of the store (its cache grows in
+place) and put back under its new tokens, so memory stays bounded by the count times the context length.
+
+There was no `Session` class on the inference branch when this was written; this module is the minimum a
+server needs (single-row sessions), not a general batched session API.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from .data.render import StepRenderer, end_of_turn_ids
+from .flops import step_flops
+from .generate import inference_weights, plain_blocks, synchronize
+from .routed import RoutedCache, find_routed_layers, gate_records, routing
+
+log = logging.getLogger(__name__)
+
+GREEDY_BELOW = 1e-5  # temperature at or below this decodes greedily (OpenAI accepts 0)
+
+
+# -- prompts -------------------------------------------------------------------------------------------------
+class PromptRenderer:
+    """OpenAI messages + tools -> prompt token ids, through the training data's own renderer."""
+
+    def __init__(self, tokenizer):
+        # max_length only matters for training steps; rendering a prompt never drops anything
+        self._renderer = StepRenderer(tokenizer, max_length=1 << 30)
+        self.tokenizer = tokenizer
+
+    def text(self, messages: list[dict], tools: list[dict]) -> str:
+        """The prompt text, ending with the assistant header (raises RenderError on template errors)."""
+        return self._renderer._text(messages, tools, add_generation_prompt=True)
+
+    def ids(self, text: str) -> list[int]:
+        return self._renderer._ids(text)
+
+
+def render_prompt(tokenizer, messages: list[dict], tools: list[dict] | None = None, prefix: str = "") -> list[int]:
+    """Token ids of the generation prompt for `messages` (OpenAI form, structured tool calls) and `tools`.
+
+    `prefix` is appended after the assistant header (the start of a forced tool call)."""
+    r = PromptRenderer(tokenizer)
+    return r.ids(r.text(messages, tools or []) + prefix)
+
+
+# -- sessions ------------------------------------------------------------------------------------------------
+Pools = list  # per routed block: (sum [1, H] float32, count [1, 1]) or None
+
+
+@dataclass
+class Session:
+    """A finished request's KV cache and routing running sums, reusable by a request that extends its tokens."""
+
+    ids: list[int]  # the tokens in the cache (prompt + generated, the last generated token excepted)
+    cache: RoutedCache
+    checkpoints: dict[int, Pools | None]  # length -> the running sums after that many tokens (None: dense)
+    key: str = ""
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def nbytes(self) -> int:
+        total = 0
+        for layer in self.cache.layers:
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return total
+
+
+def token_key(ids: list[int]) -> str:
+    """A short hash of a token sequence (the session store's key)."""
+    return hashlib.sha1(torch.tensor(ids, dtype=torch.int64).numpy().tobytes()).hexdigest()[:20]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    eq = torch.tensor(a[:n]) == torch.tensor(b[:n])
+    return n if bool(eq.all()) else int((~eq).nonzero()[0])
+
+
+class SessionStore:
+    """At most `capacity` sessions in LRU order; `take` removes the best one for a prompt."""
+
+    def __init__(self, capacity: int, any_prefix: bool):
+        self.capacity = max(0, int(capacity))
+        self.any_prefix = any_prefix  # dense model: every prefix is a checkpoint
+        self._items: OrderedDict[str, Session] = OrderedDict()
+        self.hits = self.misses = self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self._items.values())
+
+    def usable(self, session: Session, prompt: list[int]) -> int:
+        """The longest prefix of `prompt` this session can serve (0: none). At least one token must be new."""
+        c = min(common_prefix(session.ids, prompt), len(prompt) - 1)
+        if self.any_prefix:
+            return c
+        return max((k for k in session.checkpoints if k <= c), default=0)
+
+    def take(self, prompt: list[int]) -> tuple[Session | None, int]:
+        """Remove and return the session serving the longest prefix of `prompt`, with that prefix length."""
+        best, best_len = None, 0
+        for key, s in self._items.items():
+            n = self.usable(s, prompt)
+            if n > best_len:
+                best, best_len = key, n
+        if best is None:
+            self.misses += 1
+            return None, 0
+        self.hits += 1
+        return self._items.pop(best), best_len
+
+    def put(self, session: Session) -> None:
+        if self.capacity == 0:
+            return
+        session.key = token_key(session.ids)
+        session.last_used = time.monotonic()
+        self._items.pop(session.key, None)
+        self._items[session.key] = session
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+            self.evictions += 1
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def stats(self) -> dict:
+        return {
+            "sessions": len(self), "capacity": self.capacity, "bytes": self.nbytes, "hits": self.hits,
+            "misses": self.misses, "evictions": self.evictions,
+        }
+
+
+# -- generation hooks ----------------------------------------------------------------------------------------
+class _Streamer:
+    """generate() streamer: timestamps each generated token (after a device sync) and forwards it."""
+
+    def __init__(self, device, on_token: Callable[[int], None] | None):
+        self.device, self.on_token = device, on_token
+        self.times: list[float] = []
+        self._seen_prompt = False
+
+    def put(self, value) -> None:
+        if not self._seen_prompt:
+            self._seen_prompt = True
+            return
+        synchronize(self.device)
+        self.times.append(time.perf_counter())
+        if self.on_token is not None:
+            self.on_token(int(value.reshape(-1)[0]))
+
+    def end(self) -> None:
+        pass
+
+
+class _Cancel(StoppingCriteria):
+    """Stops generation when the client went away."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _Scripted(LogitsProcessor):
+    """Forces the generated tokens to a given sequence, then an end-of-turn token (tests and demos only: the
+    whole real path runs, routing and cache included; only the token choice is imposed)."""
+
+    def __init__(self, tokens: list[int], prompt_len: int, eos: int):
+        self.tokens, self.prompt_len, self.eos = tokens, prompt_len, eos
+
+    def __call__(self, input_ids, scores):
+        i = input_ids.shape[1] - self.prompt_len
+        target = self.tokens[i] if i < len(self.tokens) else self.eos
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, target] = 0.0
+        return forced
+
+
+# -- the engine ----------------------------------------------------------------------------------------------
+@dataclass
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float | None = None  # None or ~0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
+
+
+@dataclass
+class Completion:
+    """What one request produced, and how the model got there."""
+
+    tokens: list[int]  # generated ids (end-of-turn token excluded)
+    text: str
+    finish_reason: str  # stop | length | cancelled
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens served from a session
+    gates: list[bool]  # per block: True = ran
+    router_probs: list[float]  # per block sigmoid(logit) (empty for the dense model)
+    router_logits: list[float]
+    timings: dict
+    flops: dict
+    cache: dict
+
+
+class Engine:
+    """A routed model ready to serve: LoRA merged once, routers in skip mode, sessions per conversation.
+
+    kv_policy: 'kv_preserving' (sessions reusable) or 'exact' (every request re-prefills; no sessions).
+    dense: serve the plain model (the original blocks put back, no routers): the baseline.
+    forced: a gate pattern [L] applied instead of the routers' decisions (e.g. to measure real skipping without
+    a trained adapter)."""
+
+    def __init__(self, rm, *, kv_policy: str = "kv_preserving", cache_sessions: int = 16, dense: bool = False,
+                 forced=None, threshold: float | None = None, scripted: Callable | None = None):
+        if rm.tokenizer is None:
+            raise ValueError("serving needs a tokenizer on the routed model (rm.tokenizer)")
+        if kv_policy not in ("exact", "kv_preserving"):
+            raise ValueError(f"kv_policy must be 'exact' or 'kv_preserving', not {kv_policy!r}")
+        self.rm, self.kv_policy, self.dense, self.forced, self.threshold = rm, kv_policy, dense, forced, threshold
+        self.scripted = scripted
+        self.tokenizer = rm.tokenizer
+        self.prompts = PromptRenderer(rm.tokenizer)
+        self.lock = threading.Lock()  # one generation at a time (the server's worker holds it)
+        self._stack = ExitStack()
+        # LoRA merged into the weights once for the server's lifetime (not per request)
+        self.model = self._stack.enter_context(inference_weights(rm))
+        if dense:
+            self._stack.enter_context(plain_blocks(self.model))
+        self.routed_layers = [] if dense else find_routed_layers(rm.model)
+        reusable = dense or kv_policy == "kv_preserving"
+        self.sessions = SessionStore(cache_sessions if reusable else 0, any_prefix=dense)
+        # running context sums per block only when a session may continue (they cost a small op per block per
+        # token); without them the decision pools over the prompt at once (same mean)
+        self._pooling = not dense and self.sessions.capacity > 0
+        self.device = next(self.model.parameters()).device
+        cfg = rm.base_model.generation_config
+        eos = cfg.eos_token_id
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        self.eos_ids = sorted(set(eos) | end_of_turn_ids(self.tokenizer))
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.context_length = int(getattr(rm.config, "max_position_embeddings", 0) or 0) or None
+        rc = rm.router_cfg
+        self._router_hidden = rc.bottleneck if rc.kind == "mlp" else None
+
+    def close(self) -> None:
+        self.sessions.clear()
+        self._stack.close()
+
+    # -- one request --------------------------------------------------------------------------------------
+    def generate(self, prompt: list[int], params: SamplingParams, *, on_token: Callable[[int], None] | None = None,
+                 cancel: threading.Event | None = None, reuse: bool = True, scripted_text: str | None = None
+                 ) -> Completion:
+        """Generate one assistant turn for `prompt` (token ids). Not thread-safe: hold `self.lock`."""
+        t0 = time.perf_counter()
+        session, cached = self.sessions.take(prompt) if reuse and self.sessions.capacity else (None, 0)
+        if session is not None:
+            cache = session.cache
+            if cache.get_seq_length() > cached:
+                cache.crop(cached - cache.get_seq_length())
+            pools = session.checkpoints.get(cached)
+        else:
+            cache, pools = RoutedCache(), None
+        n_prompt, n_new = len(prompt), len(prompt) - cached
+        ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
+        mask = torch.ones_like(ids)
+
+        gen_kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=self.pad_id, use_cache=True,
+                          num_beams=1, past_key_values=cache)
+        greedy = params.temperature is None or params.temperature <= GREEDY_BELOW
+        if greedy:
+            gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            gen_kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+        gen_kwargs["eos_token_id"] = None if params.ignore_eos else self.eos_ids
+        if params.stop:
+            gen_kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        if cancel is not None:
+            gen_kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancel(cancel)])
+        if scripted_text is not None:
+            script = self.tokenizer(scripted_text, add_special_tokens=False)["input_ids"]
+            gen_kwargs["logits_processor"] = LogitsProcessorList([_Scripted(script, n_prompt, self.eos_ids[0])])
+        streamer = _Streamer(self.device, on_token)
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+
+        snapshots: dict[int, tuple] = {}
+        hooks = []
+        with ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            if not self.dense:
+                stack.enter_context(routing(
+                    self.rm.model, "skip", decision_mask=torch.ones(1, n_new, device=self.device),
+                    forced=self.forced, threshold=self.threshold, kv_policy=self.kv_policy,
+                    session_pooling=self._pooling,
+                ))
+                for i, layer in enumerate(self.routed_layers if self._pooling else []):
+                    layer.pool_sum, layer.pool_count = pools[i] if pools else (None, None)
+
+                    def snap(module, args, output, i=i):  # after the prefill: the running sums at the prompt's end
+                        if i not in snapshots:
+                            snapshots[i] = (module.pool_sum, module.pool_count)
+
+                    hooks.append(layer.register_forward_hook(snap))
+            try:
+                synchronize(self.device)
+                start = time.perf_counter()
+                out = self.model.generate(ids, attention_mask=mask, streamer=streamer, **gen_kwargs)
+                synchronize(self.device)
+                end = time.perf_counter()
+                if self.dense:
+                    gates, probs, logits = [True] * self.rm.num_layers, [], []
+                else:
+                    recs = gate_records(self.rm.model)
+                    gates = [bool(r.gate.reshape(-1)[0] > 0.5) for r in recs]
+                    probs = [float(r.prob.reshape(-1)[0]) for r in recs]
+                    logits = [float(r.logit.reshape(-1)[0]) for r in recs]
+                    final_pools = [(layer.pool_sum, layer.pool_count) for layer in self.routed_layers]
+            finally:
+                for h in hooks:
+                    h.remove()
+                for layer in self.routed_layers:  # the next request brings its own sums
+                    layer.pool_sum = layer.pool_count = None
+
+        new = out[0, n_prompt:].tolist()
+        eos = set(self.eos_ids)
+        cut = next((i for i, t in enumerate(new) if t in eos), None)
+        tokens = new if cut is None or params.ignore_eos else new[:cut]
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        stopped_on = next((s for s in params.stop if s in text), None)
+        if cancel is not None and cancel.is_set():
+            finish = "cancelled"
+        elif (cut is not None and not params.ignore_eos) or stopped_on is not None:
+            finish = "stop"
+        else:
+            finish = "length"
+        if stopped_on is not None:
+            text = text[: text.index(stopped_on)]
+
+        # the cache now holds the prompt and every generated token but the last (never fed back)
+        cached_ids = prompt + new[:-1] if new else list(prompt)
+        if self.sessions.capacity and cache.get_seq_length() == len(cached_ids):
+            if self.dense:
+                checkpoints = {n_prompt: None, len(cached_ids): None}
+            else:
+                at_prompt = [snapshots[i] for i in range(len(self.routed_layers))]
+                checkpoints = {n_prompt: at_prompt, len(cached_ids): final_pools}
+            self.sessions.put(Session(cached_ids, cache, checkpoints))
+        elif self.sessions.capacity:
+            log.warning("cache length %d != %d tokens seen; session dropped", cache.get_seq_length(), len(cached_ids))
+
+        times = streamer.times or [end]
+        n_gen = len(new)
+        timings = {
+            "ttft_s": times[0] - start,
+            "decode_s_per_token": (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None,
+            "generate_s": end - start,
+            "engine_s": time.perf_counter() - t0,
+        }
+        processed = n_new + max(n_gen - 1, 0)  # tokens that went through the blocks in this request
+        fl = step_flops(
+            self.rm.config, cached, processed, gates, kv_preserving=self.kv_policy == "kv_preserving",
+            lm_head_positions=max(n_gen, 1), router_hidden=self._router_hidden, count_routers=not self.dense,
+        )
+        flops = {
+            "block_flops_skipped": fl["block_skipped_fraction"],
+            "total_flops_skipped": fl["total_skipped_fraction"],
+            "total_dense": fl["total_dense"],
+            "total_routed": fl["total_routed"],
+            "policy": fl["policy"],
+        }
+        cache_info = {
+            "reused": session is not None, "cached_tokens": cached, "prefilled_tokens": n_new,
+            "sessions": len(self.sessions),
+        }
+        return Completion(
+            tokens=tokens, text=text, finish_reason=finish, prompt_tokens=n_prompt, cached_tokens=cached,
+            gates=gates, router_probs=probs, router_logits=logits, timings=timings, flops=flops, cache=cache_info,
+        )
+
+
+__all__ = [
+    "Completion", "Engine", "PromptRenderer", "SamplingParams", "Session", "SessionStore", "common_prefix",
+    "render_prompt", "token_key",
+]
