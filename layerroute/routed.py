@@ -15,6 +15,8 @@ manager. Modes:
   first forward after ``new_step()`` (the prefill), and reused by every later forward of the step (decode).
   With the ``kv_preserving`` policy a skipped block still writes K/V for the step's tokens into the cache, so a
   later step that runs the block finds a complete cache. With ``exact`` it writes nothing (use `RoutedCache`).
+  When the rows of a batch disagree, the block runs on the rows that run it only (gathered; `_RowsCache` keeps
+  the cache layer one entry per row), so each row gets exactly its own decisions.
 
 The decision for block l reads the hidden states *entering* block l, pooled over the decision mask (context
 positions only). It never sees the step's own target tokens, so a decision made in training can be made at
@@ -199,7 +201,8 @@ class RoutedLayer(nn.Module):
             if st.kv_policy == "kv_preserving":
                 self._write_kv(hidden_states, kwargs)
             return hidden_states
-        # Rows disagree: run the block on the rows that run it only (gathered), so its cost scales with them.
+        # Rows disagree: run the block on the rows that run it only (gathered). Its compute scales with those rows;
+        # its weights are read once either way (memory-bound batch decode saves little; see RESULTS.md).
         return self._forward_rows(hidden_states, plan, args, kwargs)
 
     def _forward_rows(self, hidden: torch.Tensor, plan, args: tuple, kwargs: dict) -> torch.Tensor:
