@@ -184,27 +184,27 @@ def score_generation(step, text: str) -> tuple[bool, str | None]:
 def accuracy(rm: RoutedModel, steps, idx: list[int], config: str, cfg: EvalConfig, *, threshold=None,
              forced=None) -> dict:
     """Greedy generation with real skipping (LoRA merged) from each step's context; fraction scored correct."""
-    from .generate import routed_generate
+    from .generate import inference_weights, routed_generate
 
     eos = _eos_ids(rm.tokenizer)
     correct, failures = 0, defaultdict(int)
-    for i in tqdm(idx, desc=f"generate {config}", leave=False):
-        step = steps[i]
-        budget = cfg.max_new_tokens_tool if step.step_type == "tool_call" else cfg.max_new_tokens_planning
-        prompt = step.input_ids[: step.context_length]
-        kwargs = dict(max_new_tokens=budget, eos_token_id=eos, kv_policy=cfg.kv_policy, threshold=threshold)
-        if config == "base":
-            with rm.lora_disabled():
-                out = routed_generate(rm, [prompt], forced="open", merge_lora=False, **kwargs)
-        elif config == "lora_full_depth":
-            out = routed_generate(rm, [prompt], forced="open", **kwargs)
-        else:
-            out = routed_generate(rm, [prompt], forced=forced, **kwargs)
-        text = rm.tokenizer.decode(out.tokens[0], skip_special_tokens=True)
-        ok, reason = score_generation(step, text)
-        correct += ok
-        if not ok:
-            failures[(reason or "wrong").split(":")[0]] += 1
+    # LoRA merged once for the whole loop (merging per call would drift the weights by float error);
+    # the base configuration runs with the adapters disabled instead
+    weights = rm.lora_disabled() if config == "base" else inference_weights(rm)
+    gates = "open" if config in ("base", "lora_full_depth") else forced
+    with weights:
+        for i in tqdm(idx, desc=f"generate {config}", leave=False):
+            step = steps[i]
+            budget = cfg.max_new_tokens_tool if step.step_type == "tool_call" else cfg.max_new_tokens_planning
+            out = routed_generate(
+                rm, [step.input_ids[: step.context_length]], max_new_tokens=budget, eos_token_id=eos,
+                kv_policy=cfg.kv_policy, threshold=threshold, forced=gates, merge_lora=config != "base",
+            )
+            text = rm.tokenizer.decode(out.tokens[0], skip_special_tokens=True)
+            ok, reason = score_generation(step, text)
+            correct += ok
+            if not ok:
+                failures[(reason or "wrong").split(":")[0]] += 1
     return {"accuracy": correct / len(idx) if idx else float("nan"), "n": len(idx), "failures": dict(failures)}
 
 
