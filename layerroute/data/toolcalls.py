@@ -130,15 +130,13 @@ def _call_from_body(body: str, repairs: list[str]) -> tuple[dict | None, str | N
     return {"name": name.strip(), "arguments": args}, None
 
 
-def parse_tool_calls_detailed(text: str) -> ParsedCalls:
-    """Parse every tool call in `text`; see the module docstring for the accepted forms."""
-    out = ParsedCalls()
-    if not isinstance(text, str):
-        out.error = f"tool_call_not_text: {type(text).__name__}"
-        return out
+def _take_calls(text: str, pattern: re.Pattern, out: ParsedCalls) -> tuple[str, str]:
+    """Parse every `pattern` match's body into out.calls (first error kept in out.error).
+
+    Returns (the text between the matches, the text after the last match)."""
     pieces: list[str] = []
     pos = 0
-    for m in _TOOL_CALL_RE.finditer(text):
+    for m in pattern.finditer(text):
         pieces.append(text[pos : m.start()])
         pos = m.end()
         call, err = _call_from_body(m.group(1), out.repairs)
@@ -146,26 +144,25 @@ def parse_tool_calls_detailed(text: str) -> ParsedCalls:
             out.error = out.error or err
             continue
         out.calls.append(call)
-    rest = text[pos:]
+    return "".join(pieces), text[pos:]
+
+
+def parse_tool_calls_detailed(text: str) -> ParsedCalls:
+    """Parse every tool call in `text`; see the module docstring for the accepted forms."""
+    out = ParsedCalls()
+    if not isinstance(text, str):
+        out.error = f"tool_call_not_text: {type(text).__name__}"
+        return out
+    before, rest = _take_calls(text, _TOOL_CALL_RE, out)
     if TOOL_CALL_OPEN in rest:  # an opening tag without its closing tag: a truncated generation or row
         i = rest.index(TOOL_CALL_OPEN)
         out.error = out.error or f"tool_call_unclosed: {_short(rest[i:])}"
         rest = rest[:i]
-    pieces.append(rest)
-    text_wo = "".join(pieces)
+    text_wo = before + rest
 
     if FUNCTIONCALL in text_wo:
-        pieces, pos = [], 0
-        for m in _FUNCTIONCALL_RE.finditer(text_wo):
-            pieces.append(text_wo[pos : m.start()])
-            pos = m.end()
-            call, err = _call_from_body(m.group(1), out.repairs)
-            if err is not None:
-                out.error = out.error or err
-                continue
-            out.calls.append(call)
-        pieces.append(text_wo[pos:])
-        text_wo = "".join(pieces)
+        before, rest = _take_calls(text_wo, _FUNCTIONCALL_RE, out)
+        text_wo = before + rest
 
     out.remaining_text = text_wo.replace(GLAIVE_END, "").strip()
     if out.error is not None:
