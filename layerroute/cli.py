@@ -10,6 +10,7 @@ import argparse
 import importlib
 import json
 import sys
+import warnings
 
 from .errors import LayerRouteError
 
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # peft 0.21 calls a transformers property deprecated in 5.x on every adapter operation: noise, not news
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
