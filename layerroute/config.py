@@ -99,7 +99,7 @@ class LoraSettings:
 
 
 REGULARIZERS = ("soft_mean", "hard_ste", "budget", "none")
-ROUTER_LOSSES = ("none", "bce")
+ROUTER_LOSSES = ("none", "bce", "oracle")
 
 
 @dataclass
@@ -124,7 +124,9 @@ class TrainConfig:
     )
     reg_weight: float = setting(0.1, "lambda: weight of the regulariser in the loss")
     target_run_rate: float = setting(0.8, "budget regulariser: the run-rate (fraction of blocks run) to aim at")
-    router_loss: str = setting("none", "none, or bce (LayerRoute-BCE: every router pushed to skip tool calls, run planning)")
+    router_loss: str = setting(
+        "none", "none; bce (LayerRoute-BCE: skip tool calls, run planning); oracle (first-order per-block skip costs)"
+    )
     bce_weight: float = setting(1.0, "weight of the bce router loss")
     block_drop_rate: float = setting(
         0.0, "LayerSkip-style block dropping while training: block l dropped with prob rate*l/(L-1) (0 = off)"
@@ -132,6 +134,9 @@ class TrainConfig:
     block_drop_on: str = setting("all", "which steps get block dropping: all, or tool_call (planning keeps all)")
     distill_weight: float = setting(0.0, "self-distillation: weight of KL(full-depth || routed) on the step's tokens")
     distill_temperature: float = setting(1.0, "softmax temperature of the distillation KL")
+    oracle_epsilon: float = setting(
+        0.01, "router_loss=oracle: a block whose first-order skip cost (-dNLL/dgate, nats) is below this is a skip target"
+    )
     checkpoint_every: int = setting(500, "save a resumable checkpoint every N optimizer steps (0 = never)")
     keep_checkpoints: int = setting(2, "keep only the newest N checkpoints")
     log_every: int = setting(10, "one metrics record (bar + metrics.jsonl) every N optimizer steps")

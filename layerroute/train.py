@@ -109,7 +109,16 @@ class RoutedStepLoss(nn.Module):
                 teacher, _, _ = target_logits(self.model, input_ids, attention_mask, labels)
             kl = distillation_kl(logits, teacher, self.cfg.distill_temperature)  # [N]
             kl_row = per_row_sum(kl, rows, row_sum.shape[0])
-        return row_sum, row_count, prob, gate, kl_row
+        oracle_target = None
+        if self.cfg.router_loss == "oracle" and self.training:
+            # Oracle-guided router targets, first order: skipping block l moves its gate 1 -> 0, so the row's NLL
+            # changes by about -dNLL/dg_l. A block whose estimated cost is below epsilon is a skip target.
+            # Costs one extra backward pass to the gates (autograd.grad), about +60% of a step.
+            per_row = row_sum / row_count.clamp_min(1)  # [B] mean NLL per step
+            grads = torch.autograd.grad(per_row.sum(), [r.gate for r in records], retain_graph=True, allow_unused=True)
+            cost = torch.stack([-g if g is not None else torch.zeros_like(per_row) for g in grads])  # [L, B]
+            oracle_target = (cost.detach() > self.cfg.oracle_epsilon).to(prob.dtype)  # 1 = run
+        return row_sum, row_count, prob, gate, {"kl_row": kl_row, "oracle_target": oracle_target}
 
 
 @dataclass
@@ -131,6 +140,7 @@ def loss_parts(
     is_tool_call: torch.Tensor,
     *,
     kl_row: torch.Tensor | None = None,
+    oracle_target: torch.Tensor | None = None,
     tokens_total: int,
     rows_total: int,
     micro_total: int,
@@ -152,9 +162,12 @@ def loss_parts(
         reg = (gate.mean() - cfg.target_run_rate).pow(2) / micro_total
     else:
         reg = zero
-    if cfg.router_loss == "bce":
-        # LayerRoute-BCE: every block's router is told the step type (tool call -> skip, planning -> run).
-        target = (~is_tool_call).to(prob.dtype).expand_as(prob)  # [L, B]
+    if cfg.router_loss in ("bce", "oracle") and (cfg.router_loss == "bce" or oracle_target is not None):
+        if cfg.router_loss == "bce":
+            # LayerRoute-BCE: every block's router is told the step type (tool call -> skip, planning -> run).
+            target = (~is_tool_call).to(prob.dtype).expand_as(prob)  # [L, B]
+        else:
+            target = oracle_target  # [L, B] from first-order per-block sensitivities (RoutedStepLoss)
         p = prob.clamp(1e-6, 1 - 1e-6)
         bce_rows = -(target * p.log() + (1 - target) * (1 - p).log()).mean(dim=0)  # [B]
         bce = bce_rows.sum() / rows_total
@@ -639,13 +652,14 @@ class Trainer:
                 batch = self._batch(micro[k][self.rank], self.train_steps)
                 sync = nullcontext() if k == A - 1 else acc.no_sync(self.model)
                 with sync:
-                    row_sum, _, prob, gate, kl_row = self.model(
+                    row_sum, _, prob, gate, extras = self.model(
                         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         labels=batch["labels"], decision_mask=batch["decision_mask"],
                         is_tool_call=batch["is_tool_call"],
                     )
                     parts = loss_parts(
-                        tc, row_sum, prob.float(), gate.float(), batch["is_tool_call"], kl_row=kl_row,
+                        tc, row_sum, prob.float(), gate.float(), batch["is_tool_call"], kl_row=extras["kl_row"],
+                        oracle_target=extras["oracle_target"],
                         tokens_total=tokens_total, rows_total=rows_total, micro_total=A * W,
                     )
                     # DDP averages gradients over processes; the parts are shares of the global sum: undo the mean.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -328,3 +329,30 @@ def test_self_distillation_adds_a_kl_term(tmp_path, smoke_data):
                               "train.eval_every=0", "train.warmup_steps=0"), tmp_path / "b", data=smoke_data)
     no_kd.setup()
     assert no_kd.fit()["distill"] == 0.0
+
+
+def test_oracle_router_targets_run_and_supervise_the_routers(tmp_path, smoke_data):
+    from layerroute.config import TrainConfig
+    from layerroute.train import RoutedStepLoss
+    from tests.helpers import random_batch, tiny_routed
+
+    rm = tiny_routed()
+    module = RoutedStepLoss(rm.model, TrainConfig(router_loss="oracle", oracle_epsilon=0.0))
+    module.train()
+    ids, mask = random_batch(batch=3, length=12, context=8)
+    labels = ids.clone()
+    labels[:, :8] = -100
+    *_, extras = module(ids, torch.ones_like(ids), labels, mask)
+    target = extras["oracle_target"]
+    assert target.shape == (rm.num_layers, 3) and set(target.unique().tolist()) <= {0.0, 1.0}
+    # a huge epsilon makes every block a skip target
+    module.cfg = TrainConfig(router_loss="oracle", oracle_epsilon=1e9)
+    *_, extras = module(ids, torch.ones_like(ids), labels, mask)
+    assert extras["oracle_target"].sum() == 0
+    # and the trainer runs with it, the router loss being the BCE against these targets
+    cfg = smoke_cfg("train.steps=1", "train.grad_accum=1", "train.checkpoint_every=0", "train.eval_every=0",
+                    "train.warmup_steps=0", "train.router_loss=oracle")
+    trainer = Trainer(cfg, tmp_path, data=smoke_data)
+    trainer.setup()
+    metrics = trainer.fit()
+    assert metrics["bce"] > 0 and math.isfinite(metrics["loss"])
