@@ -24,10 +24,10 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from layerroute.bench import emit_json_line
 from layerroute.generate import inference_weights, load_for_inference, plain_blocks
 from layerroute.routed import RoutedCache, RoutedLayer, RoutingState, find_routed_layers, routing
 
@@ -252,10 +252,7 @@ def main(argv=None) -> int:
         "wrapper_fraction_of_decode_token": wc["fraction_of_decode_token"],
     }
     result["wall_s"] = time.perf_counter() - t0
-    line = json.dumps(result)
-    if args.output:
-        Path(args.output).write_text(line + "\n")
-    print(line)
+    emit_json_line(result, args.output)
     return 0
 
 

@@ -23,10 +23,10 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from layerroute.bench import emit_json_line
 from layerroute.generate import load_for_inference, skip_pattern
 from layerroute.session import bfcl_multi_turn, compare_policies, rotating_patterns
 
@@ -75,11 +75,7 @@ def main(argv=None) -> int:
         }
         log(json.dumps(res["summary"]))
     out["wall_s"] = time.perf_counter() - t0
-    line = json.dumps(out)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(line + "\n")
-    print(line)
+    emit_json_line(out, args.output)
     return 0
 
 

@@ -273,6 +273,15 @@ def _parse_scenario(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected PROMPT_TOKENS:NEW_TOKENS, got {text!r}") from err
 
 
+def emit_json_line(result: dict, output: str | None = None) -> None:
+    """A benchmark's last act: print its result as one JSON line, and write the same line to `output` if given."""
+    line = json.dumps(result)
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(line + "\n")
+    print(line)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model name (default: the adapter's base, else the offline one)")
     group = parser.add_mutually_exclusive_group()
@@ -326,9 +335,5 @@ def run(args: argparse.Namespace) -> int:
     out = {**meta, **report, "headline": headline(report)}
     for key, entry in out["headline"].items():
         log(f"{key}: " + json.dumps(entry, default=lambda x: round(x, 3)))
-    line = json.dumps(out)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(line + "\n")
-    print(line)
+    emit_json_line(out, args.output)
     return 0
