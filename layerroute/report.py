@@ -100,6 +100,12 @@ def _honest_table(doc: dict) -> list[str]:
     return lines
 
 
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_heatmap(doc: dict, path: Path) -> None:
     rates = doc["splits"]["full"]["per_layer_run_rate"]
     rows = [[x if x is not None else float("nan") for x in rates[t]] for t in ("tool_call", "planning")]
@@ -109,9 +115,7 @@ def plot_heatmap(doc: dict, path: Path) -> None:
     ax.set_xlabel("block")
     ax.set_title("run rate per block (1 = always runs)")
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_pareto(doc: dict, path: Path) -> None:
@@ -129,9 +133,7 @@ def plot_pareto(doc: dict, path: Path) -> None:
     ax.set_ylabel("perplexity (routed)")
     ax.set_title("threshold sweep")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_seeds(doc: dict, path: Path) -> None:
@@ -148,9 +150,7 @@ def plot_seeds(doc: dict, path: Path) -> None:
                   rotation=30, fontsize=7)
     ax.set_ylabel("differential (points)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def write_report(doc: dict, out_dir: Path) -> Path:
