@@ -21,6 +21,7 @@ import json
 import math
 import random
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -50,20 +51,12 @@ ACC_CONFIGS = ("base", "lora_full_depth", "routed")
 def _ppl_context(rm: RoutedModel, config: str, decision_mask, *, threshold=None, forced=None):
     """(lora context manager, routing context manager) for one configuration."""
     use_lora = config in ("lora_full_depth", "routed", "shortgpt", "random")
-    lora = _nullcontext() if use_lora else rm.lora_disabled()
+    lora = nullcontext() if use_lora else rm.lora_disabled()
     if config in ("base", "lora_full_depth"):
         route = routing(rm.model, "mix", decision_mask=decision_mask, forced="open")
     else:
         route = routing(rm.model, "mix", decision_mask=decision_mask, threshold=threshold, forced=forced)
     return lora, route
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 @torch.no_grad()
