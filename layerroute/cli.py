@@ -21,6 +21,7 @@ COMMANDS = {
     "train": ("layerroute.train", "train routers + LoRA from a YAML config"),
     "sweep": ("layerroute.sweep", "train and evaluate several seeds, one table"),
     "eval": ("layerroute.evaluate", "skip rates, perplexity in four configurations, task accuracy, plots"),
+    "ablation": ("layerroute.ablation", "compare training recipes over seeds from finished evaluations (one table)"),
     "bench": ("layerroute.bench", "wall-clock latency of routed vs dense generation (prints JSON)"),
     "generate": ("layerroute.generate", "routed generation for one prompt"),
     "serve": ("layerroute.serve", "OpenAI-compatible chat endpoint with tools"),

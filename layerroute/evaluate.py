@@ -362,22 +362,38 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict) -> dict
 # Several adapters (seeds)
 
 
+def seed_metrics(res: dict, split: str) -> dict[str, float]:
+    """The headline numbers of one adapter's evaluation on one split, flat ("tool_call.ppl.routed": 1.2, ...).
+
+    The one definition of what is aggregated over seeds, here and in `layerroute ablation`.
+    """
+    s = res["splits"][split]
+    out = {"skip_differential_points": s["skip_differential_points"]}
+    lo_hi = s.get("differential_ci95") or [float("nan"), float("nan")]
+    out["differential_ci95_low"], out["differential_ci95_high"] = lo_hi
+    for t in STEP_TYPES:
+        out[f"{t}.n"] = s[t]["n"]
+        for key in ("block_flops_skipped", "total_flops_skipped"):
+            out[f"{t}.{key}"] = s[t][key]
+        for c in PPL_CONFIGS:
+            out[f"{t}.ppl.{c}"] = s[t]["ppl"][c]
+        for name, b in (s[t].get("baselines") or {}).items():
+            out[f"{t}.ppl.{name}"] = b["ppl"]
+        if split == "full":  # accuracy is measured on the full split's steps
+            for c, v in (res.get("accuracy") or {}).get(t, {}).items():
+                out[f"{t}.accuracy.{c}"] = v["accuracy"]
+                out[f"{t}.accuracy_n.{c}"] = v["n"]
+    return out
+
+
 def aggregate_seeds(per_adapter: list[dict]) -> dict:
     """Mean and standard deviation over adapters of the headline numbers, per split."""
     agg = {}
     for split in ("full", "length_matched"):
         vals = defaultdict(list)
         for res in per_adapter:
-            s = res["splits"][split]
-            vals["skip_differential_points"].append(s["skip_differential_points"])
-            for t in STEP_TYPES:
-                for key in ("block_flops_skipped", "total_flops_skipped"):
-                    vals[f"{t}.{key}"].append(s[t][key])
-                for c in PPL_CONFIGS:
-                    vals[f"{t}.ppl.{c}"].append(s[t]["ppl"][c])
-                if split == "full":  # accuracy is measured on the full split's steps
-                    for c, v in (res.get("accuracy") or {}).get(t, {}).items():
-                        vals[f"{t}.accuracy.{c}"].append(v["accuracy"])
+            for key, v in seed_metrics(res, split).items():
+                vals[key].append(v)
         agg[split] = {k: {**_mean_std(v), "values": v} for k, v in vals.items()}
     return agg
 
@@ -436,15 +452,28 @@ def assemble(per_adapter: list[dict], eval_config: dict, data_report) -> dict:
     return doc
 
 
-def combine(paths: list[str], out_dir: Path) -> dict:
-    """Aggregate finished evaluations (their eval.json files) as seeds, without evaluating again."""
+def read_per_adapter(paths: list[str]) -> list[dict]:
+    """Per-adapter results from finished eval.json files (a multi-seed file contributes each of its seeds)."""
     per_adapter = []
     for path in paths:
-        doc = json.loads(Path(path).read_text())
-        for one in doc["seeds"] or [doc]:
+        try:
+            doc = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"no such evaluation: {path}") from None
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path} is not an eval.json (invalid JSON: {err})") from None
+        if "splits" not in doc:
+            raise ConfigError(f"{path} is not an eval.json (no 'splits')")
+        for one in doc.get("seeds") or [doc]:
             one = {k: v for k, v in one.items() if k not in ("seeds", "aggregate", "adapters")}
             one.setdefault("adapter", (doc.get("adapters") or [path])[0])
             per_adapter.append(one)
+    return per_adapter
+
+
+def combine(paths: list[str], out_dir: Path) -> dict:
+    """Aggregate finished evaluations (their eval.json files) as seeds, without evaluating again."""
+    per_adapter = read_per_adapter(paths)
     out_dir.mkdir(parents=True, exist_ok=True)
     first = json.loads(Path(paths[0]).read_text())
     doc = assemble(per_adapter, first.get("eval_config", {}), first.get("data_report"))

@@ -1,0 +1,163 @@
+"""`layerroute ablation`: one table comparing training recipes, each evaluated over several seeds.
+
+    layerroute ablation --recipe "soft_mean=runs/q/soft_mean-s*/eval/eval.json" \
+                        --recipe "plus=runs/q/plus-s*/eval/eval.json" --output-dir runs/ablation
+
+Reads finished evaluations (no model is loaded), aggregates each recipe's seeds with the same per-seed numbers
+as `layerroute eval --adapter A --adapter B` (`evaluate.seed_metrics`), and writes `ablation.json`,
+`ablation.md` (skip / quality / accuracy tables, full and length-matched splits) and `ablation.png`
+(the differential of every seed per recipe).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from .errors import ConfigError
+from .evaluate import STEP_TYPES, _mean_std, _write_json, read_per_adapter, seed_metrics
+
+SPLITS = ("full", "length_matched")
+# quality columns: the four configurations of the evaluation plus the equal-FLOP baselines
+QUALITY = ("base", "lora_full_depth", "routed", "routed_no_lora", "shortgpt", "random")
+ACCURACY = ("base", "lora_full_depth", "routed", "shortgpt")
+
+
+def parse_recipe(spec: str) -> tuple[str, list[str]]:
+    """'NAME=PATH[,PATH...]' (each PATH may be a glob) -> (name, sorted eval.json paths)."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not name.strip() or not rest.strip():
+        raise ConfigError(f"--recipe {spec!r}: expected NAME=EVAL_JSON[,EVAL_JSON...] (globs allowed)")
+    paths: list[str] = []
+    for pattern in rest.split(","):
+        hits = sorted(glob.glob(pattern.strip())) if glob.has_magic(pattern) else [pattern.strip()]
+        if not hits:
+            raise ConfigError(f"--recipe {name}: {pattern!r} matches no file")
+        paths += hits
+    return name.strip(), paths
+
+
+def aggregate_recipes(recipes: dict[str, list[str]]) -> dict:
+    """{recipe: {"seeds": n, "adapters": [...], split: {metric: {mean, std, values}}}}"""
+    out = {}
+    for name, paths in recipes.items():
+        per_adapter = read_per_adapter(paths)
+        entry: dict = {"seeds": len(per_adapter), "adapters": [r.get("adapter") for r in per_adapter],
+                       "eval_json": paths}
+        for split in SPLITS:
+            vals = defaultdict(list)
+            for res in per_adapter:
+                for key, v in seed_metrics(res, split).items():
+                    vals[key].append(v)
+            entry[split] = {k: {**_mean_std(v), "values": v} for k, v in vals.items()}
+        out[name] = entry
+    return out
+
+
+def _num(x, digits=2, pct=False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{100 * x:.{digits}f}" if pct else f"{x:.{digits}f}"
+
+
+def _cell(m: dict | None, digits=2, pct=False, spread=True) -> str:
+    if not m:
+        return "n/a"
+    text = _num(m["mean"], digits, pct)
+    if spread and len(m["values"]) > 1 and text != "n/a":
+        text += f" ± {_num(m['std'], digits, pct)}"
+    return text
+
+
+def markdown(agg: dict) -> str:
+    lines = ["# Ablation", "",
+             "Mean ± standard deviation over seeds (population std). Skip figures are percentages of the routable "
+             "blocks' FLOPs (block) or of the whole forward (total); the differential is tool minus planning block "
+             "skip in points; 'CI low' is the lowest per-seed bootstrap 95% lower bound; PPL is the arithmetic mean "
+             "over seeds of each seed's perplexity on the same steps.", ""]
+    lines += ["## Skipping", "",
+              "| recipe | split | seeds | tool block % | planning block % | tool total % | planning total % "
+              "| differential | per seed | > 0 in every seed | CI low |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|"]
+    for name, e in agg.items():
+        for split in SPLITS:
+            m = e[split]
+            d = m["skip_differential_points"]
+            finite = [v for v in d["values"] if v is not None and not math.isnan(v)]
+            every = "yes" if finite and len(finite) == len(d["values"]) and min(finite) > 0 else "no"
+            ci_low = min((v for v in m["differential_ci95_low"]["values"] if v is not None), default=float("nan"))
+            lines.append(
+                f"| {name} | {split} | {e['seeds']} | {_cell(m['tool_call.block_flops_skipped'], 1, True)} | "
+                f"{_cell(m['planning.block_flops_skipped'], 1, True)} | {_cell(m['tool_call.total_flops_skipped'], 1, True)} | "
+                f"{_cell(m['planning.total_flops_skipped'], 1, True)} | {_cell(d, 1)} | "
+                f"{', '.join(_num(v, 1) for v in d['values'])} | {every} | {_num(ci_low, 1)} |"
+            )
+    lines += ["", "## Quality (perplexity of the step's target tokens)", "",
+              "ShortGPT and random skip the same number of blocks for every step (each seed's routed block count, "
+              "rounded); they show what *not* routing costs at equal FLOPs.", "",
+              "| recipe | split | step type | " + " | ".join(QUALITY) + " |",
+              "|---|---|---|" + "---:|" * len(QUALITY)]
+    for name, e in agg.items():
+        for split in SPLITS:
+            for t in STEP_TYPES:
+                cells = [_cell(e[split].get(f"{t}.ppl.{c}")) for c in QUALITY]
+                lines.append(f"| {name} | {split} | {t} | " + " | ".join(cells) + " |")
+    lines += ["", "## Task accuracy (free-running greedy generation with real skipping, full split)", "",
+              "Exact-match rate, mean over seeds; n is the number of steps scored per seed.", "",
+              "| recipe | step type | n/seed | " + " | ".join(ACCURACY) + " |",
+              "|---|---|---:|" + "---:|" * len(ACCURACY)]
+    for name, e in agg.items():
+        for t in STEP_TYPES:
+            m = e["full"]
+            n = m.get(f"{t}.accuracy_n.routed")
+            cells = [_cell(m.get(f"{t}.accuracy.{c}"), 1, True, spread=False) for c in ACCURACY]
+            lines.append(f"| {name} | {t} | {_num(n['mean'], 0) if n else 'n/a'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(agg: dict, path: Path) -> None:
+    from .report import _save, plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.3 * len(agg) + 3), 3.6), sharey=True)
+    names = list(agg)
+    for ax, split in zip(axes, SPLITS, strict=True):
+        for i, name in enumerate(names):
+            vals = [v for v in agg[name][split]["skip_differential_points"]["values"] if v is not None]
+            ax.bar(i, sum(vals) / len(vals) if vals else 0, color="#9ecae1", width=0.6)
+            ax.scatter([i] * len(vals), vals, color="#08519c", s=14, zorder=3)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8, ha="right")
+        ax.set_title(split.replace("_", "-"))
+    axes[0].set_ylabel("differential (points)\nbar = mean, dots = seeds")
+    _save(fig, path)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", action="append", required=True, metavar="NAME=EVAL_JSON[,...]",
+                        help="a recipe and its seeds' eval.json files (globs allowed; quote them); repeatable")
+    parser.add_argument("--output-dir", required=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    recipes: dict[str, list[str]] = {}
+    for spec in args.recipe:
+        name, paths = parse_recipe(spec)
+        if name in recipes:
+            raise ConfigError(f"--recipe {name} given twice")
+        recipes[name] = paths
+    agg = aggregate_recipes(recipes)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "ablation.json", agg)
+    md = out / "ablation.md"
+    tmp = md.with_suffix(".md.tmp")
+    tmp.write_text(markdown(agg))
+    tmp.replace(md)
+    plot(agg, out / "ablation.png")
+    print(json.dumps({name: {split: e[split]["skip_differential_points"]["mean"] for split in SPLITS}
+                      for name, e in agg.items()}))
+    return 0

@@ -1,0 +1,87 @@
+"""`layerroute ablation`: recipes x seeds from real eval.json documents (a tiny model's evaluation)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from layerroute.ablation import aggregate_recipes, markdown, parse_recipe
+from layerroute.cli import main
+from layerroute.data.build import load_steps
+from layerroute.errors import ConfigError
+from layerroute.evaluate import EvalConfig, assemble, evaluate_adapter
+from layerroute.routed import find_routed_layers
+from tests.test_evaluate import data_cfg, setup  # noqa: F401  (module fixture: tiny routed model + tokenizer)
+
+
+@pytest.fixture(scope="module")
+def one_eval(setup):  # noqa: F811
+    rm, _, _ = setup
+    cfg = EvalConfig(batch_size=4, max_steps_per_type=3, thresholds=[], bootstrap=20,
+                     accuracy_steps_per_type=1, max_new_tokens_tool=4, max_new_tokens_planning=4, calibration_steps=2)
+    data = load_steps(data_cfg(), rm.tokenizer)
+    router = find_routed_layers(rm.model)[1].router.net
+    saved = router.bias.detach().clone()
+    with torch.no_grad():
+        router.bias.fill_(-5.0)  # block 1 always skipped: the equal-FLOP baselines then remove one block too
+    try:
+        res = evaluate_adapter(rm, data, cfg, {"note": "tiny"})
+    finally:
+        with torch.no_grad():
+            router.bias.copy_(saved)
+    res["adapter"] = "a"
+    return res
+
+
+def _write(tmp_path, name, res, differential):
+    res = copy.deepcopy(res)
+    for split in ("full", "length_matched"):
+        res["splits"][split]["skip_differential_points"] = differential
+    path = tmp_path / name / "eval.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(assemble([res], {}, None), default=str))
+    return path
+
+
+def test_recipes_aggregate_seeds_and_flag_sign(one_eval, tmp_path):
+    a = [_write(tmp_path, f"good-s{i}", one_eval, d) for i, d in enumerate((10.0, 20.0, 30.0))]
+    b = [_write(tmp_path, f"mixed-s{i}", one_eval, d) for i, d in enumerate((5.0, -5.0))]
+    agg = aggregate_recipes({"good": [str(p) for p in a], "mixed": [str(p) for p in b]})
+    d = agg["good"]["length_matched"]["skip_differential_points"]
+    assert d["mean"] == pytest.approx(20.0) and d["values"] == [10.0, 20.0, 30.0]
+    assert agg["good"]["seeds"] == 3 and agg["mixed"]["seeds"] == 2
+    ppl = one_eval["splits"]["full"]["tool_call"]["ppl"]["routed"]
+    assert agg["mixed"]["full"]["tool_call.ppl.routed"]["mean"] == pytest.approx(ppl)
+    assert "tool_call.ppl.shortgpt" in agg["good"]["full"]  # the equal-FLOP baselines come along
+    md = markdown(agg)
+    rows = [line for line in md.splitlines() if line.startswith("| good | full | 3 |")]
+    assert len(rows) == 1 and "| yes |" in rows[0] and "20.0 ± 8.2" in rows[0]
+    assert any(line.startswith("| mixed | full | 2 |") and "| no |" in line for line in md.splitlines())
+
+
+def test_cli_writes_table_json_and_plot(one_eval, tmp_path, capsys):
+    for i, d in enumerate((3.0, 4.0)):
+        _write(tmp_path, f"r-s{i}", one_eval, d)
+    out = tmp_path / "out"
+    assert main(["ablation", "--recipe", f"r={tmp_path}/r-s*/eval.json", "--output-dir", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["r"]["full"] == pytest.approx(3.5)
+    assert (out / "ablation.png").stat().st_size > 1000
+    assert json.loads((out / "ablation.json").read_text())["r"]["seeds"] == 2
+    assert "## Quality" in (out / "ablation.md").read_text()
+
+
+def test_bad_recipe_specs_name_the_flag(tmp_path):
+    with pytest.raises(ConfigError, match="--recipe"):
+        parse_recipe("no-equals-sign")
+    with pytest.raises(ConfigError, match="matches no file"):
+        parse_recipe(f"x={tmp_path}/nothing-*/eval.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not an eval.json"):
+        aggregate_recipes({"x": [str(bad)]})
+    with pytest.raises(ConfigError, match="no such evaluation"):
+        aggregate_recipes({"x": [str(tmp_path / "missing.json")]})
