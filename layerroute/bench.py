@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from . import flops
+from .errors import ConfigError
 from .generate import (
     inference_weights,
     load_for_inference,
@@ -240,6 +241,68 @@ def run_bench(
     }
 
 
+def bench_real_steps(rm, steps, *, reps: int, warmup: int, new_tokens: int | None = None, log=print) -> dict:
+    """Real agent steps at batch 1: each step's own context, greedy for as many tokens as its gold target (or
+    `new_tokens`), the adapter's routers deciding (`routed`) vs the plain LoRA-merged model (`dense`).
+
+    One repetition runs every step through both configurations, the order alternating per step and per
+    repetition; a repetition's time is the sum over its steps. The ideal speedup sums the analytic FLOPs of every
+    step with the gates the routers actually chose (prefill of the context, `new` tokens, LM head, routers).
+    """
+    router_hidden = rm.router_cfg.bottleneck if rm.router_cfg.kind == "mlp" else None
+    runs: dict[str, list[dict]] = {"dense": [], "routed": []}
+    gates: list[list[bool]] = []
+    plans = [(s.input_ids[: s.context_length], new_tokens or s.length) for s in steps]
+    with torch.no_grad(), inference_weights(rm) as model:
+        for rep in range(warmup + reps):
+            totals = {c: {k: 0.0 for k in TIMING_KEYS} for c in runs}
+            for i, (prompt, new) in enumerate(plans):
+                ids, mask = pad_left([prompt], 0)
+                order = ["dense", "routed"] if (rep + i) % 2 == 0 else ["routed", "dense"]
+                for config in order:
+                    if config == "dense":
+                        with plain_blocks(model):
+                            _, t = run_generate(model, ids, mask, max_new_tokens=new, eos_token_id=None,
+                                                pad_token_id=0)
+                    else:
+                        r = routed_generate(rm, [prompt], max_new_tokens=new, eos_token_id=None)
+                        t = {k: getattr(r, k) for k in TIMING_KEYS}
+                        if rep == 0:
+                            gates.append(list(r.gates[0]))
+                    for k in TIMING_KEYS:
+                        # per-token decode time: weight by the step's decode tokens so the sum stays a time
+                        totals[config][k] += t[k] * (max(new - 1, 1) if "decode" in k else 1)
+            decode_tokens = sum(max(new - 1, 1) for _, new in plans)
+            for c in runs:  # back to a per-token decode time, over every step's decode tokens
+                for k in TIMING_KEYS:
+                    if "decode" in k:
+                        totals[c][k] /= decode_tokens
+            if rep >= warmup:
+                for c in runs:
+                    runs[c].append(totals[c])
+            log(f"  real steps rep {rep + 1}/{warmup + reps}: "
+                + " ".join(f"{c}={1e3 * totals[c]['total_s']:.0f}ms" for c in runs))
+    n_new = sum(new for _, new in plans)
+    summary = {c: _summarise(runs[c], 1, n_new) for c in runs}
+    fl = flops.aggregate([
+        flops.step_flops(rm.config, len(prompt), new, g, router_hidden=router_hidden)
+        for (prompt, new), g in zip(plans, gates, strict=True)
+    ])
+    ideal = 1.0 / (1.0 - fl["total_skipped_fraction"])
+    speedup = {}
+    for prefix in ("", "cpu_"):
+        for stat in ("min", "median"):
+            measured = summary["dense"][prefix + "step_ms"][stat] / summary["routed"][prefix + "step_ms"][stat]
+            speedup[f"{prefix}step_measured_{stat}"] = measured
+            speedup[f"{prefix}step_eff_{stat}"] = measured / ideal
+    return {
+        "steps": len(plans), "context_tokens": sum(len(p) for p, _ in plans), "new_tokens": n_new,
+        "block_flops_skipped": fl["block_skipped_fraction"], "total_flops_skipped": fl["total_skipped_fraction"],
+        "skipped_blocks_per_step": [g.count(False) for g in gates], "ideal_speedup": ideal,
+        "configs": summary, "speedup": speedup,
+    }
+
+
 def headline(report: dict) -> dict:
     """The numbers the issue asks for: worst efficiency (decode / step) and router overhead, per configuration."""
     out: dict = {}
@@ -302,14 +365,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output", default=None, help="write the JSON here too")
+    parser.add_argument("--steps-from", default=None, metavar="CONFIG",
+                        help="with --adapter: time real eval steps of this YAML's data (batch 1, each step's own "
+                             "context and gold length) instead of the synthetic scenarios")
+    parser.add_argument("--step-type", default="tool_call", choices=["tool_call", "planning"],
+                        help="which steps --steps-from times")
+    parser.add_argument("--n-steps", type=int, default=16, help="how many eval steps --steps-from times")
+
+
+def _run_real_steps(args: argparse.Namespace, rm, t0: float, log) -> int:
+    from .config import load_yaml
+    from .data.build import load_steps
+    from .data.config import DataConfig
+
+    data_cfg = DataConfig.from_dict({**load_yaml(args.steps_from).get("data", {}), "progress": False})
+    data = load_steps(data_cfg, rm.tokenizer)
+    steps = [s for s in data.eval if s.step_type == args.step_type][: args.n_steps]
+    if not steps:
+        raise ConfigError(f"--steps-from {args.steps_from}: no {args.step_type} steps in its eval split")
+    result = bench_real_steps(rm, steps, reps=args.reps, warmup=args.warmup, new_tokens=args.new_tokens, log=log)
+    out = {"model": rm.identity.get("name"), "adapter": args.adapter, "step_type": args.step_type,
+           "device": str(rm.device), "threads": torch.get_num_threads(), "reps": args.reps, "warmup": args.warmup,
+           "torch": torch.__version__, "command": " ".join(sys.argv), **result,
+           "wall_s": time.perf_counter() - t0}
+    log(f"{args.step_type}: skipped {100 * result['block_flops_skipped']:.1f}% of block FLOPs, ideal "
+        f"{result['ideal_speedup']:.3f}x, measured {result['speedup']['step_measured_median']:.3f}x (median)")
+    emit_json_line(out, args.output)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.steps_from and not args.adapter:
+        raise ConfigError("--steps-from needs --adapter (the routers that decide on the real steps)")
     if args.threads:
         torch.set_num_threads(args.threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731 (progress to stderr; JSON last on stdout)
     t0 = time.perf_counter()
     rm = load_for_inference(args.model, args.adapter, args.dtype, args.device)
+    if args.steps_from:
+        return _run_real_steps(args, rm, t0, log)
     fractions = args.skip_fraction if args.skip_fraction is not None else (None if args.adapter else [0.25, 0.5])
     scenarios = {}
     for name in args.scenarios:

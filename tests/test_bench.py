@@ -58,3 +58,31 @@ def test_bench_with_an_adapter_lets_its_routers_decide(tmp_path, capsys):
     (res,) = report["results"]
     assert set(res["configs"]) == {"dense", "open", "routed"}
     assert res["speedups"]["routed"]["skipped_blocks_per_row"] == [1]
+
+
+def test_real_steps_time_each_steps_own_context_with_the_routers_gates():
+    from transformers import AutoTokenizer
+
+    from layerroute.bench import bench_real_steps
+    from layerroute.data.build import load_steps
+    from tests.helpers import tiny_routed
+    from tests.test_evaluate import TOKENIZER, data_cfg
+
+    rm = tiny_routed("shape:tiny-qwen2")
+    rm.tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    with torch.no_grad():  # block 1 always closed: every step skips exactly one of four blocks
+        rm.routers()[1].net.bias.fill_(-5.0)
+    steps = [s for s in load_steps(data_cfg(4), rm.tokenizer).eval if s.step_type == "tool_call"][:2]
+    res = bench_real_steps(rm, steps, reps=2, warmup=0, new_tokens=3, log=lambda _: None)
+    assert res["steps"] == 2 and res["new_tokens"] == 6
+    assert res["context_tokens"] == sum(s.context_length for s in steps)
+    assert res["skipped_blocks_per_step"] == [1, 1]
+    assert res["block_flops_skipped"] == pytest.approx(0.25, abs=1e-12)  # every block costs the same
+    assert res["ideal_speedup"] > 1.0
+    assert res["configs"]["dense"]["step_ms"]["n"] == 2
+    assert res["speedup"]["step_measured_median"] > 0
+
+
+def test_steps_from_needs_an_adapter(capsys):
+    assert main(["bench", "--steps-from", "configs/offline-smollm2.yaml"]) == 2
+    assert "--steps-from needs --adapter" in capsys.readouterr().err
