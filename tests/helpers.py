@@ -66,3 +66,12 @@ def delete_blocks(model, keep: list[bool]):
     if getattr(ref.config, "layer_types", None) is not None:
         ref.config.layer_types = [t for t, k in zip(ref.config.layer_types, keep, strict=True) if k]
     return ref
+
+
+def synthetic_step(i: int, ctx: int, n: int, kind: str, ids: list[int] | None = None):
+    """A Step with `ctx` context and `n` target tokens (ids default to zeros), for data-structure tests."""
+    from layerroute.data.render import Step
+
+    ids = ids if ids is not None else [0] * (ctx + n)
+    return Step(input_ids=ids, labels=[-100] * ctx + ids[ctx:], decision_mask=[1] * ctx + [0] * n, step_type=kind,
+                context_length=ctx, length=n, source="s", conversation_id=f"c{i}", step_index=0)

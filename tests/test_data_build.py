@@ -10,9 +10,10 @@ from transformers import AutoTokenizer
 
 from layerroute.data.build import load_steps
 from layerroute.data.config import DataConfig
-from layerroute.data.render import PLANNING, TOOL_CALL, Step
+from layerroute.data.render import PLANNING, TOOL_CALL
 from layerroute.data.splits import assign_split, bin_histogram, hash_fraction, length_matched_subset
 from layerroute.errors import DataError
+from tests.helpers import synthetic_step
 
 HERE = os.path.dirname(__file__)
 FIX = os.path.join(HERE, "fixtures", "data")
@@ -133,17 +134,7 @@ def test_bfcl_live_categories_never_in_train(tok):
 
 
 def _step(i, kind, ctx, n):
-    return Step(
-        input_ids=[0] * (ctx + n),
-        labels=[-100] * ctx + [0] * n,
-        decision_mask=[1] * ctx + [0] * n,
-        step_type=kind,
-        context_length=ctx,
-        length=n,
-        source="s",
-        conversation_id=f"c{i}",
-        step_index=0,
-    )
+    return synthetic_step(i, ctx, n, kind)
 
 
 def test_length_matched_subset_has_matched_bins():

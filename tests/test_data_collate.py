@@ -6,22 +6,12 @@ import pytest
 import torch
 
 from layerroute.data.collate import collate_steps, length_grouped_batches
-from layerroute.data.render import PLANNING, TOOL_CALL, Step
+from layerroute.data.render import PLANNING, TOOL_CALL
+from tests.helpers import synthetic_step
 
 
 def _step(i, ctx, n, kind=TOOL_CALL):
-    ids = [10 + (i + j) % 50 for j in range(ctx + n)]
-    return Step(
-        input_ids=ids,
-        labels=[-100] * ctx + ids[ctx:],
-        decision_mask=[1] * ctx + [0] * n,
-        step_type=kind,
-        context_length=ctx,
-        length=n,
-        source="s",
-        conversation_id=f"c{i}",
-        step_index=0,
-    )
+    return synthetic_step(i, ctx, n, kind, ids=[10 + (i + j) % 50 for j in range(ctx + n)])
 
 
 def test_collate_shapes_and_padding():

@@ -54,16 +54,7 @@ BFCL_CATEGORIES = (
 )
 #: The BFCL categories read when a `bfcl` source names none (Java/JavaScript left out: their argument
 #: values are source-code strings, a different task from Python/JSON calls).
-BFCL_DEFAULT_CATEGORIES = (
-    "simple_python",
-    "multiple",
-    "parallel",
-    "parallel_multiple",
-    "live_simple",
-    "live_multiple",
-    "live_parallel",
-    "live_parallel_multiple",
-)
+BFCL_DEFAULT_CATEGORIES = tuple(c for c in BFCL_CATEGORIES if c not in ("simple_java", "simple_javascript"))
 #: BFCL's user-contributed categories: functions never seen in the others, reserved for evaluation.
 BFCL_LIVE_CATEGORIES = ("live_simple", "live_multiple", "live_parallel", "live_parallel_multiple")
 
