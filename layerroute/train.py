@@ -774,7 +774,9 @@ class Trainer:
         order = sorted(range(len(self.eval_steps)), key=lambda i: len(self.eval_steps[i].input_ids))
         bs = self.cfg.train.batch_size
         batches = [order[i : i + bs] for i in range(0, len(order), bs)]
-        self.rm.model.eval()  # dropout off: validation consumes no random numbers
+        # eval() on the loss module, not only on the model: its own `training` flag switches off block dropping,
+        # distillation and oracle targets (the model's eval() alone left them on: val then dropped blocks)
+        self.step_module.eval()  # dropout off too: validation consumes no random numbers
         try:
             for indices in batches[self.rank :: self.world]:
                 batch = self._batch(indices, self.eval_steps)
@@ -790,7 +792,7 @@ class Trainer:
                     gate_sum[t] += hard[:, sel].sum(dim=1)
                     rows[t] += int(sel.sum())
         finally:
-            self.rm.model.train()
+            self.step_module.train()
         nll, toks, gate_sum, rows = (self._sum(x).cpu() for x in (nll, toks, gate_sum, rows))
         metrics = {"step": step if step is not None else self.cfg.train.steps,
                    "val/lm_loss": float(nll.sum() / toks.sum().clamp_min(1))}

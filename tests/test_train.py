@@ -316,6 +316,21 @@ def test_block_dropping_closes_gates_in_training(tmp_path, smoke_data):
     assert metrics["run_rate/all"] < 1.0
 
 
+def test_validation_never_drops_blocks(tmp_path, smoke_data):
+    """Val measures the routers' own decisions: block dropping (a training-only perturbation) must be off."""
+    base = ("train.steps=1", "train.checkpoint_every=0", "train.eval_every=0", "train.warmup_steps=0",
+            "train.eval_examples=8")
+    dropping = Trainer(smoke_cfg(*base, "train.block_drop_rate=1.0", "train.distill_weight=1.0"), tmp_path / "a",
+                       data=smoke_data)
+    dropping.setup()
+    plain = Trainer(smoke_cfg(*base), tmp_path / "b", data=smoke_data)
+    plain.setup()
+    a, b = dropping.validate(0), plain.validate(0)  # same seed, same initial weights, nothing trained yet
+    assert a["val/run_rate/tool_call"] == b["val/run_rate/tool_call"] == 1.0  # routers start open
+    assert a["val/lm_loss"] == pytest.approx(b["val/lm_loss"], rel=1e-6)
+    assert dropping.step_module.training  # back to training mode afterwards
+
+
 def test_self_distillation_adds_a_kl_term(tmp_path, smoke_data):
     cfg = smoke_cfg("train.steps=1", "train.grad_accum=1", "train.checkpoint_every=0", "train.eval_every=0",
                     "train.distill_weight=1.0", "train.block_drop_rate=0.9", "train.warmup_steps=0")
