@@ -123,6 +123,11 @@ class TrainConfig:
         "budget ((mean run-rate - target_run_rate)^2 per micro-batch) or none",
     )
     reg_weight: float = setting(0.1, "lambda: weight of the regulariser in the loss")
+    reg_weight_planning: float | None = setting(
+        None, "lambda for planning rows only (soft_mean/hard_ste); null = reg_weight for every row (the paper). "
+        "Tool-call rows keep reg_weight: the step-type label sets where skipping is rewarded, the routers still "
+        "decide from the context alone",
+    )
     target_run_rate: float = setting(0.8, "budget regulariser: the run-rate (fraction of blocks run) to aim at")
     router_loss: str = setting(
         "none", "none; bce (LayerRoute-BCE: skip tool calls, run planning); oracle (first-order per-block skip costs)"
@@ -160,6 +165,13 @@ class TrainConfig:
         _check_range("train", "max_grad_norm", self.max_grad_norm, 0.0)
         _check_choice("train", "regularizer", self.regularizer, REGULARIZERS)
         _check_range("train", "reg_weight", self.reg_weight, 0.0)
+        if self.reg_weight_planning is not None:
+            _check_range("train", "reg_weight_planning", self.reg_weight_planning, 0.0)
+            if self.regularizer not in ("soft_mean", "hard_ste"):
+                raise ConfigError(
+                    f"train.reg_weight_planning needs a per-row regulariser (soft_mean or hard_ste), "
+                    f"not train.regularizer={self.regularizer!r}"
+                )
         _check_range("train", "target_run_rate", self.target_run_rate, 0.0, 1.0)
         _check_choice("train", "router_loss", self.router_loss, ROUTER_LOSSES)
         _check_range("train", "bce_weight", self.bce_weight, 0.0)

@@ -154,14 +154,21 @@ def loss_parts(
     zero = row_sum.new_zeros(())
     lm = row_sum.sum() / max(tokens_total, 1)
     kind = cfg.regularizer
-    if kind == "soft_mean":  # the paper's: lets gates settle just above the threshold (prob 0.51 runs the block)
-        reg = prob.mean(dim=0).sum() / rows_total
-    elif kind == "hard_ste":  # the decision itself, gradient through the sigmoid: no credit for hovering at 0.51
-        reg = gate.mean(dim=0).sum() / rows_total
+    reg_term = None  # lambda x reg when lambda differs per row
+    if kind in ("soft_mean", "hard_ste"):
+        # soft_mean (the paper's) lets gates settle just above the threshold (prob 0.51 runs the block);
+        # hard_ste penalises the decision itself, gradient through the sigmoid: no credit for hovering at 0.51
+        per_row = (prob if kind == "soft_mean" else gate).mean(dim=0)  # [B] run-rate of each row
+        reg = per_row.sum() / rows_total
+        if cfg.reg_weight_planning is not None:
+            lam = torch.where(is_tool_call.to(per_row.device).bool(), cfg.reg_weight, cfg.reg_weight_planning)
+            reg_term = (lam.to(per_row.dtype) * per_row).sum() / rows_total
     elif kind == "budget":  # only the batch's mean run-rate is constrained: tool calls may skip more than planning
         reg = (gate.mean() - cfg.target_run_rate).pow(2) / micro_total
     else:
         reg = zero
+    if reg_term is None:
+        reg_term = cfg.reg_weight * reg
     if cfg.router_loss in ("bce", "oracle") and (cfg.router_loss == "bce" or oracle_target is not None):
         if cfg.router_loss == "bce":
             # LayerRoute-BCE: every block's router is told the step type (tool call -> skip, planning -> run).
@@ -175,7 +182,7 @@ def loss_parts(
         bce = zero
     # self-distillation: token-mean KL to the full-depth model, over the same tokens as the LM loss
     distill = kl_row.sum() / max(tokens_total, 1) if kl_row is not None else zero
-    total = lm + cfg.reg_weight * reg + cfg.bce_weight * bce + cfg.distill_weight * distill
+    total = lm + reg_term + cfg.bce_weight * bce + cfg.distill_weight * distill
     return LossParts(lm=lm, reg=reg, bce=bce, distill=distill, total=total)
 
 

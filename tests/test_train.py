@@ -371,3 +371,28 @@ def test_oracle_router_targets_run_and_supervise_the_routers(tmp_path, smoke_dat
     trainer.setup()
     metrics = trainer.fit()
     assert metrics["bce"] > 0 and math.isfinite(metrics["loss"])
+
+
+def test_per_type_penalty_weights_only_the_rows_of_each_type():
+    from layerroute.config import TrainConfig
+    from layerroute.train import loss_parts
+
+    gate = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]], requires_grad=True)  # [L=2, B=3]
+    prob = gate.detach().clone().requires_grad_(True)
+    is_tool = torch.tensor([True, False, True])
+    cfg = TrainConfig(regularizer="hard_ste", reg_weight=0.5, reg_weight_planning=0.0)
+    parts = loss_parts(cfg, torch.zeros(3), prob, gate, is_tool, tokens_total=10, rows_total=3, micro_total=1)
+    # run-rates per row: 1.0, 0.5, 0.0; reported reg is the plain mean, the loss weighs tool rows only
+    assert parts.reg.item() == pytest.approx(0.5)
+    assert parts.total.item() == pytest.approx(0.5 * (1.0 + 0.0) / 3)
+    parts.total.backward()
+    assert torch.all(gate.grad[:, 1] == 0) and torch.all(gate.grad[:, [0, 2]] > 0)
+    same = loss_parts(TrainConfig(regularizer="hard_ste", reg_weight=0.5, reg_weight_planning=0.5),
+                      torch.zeros(3), prob, gate, is_tool, tokens_total=10, rows_total=3, micro_total=1)
+    plain = loss_parts(TrainConfig(regularizer="hard_ste", reg_weight=0.5),
+                       torch.zeros(3), prob, gate, is_tool, tokens_total=10, rows_total=3, micro_total=1)
+    assert same.total.item() == pytest.approx(plain.total.item())
+    with pytest.raises(ConfigError, match="reg_weight_planning"):
+        TrainConfig(regularizer="budget", reg_weight_planning=0.0)
+    with pytest.raises(ConfigError, match="reg_weight_planning"):
+        TrainConfig(regularizer="hard_ste", reg_weight_planning=-1.0)
