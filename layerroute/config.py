@@ -119,7 +119,8 @@ class TrainConfig:
     seed: int = setting(0, "seeds LoRA init, data order, dropout (the data split has its own data.seed)")
     regularizer: str = setting(
         "soft_mean",
-        "skip reward: soft_mean (paper: mean sigmoid prob), hard_ste (mean straight-through hard gate), "
+        "skip reward: soft_mean (paper: mean sigmoid prob), hard_ste (mean straight-through hard gate: the same "
+        "gradient as soft_mean, only the logged value is the run-rate itself), "
         "budget ((mean run-rate - target_run_rate)^2 per micro-batch) or none",
     )
     reg_weight: float = setting(0.1, "lambda: weight of the regulariser in the loss")

@@ -396,3 +396,22 @@ def test_per_type_penalty_weights_only_the_rows_of_each_type():
         TrainConfig(regularizer="budget", reg_weight_planning=0.0)
     with pytest.raises(ConfigError, match="reg_weight_planning"):
         TrainConfig(regularizer="hard_ste", reg_weight_planning=-1.0)
+
+
+def test_hard_ste_has_the_same_gradient_as_soft_mean():
+    """Under the straight-through estimator d(gate)/d(prob) = 1, so penalising the hard decision pushes the routers
+    exactly like the paper's soft penalty: only the reported value differs (measured: bit-identical adapters)."""
+    from layerroute.config import TrainConfig
+    from layerroute.router import hard_gate
+    from layerroute.train import loss_parts
+
+    grads = {}
+    for kind in ("soft_mean", "hard_ste"):
+        logits = torch.tensor([[2.0, -0.3, 0.1], [0.7, 1.5, -2.0]], requires_grad=True)
+        prob = torch.sigmoid(logits)
+        parts = loss_parts(TrainConfig(regularizer=kind, reg_weight=0.7), torch.zeros(3), prob, hard_gate(prob),
+                           torch.tensor([True, False, True]), tokens_total=5, rows_total=3, micro_total=1)
+        parts.total.backward()
+        grads[kind] = (logits.grad.clone(), parts.reg.item())
+    assert torch.equal(grads["soft_mean"][0], grads["hard_ste"][0])
+    assert grads["soft_mean"][1] != grads["hard_ste"][1]  # the value: mean prob vs the run-rate itself
