@@ -289,16 +289,23 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict) -> dict
 
     out: dict = {"splits": {}, "meta": meta, "parameters": parameter_counts(rm.model)}
     n_layers = rm.num_layers
-    mean_skipped = float(np.mean([n_layers - sum(g) for g in gates])) if gates else 0.0
-    k = int(round(mean_skipped))
+    # Equal-FLOP baselines per step type: each type's steps lose as many blocks as the routers took from that type
+    # on average (rounded). A static removal that knows the step type is the honest rival of a router that learned
+    # to tell the types apart; one count for both types would hand tool calls an easier budget than routing had.
+    all_idx = sorted(set(sum(full.values(), [])) | set(sum(matched.values(), [])))
+    step_type_of = {i: steps[i].step_type for i in all_idx}
+    k = {t: int(round(float(np.mean([n_layers - sum(gates[i]) for i in all_idx if step_type_of[i] == t]))))
+         if any(step_type_of[i] == t for i in all_idx) else 0 for t in STEP_TYPES}
     baseline_runs = {}
-    if cfg.baselines and k > 0:
+    if cfg.baselines and any(k.values()):
         influence = block_influence(rm, list(data.train)[: cfg.calibration_steps] or steps, cfg)
-        pattern = shortgpt_pattern(influence, k)
-        baseline_runs["shortgpt"] = (
-            teacher_forced(rm, steps, "shortgpt", cfg, patterns=torch.tensor([pattern] * len(steps))), pattern
-        )
-        rand = random_patterns(len(steps), n_layers, k, cfg.seed)
+        by_type = {t: shortgpt_pattern(influence, k[t]) for t in STEP_TYPES}
+        per_step = torch.tensor([by_type.get(s.step_type, [True] * n_layers) for s in steps])
+        baseline_runs["shortgpt"] = (teacher_forced(rm, steps, "shortgpt", cfg, patterns=per_step), by_type)
+        rand = torch.ones(len(steps), n_layers, dtype=torch.bool)
+        for t in STEP_TYPES:
+            rows = [i for i, s in enumerate(steps) if s.step_type == t]
+            rand[rows] = random_patterns(len(rows), n_layers, k[t], cfg.seed + 1 + STEP_TYPES.index(t))
         baseline_runs["random"] = (teacher_forced(rm, steps, "random", cfg, patterns=rand), None)
         out["block_influence"] = influence
     out["baseline_blocks_skipped"] = k
@@ -353,7 +360,8 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict) -> dict
             for c in ACC_CONFIGS:
                 acc[t][c] = accuracy(rm, steps, idx, c, cfg)
             if "shortgpt" in baseline_runs:
-                acc[t]["shortgpt"] = accuracy(rm, steps, idx, "shortgpt", cfg, forced=baseline_runs["shortgpt"][1])
+                acc[t]["shortgpt"] = accuracy(rm, steps, idx, "shortgpt", cfg,
+                                              forced=baseline_runs["shortgpt"][1][t])
         out["accuracy"] = acc
     return out
 

@@ -71,7 +71,9 @@ def _honest_table(doc: dict) -> list[str]:
         )
     base = doc["splits"]["full"]["tool_call"].get("baselines")
     if base:
-        lines += ["", f"### Baselines at equal FLOPs ({doc.get('baseline_blocks_skipped')} blocks skipped)", "",
+        k = doc.get("baseline_blocks_skipped")
+        k_text = ", ".join(f"{t}: {n}" for t, n in k.items()) if isinstance(k, dict) else str(k)
+        lines += ["", f"### Baselines at equal FLOPs (blocks removed per step type: {k_text})", "",
                   "| split | step type | method | PPL | total skip % |", "|---|---|---|---:|---:|"]
         for split, entry in doc["splits"].items():
             for t in ("tool_call", "planning"):

@@ -36,6 +36,14 @@ def one_eval(setup):  # noqa: F811
     return res
 
 
+def test_equal_flop_baselines_match_each_step_types_routed_block_count(one_eval):
+    assert one_eval["baseline_blocks_skipped"] == {"tool_call": 1, "planning": 1}  # block 1 of 4 always closed
+    for t in ("tool_call", "planning"):
+        entry = one_eval["splits"]["full"][t]
+        for name in ("shortgpt", "random"):
+            assert entry["baselines"][name]["block_flops_skipped"] == pytest.approx(entry["block_flops_skipped"])
+
+
 def _write(tmp_path, name, res, differential):
     res = copy.deepcopy(res)
     for split in ("full", "length_matched"):
