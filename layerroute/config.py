@@ -116,6 +116,9 @@ class TrainConfig:
     min_lr_ratio: float = setting(0.0, "cosine ends at lr x min_lr_ratio")
     weight_decay: float = setting(0.0, "AdamW weight decay on the LoRA matrices (never on routers)")
     max_grad_norm: float = setting(1.0, "clip the global gradient norm to this (0 = no clipping)")
+    clip_per_group: bool = setting(
+        False, "clip LoRA's and the routers' gradient norms separately (each to max_grad_norm) instead of jointly"
+    )
     seed: int = setting(0, "seeds LoRA init, data order, dropout (the data split has its own data.seed)")
     regularizer: str = setting(
         "soft_mean",

@@ -121,6 +121,20 @@ class RoutedStepLoss(nn.Module):
         return row_sum, row_count, prob, gate, {"kl_row": kl_row, "oracle_target": oracle_target}
 
 
+def clip_gradients(accelerator, groups: list[list[torch.Tensor]], max_norm: float, *, per_group: bool) -> float:
+    """Clip gradients jointly (one global norm) or per parameter group; returns the global norm before clipping.
+
+    Per group: once gates close, the routers' straight-through gradient reaches norms of 40-250 against LoRA's
+    5-8 (measured on a trained offline adapter), and one global clip then scales LoRA's step down 10-50x exactly
+    when it has skipped blocks to compensate for.
+    """
+    if per_group:
+        norms = [accelerator.clip_grad_norm_(params, max_norm) for params in groups if params]
+        return math.sqrt(sum(float(n) ** 2 for n in norms if n is not None))
+    norm = accelerator.clip_grad_norm_([p for params in groups for p in params], max_norm)
+    return float(norm) if norm is not None else 0.0
+
+
 @dataclass
 class LossParts:
     """The terms of one micro-batch's loss, each already divided by its optimizer-step-wide denominator."""
@@ -685,8 +699,8 @@ class Trainer:
                     window["rows"][t] += int(sel.sum())
                 window["tokens"] += int(batch["attention_mask"].sum())
             max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
-            grad_norm = acc.clip_grad_norm_(self.trainable, max_norm)
-            grad_norm = float(grad_norm) if grad_norm is not None else 0.0
+            grad_norm = clip_gradients(acc, [g["params"] for g in self.inner_optimizer.param_groups], max_norm,
+                                       per_group=tc.clip_per_group)
             totals = self._sum(local.clone())  # the step's global loss terms, summed over processes
             if not (torch.isfinite(totals).all() and math.isfinite(grad_norm)):
                 self._stop_non_finite(step + 1, totals, grad_norm)

@@ -415,3 +415,19 @@ def test_hard_ste_has_the_same_gradient_as_soft_mean():
         grads[kind] = (logits.grad.clone(), parts.reg.item())
     assert torch.equal(grads["soft_mean"][0], grads["hard_ste"][0])
     assert grads["soft_mean"][1] != grads["hard_ste"][1]  # the value: mean prob vs the run-rate itself
+
+
+@pytest.mark.parametrize("per_group", [False, True])
+def test_clip_gradients_jointly_or_per_group(per_group):
+    from accelerate import Accelerator
+
+    from layerroute.train import clip_gradients
+
+    big, small = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(3))
+    big.grad = torch.tensor([60.0, 80.0, 0.0, 0.0])  # norm 100 (the routers once gates close)
+    small.grad = torch.tensor([0.6, 0.8, 0.0])  # norm 1 (LoRA)
+    norm = clip_gradients(Accelerator(cpu=True), [[small], [big]], 1.0, per_group=per_group)
+    assert norm == pytest.approx(math.sqrt(100**2 + 1), rel=1e-5)  # the global norm before clipping, either way
+    assert big.grad.norm().item() == pytest.approx(1.0, rel=1e-4)
+    # jointly, LoRA's gradient shrinks with the routers' (x 1/100); per group it is left as it was
+    assert small.grad.norm().item() == pytest.approx(1.0 if per_group else 1 / math.sqrt(100**2 + 1), rel=1e-3)
