@@ -72,12 +72,18 @@ class RouterConfig:
     pooling: str = setting("mean", "how context states are pooled: mean (masked) or last (last context token)")
     threshold: float = setting(0.5, "run the block when sigmoid(logit) > threshold")
     init_bias: float = setting(2.0, "initial router bias, the same for every block (sigmoid(2) = 0.88: all run)")
+    init_bias_spread: float = setting(
+        0.0, "spread the initial biases by block influence (ShortGPT's measure on 16 training steps): the least "
+        "influential block starts at init_bias, the most influential at init_bias + spread (linear in rank); "
+        "0 = uniform",
+    )
     normalize_input: bool = setting(True, "RMS-normalise the pooled state (no parameters) before the router")
 
     def __post_init__(self):
         _check_choice("router", "kind", self.kind, ("linear", "mlp"))
         _check_choice("router", "pooling", self.pooling, ("mean", "last"))
         _check_range("router", "threshold", self.threshold, 0.0, 1.0, low_open=True)
+        _check_range("router", "init_bias_spread", self.init_bias_spread, 0.0)
         _check_range("router", "bottleneck", self.bottleneck, 1)
 
 

@@ -107,7 +107,7 @@ def flop_summary(model_config, steps, gates: list[list[bool]], idx: list[int], k
 
 
 @torch.no_grad()
-def block_influence(rm: RoutedModel, steps, cfg: EvalConfig) -> list[float]:
+def block_influence(rm: RoutedModel, steps, cfg: EvalConfig, pad_id: int | None = None) -> list[float]:
     """ShortGPT's block influence per block: 1 - mean cosine(h_in, h_out) over (non-padding) tokens, full depth."""
     layers = find_routed_layers(rm.model)
     sums = [0.0] * len(layers)
@@ -120,7 +120,7 @@ def block_influence(rm: RoutedModel, steps, cfg: EvalConfig) -> list[float]:
         sums[layer.index] += float((cos * m).sum())
 
     handles = [layer.register_forward_hook(hook) for layer in layers]
-    pad = pad_token_id(rm.tokenizer)
+    pad = pad_token_id(rm.tokenizer) if pad_id is None else pad_id
     try:
         for batch_idx in length_grouped_batches(steps, cfg.batch_size, seed=cfg.seed):
             batch = collate_steps([steps[i] for i in batch_idx], pad)

@@ -431,3 +431,21 @@ def test_clip_gradients_jointly_or_per_group(per_group):
     assert big.grad.norm().item() == pytest.approx(1.0, rel=1e-4)
     # jointly, LoRA's gradient shrinks with the routers' (x 1/100); per group it is left as it was
     assert small.grad.norm().item() == pytest.approx(1.0 if per_group else 1 / math.sqrt(100**2 + 1), rel=1e-3)
+
+
+def test_init_bias_spread_orders_router_biases_by_block_influence(tmp_path, smoke_data):
+    from layerroute.evaluate import EvalConfig, block_influence
+
+    cfg = smoke_cfg("train.steps=1", "train.warmup_steps=0", "router.init_bias=1.0", "router.init_bias_spread=2.0")
+    trainer = Trainer(cfg, tmp_path, data=smoke_data)
+    trainer.setup()
+    biases = [r.output_bias.item() for r in trainer.rm.routers()]
+    L = len(biases)
+    assert sorted(biases) == pytest.approx([1.0 + 2.0 * i / (L - 1) for i in range(L)])
+    trainer.rm.model.eval()
+    with torch.no_grad():
+        influence = block_influence(trainer.rm, trainer.train_steps[:16], EvalConfig(batch_size=4, seed=0),
+                                    trainer.pad_id)
+    assert sorted(range(L), key=lambda i: biases[i]) == sorted(range(L), key=lambda i: influence[i])
+    with pytest.raises(ConfigError, match="router.init_bias_spread"):
+        smoke_cfg("router.init_bias_spread=-1")
