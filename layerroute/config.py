@@ -136,7 +136,7 @@ class TrainConfig:
     reg_weight_planning: float | None = setting(
         None, "lambda for planning rows only (soft_mean/hard_ste); null = reg_weight for every row (the paper). "
         "Tool-call rows keep reg_weight: the step-type label sets where skipping is rewarded, the routers still "
-        "decide from the context alone",
+        "decide from the context alone. Negative = running blocks is rewarded on planning rows",
     )
     target_run_rate: float = setting(0.8, "budget regulariser: the run-rate (fraction of blocks run) to aim at")
     router_loss: str = setting(
@@ -176,7 +176,6 @@ class TrainConfig:
         _check_choice("train", "regularizer", self.regularizer, REGULARIZERS)
         _check_range("train", "reg_weight", self.reg_weight, 0.0)
         if self.reg_weight_planning is not None:
-            _check_range("train", "reg_weight_planning", self.reg_weight_planning, 0.0)
             if self.regularizer not in ("soft_mean", "hard_ste"):
                 raise ConfigError(
                     f"train.reg_weight_planning needs a per-row regulariser (soft_mean or hard_ste), "

@@ -394,8 +394,10 @@ def test_per_type_penalty_weights_only_the_rows_of_each_type():
     assert same.total.item() == pytest.approx(plain.total.item())
     with pytest.raises(ConfigError, match="reg_weight_planning"):
         TrainConfig(regularizer="budget", reg_weight_planning=0.0)
-    with pytest.raises(ConfigError, match="reg_weight_planning"):
-        TrainConfig(regularizer="hard_ste", reg_weight_planning=-1.0)
+    # negative: planning rows are rewarded for running blocks (their gates pushed open)
+    neg = loss_parts(TrainConfig(regularizer="hard_ste", reg_weight=0.5, reg_weight_planning=-1.0),
+                     torch.zeros(3), prob, gate, is_tool, tokens_total=10, rows_total=3, micro_total=1)
+    assert neg.total.item() == pytest.approx((0.5 * 1.0 - 1.0 * 0.5 + 0.5 * 0.0) / 3)
 
 
 def test_hard_ste_has_the_same_gradient_as_soft_mean():
