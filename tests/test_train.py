@@ -451,3 +451,12 @@ def test_init_bias_spread_orders_router_biases_by_block_influence(tmp_path, smok
     assert sorted(range(L), key=lambda i: biases[i]) == sorted(range(L), key=lambda i: influence[i])
     with pytest.raises(ConfigError, match="router.init_bias_spread"):
         smoke_cfg("router.init_bias_spread=-1")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    """A config with a typo'd key or an out-of-range value fails here, not minutes into a run."""
+    if path.name.endswith(".example.yaml"):
+        pytest.skip("a data-section example, not a run config")
+    cfg = RunConfig.from_yaml(path, [])
+    assert cfg.train.steps > 0 and cfg.data.sources
