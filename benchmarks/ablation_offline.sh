@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The offline ablation of RESULTS.md (issues 5 and 8): every recipe x seed trained for 50 steps on the offline
+# config, evaluated with the same reduced harness, then one table. Recipes are written as overrides of the current
+# configs/offline-smollm2.yaml (whose default is `plus`), so each line names its whole recipe.
+#
+#   benchmarks/ablation_offline.sh                       # everything (~18 min per recipe x seed on 2 cores)
+#   benchmarks/ablation_offline.sh plus:0 plus:1         # some recipe:seed pairs only
+#   benchmarks/ablation_offline.sh --table               # only the table, from the finished evaluations
+#
+# Runs go to runs/ablation/<recipe>-s<seed>/{train,eval}; finished parts are skipped, so it can be re-run after an
+# interruption (an interrupted training resumes from its last checkpoint). One thread per job: on 2 cores run two
+# copies with different pairs rather than one with two threads.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-.venv/bin}
+OUT=${OUT:-runs/ablation}
+EVAL="--set eval.thresholds=[] --set eval.max_steps_per_type=12 --set eval.accuracy_steps_per_type=4"
+# the paper-style recipe (lambda 0.3 on every row, uniform router init, one joint gradient clip)
+PAPER="--set train.reg_weight=0.3 --set train.reg_weight_planning=null --set train.clip_per_group=false --set router.init_bias_spread=0"
+declare -A RECIPE=(
+  [paper_soft_mean]="$PAPER --set train.regularizer=soft_mean"
+  [hard_ste]="$PAPER --set train.regularizer=hard_ste"
+  [budget]="$PAPER --set train.regularizer=budget"
+  [drop_distill]="$PAPER --set train.block_drop_rate=0.3 --set train.block_drop_on=tool_call --set train.distill_weight=1.0"
+  [typed1]="$PAPER --set train.reg_weight=1.0 --set train.reg_weight_planning=0.0"
+  [typed3]="$PAPER --set train.reg_weight=3.0 --set train.reg_weight_planning=0.0"
+  [typed1_pgclip]="$PAPER --set train.reg_weight=1.0 --set train.reg_weight_planning=0.0 --set train.clip_per_group=true"
+  [typed1_pgclip_spread]="$PAPER --set train.reg_weight=1.0 --set train.reg_weight_planning=0.0 --set train.clip_per_group=true --set router.init_bias_spread=2.0"
+  [typed2_neg_pgclip_spread]="--set train.reg_weight=2.0"
+  [plus]=""
+)
+# recipe:seed pairs in RESULTS.md (hard_ste: one seed, because its gradient is soft_mean's: bit-identical adapters)
+ALL="paper_soft_mean:0 paper_soft_mean:1 paper_soft_mean:2 hard_ste:0 budget:0 budget:1 budget:2 drop_distill:0
+typed1:0 typed3:0 typed1_pgclip:0 typed1_pgclip_spread:0 typed2_neg_pgclip_spread:0 plus:0 plus:1 plus:2"
+
+table() {
+  local args=()
+  for name in paper_soft_mean hard_ste budget drop_distill typed1 typed3 typed1_pgclip typed1_pgclip_spread \
+              typed2_neg_pgclip_spread plus; do
+    compgen -G "$OUT/$name-s*/eval/eval.json" > /dev/null && args+=(--recipe "$name=$OUT/$name-s*/eval/eval.json")
+  done
+  "$BIN/layerroute" ablation "${args[@]}" --output-dir "$OUT/table"
+}
+
+if [ "${1:-}" = "--table" ]; then table; exit 0; fi
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+for pair in ${*:-$ALL}; do
+  name=${pair%%:*}; seed=${pair##*:}
+  [ -n "${RECIPE[$name]+x}" ] || { echo "unknown recipe $name (known: ${!RECIPE[*]})" >&2; exit 2; }
+  dir=$OUT/$name-s$seed
+  if [ ! -f "$dir/train/adapter/layerroute.json" ]; then
+    resume=(); [ -d "$dir/train/checkpoints" ] && resume=(--resume)
+    # shellcheck disable=SC2086  # the recipe is a list of --set flags
+    "$BIN/layerroute" train --config configs/offline-smollm2.yaml ${RECIPE[$name]} --set train.seed="$seed" \
+      --set train.progress=false --output-dir "$dir/train" "${resume[@]}"
+  fi
+  if [ ! -f "$dir/eval/eval.json" ]; then
+    # shellcheck disable=SC2086
+    "$BIN/layerroute" eval --config configs/offline-smollm2.yaml --adapter "$dir/train/adapter" $EVAL \
+      --output-dir "$dir/eval"
+  fi
+done
+table
