@@ -64,12 +64,14 @@ def _num(x, digits=2, pct=False) -> str:
     return f"{100 * x:.{digits}f}" if pct else f"{x:.{digits}f}"
 
 
-def _cell(m: dict | None, digits=2, pct=False, spread=True) -> str:
+def _cell(m: dict | None, digits=2, pct=False, spread=True, seeds: int | None = None) -> str:
     if not m:
         return "n/a"
     text = _num(m["mean"], digits, pct)
     if spread and len(m["values"]) > 1 and text != "n/a":
         text += f" ± {_num(m['std'], digits, pct)}"
+    if seeds is not None and len(m["values"]) < seeds and text != "n/a":
+        text += f" ({len(m['values'])} of {seeds} seeds)"  # e.g. a baseline only where the routers skipped a block
     return text
 
 
@@ -97,14 +99,15 @@ def markdown(agg: dict) -> str:
                 f"{', '.join(_num(v, 1) for v in d['values'])} | {every} | {_num(ci_low, 1)} |"
             )
     lines += ["", "## Quality (perplexity of the step's target tokens)", "",
-              "ShortGPT and random skip the same number of blocks for every step (each seed's routed block count, "
-              "rounded); they show what *not* routing costs at equal FLOPs.", "",
+              "ShortGPT (static, least influential blocks) and random remove, per step type, as many blocks as the "
+              "routers took from that type on average (rounded; none when that rounds to 0); they show what *not* "
+              "routing costs at equal FLOPs.", "",
               "| recipe | split | step type | " + " | ".join(QUALITY) + " |",
               "|---|---|---|" + "---:|" * len(QUALITY)]
     for name, e in agg.items():
         for split in SPLITS:
             for t in STEP_TYPES:
-                cells = [_cell(e[split].get(f"{t}.ppl.{c}")) for c in QUALITY]
+                cells = [_cell(e[split].get(f"{t}.ppl.{c}"), seeds=e["seeds"]) for c in QUALITY]
                 lines.append(f"| {name} | {split} | {t} | " + " | ".join(cells) + " |")
     lines += ["", "## Task accuracy (free-running greedy generation with real skipping, full split)", "",
               "Exact-match rate, mean over seeds; n is the number of steps scored per seed.", "",

@@ -93,3 +93,16 @@ def test_bad_recipe_specs_name_the_flag(tmp_path):
         aggregate_recipes({"x": [str(bad)]})
     with pytest.raises(ConfigError, match="no such evaluation"):
         aggregate_recipes({"x": [str(tmp_path / "missing.json")]})
+
+
+def test_a_metric_missing_in_some_seeds_says_so(one_eval, tmp_path):
+    with_baseline = _write(tmp_path, "a-s0", one_eval, 1.0)
+    without = copy.deepcopy(one_eval)
+    for split in ("full", "length_matched"):
+        for t in ("tool_call", "planning"):
+            without["splits"][split][t].pop("baselines", None)
+    path = tmp_path / "a-s1" / "eval.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(assemble([without], {}, None), default=str))
+    md = markdown(aggregate_recipes({"a": [str(with_baseline), str(path)]}))
+    assert "(1 of 2 seeds)" in md
