@@ -5,8 +5,8 @@
 
 Reads finished evaluations (no model is loaded), aggregates each recipe's seeds with the same per-seed numbers
 as `layerroute eval --adapter A --adapter B` (`evaluate.seed_metrics`), and writes `ablation.json`,
-`ablation.md` (skip / quality / accuracy tables, full and length-matched splits) and `ablation.png`
-(the differential of every seed per recipe).
+`ablation.md` (skip / quality / accuracy tables, full and length-matched splits), `ablation.png`
+(the differential of every seed per recipe) and `ablation_tradeoff.png` (differential vs tool-call quality).
 """
 
 from __future__ import annotations
@@ -139,6 +139,26 @@ def plot(agg: dict, path: Path) -> None:
     _save(fig, path)
 
 
+def plot_tradeoff(agg: dict, path: Path) -> None:
+    """Skip differential (length-matched) against what it costs: routed / LoRA-full-depth tool-call perplexity."""
+    from .report import _save, plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, e in agg.items():
+        m = e["length_matched"]
+        xs = m["skip_differential_points"]["values"]
+        ys = [r / f if r and f else float("nan") for r, f in
+              zip(m["tool_call.ppl.routed"]["values"], m["tool_call.ppl.lora_full_depth"]["values"], strict=True)]
+        ax.scatter(xs, ys, s=18, label=name)
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xlabel("differential, length-matched (points)")
+    ax.set_ylabel("tool-call PPL: routed / LoRA full depth")
+    ax.set_title("what the differential costs (one dot per seed)")
+    ax.legend(fontsize=6, loc="upper left")
+    _save(fig, path)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", action="append", required=True, metavar="NAME=EVAL_JSON[,...]",
                         help="a recipe and its seeds' eval.json files (globs allowed; quote them); repeatable")
@@ -161,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
     tmp.write_text(markdown(agg))
     tmp.replace(md)
     plot(agg, out / "ablation.png")
+    plot_tradeoff(agg, out / "ablation_tradeoff.png")
     print(json.dumps({name: {split: e[split]["skip_differential_points"]["mean"] for split in SPLITS}
                       for name, e in agg.items()}))
     return 0

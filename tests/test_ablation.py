@@ -78,6 +78,7 @@ def test_cli_writes_table_json_and_plot(one_eval, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["r"]["full"] == pytest.approx(3.5)
     assert (out / "ablation.png").stat().st_size > 1000
+    assert (out / "ablation_tradeoff.png").stat().st_size > 1000
     assert json.loads((out / "ablation.json").read_text())["r"]["seeds"] == 2
     assert "## Quality" in (out / "ablation.md").read_text()
 
