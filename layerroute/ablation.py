@@ -3,8 +3,8 @@
     layerroute ablation --recipe "soft_mean=runs/q/soft_mean-s*/eval/eval.json" \
                         --recipe "plus=runs/q/plus-s*/eval/eval.json" --output-dir runs/ablation
 
-Reads finished evaluations (no model is loaded), aggregates each recipe's seeds with the same per-seed numbers
-as `layerroute eval --adapter A --adapter B` (`evaluate.seed_metrics`), and writes `ablation.json`,
+Reads finished evaluations (no model is loaded), aggregates each recipe's seeds exactly as `layerroute eval --adapter A --adapter B` does
+(`evaluate.aggregate_seeds`), and writes `ablation.json`,
 `ablation.md` (skip / quality / accuracy tables, full and length-matched splits), `ablation.png`
 (the differential of every seed per recipe) and `ablation_tradeoff.png` (differential vs tool-call quality).
 """
@@ -15,11 +15,10 @@ import argparse
 import glob
 import json
 import math
-from collections import defaultdict
 from pathlib import Path
 
 from .errors import ConfigError
-from .evaluate import STEP_TYPES, _mean_std, _write_json, read_per_adapter, seed_metrics
+from .evaluate import STEP_TYPES, _write_json, aggregate_seeds, read_per_adapter
 
 SPLITS = ("full", "length_matched")
 # quality columns: the four configurations of the evaluation plus the equal-FLOP baselines
@@ -46,15 +45,8 @@ def aggregate_recipes(recipes: dict[str, list[str]]) -> dict:
     out = {}
     for name, paths in recipes.items():
         per_adapter = read_per_adapter(paths)
-        entry: dict = {"seeds": len(per_adapter), "adapters": [r.get("adapter") for r in per_adapter],
-                       "eval_json": paths}
-        for split in SPLITS:
-            vals = defaultdict(list)
-            for res in per_adapter:
-                for key, v in seed_metrics(res, split).items():
-                    vals[key].append(v)
-            entry[split] = {k: {**_mean_std(v), "values": v} for k, v in vals.items()}
-        out[name] = entry
+        out[name] = {"seeds": len(per_adapter), "adapters": [r.get("adapter") for r in per_adapter],
+                     "eval_json": paths, **aggregate_seeds(per_adapter)}
     return out
 
 
