@@ -105,7 +105,7 @@ class LoraSettings:
 
 
 REGULARIZERS = ("soft_mean", "hard_ste", "budget", "none")
-ROUTER_LOSSES = ("none", "bce", "oracle")
+ROUTER_LOSSES = ("none", "bce", "oracle", "influence")
 
 
 @dataclass
@@ -140,7 +140,9 @@ class TrainConfig:
     )
     target_run_rate: float = setting(0.8, "budget regulariser: the run-rate (fraction of blocks run) to aim at")
     router_loss: str = setting(
-        "none", "none; bce (LayerRoute-BCE: skip tool calls, run planning); oracle (first-order per-block skip costs)"
+        "none", "none; bce (LayerRoute-BCE: skip tool calls, run planning); oracle (first-order per-block skip "
+        "costs); influence (per step: skip the oracle_skip_tool / oracle_skip_planning fraction of blocks with the "
+        "lowest ShortGPT influence 1 - cos(h_in, block(h_in)) in that step's own forward)",
     )
     bce_weight: float = setting(1.0, "weight of the bce router loss")
     block_drop_rate: float = setting(
@@ -152,6 +154,10 @@ class TrainConfig:
     oracle_epsilon: float = setting(
         0.01, "router_loss=oracle: a block whose first-order skip cost (-dNLL/dgate, nats) is below this is a skip target"
     )
+    oracle_skip_tool: float = setting(
+        0.3, "router_loss=influence: fraction of blocks that are skip targets on tool-call rows (rounded per row)"
+    )
+    oracle_skip_planning: float = setting(0.0, "router_loss=influence: the same on planning rows")
     checkpoint_every: int = setting(500, "save a resumable checkpoint every N optimizer steps (0 = never)")
     keep_checkpoints: int = setting(2, "keep only the newest N checkpoints")
     log_every: int = setting(10, "one metrics record (bar + metrics.jsonl) every N optimizer steps")
@@ -189,6 +195,8 @@ class TrainConfig:
         _check_choice("train", "block_drop_on", self.block_drop_on, ("all", "tool_call"))
         _check_range("train", "distill_weight", self.distill_weight, 0.0)
         _check_range("train", "distill_temperature", self.distill_temperature, 0.0, low_open=True)
+        _check_range("train", "oracle_skip_tool", self.oracle_skip_tool, 0.0, 1.0)
+        _check_range("train", "oracle_skip_planning", self.oracle_skip_planning, 0.0, 1.0)
         if self.warmup_steps >= self.steps:
             raise ConfigError(f"train.warmup_steps ({self.warmup_steps}) must be < train.steps ({self.steps})")
 

@@ -35,6 +35,7 @@ from .config import EvalConfig, ModelConfig
 from .data.collate import collate_steps, length_grouped_batches
 from .data.tokenizer import pad_token_id
 from .errors import ConfigError
+from .influence import block_influence  # noqa: F401  (also imported from here by tests and callers)
 from .losses import sliced_lm_loss
 from .model import parameter_counts
 from .routed import find_routed_layers, gate_records, routing
@@ -107,34 +108,6 @@ def flop_summary(model_config, steps, gates: list[list[bool]], idx: list[int], k
 
 
 @torch.no_grad()
-def block_influence(rm: RoutedModel, steps, cfg: EvalConfig, pad_id: int | None = None) -> list[float]:
-    """ShortGPT's block influence per block: 1 - mean cosine(h_in, h_out) over (non-padding) tokens, full depth."""
-    layers = find_routed_layers(rm.model)
-    sums = [0.0] * len(layers)
-    count = [0]
-    mask_holder = {}
-
-    def hook(layer, args, out):
-        h_in, m = args[0].float(), mask_holder["mask"]
-        cos = torch.nn.functional.cosine_similarity(h_in, out.float(), dim=-1)  # [B, T]
-        sums[layer.index] += float((cos * m).sum())
-
-    handles = [layer.register_forward_hook(hook) for layer in layers]
-    pad = pad_token_id(rm.tokenizer) if pad_id is None else pad_id
-    try:
-        for batch_idx in length_grouped_batches(steps, cfg.batch_size, seed=cfg.seed):
-            batch = collate_steps([steps[i] for i in batch_idx], pad)
-            mask_holder["mask"] = batch["attention_mask"].float().to(rm.device)
-            count[0] += int(batch["attention_mask"].sum())
-            with routing(rm.model, "mix", forced="open"):
-                rm.model(input_ids=batch["input_ids"].to(rm.device),
-                         attention_mask=batch["attention_mask"].to(rm.device))
-    finally:
-        for h in handles:
-            h.remove()
-    return [1.0 - s / max(count[0], 1) for s in sums]
-
-
 def shortgpt_pattern(influence: list[float], k: int) -> list[bool]:
     drop = set(np.argsort(influence)[:k].tolist())
     return [i not in drop for i in range(len(influence))]

@@ -44,6 +44,7 @@ from torch import nn
 
 from .config import RunConfig, TrainConfig
 from .errors import ConfigError, TrainingError
+from .influence import RowInfluence, block_influence, influence_targets
 from .losses import IGNORE_INDEX, distillation_kl, per_row_sum, sliced_lm_loss, target_logits
 
 CHECKPOINT_DIR = "checkpoints"
@@ -94,7 +95,9 @@ class RoutedStepLoss(nn.Module):
         distill = self.cfg.distill_weight > 0 and self.training
         keep = self.drop_mask(input_ids.shape[0], routing_state(self.model).num_layers, is_tool_call,
                               input_ids.device)
-        with routing(self.model, "mix", decision_mask=decision_mask, keep=keep):
+        influence = self.cfg.router_loss == "influence" and self.training
+        probe = RowInfluence(self.model, attention_mask) if influence else nullcontext()
+        with probe, routing(self.model, "mix", decision_mask=decision_mask, keep=keep):
             row_sum, row_count, logits, rows = sliced_lm_loss(
                 self.model, input_ids, attention_mask, labels, return_logits=True
             )
@@ -118,6 +121,14 @@ class RoutedStepLoss(nn.Module):
             grads = torch.autograd.grad(per_row.sum(), [r.gate for r in records], retain_graph=True, allow_unused=True)
             cost = torch.stack([-g if g is not None else torch.zeros_like(per_row) for g in grads])  # [L, B]
             oracle_target = (cost.detach() > self.cfg.oracle_epsilon).to(prob.dtype)  # 1 = run
+        if influence:
+            # Influence-oracle targets: in each row, the blocks whose own output changes the hidden state least
+            # (ShortGPT's 1 - cos, measured at the block's actual input in this very forward) are skip targets,
+            # as many as the step type's fraction says. Free: a cosine per block, no extra pass.
+            frac = torch.where(is_tool_call.to(prob.device).bool(), self.cfg.oracle_skip_tool,
+                               self.cfg.oracle_skip_planning)
+            n_skip = (frac * prob.shape[0]).round().long()  # [B]
+            oracle_target = influence_targets(probe.value.to(prob.device), n_skip).to(prob.dtype)
         return row_sum, row_count, prob, gate, {"kl_row": kl_row, "oracle_target": oracle_target}
 
 
@@ -130,7 +141,6 @@ def spread_router_biases(rm, steps, router_cfg, tc, pad_id: int) -> list[float]:
     penalty then closes the cheapest blocks first instead of whichever the first noisy gradients pick
     (measured: random blocks at an equal count cost 100x the perplexity of ShortGPT's choice)."""
     from .config import EvalConfig
-    from .evaluate import block_influence
 
     was_training = rm.model.training
     rm.model.eval()  # no LoRA dropout in the measurement
@@ -210,12 +220,12 @@ def loss_parts(
         reg = zero
     if reg_term is None:
         reg_term = cfg.reg_weight * reg
-    if cfg.router_loss in ("bce", "oracle") and (cfg.router_loss == "bce" or oracle_target is not None):
+    if cfg.router_loss != "none" and (cfg.router_loss == "bce" or oracle_target is not None):
         if cfg.router_loss == "bce":
             # LayerRoute-BCE: every block's router is told the step type (tool call -> skip, planning -> run).
             target = (~is_tool_call).to(prob.dtype).expand_as(prob)  # [L, B]
         else:
-            target = oracle_target  # [L, B] from first-order per-block sensitivities (RoutedStepLoss)
+            target = oracle_target  # [L, B] from first-order costs or block influence (RoutedStepLoss)
         p = prob.clamp(1e-6, 1 - 1e-6)
         bce_rows = -(target * p.log() + (1 - target) * (1 - p).log()).mean(dim=0)  # [B]
         bce = bce_rows.sum() / rows_total

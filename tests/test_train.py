@@ -373,6 +373,34 @@ def test_oracle_router_targets_run_and_supervise_the_routers(tmp_path, smoke_dat
     assert metrics["bce"] > 0 and math.isfinite(metrics["loss"])
 
 
+def test_influence_router_targets_skip_a_fraction_per_step_type(tmp_path, smoke_data):
+    from layerroute.config import TrainConfig
+    from layerroute.train import RoutedStepLoss
+
+    rm = tiny_routed()
+    L = rm.num_layers
+    module = RoutedStepLoss(rm.model, TrainConfig(router_loss="influence", oracle_skip_tool=0.5,
+                                                  oracle_skip_planning=0.0))
+    module.train()
+    ids, mask = random_batch(batch=3, length=12, context=8)
+    labels = ids.clone()
+    labels[:, :8] = -100
+    is_tool = torch.tensor([True, False, True])
+    *_, extras = module(ids, torch.ones_like(ids), labels, mask, is_tool_call=is_tool)
+    target = extras["oracle_target"]  # [L, B], 1 = run
+    assert (L - target.sum(0)).tolist() == [round(0.5 * L), 0, round(0.5 * L)]
+    module.eval()  # validation: no targets (and no probe hooks)
+    assert module(ids, torch.ones_like(ids), labels, mask, is_tool_call=is_tool)[-1]["oracle_target"] is None
+    cfg = smoke_cfg("train.steps=1", "train.grad_accum=1", "train.checkpoint_every=0", "train.eval_every=0",
+                    "train.warmup_steps=0", "train.router_loss=influence", "train.regularizer=none")
+    trainer = Trainer(cfg, tmp_path, data=smoke_data)
+    trainer.setup()
+    metrics = trainer.fit()
+    assert metrics["bce"] > 0 and math.isfinite(metrics["loss"])
+    with pytest.raises(ConfigError, match="train.oracle_skip_tool"):
+        smoke_cfg("train.oracle_skip_tool=1.5")
+
+
 def test_per_type_penalty_weights_only_the_rows_of_each_type():
     from layerroute.config import TrainConfig
     from layerroute.train import loss_parts

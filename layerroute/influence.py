@@ -1,0 +1,83 @@
+"""ShortGPT block influence (1 - cos(h_in, h_out) of each block), measured three ways from one hook:
+
+- `block_influence`: the mean over a set of steps at full depth: the equal-FLOP ShortGPT baseline (evaluate)
+  and the influence-ordered router initialisation (train, `router.init_bias_spread`).
+- `RowInfluence`: per batch row, during a training forward: the per-step targets of `router_loss=influence`.
+- `influence_targets`: the k least influential blocks of each row as skip targets.
+
+The hook sits on each routed layer's inner block, so it sees the block's own output whatever its gate: a hook on
+the routed layer would see h_out = h_in for a closed gate (influence 0) and call every closed block skippable
+forever. What it costs: one cosine over [B, T, H] per block, no extra forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .data.collate import collate_steps, length_grouped_batches
+from .data.tokenizer import pad_token_id
+from .routed import find_routed_layers, routing
+
+
+class RowInfluence:
+    """Context manager: while active, every forward of the routed model's blocks adds each row's token-mean
+    1 - cos(h_in, block(h_in)) over `mask`. `.value` is [L, B] float32 (detached) once the forward ran."""
+
+    def __init__(self, model: torch.nn.Module, mask: torch.Tensor):
+        self.layers = find_routed_layers(model)
+        self.mask = mask.float()  # [B, T]: 1 on the tokens that count
+        self.rows: list[torch.Tensor | None] = [None] * len(self.layers)
+        self._handles = []
+
+    def _hook(self, index: int):
+        def hook(block, args, out):
+            h_in = args[0] if args else None
+            if h_in is None or not torch.is_tensor(out):
+                return
+            with torch.no_grad():
+                cos = torch.nn.functional.cosine_similarity(h_in.float(), out.float(), dim=-1)  # [B, T]
+                m = self.mask.to(cos.device)
+                self.rows[index] = 1.0 - (cos * m).sum(-1) / m.sum(-1).clamp_min(1.0)  # [B]
+
+        return hook
+
+    def __enter__(self) -> RowInfluence:
+        self._handles = [layer.block.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    @property
+    def value(self) -> torch.Tensor:
+        missing = [i for i, r in enumerate(self.rows) if r is None]
+        if missing:  # a block that did not run (a hard skip outside mix mode) has no influence to report
+            raise RuntimeError(f"blocks {missing} did not run under RowInfluence")
+        return torch.stack(self.rows)  # [L, B]
+
+
+def influence_targets(influence: torch.Tensor, n_skip: torch.Tensor) -> torch.Tensor:
+    """[L, B] run targets (1 = run, 0 = skip): in row b, the n_skip[b] blocks of lowest influence are skipped."""
+    L = influence.shape[0]
+    rank = influence.argsort(dim=0).argsort(dim=0)  # [L, B]: 0 = least influential block of the row
+    return (rank >= n_skip.to(influence.device).clamp(0, L).unsqueeze(0)).to(influence.dtype)
+
+
+def block_influence(rm, steps, cfg, pad_id: int | None = None) -> list[float]:
+    """ShortGPT's block influence per block: 1 - mean cosine(h_in, h_out) over (non-padding) tokens, full depth,
+    averaged over every token of `steps` (cfg: batch_size and seed of the batching)."""
+    L = rm.num_layers
+    sums = torch.zeros(L, dtype=torch.float64)
+    tokens = 0
+    pad = pad_token_id(rm.tokenizer) if pad_id is None else pad_id
+    for batch_idx in length_grouped_batches(steps, cfg.batch_size, seed=cfg.seed):
+        batch = collate_steps([steps[i] for i in batch_idx], pad)
+        mask = batch["attention_mask"].to(rm.device)
+        with RowInfluence(rm.model, mask) as probe, routing(rm.model, "mix", forced="open"):
+            rm.model(input_ids=batch["input_ids"].to(rm.device), attention_mask=mask)
+        n = mask.sum(-1).double().cpu()  # [B] tokens per row: weight each row's mean by its length
+        sums += (probe.value.double().cpu() * n).sum(-1)
+        tokens += int(n.sum())
+    return (sums / max(tokens, 1)).tolist()
