@@ -28,15 +28,24 @@ declare -A RECIPE=(
   [typed1_pgclip_spread]="$PAPER --set train.reg_weight=1.0 --set train.reg_weight_planning=0.0 --set train.clip_per_group=true --set router.init_bias_spread=2.0"
   [typed2_neg_pgclip_spread]="--set train.reg_weight=2.0"
   [plus]=""
+  # each of issue 8's options alone on top of the paper recipe
+  [block_drop]="$PAPER --set train.regularizer=soft_mean --set train.block_drop_rate=0.3 --set train.block_drop_on=tool_call"
+  [distill]="$PAPER --set train.regularizer=soft_mean --set train.distill_weight=1.0"
+  [oracle_first_order]="$PAPER --set train.regularizer=soft_mean --set train.router_loss=oracle"
+  [mlp_router]="$PAPER --set train.regularizer=soft_mean --set router.kind=mlp"
+  # supervised routers: per-step ShortGPT-influence skip targets (30% of the blocks on tool calls, none on
+  # planning), no skip penalty; per-group clip and influence-ordered init as in plus
+  [influence_oracle]="--set train.regularizer=none --set train.reg_weight=0 --set train.reg_weight_planning=null --set train.router_loss=influence --set train.bce_weight=2.0 --set train.oracle_skip_tool=0.3"
 )
 # recipe:seed pairs in RESULTS.md (hard_ste: one seed, because its gradient is soft_mean's: bit-identical adapters)
 ALL="paper_soft_mean:0 paper_soft_mean:1 paper_soft_mean:2 hard_ste:0 budget:0 budget:1 budget:2 drop_distill:0
-typed1:0 typed3:0 typed1_pgclip:0 typed1_pgclip_spread:0 typed2_neg_pgclip_spread:0 plus:0 plus:1 plus:2"
+typed1:0 typed3:0 typed1_pgclip:0 typed1_pgclip_spread:0 typed2_neg_pgclip_spread:0 plus:0 plus:1 plus:2
+block_drop:0 distill:0 oracle_first_order:0 mlp_router:0 influence_oracle:0"
 
 table() {
   local args=()
-  for name in paper_soft_mean hard_ste budget drop_distill typed1 typed3 typed1_pgclip typed1_pgclip_spread \
-              typed2_neg_pgclip_spread plus; do
+  for name in paper_soft_mean hard_ste budget block_drop distill drop_distill oracle_first_order mlp_router typed1 \
+              typed3 typed1_pgclip typed1_pgclip_spread typed2_neg_pgclip_spread plus influence_oracle; do
     compgen -G "$OUT/$name-s*/eval/eval.json" > /dev/null && args+=(--recipe "$name=$OUT/$name-s*/eval/eval.json")
   done
   "$BIN/layerroute" ablation "${args[@]}" --output-dir "$OUT/table"
