@@ -158,6 +158,10 @@ class TrainConfig:
         0.3, "router_loss=influence: fraction of blocks that are skip targets on tool-call rows (rounded per row)"
     )
     oracle_skip_planning: float = setting(0.0, "router_loss=influence: the same on planning rows")
+    router_lm_grad: bool = setting(
+        True, "the LM (and distillation) loss reaches the routers through the straight-through gate; false = the "
+        "routers learn only from the losses on their probabilities (soft_mean, bce, oracle, influence)",
+    )
     checkpoint_every: int = setting(500, "save a resumable checkpoint every N optimizer steps (0 = never)")
     keep_checkpoints: int = setting(2, "keep only the newest N checkpoints")
     log_every: int = setting(10, "one metrics record (bar + metrics.jsonl) every N optimizer steps")
@@ -195,6 +199,14 @@ class TrainConfig:
         _check_choice("train", "block_drop_on", self.block_drop_on, ("all", "tool_call"))
         _check_range("train", "distill_weight", self.distill_weight, 0.0)
         _check_range("train", "distill_temperature", self.distill_temperature, 0.0, low_open=True)
+        if not self.router_lm_grad and self.regularizer in ("hard_ste", "budget"):
+            raise ConfigError(
+                f"train.router_lm_grad=false leaves train.regularizer={self.regularizer!r} without a gradient (it "
+                "penalises the hard gate, whose gradient is the straight-through one): use soft_mean or none"
+            )
+        if not self.router_lm_grad and self.router_loss == "oracle":
+            raise ConfigError("train.router_loss=oracle measures skip costs through the straight-through gate: it "
+                              "needs train.router_lm_grad=true")
         _check_range("train", "oracle_skip_tool", self.oracle_skip_tool, 0.0, 1.0)
         _check_range("train", "oracle_skip_planning", self.oracle_skip_planning, 0.0, 1.0)
         if self.warmup_steps >= self.steps:

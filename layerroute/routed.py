@@ -50,6 +50,9 @@ class RoutingState:
     # that row on top of the router's decision, so LoRA learns paths that work without it
     keep: torch.Tensor | None = None
     threshold: float = 0.5
+    # mix mode: the hard gate carries the sigmoid's gradient (straight-through), so the LM loss trains the routers;
+    # False = the gate is a constant for autograd and the routers learn only from the losses on their probabilities
+    straight_through: bool = True
     kv_policy: str = "exact"
     # keep per-block running sums of the context states so a session's next step pools over all its context
     session_pooling: bool = False
@@ -165,7 +168,7 @@ class RoutedLayer(nn.Module):
         forced = self._forced_gate(hidden.shape[0], hidden.device)
         if forced is not None:
             gate = forced
-        elif st.mode == "mix":
+        elif st.mode == "mix" and st.straight_through:
             gate = hard_gate(prob, st.threshold)
         else:
             gate = (prob > st.threshold).float()
@@ -339,20 +342,23 @@ def routing(
     kv_policy: str = "exact",
     session_pooling: bool = False,
     keep: torch.Tensor | None = None,
+    straight_through: bool = True,
 ):
     """Set how the routed layers behave for the forwards inside the block; restores the previous state after.
 
     forced: None (the routers decide), 'open', 'closed', or a bool pattern [L] (per block) or [B, L] (per row).
     keep: mix mode only, [B, L] bool: training-time block dropping applied on top of the decisions.
+    straight_through: mix mode only: False stops the LM loss's gradient at the hard gates.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     if kv_policy not in KV_POLICIES:
         raise ValueError(f"kv_policy must be one of {KV_POLICIES}, not {kv_policy!r}")
     st = routing_state(model)
-    saved = (st.mode, st.decision_mask, st.forced, st.threshold, st.kv_policy, st.session_pooling, st.keep)
+    saved = (st.mode, st.decision_mask, st.forced, st.threshold, st.kv_policy, st.session_pooling, st.keep,
+             st.straight_through)
     st.mode, st.decision_mask, st.kv_policy, st.session_pooling = mode, decision_mask, kv_policy, session_pooling
-    st.keep = keep
+    st.keep, st.straight_through = keep, straight_through
     st.forced = _as_forced(forced, st.num_layers)
     if threshold is not None:
         st.threshold = threshold
@@ -362,7 +368,8 @@ def routing(
     try:
         yield st
     finally:
-        st.mode, st.decision_mask, st.forced, st.threshold, st.kv_policy, st.session_pooling, st.keep = saved
+        (st.mode, st.decision_mask, st.forced, st.threshold, st.kv_policy, st.session_pooling, st.keep,
+         st.straight_through) = saved
         st.new_step()
 
 

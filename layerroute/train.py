@@ -97,7 +97,8 @@ class RoutedStepLoss(nn.Module):
                               input_ids.device)
         influence = self.cfg.router_loss == "influence" and self.training
         probe = RowInfluence(self.model, attention_mask) if influence else nullcontext()
-        with probe, routing(self.model, "mix", decision_mask=decision_mask, keep=keep):
+        with probe, routing(self.model, "mix", decision_mask=decision_mask, keep=keep,
+                            straight_through=self.cfg.router_lm_grad):
             row_sum, row_count, logits, rows = sliced_lm_loss(
                 self.model, input_ids, attention_mask, labels, return_logits=True
             )

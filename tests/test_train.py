@@ -401,6 +401,29 @@ def test_influence_router_targets_skip_a_fraction_per_step_type(tmp_path, smoke_
         smoke_cfg("train.oracle_skip_tool=1.5")
 
 
+@pytest.mark.parametrize("lm_grad", [True, False])
+def test_router_lm_grad_false_stops_the_lm_loss_at_the_gates(lm_grad):
+    from layerroute.config import TrainConfig
+    from layerroute.train import RoutedStepLoss
+
+    rm = tiny_routed()
+    module = RoutedStepLoss(rm.model, TrainConfig(router_lm_grad=lm_grad))
+    module.train()
+    ids, mask = random_batch(batch=2, length=12, context=8)
+    labels = ids.clone()
+    labels[:, :8] = -100
+    row_sum, _, prob, gate, _ = module(ids, torch.ones_like(ids), labels, mask)
+    router_params = [p for r in rm.routers() for p in r.parameters()]
+    grads = torch.autograd.grad(row_sum.sum(), router_params, allow_unused=True, retain_graph=True)
+    reached = any(g is not None and bool(g.abs().sum() > 0) for g in grads)
+    assert reached == lm_grad
+    # the probabilities keep their gradient either way: a loss on them (soft_mean, bce, influence) trains the routers
+    assert all(g is not None for g in torch.autograd.grad(prob.sum(), router_params, allow_unused=True))
+    for bad in ("train.regularizer=hard_ste", "train.router_loss=oracle"):
+        with pytest.raises(ConfigError, match="train.router_lm_grad"):
+            smoke_cfg("train.router_lm_grad=false", bad)
+
+
 def test_per_type_penalty_weights_only_the_rows_of_each_type():
     from layerroute.config import TrainConfig
     from layerroute.train import loss_parts
