@@ -153,7 +153,7 @@ def accuracy(rm: RoutedModel, steps, idx: list[int], config: str, cfg: EvalConfi
     from .generate import inference_weights, routed_generate
 
     eos = _eos_ids(rm.tokenizer)
-    correct, failures = 0, defaultdict(int)
+    correct, failures, samples = 0, defaultdict(int), []
     # LoRA merged once for the whole loop (merging per call would drift the weights by float error);
     # the base configuration runs with the adapters disabled instead
     weights = rm.lora_disabled() if config == "base" else inference_weights(rm)
@@ -171,7 +171,11 @@ def accuracy(rm: RoutedModel, steps, idx: list[int], config: str, cfg: EvalConfi
             correct += ok
             if not ok:
                 failures[(reason or "wrong").split(":")[0]] += 1
-    return {"accuracy": correct / len(idx) if idx else float("nan"), "n": len(idx), "failures": dict(failures)}
+            # kept so that a failure can be read, not only counted (a few hundred characters per step)
+            samples.append({"conversation_id": step.conversation_id, "correct": bool(ok), "reason": reason,
+                            "text": text[:2000]})
+    return {"accuracy": correct / len(idx) if idx else float("nan"), "n": len(idx), "failures": dict(failures),
+            "samples": samples}
 
 
 def _eos_ids(tokenizer) -> list[int]:

@@ -132,3 +132,17 @@ def test_run_eval_writes_json_report_and_plots(setup, tmp_path):
     assert (tmp_path / "run_rate_heatmap.png").stat().st_size > 1000
     assert (tmp_path / "pareto.png").is_file()
     json.dumps(res, default=str)
+
+
+def test_accuracy_keeps_each_generation_with_its_verdict(setup):
+    from layerroute.evaluate import accuracy
+
+    rm, data, _ = setup
+    steps = list(data.eval)
+    idx = [i for i, s in enumerate(steps) if s.step_type == "tool_call"][:2]
+    cfg = EvalConfig(max_new_tokens_tool=3, max_new_tokens_planning=3)
+    res = accuracy(rm, steps, idx, "lora_full_depth", cfg)
+    assert res["n"] == len(res["samples"]) == 2
+    assert [s["conversation_id"] for s in res["samples"]] == [steps[i].conversation_id for i in idx]
+    assert sum(s["correct"] for s in res["samples"]) == round(res["accuracy"] * res["n"])
+    assert all(s["correct"] or s["reason"] for s in res["samples"])  # every failure says why
