@@ -158,6 +158,13 @@ class TrainConfig:
         0.3, "router_loss=influence: fraction of blocks that are skip targets on tool-call rows (rounded per row)"
     )
     oracle_skip_planning: float = setting(0.0, "router_loss=influence: the same on planning rows")
+    oracle_source: str = setting(
+        "influence", "router_loss=influence: which blocks are the skip targets: influence (per step, the lowest "
+        "1 - cos(h_in, block(h_in)) in the training forward) or drop_nll (static per step type: the blocks whose "
+        "single removal raises the target NLL least on oracle_calibration_steps steps of that type, measured once "
+        "before training)",
+    )
+    oracle_calibration_steps: int = setting(16, "oracle_source=drop_nll: training steps per type that measure it")
     router_lm_grad: bool = setting(
         True, "the LM (and distillation) loss reaches the routers through the straight-through gate; false = the "
         "routers learn only from the losses on their probabilities (soft_mean, bce, oracle, influence)",
@@ -208,6 +215,8 @@ class TrainConfig:
             raise ConfigError("train.router_loss=oracle measures skip costs through the straight-through gate: it "
                               "needs train.router_lm_grad=true")
         _check_range("train", "oracle_skip_tool", self.oracle_skip_tool, 0.0, 1.0)
+        _check_choice("train", "oracle_source", self.oracle_source, ("influence", "drop_nll"))
+        _check_range("train", "oracle_calibration_steps", self.oracle_calibration_steps, 1)
         _check_range("train", "oracle_skip_planning", self.oracle_skip_planning, 0.0, 1.0)
         if self.warmup_steps >= self.steps:
             raise ConfigError(f"train.warmup_steps ({self.warmup_steps}) must be < train.steps ({self.steps})")

@@ -62,11 +62,11 @@ def _ppl_context(rm: RoutedModel, config: str, decision_mask, *, threshold=None,
 
 @torch.no_grad()
 def teacher_forced(rm: RoutedModel, steps, config: str, cfg: EvalConfig, *, threshold=None, patterns=None,
-                   desc: str = "") -> list[dict]:
+                   desc: str = "", pad_id: int | None = None) -> list[dict]:
     """Per step: summed target NLL, token count, and the gates applied ([L] bools).
 
     patterns: optional [n_steps, L] bool tensor of forced gates (baselines)."""
-    pad = pad_token_id(rm.tokenizer)
+    pad = pad_token_id(rm.tokenizer) if pad_id is None else pad_id
     results: list[dict | None] = [None] * len(steps)
     batches = length_grouped_batches(steps, cfg.batch_size, seed=cfg.seed)
     for batch_idx in tqdm(batches, desc=desc or config, leave=False, disable=len(batches) < 4):

@@ -81,3 +81,26 @@ def block_influence(rm, steps, cfg, pad_id: int | None = None) -> list[float]:
         sums += (probe.value.double().cpu() * n).sum(-1)
         tokens += int(n.sum())
     return (sums / max(tokens, 1)).tolist()
+
+
+def drop_costs(rm, steps, cfg, pad_id: int | None = None) -> list[float]:
+    """Per block: how much the steps' target NLL rises (nats per target token) when that block alone is skipped,
+    every other block running, LoRA as it is. The true cost of a skip, unlike the cosine proxy; L + 1
+    teacher-forced passes over `steps` (cfg: batch_size and seed of the batching)."""
+    from .evaluate import teacher_forced
+
+    L = rm.num_layers
+
+    def mean_nll(pattern: list[bool] | None) -> float:
+        forced = None if pattern is None else torch.tensor([pattern] * len(steps))
+        res = teacher_forced(rm, steps, "lora_full_depth" if pattern is None else "shortgpt", cfg, patterns=forced,
+                             pad_id=pad_id)
+        return sum(r["nll"] for r in res) / max(sum(r["tokens"] for r in res), 1)
+
+    full = mean_nll(None)
+    return [mean_nll([j != layer for j in range(L)]) - full for layer in range(L)]
+
+
+def static_skip_targets(costs: list[float], n_skip: int) -> torch.Tensor:
+    """[L] run targets: the n_skip blocks of lowest cost are skipped (0), the others run (1)."""
+    return influence_targets(torch.tensor(costs).unsqueeze(1), torch.tensor([n_skip]))[:, 0]

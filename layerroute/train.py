@@ -44,7 +44,7 @@ from torch import nn
 
 from .config import RunConfig, TrainConfig
 from .errors import ConfigError, TrainingError
-from .influence import RowInfluence, block_influence, influence_targets
+from .influence import RowInfluence, block_influence, drop_costs, influence_targets, static_skip_targets
 from .losses import IGNORE_INDEX, distillation_kl, per_row_sum, sliced_lm_loss, target_logits
 
 CHECKPOINT_DIR = "checkpoints"
@@ -76,6 +76,8 @@ class RoutedStepLoss(nn.Module):
         super().__init__()
         self.model = model
         self.cfg = cfg or TrainConfig()
+        # [2, L] run targets of planning (row 0) and tool-call (row 1) steps when they are static (drop_nll)
+        self.static_targets: torch.Tensor | None = None
 
     def drop_mask(self, batch: int, num_layers: int, is_tool_call: torch.Tensor | None, device) -> torch.Tensor | None:
         """[B, L] keep-mask for LayerSkip-style block dropping: block l is dropped with probability
@@ -95,7 +97,7 @@ class RoutedStepLoss(nn.Module):
         distill = self.cfg.distill_weight > 0 and self.training
         keep = self.drop_mask(input_ids.shape[0], routing_state(self.model).num_layers, is_tool_call,
                               input_ids.device)
-        influence = self.cfg.router_loss == "influence" and self.training
+        influence = self.cfg.router_loss == "influence" and self.training and self.static_targets is None
         probe = RowInfluence(self.model, attention_mask) if influence else nullcontext()
         with probe, routing(self.model, "mix", decision_mask=decision_mask, keep=keep,
                             straight_through=self.cfg.router_lm_grad):
@@ -130,6 +132,9 @@ class RoutedStepLoss(nn.Module):
                                self.cfg.oracle_skip_planning)
             n_skip = (frac * prob.shape[0]).round().long()  # [B]
             oracle_target = influence_targets(probe.value.to(prob.device), n_skip).to(prob.dtype)
+        if self.cfg.router_loss == "influence" and self.training and self.static_targets is not None:
+            rows_type = is_tool_call.to(prob.device).long()  # [B]: 0 planning, 1 tool call
+            oracle_target = self.static_targets.to(prob.device, prob.dtype)[rows_type].T  # [L, B]
         return row_sum, row_count, prob, gate, {"kl_row": kl_row, "oracle_target": oracle_target}
 
 
@@ -571,6 +576,8 @@ class Trainer:
         self.trainable_names = [n for n, p in rm.model.named_parameters() if p.requires_grad]
 
         self.step_module = RoutedStepLoss(rm.model, self.cfg.train)
+        if tc.router_loss == "influence" and tc.oracle_source == "drop_nll":
+            self.step_module.static_targets = self._drop_nll_targets()
         rm.model.train()  # LoRA dropout on; the frozen backbone's own dropouts are 0 in these families
         self.model, self.optimizer = acc.prepare(self.step_module, optimizer)
         self.inner_optimizer = optimizer
@@ -592,6 +599,35 @@ class Trainer:
                 pass  # tensorboard is optional
         self.setup_s = time.perf_counter() - t0
         self._print(f"[setup] done in {self.setup_s:.1f} s")
+
+    def _drop_nll_targets(self) -> torch.Tensor:
+        """[2, L] static run targets (planning, tool call) from single-block drop costs, measured before any
+        update (peft starts LoRA at zero, so a resumed run measures the same model and gets the same targets)."""
+        from .config import EvalConfig
+
+        tc, rm = self.cfg.train, self.rm
+        L = rm.num_layers
+        rows, record = [], {}
+        for step_type, frac in (("planning", tc.oracle_skip_planning), ("tool_call", tc.oracle_skip_tool)):
+            n_skip = int(round(frac * L))
+            if n_skip == 0:
+                rows.append(torch.ones(L))
+                continue
+            steps = [s for s in self.train_steps if s.step_type == step_type][: tc.oracle_calibration_steps]
+            was_training = rm.model.training
+            rm.model.eval()  # no LoRA dropout in the measurement
+            try:
+                costs = drop_costs(rm, steps, EvalConfig(batch_size=tc.batch_size, seed=tc.seed), self.pad_id)
+            finally:
+                rm.model.train(was_training)
+            target = static_skip_targets(costs, n_skip)
+            rows.append(target)
+            record[step_type] = {"costs": costs, "skip": [i for i in range(L) if target[i] == 0]}
+            self._print(f"[setup] drop_nll oracle, {step_type}: skip blocks {record[step_type]['skip']} "
+                        f"(single-drop NLL costs {min(costs):+.3f} .. {max(costs):+.3f} nats/token, "
+                        f"{len(steps)} steps)")
+        self.oracle_record = record
+        return torch.stack(rows)
 
     def _pad_token_id(self) -> int:
         tok = self.rm.tokenizer
@@ -894,6 +930,7 @@ class Trainer:
             "resumed_from": str(self.last_checkpoint) if self.resume and self.start_step else None,
             "final_train": self.history.get("train", {k: v for k, v in last.items() if not k.startswith("layer_")}),
             "final_val": self.history.get("val", {}),
+            "oracle_targets": getattr(self, "oracle_record", None),  # drop_nll: the measured costs and skip set
             "config": self.cfg.to_dict(),
         }
         if self.accelerator.is_main_process:

@@ -424,6 +424,41 @@ def test_router_lm_grad_false_stops_the_lm_loss_at_the_gates(lm_grad):
             smoke_cfg("train.router_lm_grad=false", bad)
 
 
+def test_drop_nll_oracle_skips_the_blocks_whose_removal_costs_least(tmp_path, smoke_data):
+    from layerroute.config import EvalConfig
+    from layerroute.evaluate import teacher_forced
+    from layerroute.influence import drop_costs, static_skip_targets
+
+    assert static_skip_targets([0.3, -0.1, 0.2, 0.05], 2).tolist() == [1.0, 0.0, 1.0, 0.0]
+    cfg = smoke_cfg("train.steps=1", "train.grad_accum=1", "train.checkpoint_every=0", "train.eval_every=0",
+                    "train.warmup_steps=0", "train.router_loss=influence", "train.regularizer=none",
+                    "train.oracle_source=drop_nll", "train.oracle_calibration_steps=4", "train.oracle_skip_tool=0.5")
+    trainer = Trainer(cfg, tmp_path, data=smoke_data)
+    trainer.setup()
+    L = trainer.rm.num_layers
+    targets = trainer.step_module.static_targets  # [2, L]: planning runs everything, tool calls skip half
+    assert targets[0].tolist() == [1.0] * L and int(L - targets[1].sum()) == round(0.5 * L)
+    costs = trainer.oracle_record["tool_call"]["costs"]
+    assert trainer.oracle_record["tool_call"]["skip"] == sorted(sorted(range(L), key=lambda i: costs[i])[: L // 2])
+    # a cost is what it says: the NLL per token with that block alone skipped, minus the full-depth NLL
+    tool = [s for s in trainer.train_steps if s.step_type == "tool_call"][:4]
+    ecfg = EvalConfig(batch_size=4, seed=0)
+    trainer.rm.model.eval()
+
+    def nll(res):
+        return sum(r["nll"] for r in res) / sum(r["tokens"] for r in res)
+
+    pattern = torch.tensor([[j != 1 for j in range(L)]] * len(tool))
+    pad = trainer.pad_id
+    expect = nll(teacher_forced(trainer.rm, tool, "shortgpt", ecfg, patterns=pattern, pad_id=pad)) - nll(
+        teacher_forced(trainer.rm, tool, "lora_full_depth", ecfg, pad_id=pad))
+    assert costs[1] == pytest.approx(expect, abs=1e-5)
+    assert drop_costs(trainer.rm, tool, ecfg, pad) == pytest.approx(costs, abs=1e-5)
+    trainer.rm.model.train()
+    metrics = trainer.fit()
+    assert metrics["bce"] > 0 and math.isfinite(metrics["loss"])
+
+
 def test_per_type_penalty_weights_only_the_rows_of_each_type():
     from layerroute.config import TrainConfig
     from layerroute.train import loss_parts
