@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The offline ablation of RESULTS.md (issues 5 and 8): every recipe x seed trained for 50 steps on the offline
 # config, evaluated with the same reduced harness, then one table. Recipes are written as overrides of the current
-# configs/offline-smollm2.yaml (whose default is `plus`), so each line names its whole recipe.
+# configs/offline-smollm2.yaml (whose default is `influence_stopgrad`), so each line names its whole recipe.
 #
 #   benchmarks/ablation_offline.sh                       # everything (~18 min per recipe x seed on 2 cores)
 #   benchmarks/ablation_offline.sh plus:0 plus:1         # some recipe:seed pairs only
@@ -15,8 +15,13 @@ cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 OUT=${OUT:-runs/ablation}
 EVAL="--set eval.thresholds=[] --set eval.max_steps_per_type=12 --set eval.accuracy_steps_per_type=4"
+# plus, the offline default before influence_stopgrad: a per-step-type penalty (lambda 4 on tool calls, -1 on
+# planning), the LM loss reaching the routers through the straight-through gate, router lr 1e-3
+PLUS="--set train.regularizer=hard_ste --set train.reg_weight=4.0 --set train.reg_weight_planning=-1.0 --set train.router_loss=none --set train.bce_weight=1.0 --set train.router_lr=1e-3 --set train.router_lm_grad=true"
 # the paper-style recipe (lambda 0.3 on every row, uniform router init, one joint gradient clip)
-PAPER="--set train.reg_weight=0.3 --set train.reg_weight_planning=null --set train.clip_per_group=false --set router.init_bias_spread=0"
+PAPER="$PLUS --set train.reg_weight=0.3 --set train.reg_weight_planning=null --set train.clip_per_group=false --set router.init_bias_spread=0"
+# supervised routers (the current default, written out): per-step influence targets, 30% of the blocks on tool calls
+INFL="--set train.regularizer=none --set train.reg_weight=0 --set train.reg_weight_planning=null --set train.router_loss=influence --set train.bce_weight=2.0 --set train.oracle_skip_tool=0.3 --set train.router_lm_grad=false --set train.router_lr=3e-3"
 declare -A RECIPE=(
   [paper_soft_mean]="$PAPER --set train.regularizer=soft_mean"
   [hard_ste]="$PAPER --set train.regularizer=hard_ste"
@@ -26,26 +31,34 @@ declare -A RECIPE=(
   [typed3]="$PAPER --set train.reg_weight=3.0 --set train.reg_weight_planning=0.0"
   [typed1_pgclip]="$PAPER --set train.reg_weight=1.0 --set train.reg_weight_planning=0.0 --set train.clip_per_group=true"
   [typed1_pgclip_spread]="$PAPER --set train.reg_weight=1.0 --set train.reg_weight_planning=0.0 --set train.clip_per_group=true --set router.init_bias_spread=2.0"
-  [typed2_neg_pgclip_spread]="--set train.reg_weight=2.0"
-  [plus]=""
+  [typed2_neg_pgclip_spread]="$PLUS --set train.reg_weight=2.0"
+  [plus]="$PLUS"
   # each of issue 8's options alone on top of the paper recipe
   [block_drop]="$PAPER --set train.regularizer=soft_mean --set train.block_drop_rate=0.3 --set train.block_drop_on=tool_call"
   [distill]="$PAPER --set train.regularizer=soft_mean --set train.distill_weight=1.0"
   [oracle_first_order]="$PAPER --set train.regularizer=soft_mean --set train.router_loss=oracle"
   [mlp_router]="$PAPER --set train.regularizer=soft_mean --set router.kind=mlp"
   # supervised routers: per-step ShortGPT-influence skip targets (30% of the blocks on tool calls, none on
-  # planning), no skip penalty; per-group clip and influence-ordered init as in plus
-  [influence_oracle]="--set train.regularizer=none --set train.reg_weight=0 --set train.reg_weight_planning=null --set train.router_loss=influence --set train.bce_weight=2.0 --set train.oracle_skip_tool=0.3"
+  # planning), no skip penalty; per-group clip and influence-ordered init as in plus; first with the LM loss
+  # reaching the routers (router lr 1e-3) ...
+  [influence_oracle]="$INFL --set train.router_lm_grad=true --set train.router_lr=1e-3"
+  # ... and the LM loss kept away from the routers (they learn from the targets alone), router lr 3e-3
+  [influence_stopgrad]="$INFL"
+  [influence_stopgrad_kd]="$INFL --set train.distill_weight=1.0"
+  # static per-type targets: the 9 blocks whose single removal costs least NLL on 8 tool-call training steps
+  [drop_nll_stopgrad]="$INFL --set train.oracle_source=drop_nll --set train.oracle_calibration_steps=8"
 )
 # recipe:seed pairs in RESULTS.md (hard_ste: one seed, because its gradient is soft_mean's: bit-identical adapters)
 ALL="paper_soft_mean:0 paper_soft_mean:1 paper_soft_mean:2 hard_ste:0 budget:0 budget:1 budget:2 drop_distill:0
 typed1:0 typed3:0 typed1_pgclip:0 typed1_pgclip_spread:0 typed2_neg_pgclip_spread:0 plus:0 plus:1 plus:2
-block_drop:0 distill:0 oracle_first_order:0 mlp_router:0 influence_oracle:0"
+block_drop:0 oracle_first_order:0 mlp_router:0 influence_oracle:0 influence_stopgrad:0 influence_stopgrad:1
+influence_stopgrad:2 influence_stopgrad_kd:0 drop_nll_stopgrad:0"
 
 table() {
   local args=()
   for name in paper_soft_mean hard_ste budget block_drop distill drop_distill oracle_first_order mlp_router typed1 \
-              typed3 typed1_pgclip typed1_pgclip_spread typed2_neg_pgclip_spread plus influence_oracle; do
+              typed3 typed1_pgclip typed1_pgclip_spread typed2_neg_pgclip_spread plus influence_oracle \
+              influence_stopgrad influence_stopgrad_kd drop_nll_stopgrad; do
     compgen -G "$OUT/$name-s*/eval/eval.json" > /dev/null && args+=(--recipe "$name=$OUT/$name-s*/eval/eval.json")
   done
   "$BIN/layerroute" ablation "${args[@]}" --output-dir "$OUT/table"

@@ -1,7 +1,7 @@
 """`layerroute ablation`: one table comparing training recipes, each evaluated over several seeds.
 
     layerroute ablation --recipe "soft_mean=runs/q/soft_mean-s*/eval/eval.json" \
-                        --recipe "plus=runs/q/plus-s*/eval/eval.json" --output-dir runs/ablation
+                        --recipe "plus=runs/ablation/plus-s*/eval/eval.json" --output-dir runs/ablation
 
 Reads finished evaluations (no model is loaded), aggregates each recipe's seeds exactly as `layerroute eval --adapter A --adapter B` does
 (`evaluate.aggregate_seeds`), and writes `ablation.json`,
