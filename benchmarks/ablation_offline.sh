@@ -45,6 +45,7 @@ declare -A RECIPE=(
   # ... and the LM loss kept away from the routers (they learn from the targets alone), router lr 3e-3
   [influence_stopgrad]="$INFL"
   [influence_stopgrad_kd]="$INFL --set train.distill_weight=1.0"
+  [influence_stopgrad_150steps]="$INFL --set train.steps=150"
   # static per-type targets: the 9 blocks whose single removal costs least NLL on 8 tool-call training steps
   [drop_nll_stopgrad]="$INFL --set train.oracle_source=drop_nll --set train.oracle_calibration_steps=8"
 )
@@ -52,13 +53,13 @@ declare -A RECIPE=(
 ALL="paper_soft_mean:0 paper_soft_mean:1 paper_soft_mean:2 hard_ste:0 budget:0 budget:1 budget:2 drop_distill:0
 typed1:0 typed3:0 typed1_pgclip:0 typed1_pgclip_spread:0 typed2_neg_pgclip_spread:0 plus:0 plus:1 plus:2
 block_drop:0 oracle_first_order:0 mlp_router:0 influence_oracle:0 influence_stopgrad:0 influence_stopgrad:1
-influence_stopgrad:2 influence_stopgrad_kd:0 drop_nll_stopgrad:0"
+influence_stopgrad:2 influence_stopgrad_kd:0 drop_nll_stopgrad:0 influence_stopgrad_150steps:0"
 
 table() {
   local args=()
   for name in paper_soft_mean hard_ste budget block_drop distill drop_distill oracle_first_order mlp_router typed1 \
               typed3 typed1_pgclip typed1_pgclip_spread typed2_neg_pgclip_spread plus influence_oracle \
-              influence_stopgrad influence_stopgrad_kd drop_nll_stopgrad; do
+              influence_stopgrad influence_stopgrad_kd drop_nll_stopgrad influence_stopgrad_150steps; do
     compgen -G "$OUT/$name-s*/eval/eval.json" > /dev/null && args+=(--recipe "$name=$OUT/$name-s*/eval/eval.json")
   done
   "$BIN/layerroute" ablation "${args[@]}" --output-dir "$OUT/table"

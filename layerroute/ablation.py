@@ -135,19 +135,20 @@ def plot_tradeoff(agg: dict, path: Path) -> None:
     """Skip differential (length-matched) against what it costs: routed / LoRA-full-depth tool-call perplexity."""
     from .report import _save, plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name, e in agg.items():
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    colors, markers = plt.get_cmap("tab20").colors, "os^Dv<>P"  # a distinct (colour, marker) per recipe
+    for i, (name, e) in enumerate(agg.items()):
         m = e["length_matched"]
         xs = m["skip_differential_points"]["values"]
         ys = [r / f if r and f else float("nan") for r, f in
               zip(m["tool_call.ppl.routed"]["values"], m["tool_call.ppl.lora_full_depth"]["values"], strict=True)]
-        ax.scatter(xs, ys, s=18, label=name)
+        ax.scatter(xs, ys, s=22, label=name, color=colors[i % len(colors)], marker=markers[i % len(markers)])
     ax.set_yscale("log")
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xlabel("differential, length-matched (points)")
     ax.set_ylabel("tool-call PPL: routed / LoRA full depth")
     ax.set_title("what the differential costs (one dot per seed)")
-    ax.legend(fontsize=6, loc="upper left")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _save(fig, path)
 
 
