@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The offline ablation of RESULTS.md (issues 5 and 8): every recipe x seed trained for 50 steps on the offline
 # config, evaluated with the same reduced harness, then one table. Recipes are written as overrides of the current
-# configs/offline-smollm2.yaml (whose default is `influence_stopgrad`), so each line names its whole recipe.
+# configs/offline-smollm2.yaml (whose default is `drop_nll_stopgrad`), so each line names its whole recipe.
 #
 #   benchmarks/ablation_offline.sh                       # everything (~18 min per recipe x seed on 2 cores)
 #   benchmarks/ablation_offline.sh plus:0 plus:1         # some recipe:seed pairs only
@@ -20,8 +20,9 @@ EVAL="--set eval.thresholds=[] --set eval.max_steps_per_type=12 --set eval.accur
 PLUS="--set train.regularizer=hard_ste --set train.reg_weight=4.0 --set train.reg_weight_planning=-1.0 --set train.router_loss=none --set train.bce_weight=1.0 --set train.router_lr=1e-3 --set train.router_lm_grad=true"
 # the paper-style recipe (lambda 0.3 on every row, uniform router init, one joint gradient clip)
 PAPER="$PLUS --set train.reg_weight=0.3 --set train.reg_weight_planning=null --set train.clip_per_group=false --set router.init_bias_spread=0"
-# supervised routers (the current default, written out): per-step influence targets, 30% of the blocks on tool calls
-INFL="--set train.regularizer=none --set train.reg_weight=0 --set train.reg_weight_planning=null --set train.router_loss=influence --set train.bce_weight=2.0 --set train.oracle_skip_tool=0.3 --set train.router_lm_grad=false --set train.router_lr=3e-3"
+# supervised routers: per-step influence targets, 30% of the blocks on tool calls (drop_nll_stopgrad, the current
+# default, swaps in static targets from measured removal costs)
+INFL="--set train.regularizer=none --set train.reg_weight=0 --set train.reg_weight_planning=null --set train.router_loss=influence --set train.bce_weight=2.0 --set train.oracle_skip_tool=0.3 --set train.router_lm_grad=false --set train.router_lr=3e-3 --set train.oracle_source=influence"
 declare -A RECIPE=(
   [paper_soft_mean]="$PAPER --set train.regularizer=soft_mean"
   [hard_ste]="$PAPER --set train.regularizer=hard_ste"
@@ -53,7 +54,8 @@ declare -A RECIPE=(
 ALL="paper_soft_mean:0 paper_soft_mean:1 paper_soft_mean:2 hard_ste:0 budget:0 budget:1 budget:2 drop_distill:0
 typed1:0 typed3:0 typed1_pgclip:0 typed1_pgclip_spread:0 typed2_neg_pgclip_spread:0 plus:0 plus:1 plus:2
 block_drop:0 oracle_first_order:0 mlp_router:0 influence_oracle:0 influence_stopgrad:0 influence_stopgrad:1
-influence_stopgrad:2 influence_stopgrad_kd:0 drop_nll_stopgrad:0 influence_stopgrad_150steps:0"
+influence_stopgrad:2 influence_stopgrad_kd:0 drop_nll_stopgrad:0 drop_nll_stopgrad:1 drop_nll_stopgrad:2
+influence_stopgrad_150steps:0"
 
 table() {
   local args=()
