@@ -35,7 +35,7 @@ from .config import EvalConfig, ModelConfig
 from .data.collate import collate_steps, length_grouped_batches
 from .data.tokenizer import pad_token_id
 from .errors import ConfigError
-from .influence import block_influence  # noqa: F401  (also imported from here by tests and callers)
+from .influence import block_influence
 from .losses import sliced_lm_loss
 from .model import parameter_counts
 from .routed import find_routed_layers, gate_records, routing
@@ -107,7 +107,6 @@ def flop_summary(model_config, steps, gates: list[list[bool]], idx: list[int], k
 # Baselines
 
 
-@torch.no_grad()
 def shortgpt_pattern(influence: list[float], k: int) -> list[bool]:
     drop = set(np.argsort(influence)[:k].tolist())
     return [i not in drop for i in range(len(influence))]

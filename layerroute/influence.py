@@ -65,6 +65,7 @@ def influence_targets(influence: torch.Tensor, n_skip: torch.Tensor) -> torch.Te
     return (rank >= n_skip.to(influence.device).clamp(0, L).unsqueeze(0)).to(influence.dtype)
 
 
+@torch.no_grad()
 def block_influence(rm, steps, cfg, pad_id: int | None = None) -> list[float]:
     """ShortGPT's block influence per block: 1 - mean cosine(h_in, h_out) over (non-padding) tokens, full depth,
     averaged over every token of `steps` (cfg: batch_size and seed of the batching)."""
@@ -93,6 +94,7 @@ def drop_costs(rm, steps, cfg, pad_id: int | None = None) -> list[float]:
 
     def mean_nll(pattern: list[bool] | None) -> float:
         forced = None if pattern is None else torch.tensor([pattern] * len(steps))
+        # "shortgpt" is evaluate's name for LoRA on with forced gates: here, every block but one
         res = teacher_forced(rm, steps, "lora_full_depth" if pattern is None else "shortgpt", cfg, patterns=forced,
                              pad_id=pad_id)
         return sum(r["nll"] for r in res) / max(sum(r["tokens"] for r in res), 1)

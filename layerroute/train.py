@@ -33,7 +33,7 @@ import re
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,8 +97,9 @@ class RoutedStepLoss(nn.Module):
         distill = self.cfg.distill_weight > 0 and self.training
         keep = self.drop_mask(input_ids.shape[0], routing_state(self.model).num_layers, is_tool_call,
                               input_ids.device)
-        influence = self.cfg.router_loss == "influence" and self.training and self.static_targets is None
-        probe = RowInfluence(self.model, attention_mask) if influence else nullcontext()
+        influence = self.cfg.router_loss == "influence" and self.training
+        per_step = influence and self.static_targets is None  # targets measured in this forward (oracle_source)
+        probe = RowInfluence(self.model, attention_mask) if per_step else nullcontext()
         with probe, routing(self.model, "mix", decision_mask=decision_mask, keep=keep,
                             straight_through=self.cfg.router_lm_grad):
             row_sum, row_count, logits, rows = sliced_lm_loss(
@@ -124,7 +125,7 @@ class RoutedStepLoss(nn.Module):
             grads = torch.autograd.grad(per_row.sum(), [r.gate for r in records], retain_graph=True, allow_unused=True)
             cost = torch.stack([-g if g is not None else torch.zeros_like(per_row) for g in grads])  # [L, B]
             oracle_target = (cost.detach() > self.cfg.oracle_epsilon).to(prob.dtype)  # 1 = run
-        if influence:
+        if per_step:
             # Influence-oracle targets: in each row, the blocks whose own output changes the hidden state least
             # (ShortGPT's 1 - cos, measured at the block's actual input in this very forward) are skip targets,
             # as many as the step type's fraction says. Free: a cosine per block, no extra pass.
@@ -132,10 +133,21 @@ class RoutedStepLoss(nn.Module):
                                self.cfg.oracle_skip_planning)
             n_skip = (frac * prob.shape[0]).round().long()  # [B]
             oracle_target = influence_targets(probe.value.to(prob.device), n_skip).to(prob.dtype)
-        if self.cfg.router_loss == "influence" and self.training and self.static_targets is not None:
+        elif influence:  # static per-type targets (drop_nll), measured once in Trainer.setup
             rows_type = is_tool_call.to(prob.device).long()  # [B]: 0 planning, 1 tool call
             oracle_target = self.static_targets.to(prob.device, prob.dtype)[rows_type].T  # [L, B]
         return row_sum, row_count, prob, gate, {"kl_row": kl_row, "oracle_target": oracle_target}
+
+
+@contextmanager
+def without_dropout(model: nn.Module):
+    """eval() for a measurement taken mid-setup (no LoRA dropout), then the previous train/eval mode back."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 INFLUENCE_STEPS = 16  # training steps that measure block influence for router.init_bias_spread
@@ -148,13 +160,8 @@ def spread_router_biases(rm, steps, router_cfg, tc, pad_id: int) -> list[float]:
     (measured: random blocks at an equal count cost 100x the perplexity of ShortGPT's choice)."""
     from .config import EvalConfig
 
-    was_training = rm.model.training
-    rm.model.eval()  # no LoRA dropout in the measurement
-    try:
-        with torch.no_grad():
-            influence = block_influence(rm, steps, EvalConfig(batch_size=tc.batch_size, seed=tc.seed), pad_id)
-    finally:
-        rm.model.train(was_training)
+    with without_dropout(rm.model):
+        influence = block_influence(rm, steps, EvalConfig(batch_size=tc.batch_size, seed=tc.seed), pad_id)
     ranks = np.argsort(np.argsort(influence))  # 0 = least influential
     L = len(influence)
     with torch.no_grad():
@@ -614,12 +621,8 @@ class Trainer:
                 rows.append(torch.ones(L))
                 continue
             steps = [s for s in self.train_steps if s.step_type == step_type][: tc.oracle_calibration_steps]
-            was_training = rm.model.training
-            rm.model.eval()  # no LoRA dropout in the measurement
-            try:
+            with without_dropout(rm.model):
                 costs = drop_costs(rm, steps, EvalConfig(batch_size=tc.batch_size, seed=tc.seed), self.pad_id)
-            finally:
-                rm.model.train(was_training)
             target = static_skip_targets(costs, n_skip)
             rows.append(target)
             record[step_type] = {"costs": costs, "skip": [i for i in range(L) if target[i] == 0]}
