@@ -6,6 +6,8 @@
 #   benchmarks/ablation_offline.sh                       # everything (~18 min per recipe x seed on 2 cores)
 #   benchmarks/ablation_offline.sh plus:0 plus:1         # some recipe:seed pairs only
 #   benchmarks/ablation_offline.sh --table               # only the table, from the finished evaluations
+#   benchmarks/ablation_offline.sh --accuracy drop_nll_stopgrad:0   # + tool-call accuracy on 48 steps
+#                                                        #   (LoRA full depth vs routed, paired) in <run>/eval_accuracy
 #
 # Runs go to runs/ablation/<recipe>-s<seed>/{train,eval}; finished parts are skipped, so it can be re-run after an
 # interruption (an interrupted training resumes from its last checkpoint). One thread per job: on 2 cores run two
@@ -15,6 +17,9 @@ cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 OUT=${OUT:-runs/ablation}
 EVAL="--set eval.thresholds=[] --set eval.max_steps_per_type=12 --set eval.accuracy_steps_per_type=4"
+# the same harness with free-running tool-call accuracy on 48 steps drawn from the whole eval split (317 BFCL live_*
+# steps), scored for LoRA full depth and routed only (the pair the accuracy target compares, step by step)
+ACC_EVAL="$EVAL --set eval.accuracy_steps_per_type={\"tool_call\":48,\"planning\":4} --set eval.accuracy_configs=[lora_full_depth,routed]"
 # plus, the offline default before influence_stopgrad: a per-step-type penalty (lambda 4 on tool calls, -1 on
 # planning), the LM loss reaching the routers through the straight-through gate, router lr 1e-3
 PLUS="--set train.regularizer=hard_ste --set train.reg_weight=4.0 --set train.reg_weight_planning=-1.0 --set train.router_loss=none --set train.bce_weight=1.0 --set train.router_lr=1e-3 --set train.router_lm_grad=true"
@@ -49,6 +54,11 @@ declare -A RECIPE=(
   [influence_stopgrad_150steps]="$INFL --set train.steps=150"
   # static per-type targets: the 9 blocks whose single removal costs least NLL on 8 tool-call training steps
   [drop_nll_stopgrad]="$INFL --set train.oracle_source=drop_nll --set train.oracle_calibration_steps=8"
+  # ... with fewer blocks skipped on tool calls (6 and 3 of 30): where does routed tool-call accuracy hold?
+  [drop_nll_stopgrad_skip20]="$INFL --set train.oracle_source=drop_nll --set train.oracle_calibration_steps=8 --set train.oracle_skip_tool=0.2"
+  [drop_nll_stopgrad_skip10]="$INFL --set train.oracle_source=drop_nll --set train.oracle_calibration_steps=8 --set train.oracle_skip_tool=0.1"
+  # router capacity, pooling: the last context token instead of the masked mean (on the paper recipe, like mlp_router)
+  [pool_last]="$PAPER --set train.regularizer=soft_mean --set router.pooling=last"
 )
 # recipe:seed pairs in RESULTS.md (hard_ste: one seed, because its gradient is soft_mean's: bit-identical adapters)
 ALL="paper_soft_mean:0 paper_soft_mean:1 paper_soft_mean:2 hard_ste:0 budget:0 budget:1 budget:2 drop_distill:0
@@ -58,17 +68,24 @@ influence_stopgrad:2 influence_stopgrad_kd:0 drop_nll_stopgrad:0 drop_nll_stopgr
 influence_stopgrad_150steps:0"
 
 table() {
-  local args=()
+  local args=() acc_args=()
   for name in paper_soft_mean hard_ste budget block_drop distill drop_distill oracle_first_order mlp_router typed1 \
               typed3 typed1_pgclip typed1_pgclip_spread typed2_neg_pgclip_spread plus influence_oracle \
-              influence_stopgrad influence_stopgrad_kd drop_nll_stopgrad influence_stopgrad_150steps; do
+              influence_stopgrad influence_stopgrad_kd drop_nll_stopgrad influence_stopgrad_150steps \
+              drop_nll_stopgrad_skip20 drop_nll_stopgrad_skip10 pool_last; do
     compgen -G "$OUT/$name-s*/eval/eval.json" > /dev/null && args+=(--recipe "$name=$OUT/$name-s*/eval/eval.json")
+    compgen -G "$OUT/$name-s*/eval_accuracy/eval.json" > /dev/null &&
+      acc_args+=(--recipe "$name=$OUT/$name-s*/eval_accuracy/eval.json")
   done
   "$BIN/layerroute" ablation "${args[@]}" --output-dir "$OUT/table"
+  # the --accuracy evaluations (48 tool-call steps per seed) get their own table
+  if [ ${#acc_args[@]} -gt 0 ]; then "$BIN/layerroute" ablation "${acc_args[@]}" --output-dir "$OUT/table_accuracy"; fi
 }
 
 if [ "${1:-}" = "--table" ]; then table; exit 0; fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+EVAL_DIR=eval
+if [ "${1:-}" = "--accuracy" ]; then shift; EVAL=$ACC_EVAL; EVAL_DIR=eval_accuracy; fi
 for pair in ${*:-$ALL}; do
   name=${pair%%:*}; seed=${pair##*:}
   [ -n "${RECIPE[$name]+x}" ] || { echo "unknown recipe $name (known: ${!RECIPE[*]})" >&2; exit 2; }
@@ -79,10 +96,10 @@ for pair in ${*:-$ALL}; do
     "$BIN/layerroute" train --config configs/offline-smollm2.yaml ${RECIPE[$name]} --set train.seed="$seed" \
       --set train.progress=false --output-dir "$dir/train" "${resume[@]}"
   fi
-  if [ ! -f "$dir/eval/eval.json" ]; then
+  if [ ! -f "$dir/$EVAL_DIR/eval.json" ]; then
     # shellcheck disable=SC2086
     "$BIN/layerroute" eval --config configs/offline-smollm2.yaml --adapter "$dir/train/adapter" $EVAL \
-      --output-dir "$dir/eval"
+      --output-dir "$dir/$EVAL_DIR"
   fi
 done
 table

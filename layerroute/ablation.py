@@ -103,14 +103,18 @@ def markdown(agg: dict) -> str:
                 lines.append(f"| {name} | {split} | {t} | " + " | ".join(cells) + " |")
     lines += ["", "## Task accuracy (free-running greedy generation with real skipping, full split)", "",
               "Exact-match rate, mean over seeds; n is the number of steps scored per seed.", "",
-              "| recipe | step type | n/seed | " + " | ".join(ACCURACY) + " |",
-              "|---|---|---:|" + "---:|" * len(ACCURACY)]
+              "| recipe | step type | n/seed | " + " | ".join(ACCURACY) + " | routed - LoRA (points) |",
+              "|---|---|---:|" + "---:|" * (len(ACCURACY) + 1)]
     for name, e in agg.items():
         for t in STEP_TYPES:
             m = e["full"]
             n = m.get(f"{t}.accuracy_n.routed")
             cells = [_cell(m.get(f"{t}.accuracy.{c}"), 1, True, spread=False) for c in ACCURACY]
-            lines.append(f"| {name} | {t} | {_num(n['mean'], 0) if n else 'n/a'} | " + " | ".join(cells) + " |")
+            # both are scored on the same steps in each seed, so the difference of means is the paired difference
+            routed, lora = m.get(f"{t}.accuracy.routed"), m.get(f"{t}.accuracy.lora_full_depth")
+            diff = _num(100 * (routed["mean"] - lora["mean"]), 1) if routed and lora else "n/a"
+            lines.append(f"| {name} | {t} | {_num(n['mean'], 0) if n else 'n/a'} | " + " | ".join(cells)
+                         + f" | {diff} |")
     return "\n".join(lines) + "\n"
 
 

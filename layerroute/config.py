@@ -368,7 +368,15 @@ class EvalConfig:
 
     batch_size: int = setting(4, "steps per teacher-forced batch")
     max_steps_per_type: int = setting(64, "cap on eval steps per step type, in each split (0 = all)")
-    accuracy_steps_per_type: int = setting(12, "steps per type scored by free-running generation (0 = skip)")
+    accuracy_steps_per_type: int | dict = setting(
+        12, "steps per type scored by free-running generation (0 = skip); a mapping sets each type apart, e.g. "
+        "{tool_call: 48, planning: 4}. Drawn from the perplexity sample when it holds that many, else from the "
+        "whole eval split (so accuracy can use far more steps than the teacher-forced passes)",
+    )
+    accuracy_configs: list = setting(
+        ["base", "lora_full_depth", "routed", "shortgpt"],
+        "configurations scored by free-running generation (shortgpt needs eval.baselines)",
+    )
     max_new_tokens_tool: int = setting(96, "generation budget for a tool-call step")
     max_new_tokens_planning: int = setting(256, "generation budget for a planning step")
     thresholds: list = setting([0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], "gate thresholds of the sweep ([] = skip)")
@@ -383,6 +391,24 @@ class EvalConfig:
         _check_choice("eval", "kv_policy", self.kv_policy, ("exact", "kv_preserving"))
         if any(not 0 < t < 1 for t in self.thresholds):
             raise ConfigError(f"eval.thresholds must lie in (0, 1), got {self.thresholds}")
+        counts = self.accuracy_steps_per_type
+        if isinstance(counts, dict):
+            unknown = sorted(set(counts) - {"tool_call", "planning"})
+            if unknown:
+                hint = " (YAML needs a space after the colon: {tool_call: 48})" if ":" in unknown[0] else ""
+                raise ConfigError(f"eval.accuracy_steps_per_type: unknown step type {unknown[0]!r} "
+                                  f"(known: tool_call, planning){hint}")
+            values = list(counts.values())
+        else:
+            values = [counts]
+        if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in values):
+            raise ConfigError(f"eval.accuracy_steps_per_type must be counts >= 0, got {counts!r}")
+        for c in self.accuracy_configs:
+            _check_choice("eval", "accuracy_configs", c, ("base", "lora_full_depth", "routed", "shortgpt"))
+
+    def accuracy_steps(self, step_type: str) -> int:
+        counts = self.accuracy_steps_per_type
+        return counts.get(step_type, 0) if isinstance(counts, dict) else counts
 
 
 RUN_SECTIONS = ("model", "router", "lora", "data", "train", "eval")

@@ -148,7 +148,10 @@ def score_generation(step, text: str) -> tuple[bool, str | None]:
 
 def accuracy(rm: RoutedModel, steps, idx: list[int], config: str, cfg: EvalConfig, *, threshold=None,
              forced=None) -> dict:
-    """Greedy generation with real skipping (LoRA merged) from each step's context; fraction scored correct."""
+    """Greedy generation with real skipping (LoRA merged) from each step's context; fraction scored correct.
+
+    `samples` keeps one entry per step in `idx` order, so two configurations scored on the same steps can be
+    compared step by step (`paired_accuracy`)."""
     from .generate import inference_weights, routed_generate
 
     eos = _eos_ids(rm.tokenizer)
@@ -175,6 +178,45 @@ def accuracy(rm: RoutedModel, steps, idx: list[int], config: str, cfg: EvalConfi
                             "text": text[:2000]})
     return {"accuracy": correct / len(idx) if idx else float("nan"), "n": len(idx), "failures": dict(failures),
             "samples": samples}
+
+
+def paired_accuracy(a: dict, b: dict, resamples: int, seed: int) -> dict:
+    """b minus a on the same steps: counts of steps only one of them gets right, the accuracy difference in
+    points and its 95% bootstrap interval over steps (paired: a step's two verdicts are resampled together)."""
+    pa = np.array([s["correct"] for s in a["samples"]], dtype=float)
+    pb = np.array([s["correct"] for s in b["samples"]], dtype=float)
+    if len(pa) != len(pb) or [s["conversation_id"] for s in a["samples"]] != [s["conversation_id"]
+                                                                               for s in b["samples"]]:
+        raise ValueError("paired_accuracy needs both configurations scored on the same steps in the same order")
+    out = {"n": len(pa), "both_correct": int((pa * pb).sum()), "only_a": int((pa * (1 - pb)).sum()),
+           "only_b": int(((1 - pa) * pb).sum()), "diff_points": float("nan"), "diff_ci95": [float("nan")] * 2}
+    if len(pa):
+        d = pb - pa
+        out["diff_points"] = 100 * float(d.mean())
+        rows = np.random.default_rng(seed).integers(0, len(d), size=(resamples, len(d)))
+        means = 100 * d[rows].mean(axis=1)
+        out["diff_ci95"] = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+    return out
+
+
+def _accuracy_steps(ppl_steps, ppl_groups: dict[str, list[int]], all_steps, cfg: EvalConfig) -> dict[str, list]:
+    """The steps of each type scored by free-running generation.
+
+    A count the perplexity sample can hold is drawn from it (one generator over the types in order: the draw
+    that produced every earlier accuracy figure); a larger one is drawn from the whole eval split, so accuracy
+    can rest on many more steps than the teacher-forced passes, which cost several forwards per step."""
+    rng = random.Random(cfg.seed + 1)
+    out = {}
+    for t in STEP_TYPES:
+        n, group = cfg.accuracy_steps(t), ppl_groups[t]
+        if n <= 0:
+            out[t] = []
+        elif n <= len(group):
+            out[t] = [ppl_steps[i] for i in (sorted(rng.sample(group, n)) if len(group) > n else group)]
+        else:
+            pool = [i for i, s in enumerate(all_steps) if s.step_type == t]
+            out[t] = [all_steps[i] for i in (sorted(rng.sample(pool, n)) if len(pool) > n else pool)]
+    return out
 
 
 def _eos_ids(tokenizer) -> list[int]:
@@ -243,7 +285,7 @@ def _cap(groups: dict[str, list[int]], n: int, seed: int) -> dict[str, list[int]
 
 def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict) -> dict:
     """All metrics for one adapter on the eval split and its length-matched subset."""
-    steps = list(data.eval)
+    steps = all_steps = list(data.eval)
     matched_keys = {(s.conversation_id, s.step_index) for s in data.eval_length_matched}
     groups = _cap(_by_type(steps, range(len(steps))), cfg.max_steps_per_type, cfg.seed)
     matched_idx = _cap(
@@ -328,17 +370,24 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict) -> dict
             sweep.append(point)
         out["threshold_sweep"] = sweep
 
-    if cfg.accuracy_steps_per_type > 0:
-        acc_groups = _cap(full, cfg.accuracy_steps_per_type, cfg.seed + 1)
-        acc = {t: {} for t in STEP_TYPES}
+    acc_steps = _accuracy_steps(steps, full, all_steps, cfg)
+    if any(acc_steps.values()):
+        acc, paired = {t: {} for t in STEP_TYPES}, {}
         for t in STEP_TYPES:
-            idx = acc_groups[t]
-            for c in ACC_CONFIGS:
-                acc[t][c] = accuracy(rm, steps, idx, c, cfg)
-            if "shortgpt" in baseline_runs:
-                acc[t]["shortgpt"] = accuracy(rm, steps, idx, "shortgpt", cfg,
-                                              forced=baseline_runs["shortgpt"][1][t])
-        out["accuracy"] = acc
+            chosen = acc_steps[t]
+            if not chosen:
+                continue
+            idx = list(range(len(chosen)))
+            for c in cfg.accuracy_configs:
+                if c in ACC_CONFIGS:
+                    acc[t][c] = accuracy(rm, chosen, idx, c, cfg)
+                elif c == "shortgpt" and "shortgpt" in baseline_runs:
+                    acc[t][c] = accuracy(rm, chosen, idx, c, cfg, forced=baseline_runs["shortgpt"][1][t])
+            if "lora_full_depth" in acc[t] and "routed" in acc[t]:
+                paired[t] = paired_accuracy(acc[t]["lora_full_depth"], acc[t]["routed"], cfg.bootstrap, cfg.seed)
+        out["accuracy"] = {t: v for t, v in acc.items() if v}
+        # routed minus LoRA full depth, step by step on the same steps (issue 8's "within 1 point" target)
+        out["accuracy_paired_routed_vs_lora"] = paired
     return out
 
 

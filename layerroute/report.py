@@ -89,6 +89,11 @@ def _honest_table(doc: dict) -> list[str]:
         for t, row in acc.items():
             cells = [f"{_f(row[c]['accuracy'], 1, pct=True)}% (n={row[c]['n']})" if c in row else "" for c in configs]
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
+        for t, p in (doc.get("accuracy_paired_routed_vs_lora") or {}).items():
+            lo, hi = p["diff_ci95"]
+            lines.append(f"\n{t}: routed minus LoRA full depth on the same {p['n']} steps: "
+                         f"{_f(p['diff_points'], 1)} points (95% CI {_f(lo, 1)} to {_f(hi, 1)}); both right "
+                         f"{p['both_correct']}, only LoRA {p['only_a']}, only routed {p['only_b']}")
     agg = doc.get("aggregate")
     if agg:
         lines += ["", f"### Seeds ({len(doc['seeds'])})", "", "| split | measure | mean | std | per seed |",

@@ -146,3 +146,54 @@ def test_accuracy_keeps_each_generation_with_its_verdict(setup):
     assert [s["conversation_id"] for s in res["samples"]] == [steps[i].conversation_id for i in idx]
     assert sum(s["correct"] for s in res["samples"]) == round(res["accuracy"] * res["n"])
     assert all(s["correct"] or s["reason"] for s in res["samples"])  # every failure says why
+
+
+def _fake_steps(n_tool: int, n_plan: int):
+    from types import SimpleNamespace
+
+    kinds = ["tool_call"] * n_tool + ["planning"] * n_plan
+    return [SimpleNamespace(step_type=t, conversation_id=f"c{i}") for i, t in enumerate(kinds)]
+
+
+def test_accuracy_draw_is_the_historic_one_when_the_ppl_sample_holds_it_and_the_whole_split_otherwise():
+    from layerroute.evaluate import _accuracy_steps, _by_type, _cap
+
+    all_steps = _fake_steps(40, 30)
+    full = _cap(_by_type(all_steps, range(len(all_steps))), 12, 0)  # the perplexity sample, 12 per type
+    cfg = EvalConfig(accuracy_steps_per_type=4, seed=0)
+    old = _cap(full, 4, 1)  # how every accuracy figure before per-type counts was drawn
+    assert _accuracy_steps(all_steps, full, all_steps, cfg) == {t: [all_steps[i] for i in old[t]] for t in old}
+    big = _accuracy_steps(all_steps, full, all_steps, EvalConfig(accuracy_steps_per_type={"tool_call": 30}))
+    assert len(big["tool_call"]) == 30 and big["planning"] == []
+    assert {s.step_type for s in big["tool_call"]} == {"tool_call"}
+    assert len({id(s) for s in big["tool_call"]}) == 30  # no step twice
+    every = _accuracy_steps(all_steps, full, all_steps, EvalConfig(accuracy_steps_per_type=100))
+    assert [len(every[t]) for t in ("tool_call", "planning")] == [40, 30]  # capped by what the split holds
+
+
+@pytest.mark.parametrize("bad", [{"tool_calls": 3}, -1, {"planning": -2}, {"planning": 1.5}])
+def test_accuracy_counts_are_validated_naming_the_flag(bad):
+    from layerroute.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="eval.accuracy_steps_per_type"):
+        EvalConfig(accuracy_steps_per_type=bad)
+    with pytest.raises(ConfigError, match="eval.accuracy_configs"):
+        EvalConfig(accuracy_configs=["routed", "lora"])
+
+
+def test_paired_accuracy_counts_disagreements_and_bounds_the_difference():
+    from layerroute.evaluate import paired_accuracy
+
+    def res(verdicts):
+        return {"samples": [{"conversation_id": f"c{i}", "correct": v} for i, v in enumerate(verdicts)]}
+
+    lora, routed = res([1, 1, 0, 1, 0, 0, 1, 1]), res([1, 0, 0, 1, 1, 0, 1, 0])
+    p = paired_accuracy(lora, routed, resamples=500, seed=0)
+    assert (p["n"], p["both_correct"], p["only_a"], p["only_b"]) == (8, 3, 2, 1)
+    assert p["diff_points"] == pytest.approx(-12.5)
+    lo, hi = p["diff_ci95"]
+    assert lo <= -12.5 <= hi and lo < hi
+    same = paired_accuracy(lora, lora, resamples=50, seed=0)
+    assert same["diff_points"] == 0 and same["diff_ci95"] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="same steps"):
+        paired_accuracy(lora, res([1, 0]), resamples=10, seed=0)
