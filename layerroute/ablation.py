@@ -6,7 +6,8 @@
 Reads finished evaluations (no model is loaded), aggregates each recipe's seeds exactly as `layerroute eval --adapter A --adapter B` does
 (`evaluate.aggregate_seeds`), and writes `ablation.json`,
 `ablation.md` (skip / quality / accuracy tables, full and length-matched splits), `ablation.png`
-(the differential of every seed per recipe) and `ablation_tradeoff.png` (differential vs tool-call quality).
+(the differential of every seed per recipe), `ablation_tradeoff.png` (differential vs tool-call quality) and, when
+accuracy was scored, `ablation_accuracy.png` (routed - LoRA tool-call accuracy vs tool-call skip).
 """
 
 from __future__ import annotations
@@ -156,6 +157,37 @@ def plot_tradeoff(agg: dict, path: Path) -> None:
     _save(fig, path)
 
 
+def plot_accuracy(agg: dict, path: Path) -> bool:
+    """Routed minus LoRA-full-depth tool-call accuracy (same steps, points) against the tool-call block skip, one
+    dot per seed: where along the skip axis greedy tool calls stop surviving. False (nothing drawn) when no recipe
+    was scored for both."""
+    from .report import _save, plt
+
+    points = {}
+    for name, e in agg.items():
+        m = e["full"]
+        routed, lora = m.get("tool_call.accuracy.routed"), m.get("tool_call.accuracy.lora_full_depth")
+        if routed and lora:
+            n = m["tool_call.accuracy_n.routed"]["values"]
+            points[name] = ([100 * x for x in m["tool_call.block_flops_skipped"]["values"]],
+                            [100 * (r - f) for r, f in zip(routed["values"], lora["values"], strict=True)], n)
+    if not points:
+        return False
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    colors, markers = plt.get_cmap("tab20").colors, "os^Dv<>P"
+    for i, (name, (xs, ys, n)) in enumerate(points.items()):
+        label = f"{name} (n = {min(n)}{'' if min(n) == max(n) else f'-{max(n)}'} per seed)"
+        ax.scatter(xs, ys, s=26, label=label, color=colors[i % len(colors)], marker=markers[i % len(markers)])
+    ax.axhline(0, color="black", lw=0.8)
+    ax.axhspan(-1, 1, color="#c7e9c0", alpha=0.6, lw=0, label="within 1 point")
+    ax.set_xlabel("tool-call block FLOPs skipped (%)")
+    ax.set_ylabel("tool-call accuracy: routed - LoRA (points)")
+    ax.set_title("free-running tool calls with real skipping (one dot per seed)")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _save(fig, path)
+    return True
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", action="append", required=True, metavar="NAME=EVAL_JSON[,...]",
                         help="a recipe and its seeds' eval.json files (globs allowed; quote them); repeatable")
@@ -179,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
     tmp.replace(md)
     plot(agg, out / "ablation.png")
     plot_tradeoff(agg, out / "ablation_tradeoff.png")
+    plot_accuracy(agg, out / "ablation_accuracy.png")
     print(json.dumps({name: {split: e[split]["skip_differential_points"]["mean"] for split in SPLITS}
                       for name, e in agg.items()}))
     return 0

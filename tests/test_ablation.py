@@ -79,8 +79,23 @@ def test_cli_writes_table_json_and_plot(one_eval, tmp_path, capsys):
     assert printed["r"]["full"] == pytest.approx(3.5)
     assert (out / "ablation.png").stat().st_size > 1000
     assert (out / "ablation_tradeoff.png").stat().st_size > 1000
+    assert (out / "ablation_accuracy.png").stat().st_size > 1000  # the evaluations scored routed and LoRA
     assert json.loads((out / "ablation.json").read_text())["r"]["seeds"] == 2
-    assert "## Quality" in (out / "ablation.md").read_text()
+    md = (out / "ablation.md").read_text()
+    assert "## Quality" in md and "routed - LoRA (points)" in md
+
+
+def test_accuracy_is_paired_step_by_step_and_the_plot_needs_it(one_eval, tmp_path):
+    from layerroute.ablation import plot_accuracy
+
+    p = one_eval["accuracy_paired_routed_vs_lora"]["tool_call"]
+    acc = one_eval["accuracy"]["tool_call"]
+    assert p["n"] == acc["routed"]["n"] == acc["lora_full_depth"]["n"]
+    assert p["diff_points"] == pytest.approx(100 * (acc["routed"]["accuracy"] - acc["lora_full_depth"]["accuracy"]))
+    without = copy.deepcopy(one_eval)
+    without.pop("accuracy")
+    agg = aggregate_recipes({"x": [str(_write(tmp_path, "x-s0", without, 1.0))]})
+    assert plot_accuracy(agg, tmp_path / "acc.png") is False and not (tmp_path / "acc.png").exists()
 
 
 def test_bad_recipe_specs_name_the_flag(tmp_path):
