@@ -8,6 +8,9 @@
 #   benchmarks/ablation_offline.sh --table               # only the table, from the finished evaluations
 #   benchmarks/ablation_offline.sh --accuracy drop_nll_stopgrad:0   # + tool-call accuracy on 48 steps
 #                                                        #   (LoRA full depth vs routed, paired) in <run>/eval_accuracy
+#   benchmarks/ablation_offline.sh --prompt-full-depth drop_nll_stopgrad:0   # the same, with each step's context run
+#                                                        #   through every block (skipping for the step's own tokens
+#                                                        #   only), in <run>/eval_accuracy_prompt_full_depth
 #
 # Runs go to runs/ablation/<recipe>-s<seed>/{train,eval}; finished parts are skipped, so it can be re-run after an
 # interruption (an interrupted training resumes from its last checkpoint). One thread per job: on 2 cores run two
@@ -68,24 +71,29 @@ influence_stopgrad:2 influence_stopgrad_kd:0 drop_nll_stopgrad:0 drop_nll_stopgr
 influence_stopgrad_150steps:0"
 
 table() {
-  local args=() acc_args=()
-  for name in paper_soft_mean hard_ste budget block_drop distill drop_distill oracle_first_order mlp_router typed1 \
-              typed3 typed1_pgclip typed1_pgclip_spread typed2_neg_pgclip_spread plus influence_oracle \
-              influence_stopgrad influence_stopgrad_kd drop_nll_stopgrad influence_stopgrad_150steps \
-              drop_nll_stopgrad_skip20 drop_nll_stopgrad_skip10 pool_last; do
-    compgen -G "$OUT/$name-s*/eval/eval.json" > /dev/null && args+=(--recipe "$name=$OUT/$name-s*/eval/eval.json")
-    compgen -G "$OUT/$name-s*/eval_accuracy/eval.json" > /dev/null &&
-      acc_args+=(--recipe "$name=$OUT/$name-s*/eval_accuracy/eval.json")
+  # one table per kind of evaluation: eval/ -> table, eval_accuracy/ -> table_accuracy (48 tool-call steps per
+  # seed), eval_accuracy_prompt_full_depth/ -> table_prompt_full_depth
+  local kind args name
+  for kind in eval:table eval_accuracy:table_accuracy eval_accuracy_prompt_full_depth:table_prompt_full_depth; do
+    args=()
+    for name in paper_soft_mean hard_ste budget block_drop distill drop_distill oracle_first_order mlp_router typed1 \
+                typed3 typed1_pgclip typed1_pgclip_spread typed2_neg_pgclip_spread plus influence_oracle \
+                influence_stopgrad influence_stopgrad_kd drop_nll_stopgrad influence_stopgrad_150steps \
+                drop_nll_stopgrad_skip20 drop_nll_stopgrad_skip10 pool_last; do
+      compgen -G "$OUT/$name-s*/${kind%%:*}/eval.json" > /dev/null &&
+        args+=(--recipe "$name=$OUT/$name-s*/${kind%%:*}/eval.json")
+    done
+    if [ ${#args[@]} -gt 0 ]; then "$BIN/layerroute" ablation "${args[@]}" --output-dir "$OUT/${kind##*:}"; fi
   done
-  "$BIN/layerroute" ablation "${args[@]}" --output-dir "$OUT/table"
-  # the --accuracy evaluations (48 tool-call steps per seed) get their own table
-  if [ ${#acc_args[@]} -gt 0 ]; then "$BIN/layerroute" ablation "${acc_args[@]}" --output-dir "$OUT/table_accuracy"; fi
 }
 
 if [ "${1:-}" = "--table" ]; then table; exit 0; fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 EVAL_DIR=eval
 if [ "${1:-}" = "--accuracy" ]; then shift; EVAL=$ACC_EVAL; EVAL_DIR=eval_accuracy; fi
+if [ "${1:-}" = "--prompt-full-depth" ]; then
+  shift; EVAL="$ACC_EVAL --set eval.prompt_full_depth=true"; EVAL_DIR=eval_accuracy_prompt_full_depth
+fi
 for pair in ${*:-$ALL}; do
   name=${pair%%:*}; seed=${pair##*:}
   [ -n "${RECIPE[$name]+x}" ] || { echo "unknown recipe $name (known: ${!RECIPE[*]})" >&2; exit 2; }

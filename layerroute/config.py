@@ -384,6 +384,10 @@ class EvalConfig:
     calibration_steps: int = setting(32, "training steps used to measure ShortGPT block influence")
     bootstrap: int = setting(1000, "bootstrap resamples for the differential's confidence interval")
     kv_policy: str = setting("exact", "cache policy counted in FLOPs and used in generation")
+    prompt_full_depth: bool = setting(
+        False, "routed (and equal-FLOP baseline) configurations run each step's context through every block and "
+        "skip for the step's own tokens only (FLOPs counted so): a diagnostic of where skipping hurts",
+    )
     seed: int = setting(0, "seed for sampling steps, random-skip patterns and the bootstrap")
 
     def __post_init__(self):

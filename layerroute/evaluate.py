@@ -49,14 +49,16 @@ ACC_CONFIGS = ("base", "lora_full_depth", "routed")
 # Teacher-forced pass
 
 
-def _ppl_context(rm: RoutedModel, config: str, decision_mask, *, threshold=None, forced=None):
+def _ppl_context(rm: RoutedModel, config: str, decision_mask, *, threshold=None, forced=None,
+                 prompt_full_depth=False):
     """(lora context manager, routing context manager) for one configuration."""
     use_lora = config in ("lora_full_depth", "routed", "shortgpt", "random")
     lora = nullcontext() if use_lora else rm.lora_disabled()
     if config in ("base", "lora_full_depth"):
         route = routing(rm.model, "mix", decision_mask=decision_mask, forced="open")
     else:
-        route = routing(rm.model, "mix", decision_mask=decision_mask, threshold=threshold, forced=forced)
+        route = routing(rm.model, "mix", decision_mask=decision_mask, threshold=threshold, forced=forced,
+                        prompt_full_depth=prompt_full_depth)
     return lora, route
 
 
@@ -73,7 +75,8 @@ def teacher_forced(rm: RoutedModel, steps, config: str, cfg: EvalConfig, *, thre
         batch = collate_steps([steps[i] for i in batch_idx], pad)
         batch = {k: v.to(rm.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         forced = patterns[batch_idx] if patterns is not None else None
-        lora, route = _ppl_context(rm, config, batch["decision_mask"], threshold=threshold, forced=forced)
+        lora, route = _ppl_context(rm, config, batch["decision_mask"], threshold=threshold, forced=forced,
+                                   prompt_full_depth=cfg.prompt_full_depth)
         with lora, route:
             sums, counts = sliced_lm_loss(rm.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
             gates = torch.stack([r.gate for r in gate_records(rm.model)], dim=1)  # [B, L]
@@ -93,10 +96,11 @@ def ppl(results: list[dict], idx: list[int]) -> float:
 
 
 def flop_summary(model_config, steps, gates: list[list[bool]], idx: list[int], kv_policy: str,
-                 count_routers: bool = True) -> dict:
+                 count_routers: bool = True, prompt_full_depth: bool = False) -> dict:
     parts = [
         flop_count.step_flops(model_config, steps[i].context_length, steps[i].length, gates[i],
-                              kv_preserving=kv_policy == "kv_preserving", count_routers=count_routers)
+                              kv_preserving=kv_policy == "kv_preserving", count_routers=count_routers,
+                              prompt_full_depth=prompt_full_depth)
         for i in idx
     ]
     agg = flop_count.aggregate(parts)
@@ -167,6 +171,7 @@ def accuracy(rm: RoutedModel, steps, idx: list[int], config: str, cfg: EvalConfi
             out = routed_generate(
                 rm, [step.input_ids[: step.context_length]], max_new_tokens=budget, eos_token_id=eos,
                 kv_policy=cfg.kv_policy, threshold=threshold, forced=gates, merge_lora=config != "base",
+                prompt_full_depth=cfg.prompt_full_depth and gates != "open",
             )
             text = rm.tokenizer.decode(out.tokens[0], skip_special_tokens=True)
             ok, reason = score_generation(step, text)
@@ -332,7 +337,8 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict) -> dict
         entry = {}
         for t in STEP_TYPES:
             idx = groups_[t]
-            e = {"n": len(idx), **flop_summary(model_config, steps, gates, idx, cfg.kv_policy)}
+            e = {"n": len(idx), **flop_summary(model_config, steps, gates, idx, cfg.kv_policy,
+                                            prompt_full_depth=cfg.prompt_full_depth)}
             e["ppl"] = {c: ppl(runs[c], idx) for c in PPL_CONFIGS}
             e["context_length_mean"] = float(np.mean([steps[i].context_length for i in idx])) if idx else None
             e["step_length_mean"] = float(np.mean([steps[i].length for i in idx])) if idx else None
@@ -340,7 +346,7 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict) -> dict
                 e.setdefault("baselines", {})[name] = {
                     "ppl": ppl(res, idx),
                     **flop_summary(model_config, steps, [r["gates"] for r in res], idx, cfg.kv_policy,
-                                   count_routers=False),
+                                   count_routers=False, prompt_full_depth=cfg.prompt_full_depth),
                 }
             entry[t] = e
         per_step_skip = {
@@ -366,7 +372,8 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict) -> dict
             point = {"threshold": thr}
             for t in STEP_TYPES:
                 idx = full[t]
-                point[t] = {"ppl": ppl(res, idx), **flop_summary(model_config, steps, g, idx, cfg.kv_policy)}
+                point[t] = {"ppl": ppl(res, idx), **flop_summary(model_config, steps, g, idx, cfg.kv_policy,
+                                                                  prompt_full_depth=cfg.prompt_full_depth)}
             sweep.append(point)
         out["threshold_sweep"] = sweep
 

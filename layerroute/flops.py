@@ -215,11 +215,14 @@ def step_flops(
     lm_head_positions: int | None = None,
     router_hidden: int | None = None,
     count_routers: bool = True,
+    prompt_full_depth: bool = False,
 ) -> dict:
     """FLOPs of one agent step, dense vs routed (see the module docstring for the convention).
 
     ``run_mask[l]`` is True when block l runs for this step. Set ``count_routers=False`` to describe a
     model without routers (a static-removal or random-skip baseline) with the same mask.
+    ``prompt_full_depth``: every block processes the context; a skipped block skips the step's own tokens only
+    (kv-preserving: it still writes their K/V).
 
     Returns a dict with ``block_total`` (all blocks, dense), ``block_run`` (blocks that ran),
     ``block_skipped_fraction``, ``total_dense``, ``total_routed``, ``total_skipped_fraction``,
@@ -236,17 +239,23 @@ def step_flops(
     if lm_head_positions is None:
         lm_head_positions = step_length
 
-    if kv_preserving:
+    # spent_anyway: block compute a skipped block still spends (on the context, under prompt_full_depth)
+    spent_anyway = 0
+    if prompt_full_depth:
+        spent_anyway = block_flops(s, context_length) if context_length else 0
+        one_block = spent_anyway + block_flops(s, step_length, n_past=context_length)
+        skipped_cost = kv_only_flops(s, step_length) if kv_preserving else 0
+    elif kv_preserving:
         one_block = block_flops(s, step_length, n_past=context_length)
         skipped_cost = kv_only_flops(s, step_length)
     else:
         one_block = block_flops(s, context_length + step_length)
         skipped_cost = 0
-    per_block = [one_block if run else skipped_cost for run in mask]
+    per_block = [one_block if run else spent_anyway + skipped_cost for run in mask]
     n_run = sum(mask)
 
     block_total = one_block * s.num_hidden_layers
-    block_run = one_block * n_run
+    block_run = one_block * n_run + spent_anyway * (s.num_hidden_layers - n_run)
     kv = skipped_cost * (s.num_hidden_layers - n_run)
     lm_head = lm_head_flops(s, lm_head_positions)
     router = router_flops(s, context_length, router_hidden) * s.num_hidden_layers if count_routers else 0

@@ -286,6 +286,7 @@ def routed_generate(
     attention_mask: torch.Tensor | None = None,
     mode: str = "skip",
     seed: int | None = None,
+    prompt_full_depth: bool = False,
 ) -> GenerationResult:
     """Generate one agent step for each prompt with real block skipping.
 
@@ -296,6 +297,7 @@ def routed_generate(
     continues from this cache finds every block complete).
     eos_token_id: DEFAULT = the model's generation config; None = never stop before `max_new_tokens`.
     mode: 'skip' (real skipping) or 'off' (routers bypassed: every block runs, no router evaluated).
+    prompt_full_depth: the prompt's prefill runs every block; the decisions apply to the generated tokens only.
     """
     pad_id = _pad_id(rm, None if eos_token_id == DEFAULT else eos_token_id)
     input_ids, mask = as_batch(prompts, rm.tokenizer, pad_id, attention_mask)
@@ -307,7 +309,7 @@ def routed_generate(
         device = next(model.parameters()).device
         # the decision reads the prompt's real tokens only: left padding is excluded
         with routing(rm.model, mode, decision_mask=mask.to(device).float(), forced=forced, threshold=threshold,
-                     kv_policy=kv_policy):
+                     kv_policy=kv_policy, prompt_full_depth=prompt_full_depth):
             out, timings = run_generate(
                 model, input_ids, mask, cache=RoutedCache(), max_new_tokens=max_new_tokens, do_sample=do_sample,
                 temperature=temperature, top_p=top_p, top_k=top_k, eos_token_id=eos_token_id, pad_token_id=pad_id,

@@ -54,6 +54,10 @@ class RoutingState:
     # False = the gate is a constant for autograd and the routers learn only from the losses on their probabilities
     straight_through: bool = True
     kv_policy: str = "exact"
+    # the step's context (decision_mask == 1) runs every block; the decisions apply to the step's own tokens only
+    # (its generated tokens at inference, its target tokens in mix mode). Saves decode compute only; a diagnostic
+    # of whether skipping hurts through the context's representation or through the output path
+    prompt_full_depth: bool = False
     # keep per-block running sums of the context states so a session's next step pools over all its context
     session_pooling: bool = False
     num_layers: int = 0
@@ -184,10 +188,14 @@ class RoutedLayer(nn.Module):
             return self.block(hidden_states, *args, **kwargs)
         if st.mode == "mix":
             gate = self.decide(hidden_states)
-            if not torch.is_grad_enabled() and not bool(gate.any()):
+            if not torch.is_grad_enabled() and not bool(gate.any()) and not st.prompt_full_depth:
                 return hidden_states  # h + 0 * (block(h) - h) == h: no need to run the block
             out = self.block(hidden_states, *args, **kwargs)
             g = gate.to(hidden_states.dtype).view(-1, 1, 1)
+            if st.prompt_full_depth:  # context positions always take the block's output
+                context = torch.ones_like(hidden_states[..., :1]) if st.decision_mask is None else \
+                    st.decision_mask.to(device=hidden_states.device, dtype=hidden_states.dtype).unsqueeze(-1)
+                g = torch.maximum(g, context)
             return hidden_states + g * (out - hidden_states)
         # skip mode: decide once per step (prefill), reuse during decode
         if self.decision is None:
@@ -195,6 +203,8 @@ class RoutedLayer(nn.Module):
             self.plan = _row_plan(self.decision)
             if st.session_pooling:
                 self._accumulate_session(hidden_states, st.decision_mask)
+            if st.prompt_full_depth:  # the prefill runs at full depth; the decision applies from the next forward
+                return self.block(hidden_states, *args, **kwargs)
         elif st.session_pooling:
             self._accumulate_session(hidden_states, None)
         plan = self.plan
@@ -343,12 +353,15 @@ def routing(
     session_pooling: bool = False,
     keep: torch.Tensor | None = None,
     straight_through: bool = True,
+    prompt_full_depth: bool = False,
 ):
     """Set how the routed layers behave for the forwards inside the block; restores the previous state after.
 
     forced: None (the routers decide), 'open', 'closed', or a bool pattern [L] (per block) or [B, L] (per row).
     keep: mix mode only, [B, L] bool: training-time block dropping applied on top of the decisions.
     straight_through: mix mode only: False stops the LM loss's gradient at the hard gates.
+    prompt_full_depth: the context (decision_mask == 1 in mix mode, the prefill in skip mode) runs every block;
+    the decisions apply to the step's own tokens only.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
@@ -356,9 +369,9 @@ def routing(
         raise ValueError(f"kv_policy must be one of {KV_POLICIES}, not {kv_policy!r}")
     st = routing_state(model)
     saved = (st.mode, st.decision_mask, st.forced, st.threshold, st.kv_policy, st.session_pooling, st.keep,
-             st.straight_through)
+             st.straight_through, st.prompt_full_depth)
     st.mode, st.decision_mask, st.kv_policy, st.session_pooling = mode, decision_mask, kv_policy, session_pooling
-    st.keep, st.straight_through = keep, straight_through
+    st.keep, st.straight_through, st.prompt_full_depth = keep, straight_through, prompt_full_depth
     st.forced = _as_forced(forced, st.num_layers)
     if threshold is not None:
         st.threshold = threshold
@@ -369,7 +382,7 @@ def routing(
         yield st
     finally:
         (st.mode, st.decision_mask, st.forced, st.threshold, st.kv_policy, st.session_pooling, st.keep,
-         st.straight_through) = saved
+         st.straight_through, st.prompt_full_depth) = saved
         st.new_step()
 
 

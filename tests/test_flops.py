@@ -211,3 +211,22 @@ def test_shape_validation():
         ModelShape(8, 16, 3, 2, 4, 10, 2)
     with pytest.raises(ConfigError, match="hidden_size"):
         ModelShape(0, 16, 2, 1, 4, 10, 2)
+
+
+@pytest.mark.parametrize("kv_preserving", [False, True])
+def test_prompt_full_depth_skips_the_steps_own_tokens_only(kv_preserving):
+    # context 2 + step 3; block 1 skipped for the step's 3 tokens but run over the 2 context tokens
+    out = step_flops(TINY, context_length=2, step_length=3, run_mask=[True, False], kv_preserving=kv_preserving,
+                     prompt_full_depth=True)
+    context_part = block_flops(TINY, 2)
+    step_part = block_flops(TINY, 3, n_past=2)
+    assert context_part + step_part == block_flops(TINY, 5)  # causal attention splits exactly at the context
+    kv = 3 * (64 + 64) if kv_preserving else 0
+    assert out["per_block"] == [context_part + step_part, context_part + kv]
+    assert out["block_total"] == 2 * block_flops(TINY, 5)
+    assert out["block_run"] == block_flops(TINY, 5) + context_part
+    assert out["block_skipped_fraction"] == pytest.approx(step_part / (2 * block_flops(TINY, 5)))
+    dense = step_flops(TINY, context_length=2, step_length=3, run_mask=[True, True], prompt_full_depth=True)
+    assert dense["block_skipped_fraction"] == 0
+    assert step_flops(TINY, context_length=0, step_length=3, run_mask=[True, False],
+                      prompt_full_depth=True)["block_skipped_fraction"] == 0.5  # no context: as before

@@ -170,3 +170,36 @@ def test_skip_pattern_spreads_over_the_middle(layers, fraction, n_skip):
     pattern = skip_pattern(layers, fraction)
     assert len(pattern) == layers and pattern.count(False) == n_skip
     assert pattern[0] and pattern[1] and pattern[-1]
+
+
+def _mix_greedy(rm, prompt, pattern, new=NEW):
+    """Greedy decoding by re-running the whole sequence in mix mode with prompt_full_depth: the prompt's positions
+    at full depth, the generated ones through the pattern (the teacher-forced definition)."""
+    from layerroute.routed import routing
+
+    seq = list(prompt)
+    with torch.no_grad(), inference_weights(rm) as model:
+        for _ in range(new):
+            ids = torch.tensor([seq])
+            mask = torch.tensor([[1.0] * len(prompt) + [0.0] * (len(seq) - len(prompt))])
+            with routing(rm.model, "mix", decision_mask=mask, forced=pattern, prompt_full_depth=True):
+                logits = model(input_ids=ids).logits
+            seq.append(int(logits[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("policy", ["exact", "kv_preserving"])
+def test_prompt_full_depth_generation_equals_its_teacher_forced_definition(rm, policy):
+    pattern = [True, False, True, False]
+    for prompt in PROMPTS:
+        out = routed_generate(rm, [prompt], max_new_tokens=NEW, eos_token_id=None, forced=pattern,
+                              kv_policy=policy, prompt_full_depth=True)
+        assert out.tokens[0] == _mix_greedy(rm, prompt, pattern)
+    # the first token comes from the prompt's last position, which ran at full depth: the plain model's token
+    full = routed_generate(rm, PROMPTS, max_new_tokens=1, eos_token_id=None, forced="open")
+    first = routed_generate(rm, PROMPTS, max_new_tokens=1, eos_token_id=None, forced=pattern, prompt_full_depth=True)
+    assert first.tokens == full.tokens
+    skipped_everywhere = routed_generate(rm, PROMPTS, max_new_tokens=NEW, eos_token_id=None, forced=pattern)
+    with_full_prompt = routed_generate(rm, PROMPTS, max_new_tokens=NEW, eos_token_id=None, forced=pattern,
+                                       prompt_full_depth=True)
+    assert skipped_everywhere.tokens != with_full_prompt.tokens  # the option changes what the model computes
