@@ -7,7 +7,7 @@ Reads finished evaluations (no model is loaded), aggregates each recipe's seeds 
 (`evaluate.aggregate_seeds`), and writes `ablation.json`,
 `ablation.md` (skip / quality / accuracy tables, full and length-matched splits), `ablation.png`
 (the differential of every seed per recipe), `ablation_tradeoff.png` (differential vs tool-call quality) and, when
-accuracy was scored, `ablation_accuracy.png` (routed - LoRA tool-call accuracy vs tool-call skip).
+accuracy was scored, `ablation_accuracy.png` (routed and full-depth tool-call accuracy vs tool-call skip).
 """
 
 from __future__ import annotations
@@ -158,9 +158,10 @@ def plot_tradeoff(agg: dict, path: Path) -> None:
 
 
 def plot_accuracy(agg: dict, path: Path) -> bool:
-    """Routed minus LoRA-full-depth tool-call accuracy (same steps, points) against the tool-call block skip, one
-    dot per seed: where along the skip axis greedy tool calls stop surviving. False (nothing drawn) when no recipe
-    was scored for both."""
+    """Tool-call accuracy of the routed model (filled) and of the same adapter at full depth (hollow) against the
+    tool-call block skip, one pair per seed joined by a line: the gap is what routing costs, the hollow marker's
+    height what training for the skipped path cost the full-depth model. False (nothing drawn) when no recipe was
+    scored for both."""
     from .report import _save, plt
 
     points = {}
@@ -168,21 +169,23 @@ def plot_accuracy(agg: dict, path: Path) -> bool:
         m = e["full"]
         routed, lora = m.get("tool_call.accuracy.routed"), m.get("tool_call.accuracy.lora_full_depth")
         if routed and lora:
-            n = m["tool_call.accuracy_n.routed"]["values"]
             points[name] = ([100 * x for x in m["tool_call.block_flops_skipped"]["values"]],
-                            [100 * (r - f) for r, f in zip(routed["values"], lora["values"], strict=True)], n)
+                            [100 * x for x in routed["values"]], [100 * x for x in lora["values"]],
+                            m["tool_call.accuracy_n.routed"]["values"])
     if not points:
         return False
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     colors, markers = plt.get_cmap("tab20").colors, "os^Dv<>P"
-    for i, (name, (xs, ys, n)) in enumerate(points.items()):
+    for i, (name, (xs, routed, lora, n)) in enumerate(points.items()):
+        color, marker = colors[i % len(colors)], markers[i % len(markers)]
+        for x, r, f in zip(xs, routed, lora, strict=True):
+            ax.plot([x, x], [f, r], color=color, lw=0.8)
+        ax.scatter(xs, lora, s=30, facecolors="none", edgecolors=[color], marker=marker)
         label = f"{name} (n = {min(n)}{'' if min(n) == max(n) else f'-{max(n)}'} per seed)"
-        ax.scatter(xs, ys, s=26, label=label, color=colors[i % len(colors)], marker=markers[i % len(markers)])
-    ax.axhline(0, color="black", lw=0.8)
-    ax.axhspan(-1, 1, color="#c7e9c0", alpha=0.6, lw=0, label="within 1 point")
+        ax.scatter(xs, routed, s=30, color=color, marker=marker, label=label)
     ax.set_xlabel("tool-call block FLOPs skipped (%)")
-    ax.set_ylabel("tool-call accuracy: routed - LoRA (points)")
-    ax.set_title("free-running tool calls with real skipping (one dot per seed)")
+    ax.set_ylabel("tool-call accuracy (%)")
+    ax.set_title("free-running tool calls: routed (filled) vs the same adapter at full depth (hollow)")
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _save(fig, path)
     return True
