@@ -349,8 +349,14 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict) -> dict
                                    count_routers=False, prompt_full_depth=cfg.prompt_full_depth),
                 }
             entry[t] = e
+        # each step's own block-FLOP skip: the fraction of blocks closed, except under prompt_full_depth, where a
+        # closed block still runs over the context (so the interval is about the same quantity as the estimate)
         per_step_skip = {
-            t: [1 - np.mean(gates[i]) for i in groups_[t]] for t in STEP_TYPES
+            t: [flop_count.step_flops(model_config, steps[i].context_length, steps[i].length, gates[i],
+                                      kv_preserving=cfg.kv_policy == "kv_preserving",
+                                      prompt_full_depth=cfg.prompt_full_depth)["block_skipped_fraction"]
+                for i in groups_[t]]
+            for t in STEP_TYPES
         }
         entry["skip_differential_points"] = 100 * (
             entry["tool_call"]["block_flops_skipped"] - entry["planning"]["block_flops_skipped"]

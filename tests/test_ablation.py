@@ -122,3 +122,25 @@ def test_a_metric_missing_in_some_seeds_says_so(one_eval, tmp_path):
     path.write_text(json.dumps(assemble([without], {}, None), default=str))
     md = markdown(aggregate_recipes({"a": [str(with_baseline), str(path)]}))
     assert "(1 of 2 seeds)" in md
+
+
+def test_prompt_full_depth_counts_only_the_steps_own_tokens_as_skipped(setup, one_eval):  # noqa: F811
+    rm, _, _ = setup
+    cfg = EvalConfig(batch_size=4, max_steps_per_type=3, thresholds=[], bootstrap=20, accuracy_steps_per_type=0,
+                     calibration_steps=2, prompt_full_depth=True)
+    data = load_steps(data_cfg(), rm.tokenizer)
+    router = find_routed_layers(rm.model)[1].router.net
+    saved = router.bias.detach().clone()
+    with torch.no_grad():
+        router.bias.fill_(-5.0)  # block 1 closed for every step, as in one_eval
+    try:
+        res = evaluate_adapter(rm, data, cfg, {})
+    finally:
+        with torch.no_grad():
+            router.bias.copy_(saved)
+    for t in ("tool_call", "planning"):
+        whole, steps_only = one_eval["splits"]["full"][t], res["splits"]["full"][t]
+        assert whole["block_flops_skipped"] == pytest.approx(0.25)  # 1 of 4 blocks, context included
+        assert 0 < steps_only["block_flops_skipped"] < 0.25  # the context still runs block 1
+    lo, hi = res["splits"]["full"]["differential_ci95"]
+    assert lo <= res["splits"]["full"]["skip_differential_points"] <= hi  # the interval is about the same measure
