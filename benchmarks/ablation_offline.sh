@@ -6,9 +6,9 @@
 #   benchmarks/ablation_offline.sh                       # everything (~18 min per recipe x seed on 2 cores)
 #   benchmarks/ablation_offline.sh plus:0 plus:1         # some recipe:seed pairs only
 #   benchmarks/ablation_offline.sh --table               # only the table, from the finished evaluations
-#   benchmarks/ablation_offline.sh --accuracy drop_nll_stopgrad:0   # + tool-call accuracy on 48 steps
+#   benchmarks/ablation_offline.sh --accuracy [PAIRS]    # + tool-call accuracy on 48 steps
 #                                                        #   (LoRA full depth vs routed, paired) in <run>/eval_accuracy
-#   benchmarks/ablation_offline.sh --prompt-full-depth drop_nll_stopgrad:0   # the same, with each step's context run
+#   benchmarks/ablation_offline.sh --prompt-full-depth [PAIRS]  # the same, with each step's context run
 #                                                        #   through every block (skipping for the step's own tokens
 #                                                        #   only), in <run>/eval_accuracy_prompt_full_depth
 #
@@ -60,6 +60,9 @@ declare -A RECIPE=(
   # ... with fewer blocks skipped on tool calls (6 and 3 of 30): where does routed tool-call accuracy hold?
   [drop_nll_stopgrad_skip20]="$INFL --set train.oracle_source=drop_nll --set train.oracle_calibration_steps=8 --set train.oracle_skip_tool=0.2"
   [drop_nll_stopgrad_skip10]="$INFL --set train.oracle_source=drop_nll --set train.oracle_calibration_steps=8 --set train.oracle_skip_tool=0.1"
+  # ... trained for decode-only skipping: each step's context runs every block, the 9 blocks skip the step's own
+  # tokens only (drop_nll costs measured the same way); evaluated with --prompt-full-depth
+  [drop_nll_stopgrad_prompt_full]="$INFL --set train.oracle_source=drop_nll --set train.oracle_calibration_steps=8 --set train.prompt_full_depth=true"
   # router capacity, pooling: the last context token instead of the masked mean (on the paper recipe, like mlp_router)
   [pool_last]="$PAPER --set train.regularizer=soft_mean --set router.pooling=last"
 )
@@ -68,7 +71,12 @@ ALL="paper_soft_mean:0 paper_soft_mean:1 paper_soft_mean:2 hard_ste:0 budget:0 b
 typed1:0 typed3:0 typed1_pgclip:0 typed1_pgclip_spread:0 typed2_neg_pgclip_spread:0 plus:0 plus:1 plus:2
 block_drop:0 oracle_first_order:0 mlp_router:0 influence_oracle:0 influence_stopgrad:0 influence_stopgrad:1
 influence_stopgrad:2 influence_stopgrad_kd:0 drop_nll_stopgrad:0 drop_nll_stopgrad:1 drop_nll_stopgrad:2
-influence_stopgrad_150steps:0"
+influence_stopgrad_150steps:0 block_drop:1 block_drop:2 oracle_first_order:1 oracle_first_order:2 mlp_router:1
+mlp_router:2 distill:0 pool_last:0 drop_nll_stopgrad_skip20:0 drop_nll_stopgrad_skip10:0"
+# the pairs that `--accuracy` (48 tool-call steps) and `--prompt-full-depth` evaluate when none are named (RESULTS.md,
+# session 4)
+ACCURACY_PAIRS="drop_nll_stopgrad:0 drop_nll_stopgrad_skip20:0 drop_nll_stopgrad_skip10:0 paper_soft_mean:0"
+PROMPT_PAIRS="drop_nll_stopgrad:0 drop_nll_stopgrad_skip10:0 drop_nll_stopgrad_prompt_full:0"
 
 table() {
   # one table per kind of evaluation: eval/ -> table, eval_accuracy/ -> table_accuracy (48 tool-call steps per
@@ -79,7 +87,7 @@ table() {
     for name in paper_soft_mean hard_ste budget block_drop distill drop_distill oracle_first_order mlp_router typed1 \
                 typed3 typed1_pgclip typed1_pgclip_spread typed2_neg_pgclip_spread plus influence_oracle \
                 influence_stopgrad influence_stopgrad_kd drop_nll_stopgrad influence_stopgrad_150steps \
-                drop_nll_stopgrad_skip20 drop_nll_stopgrad_skip10 pool_last; do
+                drop_nll_stopgrad_skip20 drop_nll_stopgrad_skip10 drop_nll_stopgrad_prompt_full pool_last; do
       compgen -G "$OUT/$name-s*/${kind%%:*}/eval.json" > /dev/null &&
         args+=(--recipe "$name=$OUT/$name-s*/${kind%%:*}/eval.json")
     done
@@ -90,9 +98,10 @@ table() {
 if [ "${1:-}" = "--table" ]; then table; exit 0; fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 EVAL_DIR=eval
-if [ "${1:-}" = "--accuracy" ]; then shift; EVAL=$ACC_EVAL; EVAL_DIR=eval_accuracy; fi
+if [ "${1:-}" = "--accuracy" ]; then shift; EVAL=$ACC_EVAL; EVAL_DIR=eval_accuracy; ALL=$ACCURACY_PAIRS; fi
 if [ "${1:-}" = "--prompt-full-depth" ]; then
   shift; EVAL="$ACC_EVAL --set eval.prompt_full_depth=true"; EVAL_DIR=eval_accuracy_prompt_full_depth
+  ALL=$PROMPT_PAIRS
 fi
 for pair in ${*:-$ALL}; do
   name=${pair%%:*}; seed=${pair##*:}

@@ -169,6 +169,10 @@ class TrainConfig:
         True, "the LM (and distillation) loss reaches the routers through the straight-through gate; false = the "
         "routers learn only from the losses on their probabilities (soft_mean, bce, oracle, influence)",
     )
+    prompt_full_depth: bool = setting(
+        False, "each step's context runs every block; the gates skip for the step's own tokens only (train for "
+        "decode-only skipping; evaluate it with eval.prompt_full_depth). drop_nll costs are measured the same way",
+    )
     checkpoint_every: int = setting(500, "save a resumable checkpoint every N optimizer steps (0 = never)")
     keep_checkpoints: int = setting(2, "keep only the newest N checkpoints")
     log_every: int = setting(10, "one metrics record (bar + metrics.jsonl) every N optimizer steps")

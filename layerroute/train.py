@@ -101,7 +101,7 @@ class RoutedStepLoss(nn.Module):
         per_step = influence and self.static_targets is None  # targets measured in this forward (oracle_source)
         probe = RowInfluence(self.model, attention_mask) if per_step else nullcontext()
         with probe, routing(self.model, "mix", decision_mask=decision_mask, keep=keep,
-                            straight_through=self.cfg.router_lm_grad):
+                            straight_through=self.cfg.router_lm_grad, prompt_full_depth=self.cfg.prompt_full_depth):
             row_sum, row_count, logits, rows = sliced_lm_loss(
                 self.model, input_ids, attention_mask, labels, return_logits=True
             )
@@ -622,7 +622,8 @@ class Trainer:
                 continue
             steps = [s for s in self.train_steps if s.step_type == step_type][: tc.oracle_calibration_steps]
             with without_dropout(rm.model):
-                costs = drop_costs(rm, steps, EvalConfig(batch_size=tc.batch_size, seed=tc.seed), self.pad_id)
+                costs = drop_costs(rm, steps, EvalConfig(batch_size=tc.batch_size, seed=tc.seed,
+                                                         prompt_full_depth=tc.prompt_full_depth), self.pad_id)
             target = static_skip_targets(costs, n_skip)
             rows.append(target)
             record[step_type] = {"costs": costs, "skip": [i for i in range(L) if target[i] == 0]}

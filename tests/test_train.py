@@ -546,3 +546,51 @@ def test_every_shipped_config_is_valid(path):
         pytest.skip("a data-section example, not a run config")
     cfg = RunConfig.from_yaml(path, [])
     assert cfg.train.steps > 0 and cfg.data.sources
+
+
+def test_prompt_full_depth_training_keeps_the_context_at_full_depth():
+    from layerroute.config import TrainConfig
+    from layerroute.train import RoutedStepLoss
+
+    rm = tiny_routed()
+    with torch.no_grad():
+        for r in rm.routers():
+            r.net.bias.fill_(-20.0)  # every gate closed
+    ids, mask = random_batch(batch=2, length=12, context=8)
+    labels = ids.clone()
+    labels[:, :8] = -100
+    losses = {}
+    for full in (False, True):
+        module = RoutedStepLoss(rm.model, TrainConfig(prompt_full_depth=full))
+        module.eval()
+        with torch.no_grad():
+            row_sum, *_ = module(ids, torch.ones_like(ids), labels, mask)
+        losses[full] = row_sum
+    # the first target token is predicted from the last context position, which runs every block when the context
+    # keeps full depth: its loss equals the plain model's there, and differs from the all-skipped model's
+    with torch.no_grad():
+        plain = torch.nn.functional.cross_entropy(
+            _logits_open(rm, ids)[:, 7], ids[:, 8], reduction="none")
+        skipped = torch.nn.functional.cross_entropy(
+            _logits_closed(rm, ids)[:, 7], ids[:, 8], reduction="none")
+    one_token = labels.clone()
+    one_token[:, 9:] = -100
+    module = RoutedStepLoss(rm.model, TrainConfig(prompt_full_depth=True)).eval()
+    with torch.no_grad():
+        first, *_ = module(ids, torch.ones_like(ids), one_token, mask)
+    assert torch.allclose(first, plain, atol=1e-5) and not torch.allclose(plain, skipped, atol=1e-3)
+    assert not torch.allclose(losses[False], losses[True])
+
+
+def _logits_open(rm, ids):
+    from layerroute.routed import routing
+
+    with routing(rm.model, "mix", forced="open"):
+        return rm.model(input_ids=ids).logits
+
+
+def _logits_closed(rm, ids):
+    from layerroute.routed import routing
+
+    with routing(rm.model, "mix", forced="closed"):
+        return rm.model(input_ids=ids).logits
