@@ -119,6 +119,12 @@ def markdown(agg: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _style(i: int, plt) -> tuple:
+    """A distinct (colour, marker) for the i-th recipe of a scatter plot."""
+    colors, markers = plt.get_cmap("tab20").colors, "os^Dv<>P"
+    return colors[i % len(colors)], markers[i % len(markers)]
+
+
 def plot(agg: dict, path: Path) -> None:
     from .report import _save, plt
 
@@ -141,13 +147,13 @@ def plot_tradeoff(agg: dict, path: Path) -> None:
     from .report import _save, plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    colors, markers = plt.get_cmap("tab20").colors, "os^Dv<>P"  # a distinct (colour, marker) per recipe
     for i, (name, e) in enumerate(agg.items()):
         m = e["length_matched"]
         xs = m["skip_differential_points"]["values"]
         ys = [r / f if r and f else float("nan") for r, f in
               zip(m["tool_call.ppl.routed"]["values"], m["tool_call.ppl.lora_full_depth"]["values"], strict=True)]
-        ax.scatter(xs, ys, s=22, label=name, color=colors[i % len(colors)], marker=markers[i % len(markers)])
+        color, marker = _style(i, plt)
+        ax.scatter(xs, ys, s=22, label=name, color=color, marker=marker)
     ax.set_yscale("log")
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xlabel("differential, length-matched (points)")
@@ -175,9 +181,8 @@ def plot_accuracy(agg: dict, path: Path) -> bool:
     if not points:
         return False
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    colors, markers = plt.get_cmap("tab20").colors, "os^Dv<>P"
     for i, (name, (xs, routed, lora, n)) in enumerate(points.items()):
-        color, marker = colors[i % len(colors)], markers[i % len(markers)]
+        color, marker = _style(i, plt)
         for x, r, f in zip(xs, routed, lora, strict=True):
             ax.plot([x, x], [f, r], color=color, lw=0.8)
         ax.scatter(xs, lora, s=30, facecolors="none", edgecolors=[color], marker=marker)

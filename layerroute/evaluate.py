@@ -23,6 +23,7 @@ import random
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -171,7 +172,7 @@ def accuracy(rm: RoutedModel, steps, idx: list[int], config: str, cfg: EvalConfi
             out = routed_generate(
                 rm, [step.input_ids[: step.context_length]], max_new_tokens=budget, eos_token_id=eos,
                 kv_policy=cfg.kv_policy, threshold=threshold, forced=gates, merge_lora=config != "base",
-                prompt_full_depth=cfg.prompt_full_depth and gates != "open",
+                prompt_full_depth=cfg.prompt_full_depth,  # no effect with gates "open"
             )
             text = rm.tokenizer.decode(out.tokens[0], skip_special_tokens=True)
             ok, reason = score_generation(step, text)
@@ -305,6 +306,9 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict) -> dict
     matched = _by_type(steps, [i for i, s in enumerate(steps) if (s.conversation_id, s.step_index) in matched_keys])
     splits = {"full": full, "length_matched": matched}
     model_config = rm.config
+    # FLOP summary of some steps under this evaluation's cache policy and prompt depth
+    flops = partial(flop_summary, model_config, steps, kv_policy=cfg.kv_policy,
+                    prompt_full_depth=cfg.prompt_full_depth)
 
     runs = {c: teacher_forced(rm, steps, c, cfg) for c in PPL_CONFIGS}
     routed = runs["routed"]
@@ -337,27 +341,19 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict) -> dict
         entry = {}
         for t in STEP_TYPES:
             idx = groups_[t]
-            e = {"n": len(idx), **flop_summary(model_config, steps, gates, idx, cfg.kv_policy,
-                                            prompt_full_depth=cfg.prompt_full_depth)}
+            e = {"n": len(idx), **flops(gates, idx)}
             e["ppl"] = {c: ppl(runs[c], idx) for c in PPL_CONFIGS}
             e["context_length_mean"] = float(np.mean([steps[i].context_length for i in idx])) if idx else None
             e["step_length_mean"] = float(np.mean([steps[i].length for i in idx])) if idx else None
             for name, (res, _) in baseline_runs.items():
                 e.setdefault("baselines", {})[name] = {
                     "ppl": ppl(res, idx),
-                    **flop_summary(model_config, steps, [r["gates"] for r in res], idx, cfg.kv_policy,
-                                   count_routers=False, prompt_full_depth=cfg.prompt_full_depth),
+                    **flops([r["gates"] for r in res], idx, count_routers=False),
                 }
             entry[t] = e
         # each step's own block-FLOP skip: the fraction of blocks closed, except under prompt_full_depth, where a
         # closed block still runs over the context (so the interval is about the same quantity as the estimate)
-        per_step_skip = {
-            t: [flop_count.step_flops(model_config, steps[i].context_length, steps[i].length, gates[i],
-                                      kv_preserving=cfg.kv_policy == "kv_preserving",
-                                      prompt_full_depth=cfg.prompt_full_depth)["block_skipped_fraction"]
-                for i in groups_[t]]
-            for t in STEP_TYPES
-        }
+        per_step_skip = {t: [flops(gates, [i])["block_flops_skipped"] for i in groups_[t]] for t in STEP_TYPES}
         entry["skip_differential_points"] = 100 * (
             entry["tool_call"]["block_flops_skipped"] - entry["planning"]["block_flops_skipped"]
         ) if groups_["tool_call"] and groups_["planning"] else float("nan")
@@ -378,8 +374,7 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict) -> dict
             point = {"threshold": thr}
             for t in STEP_TYPES:
                 idx = full[t]
-                point[t] = {"ppl": ppl(res, idx), **flop_summary(model_config, steps, g, idx, cfg.kv_policy,
-                                                                  prompt_full_depth=cfg.prompt_full_depth)}
+                point[t] = {"ppl": ppl(res, idx), **flops(g, idx)}
             sweep.append(point)
         out["threshold_sweep"] = sweep
 
