@@ -63,6 +63,10 @@ declare -A RECIPE=(
   # ... trained for decode-only skipping: each step's context runs every block, the 9 blocks skip the step's own
   # tokens only (drop_nll costs measured the same way); evaluated with --prompt-full-depth
   [drop_nll_stopgrad_prompt_full]="$INFL --set train.oracle_source=drop_nll --set train.oracle_calibration_steps=8 --set train.prompt_full_depth=true"
+  # the same static targets ranked by what greedy decoding needs: the blocks whose single removal adds the fewest
+  # token errors (targets that are no longer the argmax given the gold prefix; NLL breaks ties), 9 and 3 blocks
+  [drop_errors_stopgrad]="$INFL --set train.oracle_source=drop_errors --set train.oracle_calibration_steps=8"
+  [drop_errors_stopgrad_skip10]="$INFL --set train.oracle_source=drop_errors --set train.oracle_calibration_steps=8 --set train.oracle_skip_tool=0.1"
   # router capacity, pooling: the last context token instead of the masked mean (on the paper recipe, like mlp_router)
   [pool_last]="$PAPER --set train.regularizer=soft_mean --set router.pooling=last"
 )
@@ -88,7 +92,8 @@ table() {
     for name in paper_soft_mean hard_ste budget block_drop distill drop_distill oracle_first_order mlp_router typed1 \
                 typed3 typed1_pgclip typed1_pgclip_spread typed2_neg_pgclip_spread plus influence_oracle \
                 influence_stopgrad influence_stopgrad_kd drop_nll_stopgrad influence_stopgrad_150steps \
-                drop_nll_stopgrad_skip20 drop_nll_stopgrad_skip10 drop_nll_stopgrad_prompt_full pool_last; do
+                drop_nll_stopgrad_skip20 drop_nll_stopgrad_skip10 drop_nll_stopgrad_prompt_full pool_last \
+                drop_errors_stopgrad drop_errors_stopgrad_skip10; do
       compgen -G "$OUT/$name-s*/${kind%%:*}/eval.json" > /dev/null &&
         args+=(--recipe "$name=$OUT/$name-s*/${kind%%:*}/eval.json")
     done

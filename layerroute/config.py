@@ -106,6 +106,9 @@ class LoraSettings:
 
 REGULARIZERS = ("soft_mean", "hard_ste", "budget", "none")
 ROUTER_LOSSES = ("none", "bce", "oracle", "influence")
+# router_loss=influence's sources of skip targets; the drop_* ones are static per step type (measured before training)
+ORACLE_SOURCES = ("influence", "drop_nll", "drop_errors")
+STATIC_ORACLES = ("drop_nll", "drop_errors")
 
 
 @dataclass
@@ -162,16 +165,18 @@ class TrainConfig:
         "influence", "router_loss=influence: which blocks are the skip targets: influence (per step, the lowest "
         "1 - cos(h_in, block(h_in)) in the training forward) or drop_nll (static per step type: the blocks whose "
         "single removal raises the target NLL least on oracle_calibration_steps steps of that type, measured once "
-        "before training)",
+        "before training) or drop_errors (the same, ranked by the greedy token errors a removal adds, NLL breaking "
+        "ties)",
     )
-    oracle_calibration_steps: int = setting(16, "oracle_source=drop_nll: training steps per type that measure it")
+    oracle_calibration_steps: int = setting(
+        16, "oracle_source=drop_nll or drop_errors: training steps per type that measure it")
     router_lm_grad: bool = setting(
         True, "the LM (and distillation) loss reaches the routers through the straight-through gate; false = the "
         "routers learn only from the losses on their probabilities (soft_mean, bce, oracle, influence)",
     )
     prompt_full_depth: bool = setting(
         False, "each step's context runs every block; the gates skip for the step's own tokens only (train for "
-        "decode-only skipping; evaluate it with eval.prompt_full_depth). drop_nll costs are measured the same way",
+        "decode-only skipping; evaluate it with eval.prompt_full_depth). drop_* costs are measured the same way",
     )
     checkpoint_every: int = setting(500, "save a resumable checkpoint every N optimizer steps (0 = never)")
     keep_checkpoints: int = setting(2, "keep only the newest N checkpoints")
@@ -219,7 +224,7 @@ class TrainConfig:
             raise ConfigError("train.router_loss=oracle measures skip costs through the straight-through gate: it "
                               "needs train.router_lm_grad=true")
         _check_range("train", "oracle_skip_tool", self.oracle_skip_tool, 0.0, 1.0)
-        _check_choice("train", "oracle_source", self.oracle_source, ("influence", "drop_nll"))
+        _check_choice("train", "oracle_source", self.oracle_source, ORACLE_SOURCES)
         _check_range("train", "oracle_calibration_steps", self.oracle_calibration_steps, 1)
         _check_range("train", "oracle_skip_planning", self.oracle_skip_planning, 0.0, 1.0)
         if self.warmup_steps >= self.steps:

@@ -37,7 +37,7 @@ from .data.collate import collate_steps, length_grouped_batches
 from .data.tokenizer import pad_token_id
 from .errors import ConfigError
 from .influence import block_influence
-from .losses import sliced_lm_loss
+from .losses import row_argmax_errors, sliced_lm_loss
 from .model import parameter_counts
 from .routed import find_routed_layers, gate_records, routing
 
@@ -66,7 +66,8 @@ def _ppl_context(rm: RoutedModel, config: str, decision_mask, *, threshold=None,
 @torch.no_grad()
 def teacher_forced(rm: RoutedModel, steps, config: str, cfg: EvalConfig, *, threshold=None, patterns=None,
                    desc: str = "", pad_id: int | None = None) -> list[dict]:
-    """Per step: summed target NLL, token count, and the gates applied ([L] bools).
+    """Per step: summed target NLL, token count, greedy token errors (targets that are not the argmax given the
+    gold prefix), and the gates applied ([L] bools).
 
     patterns: optional [n_steps, L] bool tensor of forced gates (baselines)."""
     pad = pad_token_id(rm.tokenizer) if pad_id is None else pad_id
@@ -79,12 +80,14 @@ def teacher_forced(rm: RoutedModel, steps, config: str, cfg: EvalConfig, *, thre
         lora, route = _ppl_context(rm, config, batch["decision_mask"], threshold=threshold, forced=forced,
                                    prompt_full_depth=cfg.prompt_full_depth)
         with lora, route:
-            sums, counts = sliced_lm_loss(rm.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            sums, counts, logits, rows = sliced_lm_loss(rm.model, batch["input_ids"], batch["attention_mask"],
+                                                        batch["labels"], return_logits=True)
+            errors = row_argmax_errors(logits, batch["labels"], rows)
             gates = torch.stack([r.gate for r in gate_records(rm.model)], dim=1)  # [B, L]
             probs = torch.stack([r.prob for r in gate_records(rm.model)], dim=1)
         for j, i in enumerate(batch_idx):
             results[i] = {
-                "nll": float(sums[j]), "tokens": int(counts[j]),
+                "nll": float(sums[j]), "tokens": int(counts[j]), "errors": int(errors[j]),
                 "gates": gates[j].bool().tolist(), "probs": probs[j].float().tolist(),
             }
     return results  # type: ignore[return-value]
@@ -94,6 +97,13 @@ def ppl(results: list[dict], idx: list[int]) -> float:
     nll = sum(results[i]["nll"] for i in idx)
     tokens = sum(results[i]["tokens"] for i in idx)
     return math.exp(nll / tokens) if tokens else float("nan")
+
+
+def teacher_forced_exact(results: list[dict], idx: list[int]) -> float:
+    """The fraction of steps with no greedy token error under teacher forcing: the steps greedy decoding reproduces
+    token for token. A lower bound on free-running accuracy (the AST checker also accepts equivalent calls) that
+    costs one forward per step instead of a generation."""
+    return sum(results[i]["errors"] == 0 for i in idx) / len(idx) if idx else float("nan")
 
 
 def flop_summary(model_config, steps, gates: list[list[bool]], idx: list[int], kv_policy: str,
@@ -182,8 +192,22 @@ def accuracy(rm: RoutedModel, steps, idx: list[int], config: str, cfg: EvalConfi
             # kept so that a failure can be read, not only counted (a few hundred characters per step)
             samples.append({"conversation_id": step.conversation_id, "correct": bool(ok), "reason": reason,
                             "text": text[:2000]})
+    # the same steps teacher-forced: a step with no greedy token error must come out as its target (the check
+    # that the cheap proxy `teacher_forced_exact` means what it says, step by step, on real generations)
+    chosen = [steps[i] for i in idx]
+    patterns = None
+    if config in ("base", "lora_full_depth"):
+        tf_config = config
+    elif forced is None:
+        tf_config = "routed"
+    else:  # one forced pattern for every step: evaluate's "shortgpt" (LoRA on, forced gates)
+        tf_config, patterns = "shortgpt", torch.tensor([forced] * len(idx))
+    tf = teacher_forced(rm, chosen, tf_config, cfg, threshold=threshold, patterns=patterns,
+                        desc=f"teacher-forced {config}") if idx else []
+    for sample, r in zip(samples, tf):
+        sample["teacher_forced_errors"] = r["errors"]
     return {"accuracy": correct / len(idx) if idx else float("nan"), "n": len(idx), "failures": dict(failures),
-            "samples": samples}
+            "teacher_forced_exact": teacher_forced_exact(tf, list(range(len(tf)))), "samples": samples}
 
 
 def paired_accuracy(a: dict, b: dict, resamples: int, seed: int) -> dict:
@@ -343,11 +367,13 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict) -> dict
             idx = groups_[t]
             e = {"n": len(idx), **flops(gates, idx)}
             e["ppl"] = {c: ppl(runs[c], idx) for c in PPL_CONFIGS}
+            e["teacher_forced_exact"] = {c: teacher_forced_exact(runs[c], idx) for c in PPL_CONFIGS}
             e["context_length_mean"] = float(np.mean([steps[i].context_length for i in idx])) if idx else None
             e["step_length_mean"] = float(np.mean([steps[i].length for i in idx])) if idx else None
             for name, (res, _) in baseline_runs.items():
                 e.setdefault("baselines", {})[name] = {
                     "ppl": ppl(res, idx),
+                    "teacher_forced_exact": teacher_forced_exact(res, idx),
                     **flops([r["gates"] for r in res], idx, count_routers=False),
                 }
             entry[t] = e
@@ -418,8 +444,12 @@ def seed_metrics(res: dict, split: str) -> dict[str, float]:
             out[f"{t}.{key}"] = s[t][key]
         for c in PPL_CONFIGS:
             out[f"{t}.ppl.{c}"] = s[t]["ppl"][c]
+            if "teacher_forced_exact" in s[t]:  # absent from evaluations before session 5
+                out[f"{t}.tf_exact.{c}"] = s[t]["teacher_forced_exact"][c]
         for name, b in (s[t].get("baselines") or {}).items():
             out[f"{t}.ppl.{name}"] = b["ppl"]
+            if "teacher_forced_exact" in b:
+                out[f"{t}.tf_exact.{name}"] = b["teacher_forced_exact"]
         if split == "full":  # accuracy is measured on the full split's steps
             for c, v in (res.get("accuracy") or {}).get(t, {}).items():
                 out[f"{t}.accuracy.{c}"] = v["accuracy"]

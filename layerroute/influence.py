@@ -84,25 +84,36 @@ def block_influence(rm, steps, cfg, pad_id: int | None = None) -> list[float]:
     return (sums / max(tokens, 1)).tolist()
 
 
-def drop_costs(rm, steps, cfg, pad_id: int | None = None) -> list[float]:
-    """Per block: how much the steps' target NLL rises (nats per target token) when that block alone is skipped,
-    every other block running, LoRA as it is. The true cost of a skip, unlike the cosine proxy; L + 1
-    teacher-forced passes over `steps` (cfg: batch_size and seed of the batching)."""
+def drop_costs(rm, steps, cfg, pad_id: int | None = None) -> dict[str, list[float]]:
+    """Per block, what skipping that block alone (every other block running, LoRA as it is) does to `steps`:
+
+    - "nll": how much the target NLL rises, nats per target token (the true cost of a skip, unlike the cosine proxy);
+    - "token_errors": how much the fraction of target tokens that are not the argmax given the gold prefix rises
+      (what greedy decoding gets wrong; a step with none is reproduced token for token).
+
+    L + 1 teacher-forced passes over `steps` (cfg: batch_size and seed of the batching)."""
     from .evaluate import teacher_forced
 
     L = rm.num_layers
 
-    def mean_nll(pattern: list[bool] | None) -> float:
+    def per_token(pattern: list[bool] | None) -> tuple[float, float]:
         forced = None if pattern is None else torch.tensor([pattern] * len(steps))
         # "shortgpt" is evaluate's name for LoRA on with forced gates: here, every block but one
         res = teacher_forced(rm, steps, "lora_full_depth" if pattern is None else "shortgpt", cfg, patterns=forced,
                              pad_id=pad_id)
-        return sum(r["nll"] for r in res) / max(sum(r["tokens"] for r in res), 1)
+        tokens = max(sum(r["tokens"] for r in res), 1)
+        return sum(r["nll"] for r in res) / tokens, sum(r["errors"] for r in res) / tokens
 
-    full = mean_nll(None)
-    return [mean_nll([j != layer for j in range(L)]) - full for layer in range(L)]
+    full_nll, full_err = per_token(None)
+    dropped = [per_token([j != layer for j in range(L)]) for layer in range(L)]
+    return {"nll": [n - full_nll for n, _ in dropped], "token_errors": [e - full_err for _, e in dropped]}
 
 
-def static_skip_targets(costs: list[float], n_skip: int) -> torch.Tensor:
-    """[L] run targets: the n_skip blocks of lowest cost are skipped (0), the others run (1)."""
-    return influence_targets(torch.tensor(costs).unsqueeze(1), torch.tensor([n_skip]))[:, 0]
+def static_skip_targets(costs: list[float], n_skip: int, tiebreak: list[float] | None = None) -> torch.Tensor:
+    """[L] run targets: the n_skip blocks of lowest cost are skipped (0), the others run (1); equal costs (token
+    errors are counts) are ordered by `tiebreak`, then by block index."""
+    second = tiebreak or [0.0] * len(costs)
+    order = sorted(range(len(costs)), key=lambda i: (costs[i], second[i], i))
+    target = torch.ones(len(costs))
+    target[order[:n_skip]] = 0.0
+    return target

@@ -38,6 +38,15 @@ def per_row_sum(values: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.T
     return torch.zeros(batch, device=values.device, dtype=values.dtype).index_add(0, rows, values)
 
 
+def row_argmax_errors(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[B] long: per row, the labelled targets that are not the argmax of their logits (from `target_logits`).
+
+    Zero errors in a row = greedy decoding, fed the gold prefix, reproduces every target token: by induction the
+    free-running greedy output is the target itself."""
+    targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]  # [N], the order of target_logits' boolean index
+    return per_row_sum((logits.argmax(-1) != targets).long(), rows, labels.shape[0])
+
+
 def sliced_lm_loss(model: nn.Module, input_ids, attention_mask, labels, *, return_logits: bool = False):
     """Next-token NLL summed per row, logits computed only where the next token is a target.
 

@@ -42,7 +42,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import RunConfig, TrainConfig
+from .config import STATIC_ORACLES, RunConfig, TrainConfig
 from .errors import ConfigError, TrainingError
 from .influence import RowInfluence, block_influence, drop_costs, influence_targets, static_skip_targets
 from .losses import IGNORE_INDEX, distillation_kl, per_row_sum, sliced_lm_loss, target_logits
@@ -76,7 +76,7 @@ class RoutedStepLoss(nn.Module):
         super().__init__()
         self.model = model
         self.cfg = cfg or TrainConfig()
-        # [2, L] run targets of planning (row 0) and tool-call (row 1) steps when they are static (drop_nll)
+        # [2, L] run targets of planning (row 0) and tool-call (row 1) steps when they are static (drop_nll, drop_errors)
         self.static_targets: torch.Tensor | None = None
 
     def drop_mask(self, batch: int, num_layers: int, is_tool_call: torch.Tensor | None, device) -> torch.Tensor | None:
@@ -133,7 +133,7 @@ class RoutedStepLoss(nn.Module):
                                self.cfg.oracle_skip_planning)
             n_skip = (frac * prob.shape[0]).round().long()  # [B]
             oracle_target = influence_targets(probe.value.to(prob.device), n_skip).to(prob.dtype)
-        elif influence:  # static per-type targets (drop_nll), measured once in Trainer.setup
+        elif influence:  # static per-type targets (drop_*), measured once in Trainer.setup
             rows_type = is_tool_call.to(prob.device).long()  # [B]: 0 planning, 1 tool call
             oracle_target = self.static_targets.to(prob.device, prob.dtype)[rows_type].T  # [L, B]
         return row_sum, row_count, prob, gate, {"kl_row": kl_row, "oracle_target": oracle_target}
@@ -583,8 +583,8 @@ class Trainer:
         self.trainable_names = [n for n, p in rm.model.named_parameters() if p.requires_grad]
 
         self.step_module = RoutedStepLoss(rm.model, self.cfg.train)
-        if tc.router_loss == "influence" and tc.oracle_source == "drop_nll":
-            self.step_module.static_targets = self._drop_nll_targets()
+        if tc.router_loss == "influence" and tc.oracle_source in STATIC_ORACLES:
+            self.step_module.static_targets = self._static_oracle_targets()
         rm.model.train()  # LoRA dropout on; the frozen backbone's own dropouts are 0 in these families
         self.model, self.optimizer = acc.prepare(self.step_module, optimizer)
         self.inner_optimizer = optimizer
@@ -607,9 +607,11 @@ class Trainer:
         self.setup_s = time.perf_counter() - t0
         self._print(f"[setup] done in {self.setup_s:.1f} s")
 
-    def _drop_nll_targets(self) -> torch.Tensor:
+    def _static_oracle_targets(self) -> torch.Tensor:
         """[2, L] static run targets (planning, tool call) from single-block drop costs, measured before any
-        update (peft starts LoRA at zero, so a resumed run measures the same model and gets the same targets)."""
+        update (peft starts LoRA at zero, so a resumed run measures the same model and gets the same targets).
+        drop_nll ranks blocks by the NLL a removal adds; drop_errors by the greedy token errors it adds (NLL
+        breaking ties): NLL is dominated by tokens the model is unsure of anyway, errors by the ones it gets right."""
         from .config import EvalConfig
 
         tc, rm = self.cfg.train, self.rm
@@ -624,11 +626,16 @@ class Trainer:
             with without_dropout(rm.model):
                 costs = drop_costs(rm, steps, EvalConfig(batch_size=tc.batch_size, seed=tc.seed,
                                                          prompt_full_depth=tc.prompt_full_depth), self.pad_id)
-            target = static_skip_targets(costs, n_skip)
+            if tc.oracle_source == "drop_errors":
+                target = static_skip_targets(costs["token_errors"], n_skip, tiebreak=costs["nll"])
+            else:
+                target = static_skip_targets(costs["nll"], n_skip)
             rows.append(target)
-            record[step_type] = {"costs": costs, "skip": [i for i in range(L) if target[i] == 0]}
-            self._print(f"[setup] drop_nll oracle, {step_type}: skip blocks {record[step_type]['skip']} "
-                        f"(single-drop NLL costs {min(costs):+.3f} .. {max(costs):+.3f} nats/token, "
+            record[step_type] = {"costs": costs["nll"], "token_error_costs": costs["token_errors"],
+                                 "skip": [i for i in range(L) if target[i] == 0]}
+            self._print(f"[setup] {tc.oracle_source} oracle, {step_type}: skip blocks {record[step_type]['skip']} "
+                        f"(single-drop NLL costs {min(costs['nll']):+.3f} .. {max(costs['nll']):+.3f} nats/token, "
+                        f"token-error costs {min(costs['token_errors']):+.3f} .. {max(costs['token_errors']):+.3f}, "
                         f"{len(steps)} steps)")
         self.oracle_record = record
         return torch.stack(rows)
@@ -934,7 +941,7 @@ class Trainer:
             "resumed_from": str(self.last_checkpoint) if self.resume and self.start_step else None,
             "final_train": self.history.get("train", {k: v for k, v in last.items() if not k.startswith("layer_")}),
             "final_val": self.history.get("val", {}),
-            "oracle_targets": getattr(self, "oracle_record", None),  # drop_nll: the measured costs and skip set
+            "oracle_targets": getattr(self, "oracle_record", None),  # drop_*: the measured costs and skip set
             "config": self.cfg.to_dict(),
         }
         if self.accelerator.is_main_process:

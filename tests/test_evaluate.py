@@ -126,6 +126,10 @@ def test_run_eval_writes_json_report_and_plots(setup, tmp_path):
         for t in ("tool_call", "planning"):
             entry = res["splits"][split][t]
             assert set(entry["ppl"]) == {"base", "lora_full_depth", "routed", "routed_no_lora"}
+            # a random tiny model reproduces no step token for token; routers start open, so routed == LoRA
+            assert set(entry["teacher_forced_exact"]) == set(entry["ppl"])
+            if entry["n"]:
+                assert entry["teacher_forced_exact"]["routed"] == entry["teacher_forced_exact"]["lora_full_depth"] == 0
     assert len(res["threshold_sweep"]) == 2
     report = (tmp_path / "report.md").read_text()
     assert "paper" in report and "Honest columns" in report
@@ -146,6 +150,40 @@ def test_accuracy_keeps_each_generation_with_its_verdict(setup):
     assert [s["conversation_id"] for s in res["samples"]] == [steps[i].conversation_id for i in idx]
     assert sum(s["correct"] for s in res["samples"]) == round(res["accuracy"] * res["n"])
     assert all(s["correct"] or s["reason"] for s in res["samples"])  # every failure says why
+    assert all(s["teacher_forced_errors"] >= 0 for s in res["samples"]) and 0 <= res["teacher_forced_exact"] <= 1
+
+
+def test_no_teacher_forced_error_means_greedy_generation_reproduces_the_target(setup):
+    """teacher_forced_exact's claim, end to end with routing and real skipping: a target made of the routed model's
+    own greedy continuation has zero errors under teacher forcing; one changed token is one error."""
+    import dataclasses
+
+    from layerroute.generate import routed_generate
+
+    rm, data, _ = setup
+    step = next(s for s in data.eval if s.step_type == "tool_call")
+    router = rm.routers()[1]
+    with torch.no_grad():
+        saved = router.net.bias.clone()
+        router.net.bias.fill_(-5.0)  # block 1 skipped: the routed path differs from full depth
+    try:
+        ctx = step.input_ids[: step.context_length]
+        gen = list(routed_generate(rm, [ctx], max_new_tokens=6, eos_token_id=[]).tokens[0])
+
+        def with_target(target):
+            return dataclasses.replace(step, input_ids=ctx + target, labels=[-100] * len(ctx) + target,
+                                       decision_mask=step.decision_mask[: len(ctx)] + [0] * len(target),
+                                       length=len(target))
+
+        cfg = EvalConfig(batch_size=2)
+        same = teacher_forced(rm, [with_target(gen)], "routed", cfg)[0]
+        changed = teacher_forced(rm, [with_target(gen[:-1] + [(gen[-1] + 1) % rm.config.vocab_size])], "routed",
+                                 cfg)[0]
+    finally:
+        with torch.no_grad():
+            router.net.bias.copy_(saved)
+    assert same["gates"][1] is False and same["tokens"] == 6
+    assert same["errors"] == 0 and changed["errors"] == 1
 
 
 def _fake_steps(n_tool: int, n_plan: int):

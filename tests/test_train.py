@@ -430,6 +430,9 @@ def test_drop_nll_oracle_skips_the_blocks_whose_removal_costs_least(tmp_path, sm
     from layerroute.influence import drop_costs, static_skip_targets
 
     assert static_skip_targets([0.3, -0.1, 0.2, 0.05], 2).tolist() == [1.0, 0.0, 1.0, 0.0]
+    # token errors are counts: equal costs go to the tie-break (the NLL), then to the lower block index
+    assert static_skip_targets([0.0, 0.0, 0.1, 0.0], 2, tiebreak=[0.5, 0.2, 0.0, 0.1]).tolist() == [1, 0, 1, 0]
+    assert static_skip_targets([0.0, 0.0, 0.0], 1).tolist() == [0.0, 1.0, 1.0]
     cfg = smoke_cfg("train.steps=1", "train.grad_accum=1", "train.checkpoint_every=0", "train.eval_every=0",
                     "train.warmup_steps=0", "train.router_loss=influence", "train.regularizer=none",
                     "train.oracle_source=drop_nll", "train.oracle_calibration_steps=4", "train.oracle_skip_tool=0.5")
@@ -453,10 +456,33 @@ def test_drop_nll_oracle_skips_the_blocks_whose_removal_costs_least(tmp_path, sm
     expect = nll(teacher_forced(trainer.rm, tool, "shortgpt", ecfg, patterns=pattern, pad_id=pad)) - nll(
         teacher_forced(trainer.rm, tool, "lora_full_depth", ecfg, pad_id=pad))
     assert costs[1] == pytest.approx(expect, abs=1e-5)
-    assert drop_costs(trainer.rm, tool, ecfg, pad) == pytest.approx(costs, abs=1e-5)
+    measured = drop_costs(trainer.rm, tool, ecfg, pad)
+    assert measured["nll"] == pytest.approx(costs, abs=1e-5)
+    # the token-error cost: the rise in the fraction of target tokens that are not the argmax given the gold prefix
+    def err(res):
+        return sum(r["errors"] for r in res) / sum(r["tokens"] for r in res)
+
+    expect_err = err(teacher_forced(trainer.rm, tool, "shortgpt", ecfg, patterns=pattern, pad_id=pad)) - err(
+        teacher_forced(trainer.rm, tool, "lora_full_depth", ecfg, pad_id=pad))
+    assert measured["token_errors"][1] == pytest.approx(expect_err, abs=1e-9)
+    assert trainer.oracle_record["tool_call"]["token_error_costs"] == pytest.approx(measured["token_errors"], abs=1e-9)
     trainer.rm.model.train()
     metrics = trainer.fit()
     assert metrics["bce"] > 0 and math.isfinite(metrics["loss"])
+
+
+def test_drop_errors_oracle_ranks_blocks_by_added_greedy_token_errors(tmp_path, smoke_data):
+    cfg = smoke_cfg("train.steps=1", "train.grad_accum=1", "train.checkpoint_every=0", "train.eval_every=0",
+                    "train.warmup_steps=0", "train.router_loss=influence", "train.regularizer=none",
+                    "train.oracle_source=drop_errors", "train.oracle_calibration_steps=4", "train.oracle_skip_tool=0.5")
+    trainer = Trainer(cfg, tmp_path, data=smoke_data)
+    trainer.setup()
+    L = trainer.rm.num_layers
+    record = trainer.oracle_record["tool_call"]
+    errors, nll = record["token_error_costs"], record["costs"]
+    ranked = sorted(range(L), key=lambda i: (errors[i], nll[i], i))
+    assert record["skip"] == sorted(ranked[: round(0.5 * L)])
+    assert trainer.step_module.static_targets[1].tolist() == [0.0 if i in record["skip"] else 1.0 for i in range(L)]
 
 
 def test_per_type_penalty_weights_only_the_rows_of_each_type():
