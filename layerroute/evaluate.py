@@ -204,7 +204,7 @@ def accuracy(rm: RoutedModel, steps, idx: list[int], config: str, cfg: EvalConfi
         tf_config, patterns = "shortgpt", torch.tensor([forced] * len(idx))
     tf = teacher_forced(rm, chosen, tf_config, cfg, threshold=threshold, patterns=patterns,
                         desc=f"teacher-forced {config}") if idx else []
-    for sample, r in zip(samples, tf):
+    for sample, r in zip(samples, tf, strict=True):
         sample["teacher_forced_errors"] = r["errors"]
     return {"accuracy": correct / len(idx) if idx else float("nan"), "n": len(idx), "failures": dict(failures),
             "teacher_forced_exact": teacher_forced_exact(tf, list(range(len(tf)))), "samples": samples}
