@@ -67,6 +67,9 @@ declare -A RECIPE=(
   # token errors (targets that are no longer the argmax given the gold prefix; NLL breaks ties), 9 and 3 blocks
   [drop_errors_stopgrad]="$INFL --set train.oracle_source=drop_errors --set train.oracle_calibration_steps=8"
   [drop_errors_stopgrad_skip10]="$INFL --set train.oracle_source=drop_errors --set train.oracle_calibration_steps=8 --set train.oracle_skip_tool=0.1"
+  # the accuracy reference: the same training with no block ever a skip target (routers taught to stay open), so
+  # LoRA is trained at full depth only, not for a skipped path too
+  [lora_only]="$INFL --set train.oracle_skip_tool=0.0"
   # router capacity, pooling: the last context token instead of the masked mean (on the paper recipe, like mlp_router)
   [pool_last]="$PAPER --set train.regularizer=soft_mean --set router.pooling=last"
 )
@@ -93,7 +96,7 @@ table() {
                 typed3 typed1_pgclip typed1_pgclip_spread typed2_neg_pgclip_spread plus influence_oracle \
                 influence_stopgrad influence_stopgrad_kd drop_nll_stopgrad influence_stopgrad_150steps \
                 drop_nll_stopgrad_skip20 drop_nll_stopgrad_skip10 drop_nll_stopgrad_prompt_full pool_last \
-                drop_errors_stopgrad drop_errors_stopgrad_skip10; do
+                drop_errors_stopgrad drop_errors_stopgrad_skip10 lora_only; do
       compgen -G "$OUT/$name-s*/${kind%%:*}/eval.json" > /dev/null &&
         args+=(--recipe "$name=$OUT/$name-s*/${kind%%:*}/eval.json")
     done

@@ -235,3 +235,31 @@ def test_paired_accuracy_counts_disagreements_and_bounds_the_difference():
     assert same["diff_points"] == 0 and same["diff_ci95"] == [0.0, 0.0]
     with pytest.raises(ValueError, match="same steps"):
         paired_accuracy(lora, res([1, 0]), resamples=10, seed=0)
+
+
+def test_paired_accuracy_script_compares_two_evaluations_step_by_step(tmp_path):
+    import subprocess
+    import sys
+
+    def doc(verdicts, ids):
+        samples = [{"conversation_id": c, "correct": v} for c, v in zip(ids, verdicts, strict=True)]
+        return {"accuracy": {"tool_call": {"routed": {"accuracy": sum(verdicts) / len(verdicts), "n": len(verdicts),
+                                                      "samples": samples}}}}
+
+    ids = ["a", "b", "c", "d"]
+    (tmp_path / "ref.json").write_text(json.dumps(doc([1, 1, 0, 0], ids)))
+    (tmp_path / "new.json").write_text(json.dumps(doc([1, 0, 0, 1], ids)))
+    (tmp_path / "other.json").write_text(json.dumps(doc([1, 0, 0, 1], ["a", "b", "c", "e"])))
+    script = os.path.join(HERE, "..", "benchmarks", "paired_accuracy.py")
+
+    def run(*args):
+        return subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+
+    ok = run(f"{tmp_path}/ref.json:routed", f"{tmp_path}/new.json:routed")
+    out = json.loads(ok.stdout)["b_minus_a"]
+    assert ok.returncode == 0 and (out["both_correct"], out["only_a"], out["only_b"]) == (1, 1, 1)
+    assert out["diff_points"] == 0.0
+    bad = run(f"{tmp_path}/ref.json:routed", f"{tmp_path}/other.json:routed")  # different steps: refused
+    assert bad.returncode != 0 and "same steps" in bad.stderr
+    missing = run(f"{tmp_path}/ref.json:lora_full_depth", f"{tmp_path}/new.json:routed")
+    assert missing.returncode != 0 and "no tool_call accuracy for 'lora_full_depth'" in missing.stderr
