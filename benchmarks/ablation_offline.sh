@@ -72,6 +72,8 @@ declare -A RECIPE=(
   [lora_only]="$INFL --set train.oracle_skip_tool=0.0"
   # router capacity, pooling: the last context token instead of the masked mean (on the paper recipe, like mlp_router)
   [pool_last]="$PAPER --set train.regularizer=soft_mean --set router.pooling=last"
+  # ... and the mean over the context's last turn (the newest message and the assistant header)
+  [pool_last_turn]="$PAPER --set train.regularizer=soft_mean --set router.pooling=last_turn"
 )
 # recipe:seed pairs in RESULTS.md (hard_ste: one seed, because its gradient is soft_mean's: bit-identical adapters)
 ALL="paper_soft_mean:0 paper_soft_mean:1 paper_soft_mean:2 hard_ste:0 budget:0 budget:1 budget:2 drop_distill:0
@@ -96,7 +98,7 @@ table() {
                 typed3 typed1_pgclip typed1_pgclip_spread typed2_neg_pgclip_spread plus influence_oracle \
                 influence_stopgrad influence_stopgrad_kd drop_nll_stopgrad influence_stopgrad_150steps \
                 drop_nll_stopgrad_skip20 drop_nll_stopgrad_skip10 drop_nll_stopgrad_prompt_full pool_last \
-                drop_errors_stopgrad drop_errors_stopgrad_skip10 lora_only; do
+                drop_errors_stopgrad drop_errors_stopgrad_skip10 lora_only pool_last_turn; do
       compgen -G "$OUT/$name-s*/${kind%%:*}/eval.json" > /dev/null &&
         args+=(--recipe "$name=$OUT/$name-s*/${kind%%:*}/eval.json")
     done

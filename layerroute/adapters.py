@@ -27,7 +27,7 @@ from torch import nn
 
 from . import __version__
 from .config import LoraSettings, ModelConfig, RouterConfig, from_dict
-from .errors import AdapterError
+from .errors import AdapterError, ConfigError
 from .model import LoadedModel, configure_trainable, load_base, router_factory
 from .routed import RoutingState, find_routed_layers, wrap_model
 
@@ -110,6 +110,19 @@ class RoutedModel:
         return save_adapter(self, directory, extra)
 
 
+def turn_token_id(router_cfg: RouterConfig, tokenizer) -> int | None:
+    """The id of `router.turn_token` when the routers pool over the last turn (else None): a tokenizer without
+    that token cannot mark turns, which is refused before any forward."""
+    if router_cfg.pooling != "last_turn":
+        return None
+    token = router_cfg.turn_token
+    found = tokenizer.convert_tokens_to_ids(token) if tokenizer is not None else None
+    if found is None or (found == getattr(tokenizer, "unk_token_id", None) and token != tokenizer.unk_token):
+        raise ConfigError(f"router.pooling=last_turn: router.turn_token {token!r} is not a token of this model's "
+                          "tokenizer; set router.turn_token to the token that opens each chat turn")
+    return int(found)
+
+
 def build_routed_model(
     model_cfg: ModelConfig,
     router_cfg: RouterConfig | None = None,
@@ -123,7 +136,7 @@ def build_routed_model(
     model = loaded.model
     state = wrap_model(
         model, router_factory(model.config.hidden_size, router_cfg), pooling=router_cfg.pooling,
-        threshold=router_cfg.threshold,
+        threshold=router_cfg.threshold, turn_token_id=turn_token_id(router_cfg, loaded.tokenizer),
     )
     if lora_cfg.enabled:
         model = apply_lora(model, lora_cfg)
@@ -223,7 +236,7 @@ def load_adapter(
     model = loaded.model
     state = wrap_model(
         model, router_factory(model.config.hidden_size, router_cfg), pooling=router_cfg.pooling,
-        threshold=router_cfg.threshold,
+        threshold=router_cfg.threshold, turn_token_id=turn_token_id(router_cfg, loaded.tokenizer),
     )
     if lora_cfg.enabled:
         if not (directory / "adapter_model.safetensors").is_file():

@@ -69,7 +69,11 @@ class RouterConfig:
 
     kind: str = setting("linear", "linear = Linear(hidden, 1) as in the paper; mlp = bottleneck MLP")
     bottleneck: int = setting(64, "hidden width of the mlp router")
-    pooling: str = setting("mean", "how context states are pooled: mean (masked) or last (last context token)")
+    pooling: str = setting(
+        "mean", "how context states are pooled: mean (masked), last (last context token) or last_turn (mean over "
+        "the context's last message and the assistant header, from the second-to-last turn_token)",
+    )
+    turn_token: str = setting("<|im_start|>", "pooling=last_turn: the token that opens a chat turn (ChatML's)")
     threshold: float = setting(0.5, "run the block when sigmoid(logit) > threshold")
     init_bias: float = setting(2.0, "initial router bias, the same for every block (sigmoid(2) = 0.88: all run)")
     init_bias_spread: float = setting(
@@ -81,7 +85,7 @@ class RouterConfig:
 
     def __post_init__(self):
         _check_choice("router", "kind", self.kind, ("linear", "mlp"))
-        _check_choice("router", "pooling", self.pooling, ("mean", "last"))
+        _check_choice("router", "pooling", self.pooling, ("mean", "last", "last_turn"))
         _check_range("router", "threshold", self.threshold, 0.0, 1.0, low_open=True)
         _check_range("router", "init_bias_spread", self.init_bias_spread, 0.0)
         _check_range("router", "bottleneck", self.bottleneck, 1)

@@ -60,6 +60,11 @@ class RoutingState:
     prompt_full_depth: bool = False
     # keep per-block running sums of the context states so a session's next step pools over all its context
     session_pooling: bool = False
+    # router pooling last_turn: the id of the token that opens a chat turn, and where it sits in the current
+    # forward's input (set by a hook on the input embeddings, so every caller's forward provides it)
+    turn_token_id: int | None = None
+    turn_marks: torch.Tensor | None = None
+    turn_hook: object | None = field(default=None, repr=False)
     num_layers: int = 0
     layers: list = field(default_factory=list, repr=False)
 
@@ -145,7 +150,13 @@ class RoutedLayer(nn.Module):
             )
         mask = mask.to(device=hidden.device, dtype=hidden.dtype)
         if not (st.session_pooling and self.pooling == "mean"):
-            return masked_pool(hidden, mask, self.pooling)
+            marks = None
+            if self.pooling == "last_turn":
+                marks = st.turn_marks
+                if marks is None or marks.shape != mask.shape:
+                    raise ValueError("router pooling last_turn needs input_ids in every forward (the turn markers "
+                                     "are read from them); inputs_embeds alone cannot be routed this way")
+            return masked_pool(hidden, mask, self.pooling, turn_marks=marks)
         step_sum = torch.einsum("bth,bt->bh", hidden.detach().float(), mask.float())
         step_count = mask.float().sum(dim=1, keepdim=True)
         if self.pool_sum is not None:
@@ -396,17 +407,25 @@ def gate_records(model: nn.Module) -> list[GateRecord]:
     return records
 
 
-def wrap_model(model: nn.Module, router_factory, pooling: str = "mean", threshold: float = 0.5) -> RoutingState:
+def wrap_model(model: nn.Module, router_factory, pooling: str = "mean", threshold: float = 0.5,
+               turn_token_id: int | None = None) -> RoutingState:
     """Replace every decoder block of `model` in place with a RoutedLayer; returns the shared state.
 
     router_factory(index) -> Router builds the router for block `index` (so parameters land on the block's
-    device and dtype policy is decided in one place, model.py)."""
+    device and dtype policy is decided in one place, model.py). pooling="last_turn" also hooks the input
+    embeddings to note where `turn_token_id` sits in each forward's input_ids."""
     from .model import decoder_layers  # model.py knows where each family keeps its blocks
 
     layers = decoder_layers(model)
     if any(isinstance(layer, RoutedLayer) for layer in layers):
         raise ValueError("model is already wrapped with routed layers")
-    state = RoutingState(threshold=threshold, num_layers=len(layers))
+    state = RoutingState(threshold=threshold, num_layers=len(layers), turn_token_id=turn_token_id)
+    if pooling == "last_turn":
+        def note_turn_marks(_module, args):
+            ids = args[0] if args else None
+            state.turn_marks = None if ids is None or turn_token_id is None else ids == turn_token_id
+
+        state.turn_hook = model.get_input_embeddings().register_forward_pre_hook(note_turn_marks)
     for i, block in enumerate(layers):
         device = next(block.parameters()).device
         router = router_factory(i).to(device)
@@ -422,4 +441,7 @@ def unwrap_model(model: nn.Module) -> None:
     layers = decoder_layers(model)
     for i, layer in enumerate(layers):
         if isinstance(layer, RoutedLayer):
+            if layer.state.turn_hook is not None:  # last_turn pooling's hook on the input embeddings
+                layer.state.turn_hook.remove()
+                layer.state.turn_hook = None
             layers[i] = layer.block

@@ -10,16 +10,36 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-POOLINGS = ("mean", "last")
+POOLINGS = ("mean", "last", "last_turn")
 
 
-def masked_pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+def last_turn_mask(mask: torch.Tensor, turn_marks: torch.Tensor) -> torch.Tensor:
+    """The part of a decision mask [B, T] from its second-to-last turn marker on: the context's last message and
+    the assistant header that opens the step (ChatML: `<|im_start|>tool ...<|im_end|> <|im_start|>assistant`).
+
+    turn_marks [B, T] bool: where a turn-start token sits. Only marks inside the mask count; a row with fewer
+    than two keeps its whole mask. Depends on the tokens from that marker on only, so a session's prefill that
+    starts before it (the previous turn's end, then the new message) gets the same positions as the full context.
+    """
+    marks = (turn_marks.to(mask.device) & (mask > 0)).long()
+    seen = marks.cumsum(dim=1)  # [B, T]: marks at or before each position
+    total = seen[:, -1:]  # [B, 1]
+    return mask * (seen >= total - 1).to(mask.dtype)
+
+
+def masked_pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str = "mean",
+                turn_marks: torch.Tensor | None = None) -> torch.Tensor:
     """Pool `hidden` [B, T, H] over the positions where `mask` [B, T] is 1 -> [B, H].
 
     `mask` is the *decision* mask (context positions only, never padding, never the step's targets);
-    a row whose mask is empty pools to zeros rather than NaN.
+    a row whose mask is empty pools to zeros rather than NaN. pooling="last_turn" is the mean over
+    `last_turn_mask(mask, turn_marks)`.
     """
     mask = mask.to(hidden.dtype)
+    if pooling == "last_turn":
+        if turn_marks is None:
+            raise ValueError("last_turn pooling needs the turn-start marks of the input (router.turn_token)")
+        mask, pooling = last_turn_mask(mask, turn_marks), "mean"
     if pooling == "mean":
         total = torch.einsum("bth,bt->bh", hidden, mask)  # [B, H]
         count = mask.sum(dim=1, keepdim=True).clamp_min(1.0)  # [B, 1]

@@ -11,10 +11,12 @@ from layerroute.model import load_base
 TINY_SHAPES = ["shape:tiny-qwen2", "shape:tiny-llama"]
 
 
-def tiny_routed(shape: str = "shape:tiny-qwen2", *, lora: bool = True, seed: int = 0, router=None) -> RoutedModel:
+def tiny_routed(shape: str = "shape:tiny-qwen2", *, lora: bool = True, seed: int = 0, router=None,
+                tokenizer=None) -> RoutedModel:
     """A tiny routed model whose LoRA B matrices are random (peft starts them at zero, which would hide bugs)."""
     cfg = ModelConfig(name=shape, seed=seed)
     loaded = load_base(cfg, tokenizer=False)
+    loaded.tokenizer = tokenizer  # shape presets come without one; last_turn pooling reads its turn token
     rm = build_routed_model(cfg, router or RouterConfig(), LoraSettings(enabled=lora), loaded=loaded)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -75,3 +77,13 @@ def synthetic_step(i: int, ctx: int, n: int, kind: str, ids: list[int] | None = 
     ids = ids if ids is not None else [0] * (ctx + n)
     return Step(input_ids=ids, labels=[-100] * ctx + ids[ctx:], decision_mask=[1] * ctx + [0] * n, step_type=kind,
                 context_length=ctx, length=n, source="s", conversation_id=f"c{i}", step_index=0)
+
+
+class TurnTokenizer:
+    """Just enough tokenizer for `router.pooling=last_turn` on a tiny model: id TURN opens a turn."""
+
+    TURN = 7
+    unk_token, unk_token_id, pad_token_id, eos_token_id = "<unk>", 0, 0, None
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return self.TURN if token == "<|im_start|>" else self.unk_token_id

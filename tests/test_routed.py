@@ -7,7 +7,7 @@ import torch
 
 from layerroute.model import decoder_layers
 from layerroute.routed import RoutedCache, find_routed_layers, gate_records, routing, unwrap_model
-from tests.helpers import TINY_SHAPES, random_batch, tiny_routed
+from tests.helpers import TINY_SHAPES, TurnTokenizer, lively, random_batch, tiny_routed
 
 
 @pytest.mark.parametrize("shape", TINY_SHAPES)
@@ -162,3 +162,81 @@ def test_decoder_layers_error_names_the_class():
 
     with pytest.raises(ModelLoadError, match="Linear"):
         decoder_layers(torch.nn.Linear(2, 2))
+
+
+def test_last_turn_mask_keeps_the_last_message_and_the_assistant_header():
+    from layerroute.router import last_turn_mask
+
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0, 0],    # system, user, assistant header; then targets
+                         [0, 1, 1, 1, 1, 1, 0, 0, 0],    # left padding: a marker under padding does not count
+                         [1, 1, 1, 1, 0, 0, 0, 0, 0]])   # one marker: nothing to cut
+    marks = torch.zeros(3, 9, dtype=torch.bool)
+    marks[0, [0, 3, 5, 7]] = True  # the marker at 7 is a target token: outside the mask, ignored
+    marks[1, [0, 2, 4]] = True
+    marks[2, 1] = True
+    kept = last_turn_mask(mask.float(), marks)
+    assert kept.tolist() == [[0, 0, 0, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0, 0]]
+
+
+def _turn_ids(rm):
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # routers start at weight 0 (logit = bias): give them something to read
+        for r in rm.routers():
+            r.net.weight.copy_(torch.randn(r.net.weight.shape, generator=gen))
+            r.net.bias.fill_(0.0)
+    ids, mask = random_batch(batch=2, length=12, context=9)
+    ids[ids == TurnTokenizer.TURN] = 8
+    ids[0, [0, 3, 6]] = TurnTokenizer.TURN  # row 0: three turns in the context, the last one from position 3
+    ids[1, [2, 7]] = TurnTokenizer.TURN
+    return ids, mask
+
+
+def test_last_turn_pooling_is_mean_pooling_over_the_last_turn():
+    from layerroute.config import RouterConfig
+    from layerroute.router import last_turn_mask
+
+    rm = tiny_routed(router=RouterConfig(pooling="last_turn"), tokenizer=TurnTokenizer())
+    ids, mask = _turn_ids(rm)
+
+    def logits(decision_mask):
+        with torch.no_grad(), routing(rm.model, "mix", decision_mask=decision_mask):
+            rm.model(input_ids=ids)
+        return torch.stack([r.logit for r in gate_records(rm.model)])
+
+    last_turn = logits(mask)
+    layers = find_routed_layers(rm.model)
+    for layer in layers:
+        layer.pooling = "mean"
+    try:
+        same = logits(last_turn_mask(mask, ids == TurnTokenizer.TURN))
+        whole = logits(mask)
+    finally:
+        for layer in layers:
+            layer.pooling = "last_turn"
+    assert torch.allclose(last_turn, same, atol=1e-6)
+    assert not torch.allclose(last_turn, whole, atol=1e-4)  # the cut changes what the routers read
+
+
+def test_last_turn_generation_decides_as_teacher_forcing_does():
+    from layerroute.config import RouterConfig
+    from layerroute.generate import routed_generate
+
+    rm = lively(tiny_routed(router=RouterConfig(pooling="last_turn"), tokenizer=TurnTokenizer()))
+    ids, mask = _turn_ids(rm)
+    prompts = [ids[0, :9].tolist(), ids[1, :9].tolist()]
+    with torch.no_grad(), routing(rm.model, "mix", decision_mask=mask[:, :9]):
+        rm.model(input_ids=ids[:, :9])
+    teacher = torch.stack([r.gate for r in gate_records(rm.model)], dim=1).bool().tolist()
+    out = routed_generate(rm, prompts, max_new_tokens=3, eos_token_id=None)
+    assert out.gates == teacher
+    assert any(not g for row in teacher for g in row) and any(any(row) for row in teacher)  # some run, some skip
+
+
+def test_last_turn_pooling_needs_the_turn_token_in_the_tokenizer():
+    from layerroute.config import RouterConfig
+    from layerroute.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="router.turn_token"):
+        tiny_routed(router=RouterConfig(pooling="last_turn", turn_token="<|turn|>"), tokenizer=TurnTokenizer())
+    with pytest.raises(ConfigError, match="router.pooling"):
+        RouterConfig(pooling="first_turn")
