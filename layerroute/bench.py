@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -340,8 +341,11 @@ def emit_json_line(result: dict, output: str | None = None) -> None:
     """A benchmark's last act: print its result as one JSON line, and write the same line to `output` if given."""
     line = json.dumps(result)
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(line + "\n")
+        path = Path(output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")  # written whole, then renamed: never half a result on disk
+        tmp.write_text(line + "\n")
+        os.replace(tmp, path)
     print(line)
 
 
