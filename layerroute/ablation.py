@@ -103,9 +103,12 @@ def markdown(agg: dict) -> str:
                 cells = [_cell(e[split].get(f"{t}.ppl.{c}"), seeds=e["seeds"]) for c in QUALITY]
                 lines.append(f"| {name} | {split} | {t} | " + " | ".join(cells) + " |")
     lines += ["", "## Task accuracy (free-running greedy generation with real skipping, full split)", "",
-              "Exact-match rate, mean over seeds; n is the number of steps scored per seed.", "",
-              "| recipe | step type | n/seed | " + " | ".join(ACCURACY) + " | routed - LoRA (points) |",
-              "|---|---|---:|" + "---:|" * (len(ACCURACY) + 1)]
+              "Exact-match rate, mean over seeds; n is the number of steps scored per seed. 'TF exact' is the "
+              "fraction of the same steps whose every target token is the argmax given the gold prefix (greedy "
+              "decoding reproduces them token for token: a lower bound on the accuracy; n/a before session 5).", "",
+              "| recipe | step type | n/seed | " + " | ".join(ACCURACY) + " | routed - LoRA (points) "
+              "| TF exact LoRA | TF exact routed |",
+              "|---|---|---:|" + "---:|" * (len(ACCURACY) + 3)]
     for name, e in agg.items():
         for t in STEP_TYPES:
             m = e["full"]
@@ -114,8 +117,10 @@ def markdown(agg: dict) -> str:
             # both are scored on the same steps in each seed, so the difference of means is the paired difference
             routed, lora = m.get(f"{t}.accuracy.routed"), m.get(f"{t}.accuracy.lora_full_depth")
             diff = _num(100 * (routed["mean"] - lora["mean"]), 1) if routed and lora else "n/a"
+            tf = [_cell(m.get(f"{t}.accuracy_tf_exact.{c}"), 1, True, spread=False)
+                  for c in ("lora_full_depth", "routed")]
             lines.append(f"| {name} | {t} | {_num(n['mean'], 0) if n else 'n/a'} | " + " | ".join(cells)
-                         + f" | {diff} |")
+                         + f" | {diff} | " + " | ".join(tf) + " |")
     return "\n".join(lines) + "\n"
 
 

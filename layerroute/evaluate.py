@@ -454,6 +454,8 @@ def seed_metrics(res: dict, split: str) -> dict[str, float]:
             for c, v in (res.get("accuracy") or {}).get(t, {}).items():
                 out[f"{t}.accuracy.{c}"] = v["accuracy"]
                 out[f"{t}.accuracy_n.{c}"] = v["n"]
+                if "teacher_forced_exact" in v:  # absent from evaluations before session 5
+                    out[f"{t}.accuracy_tf_exact.{c}"] = v["teacher_forced_exact"]
     return out
 
 

@@ -98,6 +98,20 @@ def test_accuracy_is_paired_step_by_step_and_the_plot_needs_it(one_eval, tmp_pat
     assert plot_accuracy(agg, tmp_path / "acc.png") is False and not (tmp_path / "acc.png").exists()
 
 
+
+def test_accuracy_table_shows_teacher_forced_exactness_when_the_evaluation_has_it(one_eval, tmp_path):
+    doc = copy.deepcopy(one_eval)
+    doc["accuracy"]["tool_call"]["routed"]["teacher_forced_exact"] = 0.25
+    old = copy.deepcopy(one_eval)
+    for v in old["accuracy"]["tool_call"].values():  # an evaluation from before session 5
+        v.pop("teacher_forced_exact", None)
+    agg = aggregate_recipes({"new": [str(_write(tmp_path, "new-s0", doc, 1.0))],
+                             "old": [str(_write(tmp_path, "old-s0", old, 1.0))]})
+    rows = {line.split(" | ")[0][2:]: line for line in markdown(agg).splitlines()
+            if line.startswith(("| new | tool_call", "| old | tool_call"))}
+    assert rows["new"].endswith("| 25.0 |") and rows["old"].endswith("| n/a | n/a |")
+
+
 def test_bad_recipe_specs_name_the_flag(tmp_path):
     with pytest.raises(ConfigError, match="--recipe"):
         parse_recipe("no-equals-sign")
