@@ -1,11 +1,12 @@
 """Which blocks can a tool call lose before greedy decoding changes? No training: the frozen model, static skip sets.
 
-Before any training, each block's single removal is measured on the calibration tool-call steps the trainer's
+Each block's single removal is measured on the calibration tool-call steps the trainer's
 drop_* oracles use (the first N tool-call training steps): the NLL it adds and the greedy token errors it adds.
 Then the k cheapest blocks by each ranking are removed from held-out tool-call steps (BFCL live_*, unseen
 functions) and the steps are scored teacher-forced: the fraction reproduced token for token by greedy decoding
 (`teacher_forced_exact`, a lower bound on free-running accuracy), the greedy token error rate and the perplexity.
-It separates the question "which blocks" from "what does training make of them".
+It separates the question "which blocks" from "what does training make of them". With --adapter the model is a
+trained adapter's LoRA (its routers ignored: the gates are forced), e.g. one trained at full depth only.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/skip_set_exactness.py --config configs/offline-smollm2.yaml \\
         --calibration-steps 8 --eval-steps 64 --k 0 1 2 3 6 9 \\
@@ -23,7 +24,7 @@ import time
 
 import torch
 
-from layerroute.adapters import build_routed_model
+from layerroute.adapters import build_routed_model, load_adapter
 from layerroute.bench import emit_json_line
 from layerroute.config import EvalConfig, RunConfig
 from layerroute.data.build import load_steps
@@ -35,6 +36,7 @@ from layerroute.influence import drop_costs, static_skip_targets
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/offline-smollm2.yaml")
+    parser.add_argument("--adapter", default=None, help="score this adapter's LoRA instead of the frozen model")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--calibration-steps", type=int, default=8, help="tool-call training steps that rank blocks")
     parser.add_argument("--eval-steps", type=int, default=64, help="held-out tool-call steps scored per skip set")
@@ -48,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     cfg = RunConfig.from_yaml(args.config, args.overrides)
-    rm = build_routed_model(cfg.model, cfg.router, cfg.lora)  # LoRA starts at zero: the frozen model
+    if args.adapter:
+        rm = load_adapter(args.adapter, cfg.model)
+    else:
+        rm = build_routed_model(cfg.model, cfg.router, cfg.lora)  # LoRA starts at zero: the frozen model
     rm.model.eval()
     L = rm.num_layers
     if any(k < 0 or k > L for k in args.k):
@@ -85,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"token errors {points[-1]['token_error_rate']:.4f} ppl {points[-1]['ppl']:.3f} "
                   f"dropped {dropped}", flush=True)
     emit_json_line({
-        "benchmark": "skip_set_exactness", "model": cfg.model.name, "config": args.config,
+        "benchmark": "skip_set_exactness", "model": cfg.model.name, "adapter": args.adapter, "config": args.config,
         "overrides": args.overrides, "calibration_steps": len(calibration), "eval_steps": len(steps),
         "eval_step_ids": [s.id for s in steps], "single_drop_costs": costs, "points": points,
         "threads": torch.get_num_threads(), "wall_s": round(time.perf_counter() - t0, 1),
