@@ -424,6 +424,16 @@ def test_router_lm_grad_false_stops_the_lm_loss_at_the_gates(lm_grad):
             smoke_cfg("train.router_lm_grad=false", bad)
 
 
+def _static_oracle_trainer(tmp_path, smoke_data, source: str) -> Trainer:
+    """A set-up one-step trainer whose routers learn static targets (half the blocks skipped on tool calls)."""
+    cfg = smoke_cfg("train.steps=1", "train.grad_accum=1", "train.checkpoint_every=0", "train.eval_every=0",
+                    "train.warmup_steps=0", "train.router_loss=influence", "train.regularizer=none",
+                    f"train.oracle_source={source}", "train.oracle_calibration_steps=4", "train.oracle_skip_tool=0.5")
+    trainer = Trainer(cfg, tmp_path, data=smoke_data)
+    trainer.setup()
+    return trainer
+
+
 def test_drop_nll_oracle_skips_the_blocks_whose_removal_costs_least(tmp_path, smoke_data):
     from layerroute.config import EvalConfig
     from layerroute.evaluate import teacher_forced
@@ -433,11 +443,7 @@ def test_drop_nll_oracle_skips_the_blocks_whose_removal_costs_least(tmp_path, sm
     # token errors are counts: equal costs go to the tie-break (the NLL), then to the lower block index
     assert static_skip_targets([0.0, 0.0, 0.1, 0.0], 2, tiebreak=[0.5, 0.2, 0.0, 0.1]).tolist() == [1, 0, 1, 0]
     assert static_skip_targets([0.0, 0.0, 0.0], 1).tolist() == [0.0, 1.0, 1.0]
-    cfg = smoke_cfg("train.steps=1", "train.grad_accum=1", "train.checkpoint_every=0", "train.eval_every=0",
-                    "train.warmup_steps=0", "train.router_loss=influence", "train.regularizer=none",
-                    "train.oracle_source=drop_nll", "train.oracle_calibration_steps=4", "train.oracle_skip_tool=0.5")
-    trainer = Trainer(cfg, tmp_path, data=smoke_data)
-    trainer.setup()
+    trainer = _static_oracle_trainer(tmp_path, smoke_data, "drop_nll")
     L = trainer.rm.num_layers
     targets = trainer.step_module.static_targets  # [2, L]: planning runs everything, tool calls skip half
     assert targets[0].tolist() == [1.0] * L and int(L - targets[1].sum()) == round(0.5 * L)
@@ -472,11 +478,7 @@ def test_drop_nll_oracle_skips_the_blocks_whose_removal_costs_least(tmp_path, sm
 
 
 def test_drop_errors_oracle_ranks_blocks_by_added_greedy_token_errors(tmp_path, smoke_data):
-    cfg = smoke_cfg("train.steps=1", "train.grad_accum=1", "train.checkpoint_every=0", "train.eval_every=0",
-                    "train.warmup_steps=0", "train.router_loss=influence", "train.regularizer=none",
-                    "train.oracle_source=drop_errors", "train.oracle_calibration_steps=4", "train.oracle_skip_tool=0.5")
-    trainer = Trainer(cfg, tmp_path, data=smoke_data)
-    trainer.setup()
+    trainer = _static_oracle_trainer(tmp_path, smoke_data, "drop_errors")
     L = trainer.rm.num_layers
     record = trainer.oracle_record["tool_call"]
     errors, nll = record["token_error_costs"], record["costs"]
