@@ -81,11 +81,13 @@ typed1:0 typed3:0 typed1_pgclip:0 typed1_pgclip_spread:0 typed2_neg_pgclip_sprea
 block_drop:0 oracle_first_order:0 mlp_router:0 influence_oracle:0 influence_stopgrad:0 influence_stopgrad:1
 influence_stopgrad:2 influence_stopgrad_kd:0 drop_nll_stopgrad:0 drop_nll_stopgrad:1 drop_nll_stopgrad:2
 influence_stopgrad_150steps:0 block_drop:1 block_drop:2 oracle_first_order:1 oracle_first_order:2 mlp_router:1
-distill:0 pool_last:0"
+distill:0 pool_last:0 mlp_router:2 pool_last_turn:0 pool_last_turn:1 pool_last_turn:2 pool_last:1 distill:1
+pool_last:2"
 # the pairs that `--accuracy` (48 tool-call steps) and `--prompt-full-depth` evaluate when none are named (RESULTS.md,
 # session 4)
-ACCURACY_PAIRS="drop_nll_stopgrad:0 drop_nll_stopgrad_skip20:0 drop_nll_stopgrad_skip10:0 paper_soft_mean:0"  # trains the
-# two skip recipes first when they are not there
+ACCURACY_PAIRS="drop_nll_stopgrad:0 drop_nll_stopgrad_skip20:0 drop_nll_stopgrad_skip10:0 paper_soft_mean:0
+drop_errors_stopgrad_skip10:0 drop_errors_stopgrad:0 lora_only:0 drop_errors_stopgrad_skip10:1"  # trains the recipes
+# that are not there first (session 5 added the last four)
 PROMPT_PAIRS="drop_nll_stopgrad:0 drop_nll_stopgrad_skip10:0 drop_nll_stopgrad_prompt_full:0"
 
 table() {
