@@ -195,7 +195,7 @@ def plot_accuracy(agg: dict, path: Path) -> bool:
         ax.scatter(xs, routed, s=30, color=color, marker=marker, label=label)
     ax.set_xlabel("tool-call block FLOPs skipped (%)")
     ax.set_ylabel("tool-call accuracy (%)")
-    ax.set_title("free-running tool calls: routed (filled) vs the same adapter at full depth (hollow)")
+    ax.set_title("free-running tool calls\nrouted (filled) vs the same adapter at full depth (hollow)", fontsize=10)
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _save(fig, path)
     return True

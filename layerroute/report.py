@@ -109,7 +109,7 @@ def _honest_table(doc: dict) -> list[str]:
 
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # keeps a legend or title outside the axes in the picture
     plt.close(fig)
 
 
