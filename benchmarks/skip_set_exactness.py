@@ -30,7 +30,7 @@ from layerroute.config import EvalConfig, RunConfig
 from layerroute.data.build import load_steps
 from layerroute.data.tokenizer import pad_token_id
 from layerroute.evaluate import teacher_forced, teacher_forced_exact
-from layerroute.influence import drop_costs, static_skip_targets
+from layerroute.influence import drop_costs, oracle_skip_targets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,12 +68,12 @@ def main(argv: list[str] | None = None) -> int:
 
     costs = drop_costs(rm, calibration, ecfg, pad)
     # the trainer's own selection (Trainer._static_oracle_targets): drop_nll and drop_errors
-    rankings = {"nll": (costs["nll"], None), "token_errors": (costs["token_errors"], costs["nll"])}
+    rankings = {"nll": "drop_nll", "token_errors": "drop_errors"}
     idx = list(range(len(steps)))
     points, scored = [], {}
-    for name, (cost, tiebreak) in rankings.items():
+    for name, source in rankings.items():
         for k in args.k:
-            dropped = [j for j, run in enumerate(static_skip_targets(cost, k, tiebreak=tiebreak).tolist()) if not run]
+            dropped = [j for j, run in enumerate(oracle_skip_targets(costs, k, source).tolist()) if not run]
             if tuple(dropped) not in scored:  # k = 0 (and any set both rankings pick) is scored once
                 pattern = torch.tensor([[j not in dropped for j in range(L)]] * len(steps))
                 scored[tuple(dropped)] = teacher_forced(rm, steps, "shortgpt", ecfg, patterns=pattern, pad_id=pad,

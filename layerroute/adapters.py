@@ -117,7 +117,7 @@ def turn_token_id(router_cfg: RouterConfig, tokenizer) -> int | None:
         return None
     token = router_cfg.turn_token
     found = tokenizer.convert_tokens_to_ids(token) if tokenizer is not None else None
-    if found is None or (found == getattr(tokenizer, "unk_token_id", None) and token != tokenizer.unk_token):
+    if found is None or (found == getattr(tokenizer, "unk_token_id", None) and token != getattr(tokenizer, "unk_token", None)):
         raise ConfigError(f"router.pooling=last_turn: router.turn_token {token!r} is not a token of this model's "
                           "tokenizer; set router.turn_token to the token that opens each chat turn")
     return int(found)

@@ -117,3 +117,13 @@ def static_skip_targets(costs: list[float], n_skip: int, tiebreak: list[float] |
     target = torch.ones(len(costs))
     target[order[:n_skip]] = 0.0
     return target
+
+
+def oracle_skip_targets(costs: dict[str, list[float]], n_skip: int, source: str) -> torch.Tensor:
+    """[L] run targets of a static oracle from `drop_costs`: drop_nll skips the n_skip blocks whose removal adds the
+    least NLL; drop_errors those that add the fewest greedy token errors, NLL breaking ties."""
+    if source == "drop_errors":
+        return static_skip_targets(costs["token_errors"], n_skip, tiebreak=costs["nll"])
+    if source == "drop_nll":
+        return static_skip_targets(costs["nll"], n_skip)
+    raise ValueError(f"unknown static oracle {source!r}; expected drop_nll or drop_errors")

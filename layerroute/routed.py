@@ -60,9 +60,8 @@ class RoutingState:
     prompt_full_depth: bool = False
     # keep per-block running sums of the context states so a session's next step pools over all its context
     session_pooling: bool = False
-    # router pooling last_turn: the id of the token that opens a chat turn, and where it sits in the current
-    # forward's input (set by a hook on the input embeddings, so every caller's forward provides it)
-    turn_token_id: int | None = None
+    # router pooling last_turn: where the turn-opening token sits in the current forward's input (set by a hook on
+    # the input embeddings, so every caller's forward provides it)
     turn_marks: torch.Tensor | None = None
     turn_hook: object | None = field(default=None, repr=False)
     num_layers: int = 0
@@ -419,7 +418,7 @@ def wrap_model(model: nn.Module, router_factory, pooling: str = "mean", threshol
     layers = decoder_layers(model)
     if any(isinstance(layer, RoutedLayer) for layer in layers):
         raise ValueError("model is already wrapped with routed layers")
-    state = RoutingState(threshold=threshold, num_layers=len(layers), turn_token_id=turn_token_id)
+    state = RoutingState(threshold=threshold, num_layers=len(layers))
     if pooling == "last_turn":
         def note_turn_marks(_module, args):
             ids = args[0] if args else None

@@ -44,7 +44,7 @@ from torch import nn
 
 from .config import STATIC_ORACLES, RunConfig, TrainConfig
 from .errors import ConfigError, TrainingError
-from .influence import RowInfluence, block_influence, drop_costs, influence_targets, static_skip_targets
+from .influence import RowInfluence, block_influence, drop_costs, influence_targets, oracle_skip_targets
 from .losses import IGNORE_INDEX, distillation_kl, per_row_sum, sliced_lm_loss, target_logits
 
 CHECKPOINT_DIR = "checkpoints"
@@ -626,10 +626,7 @@ class Trainer:
             with without_dropout(rm.model):
                 costs = drop_costs(rm, steps, EvalConfig(batch_size=tc.batch_size, seed=tc.seed,
                                                          prompt_full_depth=tc.prompt_full_depth), self.pad_id)
-            if tc.oracle_source == "drop_errors":
-                target = static_skip_targets(costs["token_errors"], n_skip, tiebreak=costs["nll"])
-            else:
-                target = static_skip_targets(costs["nll"], n_skip)
+            target = oracle_skip_targets(costs, n_skip, tc.oracle_source)
             rows.append(target)
             record[step_type] = {"costs": costs["nll"], "token_error_costs": costs["token_errors"],
                                  "skip": [i for i in range(L) if target[i] == 0]}
