@@ -5,12 +5,16 @@ drop_* oracles use (the first N tool-call training steps): the NLL it adds and t
 Then the k cheapest blocks by each ranking are removed from held-out tool-call steps (BFCL live_*, unseen
 functions) and the steps are scored teacher-forced: the fraction reproduced token for token by greedy decoding
 (`teacher_forced_exact`, a lower bound on free-running accuracy), the greedy token error rate and the perplexity.
+The greedy_* rankings grow the set one block at a time on the same calibration steps (the trainer's greedy_* oracles):
+one set per ranking up to the largest k, whose first k blocks are the set for k.
 It separates the question "which blocks" from "what does training make of them". With --adapter the model is a
 trained adapter's LoRA (its routers ignored: the gates are forced), e.g. one trained at full depth only.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/skip_set_exactness.py --config configs/offline-smollm2.yaml \\
         --calibration-steps 8 --eval-steps 64 --k 0 1 2 3 6 9 \\
         --output benchmarks/results/skip_set_exactness_offline.json
+    # the greedy sets only (one pass over the calibration steps per candidate and round)
+    ... --rankings greedy_errors greedy_nll --greedy-candidates 12
 
 The last line is the JSON result.
 """
@@ -30,7 +34,12 @@ from layerroute.config import EvalConfig, RunConfig
 from layerroute.data.build import load_steps
 from layerroute.data.tokenizer import pad_token_id
 from layerroute.evaluate import teacher_forced, teacher_forced_exact
-from layerroute.influence import drop_costs, oracle_skip_targets
+from layerroute.influence import drop_costs, greedy_drop_targets, oracle_skip_targets
+
+
+# ranking name in the output -> the trainer's train.oracle_source
+RANKINGS = {"nll": "drop_nll", "token_errors": "drop_errors", "greedy_errors": "greedy_errors",
+            "greedy_nll": "greedy_nll"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration-steps", type=int, default=8, help="tool-call training steps that rank blocks")
     parser.add_argument("--eval-steps", type=int, default=64, help="held-out tool-call steps scored per skip set")
     parser.add_argument("--k", type=int, nargs="+", default=[0, 1, 2, 3, 6, 9], help="blocks removed")
+    parser.add_argument("--rankings", nargs="+", default=list(RANKINGS), choices=list(RANKINGS),
+                        help="which oracles choose the skip sets")
+    parser.add_argument("--greedy-candidates", type=int, default=12,
+                        help="greedy_*: blocks tried after round one (train.oracle_greedy_candidates; 0 = all)")
     parser.add_argument("--seed", type=int, default=0, help="draw of the held-out steps")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--output", default=None, help="also write the JSON line here (atomically)")
@@ -67,13 +80,19 @@ def main(argv: list[str] | None = None) -> int:
     ecfg = EvalConfig(batch_size=args.batch_size, seed=args.seed)
 
     costs = drop_costs(rm, calibration, ecfg, pad)
-    # the trainer's own selection (Trainer._static_oracle_targets): drop_nll and drop_errors
-    rankings = {"nll": "drop_nll", "token_errors": "drop_errors"}
+    # the trainer's own selection (Trainer._static_oracle_targets)
     idx = list(range(len(steps)))
-    points, scored = [], {}
-    for name, source in rankings.items():
+    points, scored, greedy_paths = [], {}, {}
+    for name in args.rankings:
+        source = RANKINGS[name]
+        if source.startswith("greedy_"):
+            _, greedy_paths[name] = greedy_drop_targets(rm, calibration, ecfg, max(args.k), source, costs,
+                                                        args.greedy_candidates, pad)
         for k in args.k:
-            dropped = [j for j, run in enumerate(oracle_skip_targets(costs, k, source).tolist()) if not run]
+            if source.startswith("greedy_"):
+                dropped = sorted(p["block"] for p in greedy_paths[name][:k])
+            else:
+                dropped = [j for j, run in enumerate(oracle_skip_targets(costs, k, source).tolist()) if not run]
             if tuple(dropped) not in scored:  # k = 0 (and any set both rankings pick) is scored once
                 pattern = torch.tensor([[j not in dropped for j in range(L)]] * len(steps))
                 scored[tuple(dropped)] = teacher_forced(rm, steps, "shortgpt", ecfg, patterns=pattern, pad_id=pad,
@@ -86,13 +105,14 @@ def main(argv: list[str] | None = None) -> int:
                 "token_error_rate": sum(r["errors"] for r in res) / tokens,
                 "ppl": math.exp(sum(r["nll"] for r in res) / tokens),
             })
-            print(f"[skip-set] {name:12s} k={k:2d} exact {points[-1]['teacher_forced_exact']:.3f} "
+            print(f"[skip-set] {name:13s} k={k:2d} exact {points[-1]['teacher_forced_exact']:.3f} "
                   f"token errors {points[-1]['token_error_rate']:.4f} ppl {points[-1]['ppl']:.3f} "
                   f"dropped {dropped}", flush=True)
     emit_json_line({
         "benchmark": "skip_set_exactness", "model": cfg.model.name, "adapter": args.adapter, "config": args.config,
         "overrides": args.overrides, "calibration_steps": len(calibration), "eval_steps": len(steps),
         "eval_step_ids": [s.id for s in steps], "single_drop_costs": costs, "points": points,
+        "greedy_paths": greedy_paths, "greedy_candidates": args.greedy_candidates,
         "threads": torch.get_num_threads(), "wall_s": round(time.perf_counter() - t0, 1),
     }, args.output)
     return 0

@@ -111,8 +111,9 @@ class LoraSettings:
 REGULARIZERS = ("soft_mean", "hard_ste", "budget", "none")
 ROUTER_LOSSES = ("none", "bce", "oracle", "influence")
 # router_loss=influence's sources of skip targets; the drop_* ones are static per step type (measured before training)
-ORACLE_SOURCES = ("influence", "drop_nll", "drop_errors")
-STATIC_ORACLES = ("drop_nll", "drop_errors")
+ORACLE_SOURCES = ("influence", "drop_nll", "drop_errors", "greedy_nll", "greedy_errors")
+STATIC_ORACLES = ("drop_nll", "drop_errors", "greedy_nll", "greedy_errors")
+GREEDY_ORACLES = ("greedy_nll", "greedy_errors")
 
 
 @dataclass
@@ -170,10 +171,15 @@ class TrainConfig:
         "1 - cos(h_in, block(h_in)) in the training forward) or drop_nll (static per step type: the blocks whose "
         "single removal raises the target NLL least on oracle_calibration_steps steps of that type, measured once "
         "before training) or drop_errors (the same, ranked by the greedy token errors a removal adds, NLL breaking "
-        "ties)",
+        "ties) or greedy_nll / greedy_errors (the skip set grown one block at a time, each time the block whose "
+        "removal together with those already chosen costs least: removals interact)",
     )
     oracle_calibration_steps: int = setting(
-        16, "oracle_source=drop_nll or drop_errors: training steps per type that measure it")
+        16, "oracle_source=drop_* or greedy_*: training steps per type that measure it")
+    oracle_greedy_candidates: int = setting(
+        12, "oracle_source=greedy_*: after round one (the single removals), try only this many blocks of lowest "
+        "single-removal cost (0 = every block); each round costs one pass over the calibration steps per candidate",
+    )
     router_lm_grad: bool = setting(
         True, "the LM (and distillation) loss reaches the routers through the straight-through gate; false = the "
         "routers learn only from the losses on their probabilities (soft_mean, bce, oracle, influence)",
@@ -230,6 +236,7 @@ class TrainConfig:
         _check_range("train", "oracle_skip_tool", self.oracle_skip_tool, 0.0, 1.0)
         _check_choice("train", "oracle_source", self.oracle_source, ORACLE_SOURCES)
         _check_range("train", "oracle_calibration_steps", self.oracle_calibration_steps, 1)
+        _check_range("train", "oracle_greedy_candidates", self.oracle_greedy_candidates, 0)
         _check_range("train", "oracle_skip_planning", self.oracle_skip_planning, 0.0, 1.0)
         if self.warmup_steps >= self.steps:
             raise ConfigError(f"train.warmup_steps ({self.warmup_steps}) must be < train.steps ({self.steps})")

@@ -84,6 +84,23 @@ def block_influence(rm, steps, cfg, pad_id: int | None = None) -> list[float]:
     return (sums / max(tokens, 1)).tolist()
 
 
+def skip_set_cost(rm, steps, cfg, skipped, pad_id: int | None = None) -> tuple[float, float]:
+    """(target NLL in nats per target token, fraction of target tokens that are not the argmax given the gold prefix)
+    of `steps` with the blocks in `skipped` removed, every other block running, LoRA as it is. One teacher-forced pass
+    (cfg: batch_size, seed of the batching, prompt_full_depth); an empty `skipped` is the full-depth model."""
+    from .evaluate import teacher_forced
+
+    skipped = set(skipped)
+    if skipped:
+        forced = torch.tensor([[j not in skipped for j in range(rm.num_layers)]] * len(steps))
+        # "shortgpt" is evaluate's name for LoRA on with forced gates: here, every block but the skipped ones
+        res = teacher_forced(rm, steps, "shortgpt", cfg, patterns=forced, pad_id=pad_id)
+    else:
+        res = teacher_forced(rm, steps, "lora_full_depth", cfg, pad_id=pad_id)
+    tokens = max(sum(r["tokens"] for r in res), 1)
+    return sum(r["nll"] for r in res) / tokens, sum(r["errors"] for r in res) / tokens
+
+
 def drop_costs(rm, steps, cfg, pad_id: int | None = None) -> dict[str, list[float]]:
     """Per block, what skipping that block alone (every other block running, LoRA as it is) does to `steps`:
 
@@ -92,21 +109,56 @@ def drop_costs(rm, steps, cfg, pad_id: int | None = None) -> dict[str, list[floa
       (what greedy decoding gets wrong; a step with none is reproduced token for token).
 
     L + 1 teacher-forced passes over `steps` (cfg: batch_size and seed of the batching)."""
-    from .evaluate import teacher_forced
-
-    L = rm.num_layers
-
-    def per_token(pattern: list[bool] | None) -> tuple[float, float]:
-        forced = None if pattern is None else torch.tensor([pattern] * len(steps))
-        # "shortgpt" is evaluate's name for LoRA on with forced gates: here, every block but one
-        res = teacher_forced(rm, steps, "lora_full_depth" if pattern is None else "shortgpt", cfg, patterns=forced,
-                             pad_id=pad_id)
-        tokens = max(sum(r["tokens"] for r in res), 1)
-        return sum(r["nll"] for r in res) / tokens, sum(r["errors"] for r in res) / tokens
-
-    full_nll, full_err = per_token(None)
-    dropped = [per_token([j != layer for j in range(L)]) for layer in range(L)]
+    full_nll, full_err = skip_set_cost(rm, steps, cfg, (), pad_id)
+    dropped = [skip_set_cost(rm, steps, cfg, (layer,), pad_id) for layer in range(rm.num_layers)]
     return {"nll": [n - full_nll for n, _ in dropped], "token_errors": [e - full_err for _, e in dropped]}
+
+
+def greedy_skip_set(cost_of, candidates: list[int], n_skip: int) -> list[int]:
+    """Greedy forward selection: n_skip rounds, each adding the candidate whose removal together with the blocks
+    already chosen costs least (`cost_of(blocks)` returns anything comparable, e.g. (token errors, NLL); equal costs
+    go to the lower block index). Unlike ranking single removals, it sees how removals interact: the second block is
+    the cheapest one given the first is gone. Returns the blocks in the order chosen."""
+    chosen: list[int] = []
+    for _ in range(min(n_skip, len(candidates))):
+        pool = [j for j in candidates if j not in chosen]
+        chosen.append(min(pool, key=lambda j: (cost_of(tuple(sorted(chosen + [j]))), j)))
+    return chosen
+
+
+def greedy_drop_targets(rm, steps, cfg, n_skip: int, source: str, singles: dict[str, list[float]],
+                        candidates: int = 0, pad_id: int | None = None) -> tuple[torch.Tensor, list[dict]]:
+    """[L] run targets of a greedy static oracle, and the path it took (per round: the block added and the joint
+    cost of the set so far, as rises over full depth). greedy_errors ranks sets by the token errors their removal
+    adds (NLL breaking ties), greedy_nll by the NLL. `singles` (from `drop_costs`) is round one, measured already;
+    later rounds try the `candidates` blocks of lowest single-removal cost (0 = every block), one teacher-forced pass
+    over `steps` per candidate and round."""
+    if source not in ("greedy_errors", "greedy_nll"):
+        raise ValueError(f"unknown greedy oracle {source!r}; expected greedy_errors or greedy_nll")
+    L = rm.num_layers
+    full_nll, full_err = skip_set_cost(rm, steps, cfg, (), pad_id)
+    measured = {(j,): (singles["nll"][j], singles["token_errors"][j]) for j in range(L)}  # (nll, errors) rises
+
+    def rises(blocks: tuple[int, ...]) -> tuple[float, float]:
+        if blocks not in measured:
+            nll, err = skip_set_cost(rm, steps, cfg, blocks, pad_id)
+            measured[blocks] = (nll - full_nll, err - full_err)
+        return measured[blocks]
+
+    def cost_of(blocks):
+        nll, err = rises(blocks)
+        return (err, nll) if source == "greedy_errors" else (nll,)
+
+    ranked = sorted(range(L), key=lambda j: (cost_of((j,)), j))
+    pool = ranked[:candidates] if candidates else ranked
+    chosen = greedy_skip_set(cost_of, pool, n_skip)
+    path = []
+    for k, block in enumerate(chosen, start=1):
+        nll, err = rises(tuple(sorted(chosen[:k])))
+        path.append({"block": block, "nll": nll, "token_errors": err})
+    target = torch.ones(L)
+    target[chosen] = 0.0
+    return target, path
 
 
 def static_skip_targets(costs: list[float], n_skip: int, tiebreak: list[float] | None = None) -> torch.Tensor:

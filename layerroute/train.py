@@ -42,9 +42,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import STATIC_ORACLES, RunConfig, TrainConfig
+from .config import GREEDY_ORACLES, STATIC_ORACLES, RunConfig, TrainConfig
 from .errors import ConfigError, TrainingError
-from .influence import RowInfluence, block_influence, drop_costs, influence_targets, oracle_skip_targets
+from .influence import (
+    RowInfluence,
+    block_influence,
+    drop_costs,
+    greedy_drop_targets,
+    influence_targets,
+    oracle_skip_targets,
+)
 from .losses import IGNORE_INDEX, distillation_kl, per_row_sum, sliced_lm_loss, target_logits
 
 CHECKPOINT_DIR = "checkpoints"
@@ -611,7 +618,8 @@ class Trainer:
         """[2, L] static run targets (planning, tool call) from single-block drop costs, measured before any
         update (peft starts LoRA at zero, so a resumed run measures the same model and gets the same targets).
         drop_nll ranks blocks by the NLL a removal adds; drop_errors by the greedy token errors it adds (NLL
-        breaking ties): NLL is dominated by tokens the model is unsure of anyway, errors by the ones it gets right."""
+        breaking ties): NLL is dominated by tokens the model is unsure of anyway, errors by the ones it gets right.
+        greedy_* grow the set one block at a time from the same single-drop costs (removals interact)."""
         from .config import EvalConfig
 
         tc, rm = self.cfg.train, self.rm
@@ -623,13 +631,22 @@ class Trainer:
                 rows.append(torch.ones(L))
                 continue
             steps = [s for s in self.train_steps if s.step_type == step_type][: tc.oracle_calibration_steps]
+            ecfg = EvalConfig(batch_size=tc.batch_size, seed=tc.seed, prompt_full_depth=tc.prompt_full_depth)
+            greedy_path = None
             with without_dropout(rm.model):
-                costs = drop_costs(rm, steps, EvalConfig(batch_size=tc.batch_size, seed=tc.seed,
-                                                         prompt_full_depth=tc.prompt_full_depth), self.pad_id)
-            target = oracle_skip_targets(costs, n_skip, tc.oracle_source)
+                costs = drop_costs(rm, steps, ecfg, self.pad_id)
+                if tc.oracle_source in GREEDY_ORACLES:
+                    target, greedy_path = greedy_drop_targets(rm, steps, ecfg, n_skip, tc.oracle_source, costs,
+                                                              tc.oracle_greedy_candidates, self.pad_id)
+                else:
+                    target = oracle_skip_targets(costs, n_skip, tc.oracle_source)
             rows.append(target)
             record[step_type] = {"costs": costs["nll"], "token_error_costs": costs["token_errors"],
                                  "skip": [i for i in range(L) if target[i] == 0]}
+            if greedy_path is not None:
+                record[step_type]["greedy_path"] = greedy_path
+                self._print(f"[setup] {tc.oracle_source} path, {step_type}: " + ", ".join(
+                    f"+{p['block']} (NLL {p['nll']:+.3f}, errors {p['token_errors']:+.3f})" for p in greedy_path))
             self._print(f"[setup] {tc.oracle_source} oracle, {step_type}: skip blocks {record[step_type]['skip']} "
                         f"(single-drop NLL costs {min(costs['nll']):+.3f} .. {max(costs['nll']):+.3f} nats/token, "
                         f"token-error costs {min(costs['token_errors']):+.3f} .. {max(costs['token_errors']):+.3f}, "

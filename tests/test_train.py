@@ -399,6 +399,10 @@ def test_influence_router_targets_skip_a_fraction_per_step_type(tmp_path, smoke_
     assert metrics["bce"] > 0 and math.isfinite(metrics["loss"])
     with pytest.raises(ConfigError, match="train.oracle_skip_tool"):
         smoke_cfg("train.oracle_skip_tool=1.5")
+    with pytest.raises(ConfigError, match="train.oracle_greedy_candidates"):
+        smoke_cfg("train.oracle_greedy_candidates=-1")
+    with pytest.raises(ConfigError, match="train.oracle_source"):
+        smoke_cfg("train.oracle_source=greedy")
 
 
 @pytest.mark.parametrize("lm_grad", [True, False])
@@ -485,6 +489,51 @@ def test_drop_errors_oracle_ranks_blocks_by_added_greedy_token_errors(tmp_path, 
     ranked = sorted(range(L), key=lambda i: (errors[i], nll[i], i))
     assert record["skip"] == sorted(ranked[: round(0.5 * L)])
     assert trainer.step_module.static_targets[1].tolist() == [0.0 if i in record["skip"] else 1.0 for i in range(L)]
+
+
+def test_greedy_skip_set_sees_interactions_that_single_costs_miss():
+    from layerroute.influence import greedy_skip_set
+
+    # blocks 0 and 1 are each the cheapest alone but redundant copies of each other: removing both is expensive
+    single = {0: 1.0, 1: 1.1, 2: 2.0, 3: 3.0}
+
+    def cost(blocks):
+        return sum(single[b] for b in blocks) + (10.0 if {0, 1} <= set(blocks) else 0.0)
+
+    assert sorted(single, key=single.get)[:2] == [0, 1]  # what ranking single removals would skip
+    assert greedy_skip_set(cost, [0, 1, 2, 3], 2) == [0, 2]
+    assert greedy_skip_set(cost, [0, 1, 3], 2) == [0, 3]  # only the candidates are tried
+    assert greedy_skip_set(cost, [2, 3], 5) == [2, 3]  # never more blocks than candidates
+    assert greedy_skip_set(lambda b: 0.0, [3, 1, 2], 2) == [1, 2]  # ties go to the lower block index
+
+
+@pytest.mark.parametrize("source", ["greedy_errors", "greedy_nll"])
+def test_greedy_oracle_grows_the_set_by_the_cheapest_joint_removal(tmp_path, smoke_data, source):
+    from layerroute.config import EvalConfig
+    from layerroute.influence import skip_set_cost
+
+    trainer = _static_oracle_trainer(tmp_path, smoke_data, source)
+    L = trainer.rm.num_layers
+    record = trainer.oracle_record["tool_call"]
+    path = record["greedy_path"]
+    assert len(path) == round(0.5 * L) and sorted(p["block"] for p in path) == record["skip"]
+    assert trainer.step_module.static_targets[1].tolist() == [0.0 if i in record["skip"] else 1.0 for i in range(L)]
+    # round one is the single-removal ranking; each path entry is the joint cost of the set so far, as measured now
+    errors, nll = record["token_error_costs"], record["costs"]
+    key = (lambda j: (errors[j], nll[j], j)) if source == "greedy_errors" else (lambda j: (nll[j], j))
+    assert path[0]["block"] == min(range(L), key=key)
+    tool = [s for s in trainer.train_steps if s.step_type == "tool_call"][:4]
+    ecfg = EvalConfig(batch_size=trainer.cfg.train.batch_size, seed=trainer.cfg.train.seed)  # the trainer's batching
+    trainer.rm.model.eval()
+    full = skip_set_cost(trainer.rm, tool, ecfg, (), trainer.pad_id)
+    both = skip_set_cost(trainer.rm, tool, ecfg, [p["block"] for p in path], trainer.pad_id)
+    assert path[-1]["nll"] == pytest.approx(both[0] - full[0], abs=1e-5)
+    assert path[-1]["token_errors"] == pytest.approx(both[1] - full[1], abs=1e-9)
+    # and the second block was the cheapest given the first (every block is a candidate at the default 12 > L)
+    first = path[0]["block"]
+    joint = {j: skip_set_cost(trainer.rm, tool, ecfg, (first, j), trainer.pad_id) for j in range(L) if j != first}
+    jkey = (lambda j: (joint[j][1], joint[j][0], j)) if source == "greedy_errors" else (lambda j: (joint[j][0], j))
+    assert path[1]["block"] == min(joint, key=jkey)
 
 
 def test_per_type_penalty_weights_only_the_rows_of_each_type():
