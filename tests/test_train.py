@@ -671,3 +671,35 @@ def _logits_closed(rm, ids):
 
     with routing(rm.model, "mix", forced="closed"):
         return rm.model(input_ids=ids).logits
+
+
+def test_exact_match_all_pairs_every_side_with_the_first(tmp_path, smoke_data, capsys):
+    """benchmarks/exact_match_all.py: teacher-forced exact match of adapters on the eval split's tool-call steps."""
+    import importlib.util
+
+    from layerroute.config import EvalConfig
+    from layerroute.evaluate import teacher_forced
+
+    spec = importlib.util.spec_from_file_location("exact_match_all", ROOT / "benchmarks" / "exact_match_all.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    trainer = Trainer(smoke_cfg("train.steps=1", "train.grad_accum=1", "train.checkpoint_every=0",
+                                "train.warmup_steps=0"), tmp_path / "run", data=smoke_data)
+    trainer.run()
+    adapter = tmp_path / "run" / "adapter"
+    out = tmp_path / "em.json"
+    assert bench.main(["--config", str(SMOKE), "--side", f"{adapter}:lora_full_depth", "--side", f"{adapter}:routed",
+                       "--side", f"{adapter}:lora_full_depth", "--max-steps", "4", "--output", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    first, routed, again = doc["sides"]
+    assert doc["steps"] == 4 and doc["step_ids"] == [s["conversation_id"] for s in first["samples"]]
+    # the same side twice pairs to a zero difference; each verdict is "no greedy token error on this step"
+    assert again["paired_vs_first"]["diff_points"] == 0 and again["errors"] == first["errors"]
+    steps = [s for s in smoke_data.eval if s.step_type == "tool_call"][:4]
+    trainer.rm.model.eval()
+    expect = teacher_forced(trainer.rm, steps, "routed", EvalConfig(), pad_id=trainer.pad_id)
+    assert routed["errors"] == [r["errors"] for r in expect]
+    assert [s["correct"] for s in routed["samples"]] == [r["errors"] == 0 for r in expect]
+    assert routed["paired_vs_first"]["n"] == 4
+    with pytest.raises(SystemExit, match="ADAPTER_DIR:CONFIG"):
+        bench.main(["--side", f"{adapter}:shortgpt"])

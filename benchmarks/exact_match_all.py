@@ -1,0 +1,101 @@
+"""Teacher-forced exact match of several adapters on every tool-call step of the eval split, paired step by step.
+
+Free-running accuracy costs a generation per step, so `layerroute eval` scores it on a sample (48 steps in the
+offline ablation: a +-10-point interval). `teacher_forced_exact` (the steps greedy decoding reproduces token for
+token given the gold prefix) costs one forward per step and is a lower bound on accuracy that tracks it across
+configurations (RESULTS.md). Here it is scored on every tool-call step of the eval split (the 317 unseen BFCL live_*
+steps offline), for each side ADAPTER:CONFIG (CONFIG: lora_full_depth or routed), and every side is paired with
+the first: the difference in points with a 95% bootstrap interval over steps.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/exact_match_all.py \\
+        --side runs/ablation/lora_only-s0/train/adapter:lora_full_depth \\
+        --side runs/ablation/drop_errors_stopgrad_skip10-s0/train/adapter:routed \\
+        --output benchmarks/results/exact_match_all.json
+
+Per side: exact match, greedy token error rate, PPL and the mean fraction of blocks skipped (routed: the routers'
+decisions at the adapter's threshold), each step's error count, and `paired_vs_first`. The last line is the JSON result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+
+from layerroute.adapters import load_adapter
+from layerroute.bench import emit_json_line
+from layerroute.config import RunConfig
+from layerroute.data.build import load_steps
+from layerroute.evaluate import paired_accuracy, teacher_forced, teacher_forced_exact
+
+CONFIGS = ("lora_full_depth", "routed")
+
+
+def parse_side(spec: str) -> tuple[str, str]:
+    adapter, _, config = spec.rpartition(":")
+    if not adapter or config not in CONFIGS:
+        raise SystemExit(f"--side {spec!r}: expected ADAPTER_DIR:CONFIG with CONFIG one of {', '.join(CONFIGS)}")
+    return adapter, config
+
+
+def score_side(rm, steps, config: str, cfg) -> dict:
+    """One side's teacher-forced summary on `steps`, with per-step verdicts in paired_accuracy's sample format.
+    Routed gates are the routers' decisions at the adapter's own threshold, as in `layerroute eval`."""
+    res = teacher_forced(rm, steps, config, cfg, desc=config)
+    idx = list(range(len(steps)))
+    tokens = sum(r["tokens"] for r in res)
+    L = rm.num_layers
+    return {
+        "teacher_forced_exact": teacher_forced_exact(res, idx),
+        "token_error_rate": sum(r["errors"] for r in res) / max(tokens, 1),
+        "ppl": math.exp(sum(r["nll"] for r in res) / max(tokens, 1)),
+        "block_skip": sum(L - sum(r["gates"]) for r in res) / (L * len(res)) if res else float("nan"),
+        "errors": [r["errors"] for r in res],
+        "samples": [{"conversation_id": s.id, "correct": r["errors"] == 0} for s, r in zip(steps, res)],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--side", action="append", required=True, metavar="ADAPTER:CONFIG",
+                        help="an adapter directory and lora_full_depth or routed; the first is the reference")
+    parser.add_argument("--config", default="configs/offline-smollm2.yaml", help="data and eval settings")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--max-steps", type=int, default=0, help="score only the first N tool-call steps (0 = all)")
+    parser.add_argument("--output", default=None, help="also write the JSON line here (atomically)")
+    args = parser.parse_args(argv)
+    if args.max_steps < 0:
+        parser.error("--max-steps must be >= 0")
+    sides = [parse_side(s) for s in args.side]
+
+    t0 = time.perf_counter()
+    cfg = RunConfig.from_yaml(args.config, args.overrides)
+    steps, scored, tokenizer_vocab = None, [], None
+    for adapter, config in sides:
+        rm = load_adapter(adapter, cfg.model)
+        rm.model.eval()
+        if steps is None:  # every adapter of one base model shares the tokenizer, so the steps are tokenized once
+            steps = [s for s in load_steps(cfg.data, rm.tokenizer).eval if s.step_type == "tool_call"]
+            steps = steps[: args.max_steps] if args.max_steps else steps
+            tokenizer_vocab = len(rm.tokenizer)
+        elif len(rm.tokenizer) != tokenizer_vocab:
+            raise SystemExit(f"{adapter}: its tokenizer differs from the first side's; sides must share a base model")
+        side = {"adapter": adapter, "config": config, **score_side(rm, steps, config, cfg.eval)}
+        scored.append(side)
+        print(f"[exact-all] {adapter}:{config}: exact {side['teacher_forced_exact']:.3f} token errors "
+              f"{side['token_error_rate']:.4f} ppl {side['ppl']:.3f} block skip {side['block_skip']:.3f}", flush=True)
+        del rm
+    for side in scored[1:]:
+        side["paired_vs_first"] = paired_accuracy(scored[0], side, cfg.eval.bootstrap, cfg.eval.seed)
+    emit_json_line({
+        "benchmark": "exact_match_all", "config": args.config, "overrides": args.overrides, "steps": len(steps),
+        "step_ids": [s.id for s in steps], "sides": scored,
+        "threads": torch.get_num_threads(), "wall_s": round(time.perf_counter() - t0, 1),
+    }, args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
