@@ -70,6 +70,9 @@ declare -A RECIPE=(
   # the 3 blocks grown one at a time, each the one whose removal together with those already chosen adds the fewest
   # token errors (12 candidates after round one), on 16 calibration steps instead of 8 (token errors are counts)
   [greedy_errors_stopgrad_skip10]="$INFL --set train.oracle_source=greedy_errors --set train.oracle_calibration_steps=16 --set train.oracle_skip_tool=0.1"
+  # the 3-block drop_errors recipe warm-started from the full-depth LoRA of the same seed (lora_only, trained first):
+  # 50 more steps adapt a tuned model to its skipped path (@SEED@ is the seed; costs are measured on that LoRA)
+  [warm_drop_errors_stopgrad_skip10]="$INFL --set train.oracle_source=drop_errors --set train.oracle_calibration_steps=8 --set train.oracle_skip_tool=0.1 --set train.init_lora=$OUT/lora_only-s@SEED@/train/adapter"
   # the accuracy reference: the same training with no block ever a skip target (routers taught to stay open), so
   # LoRA is trained at full depth only, not for a skipped path too
   [lora_only]="$INFL --set train.oracle_skip_tool=0.0"
@@ -90,8 +93,10 @@ pool_last:2"
 # session 4)
 ACCURACY_PAIRS="drop_nll_stopgrad:0 drop_nll_stopgrad_skip20:0 drop_nll_stopgrad_skip10:0 paper_soft_mean:0
 drop_errors_stopgrad_skip10:0 drop_errors_stopgrad:0 lora_only:0 drop_errors_stopgrad_skip10:1
-lora_only:1 drop_errors_stopgrad_skip10:2 lora_only:2 greedy_errors_stopgrad_skip10:0 greedy_errors_stopgrad_skip10:1"
-# (trains the recipes that are not there first; session 5 added drop_errors_*, lora_only:0; session 6 the last five)
+lora_only:1 drop_errors_stopgrad_skip10:2 lora_only:2 greedy_errors_stopgrad_skip10:0 greedy_errors_stopgrad_skip10:1
+warm_drop_errors_stopgrad_skip10:0 warm_drop_errors_stopgrad_skip10:1 warm_drop_errors_stopgrad_skip10:2"
+# (trains the recipes that are not there first, lora_only:N before warm_*:N; session 5 added drop_errors_*,
+# lora_only:0; session 6 the rest)
 PROMPT_PAIRS="drop_nll_stopgrad:0 drop_nll_stopgrad_skip10:0 drop_nll_stopgrad_prompt_full:0"
 
 table() {
@@ -104,8 +109,8 @@ table() {
                 typed3 typed1_pgclip typed1_pgclip_spread typed2_neg_pgclip_spread plus influence_oracle \
                 influence_stopgrad influence_stopgrad_kd drop_nll_stopgrad influence_stopgrad_150steps \
                 drop_nll_stopgrad_skip20 drop_nll_stopgrad_skip10 drop_nll_stopgrad_prompt_full pool_last \
-                drop_errors_stopgrad drop_errors_stopgrad_skip10 greedy_errors_stopgrad_skip10 lora_only \
-                pool_last_turn; do
+                drop_errors_stopgrad drop_errors_stopgrad_skip10 greedy_errors_stopgrad_skip10 \
+                warm_drop_errors_stopgrad_skip10 lora_only pool_last_turn; do
       compgen -G "$OUT/$name-s*/${kind%%:*}/eval.json" > /dev/null &&
         args+=(--recipe "$name=$OUT/$name-s*/${kind%%:*}/eval.json")
     done
@@ -128,7 +133,7 @@ for pair in ${*:-$ALL}; do
   if [ ! -f "$dir/train/adapter/layerroute.json" ]; then
     resume=(); [ -d "$dir/train/checkpoints" ] && resume=(--resume)
     # shellcheck disable=SC2086  # the recipe is a list of --set flags
-    "$BIN/layerroute" train --config configs/offline-smollm2.yaml ${RECIPE[$name]} --set train.seed="$seed" \
+    "$BIN/layerroute" train --config configs/offline-smollm2.yaml ${RECIPE[$name]//@SEED@/$seed} --set train.seed="$seed" \
       --set train.progress=false --output-dir "$dir/train" "${resume[@]}"
   fi
   if [ ! -f "$dir/$EVAL_DIR/eval.json" ]; then

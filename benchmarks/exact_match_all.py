@@ -53,7 +53,7 @@ def score_side(rm, steps, config: str, cfg) -> dict:
         "ppl": math.exp(sum(r["nll"] for r in res) / max(tokens, 1)),
         "block_skip": sum(L - sum(r["gates"]) for r in res) / (L * len(res)) if res else float("nan"),
         "errors": [r["errors"] for r in res],
-        "samples": [{"conversation_id": s.id, "correct": r["errors"] == 0} for s, r in zip(steps, res)],
+        "samples": [{"conversation_id": s.id, "correct": r["errors"] == 0} for s, r in zip(steps, res, strict=True)],
     }
 
 

@@ -36,7 +36,6 @@ from layerroute.data.tokenizer import pad_token_id
 from layerroute.evaluate import teacher_forced, teacher_forced_exact
 from layerroute.influence import drop_costs, greedy_drop_targets, oracle_skip_targets
 
-
 # ranking name in the output -> the trainer's train.oracle_source
 RANKINGS = {"nll": "drop_nll", "token_errors": "drop_errors", "greedy_errors": "greedy_errors",
             "greedy_nll": "greedy_nll"}

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -216,6 +216,34 @@ def check_base_matches(meta: dict, identity: dict, directory) -> None:
             f"adapter {directory} was trained on {saved.get('name')!r}, whose shape differs from "
             f"{identity.get('name')!r} ({detail})"
         )
+
+
+def init_lora_from(rm: RoutedModel, directory: str | Path, flag: str = "train.init_lora") -> int:
+    """Start `rm`'s LoRA from the LoRA of a saved adapter (its routers are not read), e.g. routed training
+    warm-started from a LoRA trained at full depth. The base model's shape and the LoRA settings (r, alpha, targets)
+    must match; `flag` names the setting in errors. Returns the number of LoRA tensors loaded."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ConfigError(f"{flag}: {directory} is not a directory")
+    meta = read_adapter_meta(directory)
+    check_base_matches(meta, rm.identity, directory)
+    if not rm.has_lora:
+        raise ConfigError(f"{flag} needs lora.enabled: this run has no LoRA to start from {directory}")
+    saved = from_dict(LoraSettings, meta["lora"], "lora")
+    for name in ("r", "alpha", "targets"):
+        if getattr(saved, name) != getattr(rm.lora_cfg, name):
+            raise ConfigError(f"{flag}: {directory} has lora.{name}={getattr(saved, name)!r}, this run "
+                              f"lora.{name}={getattr(rm.lora_cfg, name)!r}")
+    weights = directory / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise AdapterError(f"{flag}: {directory} has no adapter_model.safetensors (was it trained with LoRA?)")
+    state = load_file(str(weights))
+    result = set_peft_model_state_dict(rm.model, state)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        raise AdapterError(f"{flag}: the LoRA of {directory} does not fit this model (unexpected "
+                           f"{list(result.unexpected_keys)[:3]}, missing {missing[:3]})")
+    return len(state)
 
 
 def load_adapter(

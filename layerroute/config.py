@@ -188,6 +188,10 @@ class TrainConfig:
         False, "each step's context runs every block; the gates skip for the step's own tokens only (train for "
         "decode-only skipping; evaluate it with eval.prompt_full_depth). drop_* costs are measured the same way",
     )
+    init_lora: str | None = setting(
+        None, "start LoRA from this adapter directory's LoRA instead of zero (e.g. one trained at full depth, so "
+        "routed training adapts a tuned model to its skipped path); its routers are not read",
+    )
     checkpoint_every: int = setting(500, "save a resumable checkpoint every N optimizer steps (0 = never)")
     keep_checkpoints: int = setting(2, "keep only the newest N checkpoints")
     log_every: int = setting(10, "one metrics record (bar + metrics.jsonl) every N optimizer steps")

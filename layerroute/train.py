@@ -515,7 +515,7 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        from .adapters import build_routed_model
+        from .adapters import build_routed_model, init_lora_from
         from .model import load_base, parameter_counts, resolve_device
 
         t0 = self._t0 = time.perf_counter()
@@ -541,6 +541,9 @@ class Trainer:
         set_seed(tc.seed)
         rm = build_routed_model(model_cfg, self.cfg.router, self.cfg.lora, loaded=loaded)
         self.rm = rm
+        if tc.init_lora:  # before anything measures the model (router-bias influence, drop_* oracle costs)
+            n = init_lora_from(rm, tc.init_lora)
+            self._print(f"[setup] LoRA starts from {tc.init_lora} ({n} tensors)")
         counts = parameter_counts(rm.model)
         self._print(
             f"[setup] {model_cfg.name}: {rm.num_layers} blocks; trainable {counts['trainable']:,} "
@@ -616,7 +619,8 @@ class Trainer:
 
     def _static_oracle_targets(self) -> torch.Tensor:
         """[2, L] static run targets (planning, tool call) from single-block drop costs, measured before any
-        update (peft starts LoRA at zero, so a resumed run measures the same model and gets the same targets).
+        update (peft starts LoRA at zero, or train.init_lora's, so a resumed run measures the same model and gets
+        the same targets).
         drop_nll ranks blocks by the NLL a removal adds; drop_errors by the greedy token errors it adds (NLL
         breaking ties): NLL is dominated by tokens the model is unsure of anyway, errors by the ones it gets right.
         greedy_* grow the set one block at a time from the same single-drop costs (removals interact)."""
