@@ -3,9 +3,10 @@
 Free-running accuracy costs a generation per step, so `layerroute eval` scores it on a sample (48 steps in the
 offline ablation: a +-10-point interval). `teacher_forced_exact` (the steps greedy decoding reproduces token for
 token given the gold prefix) costs one forward per step and is a lower bound on accuracy that tracks it across
-configurations (RESULTS.md). Here it is scored on every tool-call step of the eval split (the 317 unseen BFCL live_*
-steps offline), for each side ADAPTER:CONFIG (CONFIG: lora_full_depth or routed), and every side is paired with
-the first: the difference in points with a 95% bootstrap interval over steps.
+configurations (RESULTS.md). Here it is scored on every tool-call step of the eval split (the 242 unseen BFCL live_*
+steps and 75 held-out steps of the seen categories offline), for each side ADAPTER:CONFIG, and every side is
+paired with the first: the difference in points with a 95% bootstrap interval over steps. CONFIG is
+lora_full_depth, routed (the routers decide), or skip=4,10,25 (LoRA on, those blocks removed from every step).
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/exact_match_all.py \\
         --side runs/ablation/lora_only-s0/train/adapter:lora_full_depth \\
@@ -30,23 +31,36 @@ from layerroute.config import RunConfig
 from layerroute.data.build import load_steps
 from layerroute.evaluate import paired_accuracy, teacher_forced, teacher_forced_exact
 
-CONFIGS = ("lora_full_depth", "routed")
+CONFIGS = ("lora_full_depth", "routed", "skip=BLOCKS")
 
 
 def parse_side(spec: str) -> tuple[str, str]:
     adapter, _, config = spec.rpartition(":")
-    if not adapter or config not in CONFIGS:
+    if not adapter or not (config in CONFIGS[:2] or config.startswith("skip=")):
         raise SystemExit(f"--side {spec!r}: expected ADAPTER_DIR:CONFIG with CONFIG one of {', '.join(CONFIGS)}")
+    if config.startswith("skip="):
+        try:
+            sorted(int(b) for b in config[5:].split(","))
+        except ValueError:
+            raise SystemExit(f"--side {spec!r}: skip= takes comma-separated block indices, e.g. skip=4,10,25") from None
     return adapter, config
 
 
 def score_side(rm, steps, config: str, cfg) -> dict:
     """One side's teacher-forced summary on `steps`, with per-step verdicts in paired_accuracy's sample format.
     Routed gates are the routers' decisions at the adapter's own threshold, as in `layerroute eval`."""
-    res = teacher_forced(rm, steps, config, cfg, desc=config)
+    L = rm.num_layers
+    if config.startswith("skip="):
+        blocks = {int(b) for b in config[5:].split(",")}
+        if any(b < 0 or b >= L for b in blocks):
+            raise SystemExit(f"{config}: block indices must lie in 0..{L - 1}")
+        pattern = torch.tensor([[j not in blocks for j in range(L)]] * len(steps))
+        # "shortgpt" is evaluate's name for LoRA on with forced gates
+        res = teacher_forced(rm, steps, "shortgpt", cfg, patterns=pattern, desc=config)
+    else:
+        res = teacher_forced(rm, steps, config, cfg, desc=config)
     idx = list(range(len(steps)))
     tokens = sum(r["tokens"] for r in res)
-    L = rm.num_layers
     return {
         "teacher_forced_exact": teacher_forced_exact(res, idx),
         "token_error_rate": sum(r["errors"] for r in res) / max(tokens, 1),

@@ -703,6 +703,15 @@ def test_exact_match_all_pairs_every_side_with_the_first(tmp_path, smoke_data, c
     assert routed["paired_vs_first"]["n"] == 4
     with pytest.raises(SystemExit, match="ADAPTER_DIR:CONFIG"):
         bench.main(["--side", f"{adapter}:shortgpt"])
+    # skip=BLOCKS: LoRA on, those blocks removed from every step (forced gates)
+    assert bench.main(["--config", str(SMOKE), "--side", f"{adapter}:skip=0,2", "--max-steps", "4",
+                       "--output", str(out)]) == 0
+    forced = json.loads(out.read_text())["sides"][0]
+    pattern = torch.tensor([[j not in (0, 2) for j in range(trainer.rm.num_layers)]] * 4)
+    expect = teacher_forced(trainer.rm, steps, "shortgpt", EvalConfig(), patterns=pattern, pad_id=trainer.pad_id)
+    assert forced["errors"] == [r["errors"] for r in expect] and forced["block_skip"] == 0.5
+    with pytest.raises(SystemExit, match="skip= takes"):
+        bench.main(["--side", f"{adapter}:skip=a,b"])
 
 
 def test_init_lora_starts_from_a_saved_adapters_lora_and_refuses_a_mismatch(tmp_path, smoke_data):
