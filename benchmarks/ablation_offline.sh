@@ -20,8 +20,9 @@ cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 OUT=${OUT:-runs/ablation}
 EVAL="--set eval.thresholds=[] --set eval.max_steps_per_type=12 --set eval.accuracy_steps_per_type=4"
-# the same harness with free-running tool-call accuracy on 48 steps drawn from the whole eval split (317 BFCL live_*
-# steps), scored for LoRA full depth and routed only (the pair the accuracy target compares, step by step)
+# the same harness with free-running tool-call accuracy on 48 steps drawn from the whole eval split (317 tool-call
+# steps: 242 BFCL live_*, 75 held-out steps of the seen categories), scored for LoRA full depth and routed only (the
+# pair the accuracy target compares, step by step)
 ACC_EVAL="$EVAL --set eval.accuracy_steps_per_type={\"tool_call\":48,\"planning\":4} --set eval.accuracy_configs=[lora_full_depth,routed]"
 # plus, the offline default before influence_stopgrad: a per-step-type penalty (lambda 4 on tool calls, -1 on
 # planning), the LM loss reaching the routers through the straight-through gate, router lr 1e-3
