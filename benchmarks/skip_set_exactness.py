@@ -4,7 +4,8 @@ Each block's single removal is measured on the calibration tool-call steps the t
 drop_* oracles use (the first N tool-call training steps): the NLL it adds and the greedy token errors it adds.
 Then the k cheapest blocks by each ranking are removed from held-out tool-call steps (the eval split: BFCL
 live_* with unseen functions, and held-out steps of the seen categories) and the steps are scored teacher-forced:
-the fraction reproduced token for token by greedy decoding (`teacher_forced_exact`, a lower bound on free-running accuracy), the greedy token error rate and the perplexity.
+the fraction reproduced token for token by greedy decoding (`teacher_forced_exact`, a lower bound on free-running
+accuracy), the greedy token error rate and the perplexity.
 The greedy_* rankings grow the set one block at a time on the same calibration steps (the trainer's greedy_* oracles):
 one set per ranking up to the largest k, whose first k blocks are the set for k.
 It separates the question "which blocks" from "what does training make of them". With --adapter the model is a
