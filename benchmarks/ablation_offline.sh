@@ -74,6 +74,9 @@ declare -A RECIPE=(
   # the 3-block drop_errors recipe warm-started from the full-depth LoRA of the same seed (lora_only, trained first):
   # 50 more steps adapt a tuned model to its skipped path (@SEED@ is the seed; costs are measured on that LoRA)
   [warm_drop_errors_stopgrad_skip10]="$INFL --set train.oracle_source=drop_errors --set train.oracle_calibration_steps=8 --set train.oracle_skip_tool=0.1 --set train.init_lora=$OUT/lora_only-s@SEED@/train/adapter"
+  # ... and with the cold recipe's blocks [10, 21, 25] fixed, so that only the warm start differs from
+  # drop_errors_stopgrad_skip10 (the warm LoRA's own costs chose early blocks, 4, 5, 7, in seed 0)
+  [warm_fixed_stopgrad_skip10]="$INFL --set train.oracle_source=fixed --set train.oracle_skip_blocks=[10,21,25] --set train.init_lora=$OUT/lora_only-s@SEED@/train/adapter"
   # the accuracy reference: the same training with no block ever a skip target (routers taught to stay open), so
   # LoRA is trained at full depth only, not for a skipped path too
   [lora_only]="$INFL --set train.oracle_skip_tool=0.0"
@@ -95,7 +98,8 @@ pool_last:2"
 ACCURACY_PAIRS="drop_nll_stopgrad:0 drop_nll_stopgrad_skip20:0 drop_nll_stopgrad_skip10:0 paper_soft_mean:0
 drop_errors_stopgrad_skip10:0 drop_errors_stopgrad:0 lora_only:0 drop_errors_stopgrad_skip10:1
 lora_only:1 drop_errors_stopgrad_skip10:2 lora_only:2 greedy_errors_stopgrad_skip10:0 greedy_errors_stopgrad_skip10:1
-warm_drop_errors_stopgrad_skip10:0 warm_drop_errors_stopgrad_skip10:1 warm_drop_errors_stopgrad_skip10:2"
+warm_drop_errors_stopgrad_skip10:0 warm_drop_errors_stopgrad_skip10:1 warm_drop_errors_stopgrad_skip10:2
+warm_fixed_stopgrad_skip10:0 warm_fixed_stopgrad_skip10:1"
 # (trains the recipes that are not there first, lora_only:N before warm_*:N; session 5 added drop_errors_*,
 # lora_only:0; session 6 the rest)
 PROMPT_PAIRS="drop_nll_stopgrad:0 drop_nll_stopgrad_skip10:0 drop_nll_stopgrad_prompt_full:0"
@@ -111,7 +115,7 @@ table() {
                 influence_stopgrad influence_stopgrad_kd drop_nll_stopgrad influence_stopgrad_150steps \
                 drop_nll_stopgrad_skip20 drop_nll_stopgrad_skip10 drop_nll_stopgrad_prompt_full pool_last \
                 drop_errors_stopgrad drop_errors_stopgrad_skip10 greedy_errors_stopgrad_skip10 \
-                warm_drop_errors_stopgrad_skip10 lora_only pool_last_turn; do
+                warm_drop_errors_stopgrad_skip10 warm_fixed_stopgrad_skip10 lora_only pool_last_turn; do
       compgen -G "$OUT/$name-s*/${kind%%:*}/eval.json" > /dev/null &&
         args+=(--recipe "$name=$OUT/$name-s*/${kind%%:*}/eval.json")
     done

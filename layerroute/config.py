@@ -111,8 +111,8 @@ class LoraSettings:
 REGULARIZERS = ("soft_mean", "hard_ste", "budget", "none")
 ROUTER_LOSSES = ("none", "bce", "oracle", "influence")
 # router_loss=influence's sources of skip targets; the drop_* ones are static per step type (measured before training)
-ORACLE_SOURCES = ("influence", "drop_nll", "drop_errors", "greedy_nll", "greedy_errors")
-STATIC_ORACLES = ("drop_nll", "drop_errors", "greedy_nll", "greedy_errors")
+ORACLE_SOURCES = ("influence", "drop_nll", "drop_errors", "greedy_nll", "greedy_errors", "fixed")
+STATIC_ORACLES = ("drop_nll", "drop_errors", "greedy_nll", "greedy_errors", "fixed")
 GREEDY_ORACLES = ("greedy_nll", "greedy_errors")
 
 
@@ -172,10 +172,15 @@ class TrainConfig:
         "single removal raises the target NLL least on oracle_calibration_steps steps of that type, measured once "
         "before training) or drop_errors (the same, ranked by the greedy token errors a removal adds, NLL breaking "
         "ties) or greedy_nll / greedy_errors (the skip set grown one block at a time, each time the block whose "
-        "removal together with those already chosen costs least: removals interact)",
+        "removal together with those already chosen costs least: removals interact) or fixed (the blocks listed in "
+        "oracle_skip_blocks, on tool calls)",
     )
     oracle_calibration_steps: int = setting(
         16, "oracle_source=drop_* or greedy_*: training steps per type that measure it")
+    oracle_skip_blocks: list | None = setting(
+        None, "oracle_source=fixed: the blocks tool-call rows are taught to skip (e.g. a set measured by an earlier "
+        "run); planning rows run every block; no calibration",
+    )
     oracle_greedy_candidates: int = setting(
         12, "oracle_source=greedy_*: after round one (the single removals), try only this many blocks of lowest "
         "single-removal cost (0 = every block); each round costs one pass over the calibration steps per candidate",
@@ -241,6 +246,14 @@ class TrainConfig:
         _check_choice("train", "oracle_source", self.oracle_source, ORACLE_SOURCES)
         _check_range("train", "oracle_calibration_steps", self.oracle_calibration_steps, 1)
         _check_range("train", "oracle_greedy_candidates", self.oracle_greedy_candidates, 0)
+        if self.oracle_source == "fixed":
+            blocks = self.oracle_skip_blocks
+            if not blocks or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in blocks):
+                raise ConfigError("train.oracle_source=fixed needs train.oracle_skip_blocks: a non-empty list of block "
+                                  f"indices >= 0, got {blocks!r}")
+        elif self.oracle_skip_blocks is not None:
+            raise ConfigError("train.oracle_skip_blocks is read only with train.oracle_source=fixed "
+                              f"(got train.oracle_source={self.oracle_source!r})")
         _check_range("train", "oracle_skip_planning", self.oracle_skip_planning, 0.0, 1.0)
         if self.warmup_steps >= self.steps:
             raise ConfigError(f"train.warmup_steps ({self.warmup_steps}) must be < train.steps ({self.steps})")

@@ -628,6 +628,15 @@ class Trainer:
 
         tc, rm = self.cfg.train, self.rm
         L = rm.num_layers
+        if tc.oracle_source == "fixed":  # chosen by the user: no calibration
+            blocks = sorted(set(tc.oracle_skip_blocks))
+            if blocks[-1] >= L:
+                raise ConfigError(f"train.oracle_skip_blocks: block {blocks[-1]} does not exist ({L} blocks: 0..{L - 1})")
+            tool = torch.ones(L)
+            tool[blocks] = 0.0
+            self.oracle_record = {"tool_call": {"skip": blocks, "fixed": True}}
+            self._print(f"[setup] fixed oracle, tool_call: skip blocks {blocks}")
+            return torch.stack([torch.ones(L), tool])
         rows, record = [], {}
         for step_type, frac in (("planning", tc.oracle_skip_planning), ("tool_call", tc.oracle_skip_tool)):
             n_skip = int(round(frac * L))

@@ -536,6 +536,24 @@ def test_greedy_oracle_grows_the_set_by_the_cheapest_joint_removal(tmp_path, smo
     assert path[1]["block"] == min(joint, key=jkey)
 
 
+def test_fixed_oracle_teaches_the_listed_blocks_and_rejects_bad_lists(tmp_path, smoke_data):
+    cfg = smoke_cfg("train.steps=1", "train.grad_accum=1", "train.checkpoint_every=0", "train.warmup_steps=0",
+                    "train.router_loss=influence", "train.regularizer=none", "train.oracle_source=fixed",
+                    "train.oracle_skip_blocks=[2, 0]")
+    trainer = Trainer(cfg, tmp_path, data=smoke_data)
+    trainer.setup()
+    assert trainer.step_module.static_targets.tolist() == [[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.0, 1.0]]
+    assert trainer.oracle_record["tool_call"]["skip"] == [0, 2]
+    for bad in ("train.oracle_skip_blocks=[]", "train.oracle_skip_blocks=[-1]", "train.oracle_skip_blocks=[a]"):
+        with pytest.raises(ConfigError, match="train.oracle_skip_blocks"):
+            smoke_cfg("train.router_loss=influence", "train.oracle_source=fixed", bad)
+    with pytest.raises(ConfigError, match="train.oracle_skip_blocks is read only with train.oracle_source=fixed"):
+        smoke_cfg("train.oracle_skip_blocks=[1]")
+    with pytest.raises(ConfigError, match="block 9 does not exist"):
+        Trainer(smoke_cfg("train.router_loss=influence", "train.oracle_source=fixed", "train.oracle_skip_blocks=[9]"),
+                tmp_path / "b", data=smoke_data).setup()
+
+
 def test_per_type_penalty_weights_only_the_rows_of_each_type():
     from layerroute.config import TrainConfig
     from layerroute.train import loss_parts
