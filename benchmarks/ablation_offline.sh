@@ -97,8 +97,7 @@ pool_last:2"
 # session 4)
 ACCURACY_PAIRS="drop_nll_stopgrad:0 drop_nll_stopgrad_skip20:0 drop_nll_stopgrad_skip10:0 paper_soft_mean:0
 drop_errors_stopgrad_skip10:0 drop_errors_stopgrad:0 lora_only:0 drop_errors_stopgrad_skip10:1
-lora_only:1 drop_errors_stopgrad_skip10:2 lora_only:2 greedy_errors_stopgrad_skip10:0 greedy_errors_stopgrad_skip10:1
-warm_drop_errors_stopgrad_skip10:0 warm_drop_errors_stopgrad_skip10:1 warm_drop_errors_stopgrad_skip10:2
+lora_only:1 drop_errors_stopgrad_skip10:2 greedy_errors_stopgrad_skip10:0 warm_drop_errors_stopgrad_skip10:0
 warm_fixed_stopgrad_skip10:0 warm_fixed_stopgrad_skip10:1"
 # (trains the recipes that are not there first, lora_only:N before warm_*:N; session 5 added drop_errors_*,
 # lora_only:0; session 6 the rest)
