@@ -34,24 +34,25 @@ from layerroute.evaluate import paired_accuracy, teacher_forced, teacher_forced_
 CONFIGS = ("lora_full_depth", "routed", "skip=BLOCKS")
 
 
-def parse_side(spec: str) -> tuple[str, str]:
+def parse_side(spec: str) -> tuple[str, str, set[int] | None]:
+    """ADAPTER:CONFIG -> (adapter, config, the blocks a skip= side removes, else None)."""
     adapter, _, config = spec.rpartition(":")
     if not adapter or not (config in CONFIGS[:2] or config.startswith("skip=")):
         raise SystemExit(f"--side {spec!r}: expected ADAPTER_DIR:CONFIG with CONFIG one of {', '.join(CONFIGS)}")
-    if config.startswith("skip="):
-        try:
-            sorted(int(b) for b in config[5:].split(","))
-        except ValueError:
-            raise SystemExit(f"--side {spec!r}: skip= takes comma-separated block indices, e.g. skip=4,10,25") from None
-    return adapter, config
+    if not config.startswith("skip="):
+        return adapter, config, None
+    try:
+        return adapter, config, {int(b) for b in config[5:].split(",")}
+    except ValueError:
+        raise SystemExit(f"--side {spec!r}: skip= takes comma-separated block indices, e.g. skip=4,10,25") from None
 
 
-def score_side(rm, steps, config: str, cfg) -> dict:
+def score_side(rm, steps, config: str, blocks: set[int] | None, cfg) -> dict:
     """One side's teacher-forced summary on `steps`, with per-step verdicts in paired_accuracy's sample format.
-    Routed gates are the routers' decisions at the adapter's own threshold, as in `layerroute eval`."""
+    Routed gates are the routers' decisions at the adapter's own threshold, as in `layerroute eval`; `blocks`
+    (a skip= side) are removed from every step instead."""
     L = rm.num_layers
-    if config.startswith("skip="):
-        blocks = {int(b) for b in config[5:].split(",")}
+    if blocks is not None:
         if any(b < 0 or b >= L for b in blocks):
             raise SystemExit(f"{config}: block indices must lie in 0..{L - 1}")
         pattern = torch.tensor([[j not in blocks for j in range(L)]] * len(steps))
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     cfg = RunConfig.from_yaml(args.config, args.overrides)
     steps, scored, tokenizer_vocab = None, [], None
-    for adapter, config in sides:
+    for adapter, config, blocks in sides:
         rm = load_adapter(adapter, cfg.model)
         rm.model.eval()
         if steps is None:  # every adapter of one base model shares the tokenizer, so the steps are tokenized once
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer_vocab = len(rm.tokenizer)
         elif len(rm.tokenizer) != tokenizer_vocab:
             raise SystemExit(f"{adapter}: its tokenizer differs from the first side's; sides must share a base model")
-        side = {"adapter": adapter, "config": config, **score_side(rm, steps, config, cfg.eval)}
+        side = {"adapter": adapter, "config": config, **score_side(rm, steps, config, blocks, cfg.eval)}
         scored.append(side)
         print(f"[exact-all] {adapter}:{config}: exact {side['teacher_forced_exact']:.3f} token errors "
               f"{side['token_error_rate']:.4f} ppl {side['ppl']:.3f} block skip {side['block_skip']:.3f}", flush=True)

@@ -106,12 +106,14 @@ def drop_costs(rm, steps, cfg, pad_id: int | None = None) -> dict[str, list[floa
 
     - "nll": how much the target NLL rises, nats per target token (the true cost of a skip, unlike the cosine proxy);
     - "token_errors": how much the fraction of target tokens that are not the argmax given the gold prefix rises
-      (what greedy decoding gets wrong; a step with none is reproduced token for token).
+      (what greedy decoding gets wrong; a step with none is reproduced token for token);
+    - "full": the full-depth (NLL, token-error fraction) both rises are measured from.
 
     L + 1 teacher-forced passes over `steps` (cfg: batch_size and seed of the batching)."""
     full_nll, full_err = skip_set_cost(rm, steps, cfg, (), pad_id)
     dropped = [skip_set_cost(rm, steps, cfg, (layer,), pad_id) for layer in range(rm.num_layers)]
-    return {"nll": [n - full_nll for n, _ in dropped], "token_errors": [e - full_err for _, e in dropped]}
+    return {"nll": [n - full_nll for n, _ in dropped], "token_errors": [e - full_err for _, e in dropped],
+            "full": [full_nll, full_err]}
 
 
 def greedy_skip_set(cost_of, candidates: list[int], n_skip: int) -> list[int]:
@@ -130,13 +132,13 @@ def greedy_drop_targets(rm, steps, cfg, n_skip: int, source: str, singles: dict[
                         candidates: int = 0, pad_id: int | None = None) -> tuple[torch.Tensor, list[dict]]:
     """[L] run targets of a greedy static oracle, and the path it took (per round: the block added and the joint
     cost of the set so far, as rises over full depth). greedy_errors ranks sets by the token errors their removal
-    adds (NLL breaking ties), greedy_nll by the NLL. `singles` (from `drop_costs`) is round one, measured already;
-    later rounds try the `candidates` blocks of lowest single-removal cost (0 = every block), one teacher-forced pass
-    over `steps` per candidate and round."""
+    adds (NLL breaking ties), greedy_nll by the NLL. `singles` (from `drop_costs` on the same steps) is round one and
+    the full-depth baseline, measured already; later rounds try the `candidates` blocks of lowest single-removal
+    cost (0 = every block), one teacher-forced pass over `steps` per candidate and round."""
     if source not in ("greedy_errors", "greedy_nll"):
         raise ValueError(f"unknown greedy oracle {source!r}; expected greedy_errors or greedy_nll")
     L = rm.num_layers
-    full_nll, full_err = skip_set_cost(rm, steps, cfg, (), pad_id)
+    full_nll, full_err = singles["full"]
     measured = {(j,): (singles["nll"][j], singles["token_errors"][j]) for j in range(L)}  # (nll, errors) rises
 
     def rises(blocks: tuple[int, ...]) -> tuple[float, float]:
