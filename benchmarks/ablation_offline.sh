@@ -77,6 +77,8 @@ declare -A RECIPE=(
   # ... and with the cold recipe's blocks [10, 21, 25] fixed, so that only the warm start differs from
   # drop_errors_stopgrad_skip10 (the warm LoRA's own costs chose early blocks, 4, 5, 7, in seed 0)
   [warm_fixed_stopgrad_skip10]="$INFL --set train.oracle_source=fixed --set train.oracle_skip_blocks=[10,21,25] --set train.init_lora=$OUT/lora_only-s@SEED@/train/adapter"
+  # ... trained 4x as long (200 steps) on the fixed skipped path: does the gap to full depth close with training?
+  [warm_fixed_stopgrad_skip10_200steps]="$INFL --set train.oracle_source=fixed --set train.oracle_skip_blocks=[10,21,25] --set train.init_lora=$OUT/lora_only-s@SEED@/train/adapter --set train.steps=200"
   # the accuracy reference: the same training with no block ever a skip target (routers taught to stay open), so
   # LoRA is trained at full depth only, not for a skipped path too
   [lora_only]="$INFL --set train.oracle_skip_tool=0.0"
@@ -114,7 +116,8 @@ table() {
                 influence_stopgrad influence_stopgrad_kd drop_nll_stopgrad influence_stopgrad_150steps \
                 drop_nll_stopgrad_skip20 drop_nll_stopgrad_skip10 drop_nll_stopgrad_prompt_full pool_last \
                 drop_errors_stopgrad drop_errors_stopgrad_skip10 greedy_errors_stopgrad_skip10 \
-                warm_drop_errors_stopgrad_skip10 warm_fixed_stopgrad_skip10 lora_only pool_last_turn; do
+                warm_drop_errors_stopgrad_skip10 warm_fixed_stopgrad_skip10 warm_fixed_stopgrad_skip10_200steps lora_only \
+                pool_last_turn; do
       compgen -G "$OUT/$name-s*/${kind%%:*}/eval.json" > /dev/null &&
         args+=(--recipe "$name=$OUT/$name-s*/${kind%%:*}/eval.json")
     done

@@ -7,6 +7,9 @@ configurations (RESULTS.md). Here it is scored on every tool-call step of the ev
 steps and 75 held-out steps of the seen categories offline), for each side ADAPTER:CONFIG, and every side is
 paired with the first: the difference in points with a 95% bootstrap interval over steps. CONFIG is
 lora_full_depth, routed (the routers decide), or skip=4,10,25 (LoRA on, those blocks removed from every step).
+A `+bridge` suffix (skip=4,10,25+bridge, routed+bridge) first gives every block a skip bridge of rank
+--bridge-rank fitted in closed form on the first --bridge-steps tool-call training steps (`layerroute.bridge`):
+what a linear stand-in recovers without any training.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/exact_match_all.py \\
         --side runs/ablation/lora_only-s0/train/adapter:lora_full_depth \\
@@ -27,22 +30,29 @@ import torch
 
 from layerroute.adapters import load_adapter
 from layerroute.bench import emit_json_line
+from layerroute.bridge import fit_bridges, install_bridges
 from layerroute.config import RunConfig
 from layerroute.data.build import load_steps
+from layerroute.data.tokenizer import pad_token_id
 from layerroute.evaluate import paired_accuracy, teacher_forced, teacher_forced_exact
+from layerroute.routed import find_routed_layers
 
 CONFIGS = ("lora_full_depth", "routed", "skip=BLOCKS")
+BRIDGE = "+bridge"
 
 
-def parse_side(spec: str) -> tuple[str, str, set[int] | None]:
-    """ADAPTER:CONFIG -> (adapter, config, the blocks a skip= side removes, else None)."""
+def parse_side(spec: str) -> tuple[str, str, set[int] | None, bool]:
+    """ADAPTER:CONFIG -> (adapter, config, the blocks a skip= side removes else None, whether to fit bridges)."""
     adapter, _, config = spec.rpartition(":")
-    if not adapter or not (config in CONFIGS[:2] or config.startswith("skip=")):
-        raise SystemExit(f"--side {spec!r}: expected ADAPTER_DIR:CONFIG with CONFIG one of {', '.join(CONFIGS)}")
-    if not config.startswith("skip="):
-        return adapter, config, None
+    bridge = config.endswith(BRIDGE)
+    base = config[: -len(BRIDGE)] if bridge else config
+    if not adapter or not (base in CONFIGS[:2] or base.startswith("skip=")) or (bridge and base == CONFIGS[0]):
+        raise SystemExit(f"--side {spec!r}: expected ADAPTER_DIR:CONFIG with CONFIG one of {', '.join(CONFIGS)}, "
+                         f"optionally + {BRIDGE!r} after routed or skip=")
+    if not base.startswith("skip="):
+        return adapter, config, None, bridge
     try:
-        return adapter, config, {int(b) for b in config[5:].split(",")}
+        return adapter, config, {int(b) for b in base[5:].split(",")}, bridge
     except ValueError:
         raise SystemExit(f"--side {spec!r}: skip= takes comma-separated block indices, e.g. skip=4,10,25") from None
 
@@ -59,7 +69,7 @@ def score_side(rm, steps, config: str, blocks: set[int] | None, cfg) -> dict:
         # "shortgpt" is evaluate's name for LoRA on with forced gates
         res = teacher_forced(rm, steps, "shortgpt", cfg, patterns=pattern, desc=config)
     else:
-        res = teacher_forced(rm, steps, config, cfg, desc=config)
+        res = teacher_forced(rm, steps, config.removesuffix(BRIDGE), cfg, desc=config)
     idx = list(range(len(steps)))
     tokens = sum(r["tokens"] for r in res)
     return {
@@ -79,25 +89,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/offline-smollm2.yaml", help="data and eval settings")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--max-steps", type=int, default=0, help="score only the first N tool-call steps (0 = all)")
+    parser.add_argument("--bridge-rank", type=int, default=16, help="rank of the bridges of +bridge sides")
+    parser.add_argument("--bridge-steps", type=int, default=32,
+                        help="tool-call training steps the +bridge sides fit their bridges on")
     parser.add_argument("--output", default=None, help="also write the JSON line here (atomically)")
     args = parser.parse_args(argv)
     if args.max_steps < 0:
         parser.error("--max-steps must be >= 0")
+    if args.bridge_rank < 1 or args.bridge_steps < 1:
+        parser.error("--bridge-rank and --bridge-steps must be >= 1")
     sides = [parse_side(s) for s in args.side]
 
     t0 = time.perf_counter()
     cfg = RunConfig.from_yaml(args.config, args.overrides)
-    steps, scored, tokenizer_vocab = None, [], None
-    for adapter, config, blocks in sides:
+    steps, calibration, scored, tokenizer_vocab = None, None, [], None
+    for adapter, config, blocks, bridge in sides:
         rm = load_adapter(adapter, cfg.model)
         rm.model.eval()
         if steps is None:  # every adapter of one base model shares the tokenizer, so the steps are tokenized once
-            steps = [s for s in load_steps(cfg.data, rm.tokenizer).eval if s.step_type == "tool_call"]
+            split = load_steps(cfg.data, rm.tokenizer)
+            steps = [s for s in split.eval if s.step_type == "tool_call"]
             steps = steps[: args.max_steps] if args.max_steps else steps
+            calibration = [s for s in split.train if s.step_type == "tool_call"][: args.bridge_steps]
             tokenizer_vocab = len(rm.tokenizer)
         elif len(rm.tokenizer) != tokenizer_vocab:
             raise SystemExit(f"{adapter}: its tokenizer differs from the first side's; sides must share a base model")
-        side = {"adapter": adapter, "config": config, **score_side(rm, steps, config, blocks, cfg.eval)}
+        extra = {}
+        if bridge:
+            if find_routed_layers(rm.model)[0].bridge is None:
+                install_bridges(rm.model, args.bridge_rank)
+            explained = fit_bridges(rm, calibration, cfg.eval.batch_size, pad_token_id(rm.tokenizer), cfg.eval.seed)
+            extra = {"bridge_rank": args.bridge_rank, "bridge_steps": len(calibration),
+                     "bridge_explained": [round(e, 4) for e in explained]}
+            print(f"[exact-all] {adapter}: bridges fitted on {len(calibration)} steps, explained "
+                  + " ".join(f"{e:.2f}" for e in explained), flush=True)
+        side = {"adapter": adapter, "config": config, **extra, **score_side(rm, steps, config, blocks, cfg.eval)}
         scored.append(side)
         print(f"[exact-all] {adapter}:{config}: exact {side['teacher_forced_exact']:.3f} token errors "
               f"{side['token_error_rate']:.4f} ppl {side['ppl']:.3f} block skip {side['block_skip']:.3f}", flush=True)

@@ -3,7 +3,8 @@
 An adapter directory holds only what trained, beside its metadata:
 
     adapter_config.json, adapter_model.safetensors   PEFT's own files (LoRA)
-    router.safetensors                               one router per block ("layers.<i>.<param>")
+    router.safetensors                               one router per block ("layers.<i>.<param>"), and its skip
+                                                     bridge when router.bridge_rank > 0 ("layers.<i>.bridge.<param>")
     layerroute.json                                  router/LoRA config, base model identity, library version
 
 Writes are atomic (a temp folder renamed into place); loading refuses pickled weights and an adapter whose
@@ -26,12 +27,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
+from .bridge import install_bridges
 from .config import LoraSettings, ModelConfig, RouterConfig, from_dict
 from .errors import AdapterError, ConfigError
 from .model import LoadedModel, configure_trainable, load_base, router_factory
 from .routed import RoutingState, find_routed_layers, wrap_model
 
 ROUTER_FILE = "router.safetensors"
+BRIDGE_PREFIX = "bridge."  # within a block's entries of ROUTER_FILE
 META_FILE = "layerroute.json"
 _PICKLED = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
@@ -138,6 +141,8 @@ def build_routed_model(
         model, router_factory(model.config.hidden_size, router_cfg), pooling=router_cfg.pooling,
         threshold=router_cfg.threshold, turn_token_id=turn_token_id(router_cfg, loaded.tokenizer),
     )
+    if router_cfg.bridge_rank:  # before peft, which then wraps them like every other module
+        install_bridges(model, router_cfg.bridge_rank)
     if lora_cfg.enabled:
         model = apply_lora(model, lora_cfg)
     else:
@@ -148,8 +153,10 @@ def build_routed_model(
 def _router_state_dict(rm: RoutedModel) -> dict[str, torch.Tensor]:
     tensors = {}
     for layer in find_routed_layers(rm.model):
-        for name, value in layer.router.state_dict().items():
-            tensors[f"layers.{layer.index}.{name}"] = value.detach().to("cpu").contiguous()
+        parts = [("", layer.router)] + ([(BRIDGE_PREFIX, layer.bridge)] if layer.bridge is not None else [])
+        for prefix, module in parts:
+            for name, value in module.state_dict().items():
+                tensors[f"layers.{layer.index}.{prefix}{name}"] = value.detach().to("cpu").contiguous()
     return tensors
 
 
@@ -266,6 +273,8 @@ def load_adapter(
         model, router_factory(model.config.hidden_size, router_cfg), pooling=router_cfg.pooling,
         threshold=router_cfg.threshold, turn_token_id=turn_token_id(router_cfg, loaded.tokenizer),
     )
+    if router_cfg.bridge_rank:
+        install_bridges(model, router_cfg.bridge_rank)
     if lora_cfg.enabled:
         if not (directory / "adapter_model.safetensors").is_file():
             raise AdapterError(f"{directory} has LoRA enabled but no adapter_model.safetensors")
@@ -275,8 +284,13 @@ def load_adapter(
     for layer in find_routed_layers(rm.model):
         prefix = f"layers.{layer.index}."
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        bridge = {k[len(BRIDGE_PREFIX):]: own.pop(k) for k in list(own) if k.startswith(BRIDGE_PREFIX)}
         try:
             layer.router.load_state_dict(own)
+            if layer.bridge is not None:
+                layer.bridge.load_state_dict(bridge)
+            elif bridge:
+                raise RuntimeError("the file has a skip bridge but router.bridge_rank is 0")
         except RuntimeError as err:
             raise AdapterError(f"{directory}: router of block {layer.index} does not fit: {err}") from err
     if trainable:

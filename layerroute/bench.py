@@ -286,7 +286,8 @@ def bench_real_steps(rm, steps, *, reps: int, warmup: int, new_tokens: int | Non
     n_new = sum(new for _, new in plans)
     summary = {c: _summarise(runs[c], 1, n_new) for c in runs}
     fl = flops.aggregate([
-        flops.step_flops(rm.config, len(prompt), new, g, router_hidden=router_hidden)
+        flops.step_flops(rm.config, len(prompt), new, g, router_hidden=router_hidden,
+                         bridge_rank=rm.router_cfg.bridge_rank)
         for (prompt, new), g in zip(plans, gates, strict=True)
     ])
     ideal = 1.0 / (1.0 - fl["total_skipped_fraction"])

@@ -82,8 +82,14 @@ class RouterConfig:
         "0 = uniform",
     )
     normalize_input: bool = setting(True, "RMS-normalise the pooled state (no parameters) before the router")
+    bridge_rank: int = setting(
+        0, "0 = a skipped block contributes nothing (the paper); r > 0 = a rank-r linear skip bridge on the block's "
+        "normed input stands in for it (fitted in closed form before training, then trained with LoRA; "
+        "layerroute.bridge)",
+    )
 
     def __post_init__(self):
+        _check_range("router", "bridge_rank", self.bridge_rank, 0)
         _check_choice("router", "kind", self.kind, ("linear", "mlp"))
         _check_choice("router", "pooling", self.pooling, ("mean", "last", "last_turn"))
         _check_range("router", "threshold", self.threshold, 0.0, 1.0, low_open=True)
@@ -197,6 +203,10 @@ class TrainConfig:
         None, "start LoRA from this adapter directory's LoRA instead of zero (e.g. one trained at full depth, so "
         "routed training adapts a tuned model to its skipped path); its routers are not read",
     )
+    bridge_calibration_steps: int = setting(
+        32, "router.bridge_rank > 0: tool-call training steps the skip bridges are fitted on (reduced-rank least "
+        "squares to each block's residual update, at full depth) before training; 0 = start them at zero",
+    )
     checkpoint_every: int = setting(500, "save a resumable checkpoint every N optimizer steps (0 = never)")
     keep_checkpoints: int = setting(2, "keep only the newest N checkpoints")
     log_every: int = setting(10, "one metrics record (bar + metrics.jsonl) every N optimizer steps")
@@ -246,6 +256,7 @@ class TrainConfig:
         _check_choice("train", "oracle_source", self.oracle_source, ORACLE_SOURCES)
         _check_range("train", "oracle_calibration_steps", self.oracle_calibration_steps, 1)
         _check_range("train", "oracle_greedy_candidates", self.oracle_greedy_candidates, 0)
+        _check_range("train", "bridge_calibration_steps", self.bridge_calibration_steps, 0)
         if self.oracle_source == "fixed":
             blocks = self.oracle_skip_blocks
             if not blocks or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in blocks):

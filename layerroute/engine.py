@@ -409,6 +409,7 @@ class Engine:
         fl = step_flops(
             self.rm.config, cached, processed, gates, kv_preserving=self.kv_policy == "kv_preserving",
             lm_head_positions=max(n_gen, 1), router_hidden=self._router_hidden, count_routers=not self.dense,
+            bridge_rank=0 if self.dense else self.rm.router_cfg.bridge_rank,
         )
         flops = {
             "block_flops_skipped": fl["block_skipped_fraction"],

@@ -107,11 +107,11 @@ def teacher_forced_exact(results: list[dict], idx: list[int]) -> float:
 
 
 def flop_summary(model_config, steps, gates: list[list[bool]], idx: list[int], kv_policy: str,
-                 count_routers: bool = True, prompt_full_depth: bool = False) -> dict:
+                 count_routers: bool = True, prompt_full_depth: bool = False, bridge_rank: int = 0) -> dict:
     parts = [
         flop_count.step_flops(model_config, steps[i].context_length, steps[i].length, gates[i],
                               kv_preserving=kv_policy == "kv_preserving", count_routers=count_routers,
-                              prompt_full_depth=prompt_full_depth)
+                              prompt_full_depth=prompt_full_depth, bridge_rank=bridge_rank)
         for i in idx
     ]
     agg = flop_count.aggregate(parts)
@@ -331,8 +331,9 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict) -> dict
     splits = {"full": full, "length_matched": matched}
     model_config = rm.config
     # FLOP summary of some steps under this evaluation's cache policy and prompt depth
+    # (a skipped block's skip bridge, when the adapter has them, runs in every forced configuration too)
     flops = partial(flop_summary, model_config, steps, kv_policy=cfg.kv_policy,
-                    prompt_full_depth=cfg.prompt_full_depth)
+                    prompt_full_depth=cfg.prompt_full_depth, bridge_rank=rm.router_cfg.bridge_rank)
 
     runs = {c: teacher_forced(rm, steps, c, cfg) for c in PPL_CONFIGS}
     routed = runs["routed"]

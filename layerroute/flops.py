@@ -54,6 +54,10 @@ Convention for one step (``step_flops``)
   LM head, and the routed total is the blocks that ran + LM head + every router + (kv-preserving) the K/V
   cost of the skipped blocks. It can be negative when nothing is skipped (the routers cost something).
 
+A skipped block with a skip bridge of rank ``r`` (``layerroute.bridge``) spends ``bridge_flops = 2 * 2 * n * h * r``
+on the tokens it would have processed (down and up projections; its input norm is not counted, as above), counted
+in ``block_run``: the bridge is what stands in for the block, so "block FLOPs skipped" is net of it.
+
 ``aggregate`` sums FLOPs over steps before dividing, so long steps weigh more, as they do in wall-clock.
 """
 
@@ -70,6 +74,7 @@ __all__ = [
     "aggregate",
     "attention_pairs",
     "block_flops",
+    "bridge_flops",
     "from_model_config",
     "kv_only_flops",
     "lm_head_flops",
@@ -182,6 +187,14 @@ def kv_only_flops(cfg: Any, n_new: int) -> int:
     return 2 * (2 * n_new * s.hidden_size * s.num_key_value_heads * s.head_dim)
 
 
+def bridge_flops(cfg: Any, n_new: int, rank: int) -> int:
+    """What a skipped block's rank-``rank`` skip bridge spends on ``n_new`` tokens (0 for rank 0: no bridge)."""
+    s = from_model_config(cfg)
+    _check_count("n_new", n_new)
+    _check_count("rank", rank)
+    return 2 * 2 * n_new * s.hidden_size * rank
+
+
 def lm_head_flops(cfg: Any, n_positions: int) -> int:
     """FLOPs of projecting ``n_positions`` hidden states to vocabulary logits."""
     s = from_model_config(cfg)
@@ -216,6 +229,7 @@ def step_flops(
     router_hidden: int | None = None,
     count_routers: bool = True,
     prompt_full_depth: bool = False,
+    bridge_rank: int = 0,
 ) -> dict:
     """FLOPs of one agent step, dense vs routed (see the module docstring for the convention).
 
@@ -223,6 +237,7 @@ def step_flops(
     model without routers (a static-removal or random-skip baseline) with the same mask.
     ``prompt_full_depth``: every block processes the context; a skipped block skips the step's own tokens only
     (kv-preserving: it still writes their K/V).
+    ``bridge_rank``: each skipped block's skip bridge rank (0 = none), counted in ``block_run``.
 
     Returns a dict with ``block_total`` (all blocks, dense), ``block_run`` (blocks that ran),
     ``block_skipped_fraction``, ``total_dense``, ``total_routed``, ``total_skipped_fraction``,
@@ -239,18 +254,22 @@ def step_flops(
     if lm_head_positions is None:
         lm_head_positions = step_length
 
-    # spent_anyway: block compute a skipped block still spends (on the context, under prompt_full_depth)
+    # spent_anyway: what a skipped block still spends (the context under prompt_full_depth; its skip bridge)
     spent_anyway = 0
     if prompt_full_depth:
         spent_anyway = block_flops(s, context_length) if context_length else 0
         one_block = spent_anyway + block_flops(s, step_length, n_past=context_length)
         skipped_cost = kv_only_flops(s, step_length) if kv_preserving else 0
+        bridged = step_length  # the tokens a skipped block's bridge processes
     elif kv_preserving:
         one_block = block_flops(s, step_length, n_past=context_length)
         skipped_cost = kv_only_flops(s, step_length)
+        bridged = step_length
     else:
         one_block = block_flops(s, context_length + step_length)
         skipped_cost = 0
+        bridged = context_length + step_length
+    spent_anyway += bridge_flops(s, bridged, bridge_rank)
     per_block = [one_block if run else spent_anyway + skipped_cost for run in mask]
     n_run = sum(mask)
 

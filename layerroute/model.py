@@ -268,7 +268,7 @@ def configure_trainable(model: nn.Module) -> dict[str, int]:
     """The one place that decides what trains: routers and LoRA adapters; the backbone stays frozen."""
     counts = {"trainable": 0, "frozen": 0}
     for name, param in model.named_parameters():
-        train = ".router." in name or "lora_" in name
+        train = ".router." in name or ".bridge." in name or "lora_" in name
         param.requires_grad_(train)
         counts["trainable" if train else "frozen"] += param.numel()
     return counts
@@ -276,19 +276,22 @@ def configure_trainable(model: nn.Module) -> dict[str, int]:
 
 def parameter_counts(model: nn.Module) -> dict:
     """Backbone / LoRA / router / trainable counts (tied weights counted once)."""
-    backbone = lora = router = 0
+    backbone = lora = router = bridge = 0
     for name, param in model.named_parameters():
         if ".router." in name:
             router += param.numel()
+        elif ".bridge." in name:
+            bridge += param.numel()
         elif "lora_" in name:
             lora += param.numel()
         else:
             backbone += param.numel()
-    trainable = lora + router
+    trainable = lora + router + bridge
     return {
         "backbone": backbone,
         "lora": lora,
         "router": router,
+        "bridge": bridge,
         "trainable": trainable,
         "trainable_fraction": trainable / backbone if backbone else 0.0,
     }

@@ -126,6 +126,14 @@ class RoutedLayer(nn.Module):
         self.record: GateRecord | None = None
         self.pool_sum: torch.Tensor | None = None  # [B, H] session running sum of context states
         self.pool_count: torch.Tensor | None = None  # [B, 1]
+        # what a closed gate returns: h, or h + bridge(norm(h)) with a SkipBridge (bridge.py; None = plain skip)
+        self.bridge: nn.Module | None = None
+
+    def skipped(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The layer's output when its block does not run."""
+        if self.bridge is None:
+            return hidden
+        return hidden + self.bridge(self.block.input_layernorm(hidden))
 
     # -- decision -------------------------------------------------------------------------------------------
     def _forced_gate(self, batch: int, device) -> torch.Tensor | None:
@@ -199,14 +207,23 @@ class RoutedLayer(nn.Module):
         if st.mode == "mix":
             gate = self.decide(hidden_states)
             if not torch.is_grad_enabled() and not bool(gate.any()) and not st.prompt_full_depth:
-                return hidden_states  # h + 0 * (block(h) - h) == h: no need to run the block
+                return self.skipped(hidden_states)  # the gate mix below at g = 0: no need to run the block
             out = self.block(hidden_states, *args, **kwargs)
             g = gate.to(hidden_states.dtype).view(-1, 1, 1)
             if st.prompt_full_depth:  # context positions always take the block's output
                 context = torch.ones_like(hidden_states[..., :1]) if st.decision_mask is None else \
                     st.decision_mask.to(device=hidden_states.device, dtype=hidden_states.dtype).unsqueeze(-1)
                 g = torch.maximum(g, context)
-            return hidden_states + g * (out - hidden_states)
+            if self.bridge is None:
+                return hidden_states + g * (out - hidden_states)
+            # The straight-through gate's value is 0 or 1 only up to rounding (hard + prob - prob), and a bridge
+            # under an open gate must get exactly no gradient: Adam turns a 1e-8 gradient into a full-size step.
+            # So the value mixes with the exact hard gate, and `st` (exactly 0 in value) carries the router's
+            # gradient, d/dg = block(h) - (h + bridge).
+            hard = g.detach().round()
+            st = g - g.detach()
+            closed = self.skipped(hidden_states)
+            return hard * out + (1 - hard) * closed + st * (out - closed)
         # skip mode: decide once per step (prefill), reuse during decode
         if self.decision is None:
             self.decision = self.decide(hidden_states).detach()
@@ -223,7 +240,7 @@ class RoutedLayer(nn.Module):
         if plan == "none":
             if st.kv_policy == "kv_preserving":
                 self._write_kv(hidden_states, kwargs)
-            return hidden_states
+            return self.skipped(hidden_states)
         # Rows disagree: run the block on the rows that run it only (gathered). Its compute scales with those rows;
         # its weights are read once either way (memory-bound batch decode saves little; see RESULTS.md).
         return self._forward_rows(hidden_states, plan, args, kwargs)
@@ -249,7 +266,7 @@ class RoutedLayer(nn.Module):
                 fill = self._skip_kv(hidden.index_select(0, others), skip_kwargs)
             sub_kwargs["past_key_values"] = _RowsCache(cache, rows, others, batch, fill)
         out_rows = self.block(hidden.index_select(0, rows), *sub_args, **sub_kwargs)
-        return hidden.index_copy(0, rows, out_rows)
+        return self.skipped(hidden).index_copy(0, rows, out_rows)
 
     def _skip_kv(self, hidden: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """This block's K/V (after RoPE) for `hidden` without running it: input norm + k, v projections."""

@@ -547,7 +547,8 @@ class Trainer:
         counts = parameter_counts(rm.model)
         self._print(
             f"[setup] {model_cfg.name}: {rm.num_layers} blocks; trainable {counts['trainable']:,} "
-            f"(LoRA {counts['lora']:,} + routers {counts['router']:,}) of {counts['backbone']:,} frozen"
+            f"(LoRA {counts['lora']:,} + routers {counts['router']:,}"
+            + (f" + skip bridges {counts['bridge']:,}" if counts["bridge"] else "") + f") of {counts['backbone']:,} frozen"
         )
 
         # Data
@@ -573,6 +574,20 @@ class Trainer:
             f"{tc.steps * tc.batch_size * tc.grad_accum * self.world / max(1, len(self.train_steps)):.2f} epochs"
         )
 
+        if self.cfg.router.bridge_rank and tc.bridge_calibration_steps:
+            # after init_lora (the bridges fit the blocks as LoRA has them) and before the drop_* oracle (which then
+            # measures what a removal costs with its bridge standing in). A resumed run refits, then the checkpoint
+            # overwrites them with their trained values.
+            from .bridge import fit_bridges
+
+            calib = [s for s in self.train_steps if s.step_type == "tool_call"][: tc.bridge_calibration_steps]
+            calib = calib or self.train_steps[: tc.bridge_calibration_steps]
+            with without_dropout(rm.model):
+                explained = fit_bridges(rm, calib, tc.batch_size, self.pad_id, tc.seed)
+            self.bridge_explained = explained
+            self._print(f"[setup] skip bridges (rank {self.cfg.router.bridge_rank}) fitted on {len(calib)} steps: "
+                        "share of each block's update explained " + " ".join(f"{e:.2f}" for e in explained))
+
         if self.cfg.router.init_bias_spread > 0:
             influence = spread_router_biases(rm, self.train_steps[:INFLUENCE_STEPS], self.cfg.router, tc, self.pad_id)
             self._print("[setup] router biases spread by block influence: "
@@ -581,9 +596,15 @@ class Trainer:
 
         # Optimizer: routers in their own group (their own lr, no weight decay: decay pulls the bias towards
         # sigmoid(0) = 0.5, i.e. onto the threshold).
-        lora = [p for n, p in rm.model.named_parameters() if p.requires_grad and ".router." not in n]
-        routers = [p for n, p in rm.model.named_parameters() if p.requires_grad and ".router." in n]
+        # Skip bridges in theirs at LoRA's lr without decay: decay would pull the closed-form fit towards the plain
+        # skip, and move a bridge whose block always runs (its gradient is exactly zero, so Adam leaves it alone).
+        named = [(n, p) for n, p in rm.model.named_parameters() if p.requires_grad]
+        lora = [p for n, p in named if ".router." not in n and ".bridge." not in n]
+        bridges = [p for n, p in named if ".bridge." in n]
+        routers = [p for n, p in named if ".router." in n]
         groups = [{"params": routers, "lr": tc.effective_router_lr, "weight_decay": 0.0, "name": "router"}]
+        if bridges:
+            groups.insert(0, {"params": bridges, "lr": tc.lr, "weight_decay": 0.0, "name": "bridge"})
         if lora:
             groups.insert(0, {"params": lora, "lr": tc.lr, "weight_decay": tc.weight_decay, "name": "lora"})
         optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.999), eps=1e-8)
@@ -969,6 +990,7 @@ class Trainer:
             "final_train": self.history.get("train", {k: v for k, v in last.items() if not k.startswith("layer_")}),
             "final_val": self.history.get("val", {}),
             "oracle_targets": getattr(self, "oracle_record", None),  # drop_*: the measured costs and skip set
+            "bridge_explained": getattr(self, "bridge_explained", None),  # skip bridges' closed-form fit, per block
             "config": self.cfg.to_dict(),
         }
         if self.accelerator.is_main_process:

@@ -16,7 +16,7 @@ import layerroute.train as train_mod
 from layerroute.adapters import load_adapter
 from layerroute.config import ModelConfig, RunConfig
 from layerroute.errors import ConfigError, TrainingError
-from layerroute.routed import routing
+from layerroute.routed import find_routed_layers, routing
 from layerroute.train import Trainer, list_checkpoints, sliced_lm_loss
 from tests.helpers import random_batch, tiny_routed
 
@@ -752,3 +752,56 @@ def test_init_lora_starts_from_a_saved_adapters_lora_and_refuses_a_mismatch(tmp_
     with pytest.raises(ConfigError, match="train.init_lora: .* is not a directory"):
         Trainer(smoke_cfg(*overrides, f"train.init_lora={tmp_path / 'nowhere'}"), tmp_path / "none",
                 data=smoke_data).setup()
+
+
+def _close_blocks_1_and_3(trainer: Trainer) -> None:
+    with torch.no_grad():
+        for i in (1, 3):
+            trainer.rm.routers()[i].output_bias.fill_(-6.0)
+
+
+def test_skip_bridges_are_fitted_before_training_train_where_skipped_and_resume(tmp_path, smoke_data, monkeypatch):
+    overrides = ("router.bridge_rank=4", "train.steps=4", "train.checkpoint_every=2", "train.eval_every=0",
+                 "train.router_loss=influence", "train.regularizer=none", "train.oracle_source=fixed",
+                 "train.oracle_skip_blocks=[1,3]", "train.bridge_calibration_steps=4")
+    straight = Trainer(smoke_cfg(*overrides), tmp_path / "straight", data=smoke_data)
+    straight.setup()
+    bridges = {layer.index: layer.bridge for layer in find_routed_layers(straight.rm.model)}
+    fitted = {i: b.up.weight.detach().clone() for i, b in bridges.items()}
+    assert all(float(w.abs().sum()) > 0 for w in fitted.values()), "closed-form fit before training"
+    assert len(straight.bridge_explained) == straight.rm.num_layers
+    _close_blocks_1_and_3(straight)  # the routers would need more than 4 steps to learn their targets
+    result = straight.run()
+    # blocks 1 and 3 are skipped on tool-call rows: their bridges learn; blocks 0 and 2 always run
+    for i, b in bridges.items():
+        assert torch.equal(b.up.weight.detach(), fitted[i]) == (i in (0, 2)), f"block {i}"
+    meta = json.loads((result.adapter_dir / "layerroute.json").read_text())
+    assert meta["router"]["bridge_rank"] == 4 and len(meta["training"]["bridge_explained"]) == 4
+    loaded = load_adapter(result.adapter_dir, ModelConfig(name="shape:tiny-qwen2"))
+    for layer in find_routed_layers(loaded.model):
+        assert torch.equal(layer.bridge.up.weight, bridges[layer.index].up.weight)
+
+    class Interrupted(Exception):
+        pass
+
+    original = Trainer.save_checkpoint
+
+    def save_then_die(self, step):
+        path = original(self, step)
+        if step == 2:
+            raise Interrupted
+        return path
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
+    split = Trainer(smoke_cfg(*overrides), tmp_path / "split", data=smoke_data)
+    split.setup()
+    _close_blocks_1_and_3(split)
+    with pytest.raises(Interrupted):
+        split.run()
+    monkeypatch.setattr(Trainer, "save_checkpoint", original)
+    resumed = Trainer(smoke_cfg(*overrides), tmp_path / "split", data=smoke_data, resume=True)
+    resumed.run()  # the checkpoint restores the routers (and the bridges: a resumed setup refits, then overwrites)
+    expected, got = trainable_state(straight), trainable_state(resumed)
+    assert any(".bridge." in n for n in got)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), f"{name} differs after resume"
