@@ -9,7 +9,8 @@ paired with the first: the difference in points with a 95% bootstrap interval ov
 lora_full_depth, routed (the routers decide), or skip=4,10,25 (LoRA on, those blocks removed from every step).
 A `+bridge` suffix (skip=4,10,25+bridge, routed+bridge) first gives every block a skip bridge of rank
 --bridge-rank fitted in closed form on the first --bridge-steps tool-call training steps (`layerroute.bridge`):
-what a linear stand-in recovers without any training.
+what a linear stand-in recovers without any training. `--reference EARLIER.json` pairs every side with the first
+side of an earlier result on the same steps instead of scoring a reference again (the step ids must match).
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/exact_match_all.py \\
         --side runs/ablation/lora_only-s0/train/adapter:lora_full_depth \\
@@ -23,8 +24,10 @@ decisions at the adapter's threshold), each step's error count, and `paired_vs_f
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
+from pathlib import Path
 
 import torch
 
@@ -93,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bridge-steps", type=int, default=32,
                         help="tool-call training steps the +bridge sides fit their bridges on")
     parser.add_argument("--output", default=None, help="also write the JSON line here (atomically)")
+    parser.add_argument("--reference", default=None, metavar="RESULT.json",
+                        help="pair every side with the first side of this earlier result (same steps) instead")
     args = parser.parse_args(argv)
     if args.max_steps < 0:
         parser.error("--max-steps must be >= 0")
@@ -128,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[exact-all] {adapter}:{config}: exact {side['teacher_forced_exact']:.3f} token errors "
               f"{side['token_error_rate']:.4f} ppl {side['ppl']:.3f} block skip {side['block_skip']:.3f}", flush=True)
         del rm
+    if args.reference:
+        earlier = json.loads(Path(args.reference).read_text())
+        if earlier.get("step_ids") != [s.id for s in steps]:
+            raise SystemExit(f"--reference {args.reference}: scored on other steps than these {len(steps)}")
+        scored.insert(0, {**earlier["sides"][0], "from": args.reference})
+        scored[0].pop("paired_vs_first", None)
     for side in scored[1:]:
         side["paired_vs_first"] = paired_accuracy(scored[0], side, cfg.eval.bootstrap, cfg.eval.seed)
     emit_json_line({

@@ -730,6 +730,23 @@ def test_exact_match_all_pairs_every_side_with_the_first(tmp_path, smoke_data, c
     assert forced["errors"] == [r["errors"] for r in expect] and forced["block_skip"] == 0.5
     with pytest.raises(SystemExit, match="skip= takes"):
         bench.main(["--side", f"{adapter}:skip=a,b"])
+    # +bridge: skip bridges fitted in closed form on tool-call training steps first; --reference pairs with the
+    # first side of an earlier result instead of scoring it again
+    first_out = tmp_path / "em_first.json"
+    assert bench.main(["--config", str(SMOKE), "--side", f"{adapter}:lora_full_depth", "--max-steps", "4",
+                       "--output", str(first_out)]) == 0
+    assert bench.main(["--config", str(SMOKE), "--side", f"{adapter}:skip=0,2+bridge", "--bridge-rank", "2",
+                       "--bridge-steps", "3", "--max-steps", "4", "--reference", str(first_out),
+                       "--output", str(out)]) == 0
+    ref, bridged = json.loads(out.read_text())["sides"]
+    assert ref["from"] == str(first_out) and ref["errors"] == first["errors"]
+    assert bridged["bridge_rank"] == 2 and bridged["bridge_steps"] == 3 and len(bridged["bridge_explained"]) == 4
+    assert bridged["paired_vs_first"]["n"] == 4 and bridged["block_skip"] == 0.5
+    with pytest.raises(SystemExit, match="optionally"):
+        bench.main(["--side", f"{adapter}:lora_full_depth+bridge"])
+    with pytest.raises(SystemExit, match="other steps"):
+        bench.main(["--config", str(SMOKE), "--side", f"{adapter}:routed", "--max-steps", "3",
+                    "--reference", str(first_out)])
 
 
 def test_init_lora_starts_from_a_saved_adapters_lora_and_refuses_a_mismatch(tmp_path, smoke_data):
