@@ -84,6 +84,8 @@ declare -A RECIPE=(
   # trained with LoRA where its block is skipped; 3 blocks (as drop_errors_stopgrad_skip10) and 9 (as the default)
   [bridge_drop_errors_stopgrad_skip10]="$INFL --set train.oracle_source=drop_errors --set train.oracle_calibration_steps=8 --set train.oracle_skip_tool=0.1 --set router.bridge_rank=16"
   [bridge_drop_nll_stopgrad]="$INFL --set train.oracle_source=drop_nll --set train.oracle_calibration_steps=8 --set router.bridge_rank=16"
+  # ... warm-started from the full-depth LoRA of the same seed (bridges fitted on it, costs measured with them)
+  [warm_bridge_drop_errors_stopgrad_skip10]="$INFL --set train.oracle_source=drop_errors --set train.oracle_calibration_steps=8 --set train.oracle_skip_tool=0.1 --set router.bridge_rank=16 --set train.init_lora=$OUT/lora_only-s@SEED@/train/adapter"
   # the accuracy reference: the same training with no block ever a skip target (routers taught to stay open), so
   # LoRA is trained at full depth only, not for a skipped path too
   [lora_only]="$INFL --set train.oracle_skip_tool=0.0"
@@ -122,7 +124,8 @@ table() {
                 drop_nll_stopgrad_skip20 drop_nll_stopgrad_skip10 drop_nll_stopgrad_prompt_full pool_last \
                 drop_errors_stopgrad drop_errors_stopgrad_skip10 greedy_errors_stopgrad_skip10 \
                 warm_drop_errors_stopgrad_skip10 warm_fixed_stopgrad_skip10 warm_fixed_stopgrad_skip10_200steps lora_only \
-                pool_last_turn bridge_drop_errors_stopgrad_skip10 bridge_drop_nll_stopgrad; do
+                pool_last_turn bridge_drop_errors_stopgrad_skip10 bridge_drop_nll_stopgrad \
+                warm_bridge_drop_errors_stopgrad_skip10; do
       compgen -G "$OUT/$name-s*/${kind%%:*}/eval.json" > /dev/null &&
         args+=(--recipe "$name=$OUT/$name-s*/${kind%%:*}/eval.json")
     done

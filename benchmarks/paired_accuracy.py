@@ -9,7 +9,9 @@ full-depth LoRA, the stricter reference of issue 8's accuracy target.
         runs/ablation/drop_nll_stopgrad-s0/eval_accuracy/eval.json:routed [--step-type tool_call]
 
 The output is `layerroute.evaluate.paired_accuracy` (B minus A) plus the teacher-forced exact match of each side
-on the same steps, and an error if the two evaluations did not score the same steps.
+on the same steps, and an error if the two evaluations did not score the same steps. A side can also be a result of
+`benchmarks/exact_match_all.py`, as RESULT.json:N for its N-th side (0 = the first): then the verdicts compared are
+teacher-forced exact match on every eval tool-call step, e.g. two adapters scored in different runs.
 """
 
 from __future__ import annotations
@@ -27,6 +29,15 @@ def load_side(spec: str, step_type: str) -> tuple[str, str, dict]:
     if not path:
         raise SystemExit(f"{spec!r}: expected EVAL_JSON:CONFIG, e.g. runs/x/eval_accuracy/eval.json:routed")
     doc = json.loads(Path(path).read_text())
+    if doc.get("benchmark") == "exact_match_all":  # teacher-forced exact match of every tool-call step
+        try:
+            side = doc["sides"][int(config)]
+        except (ValueError, IndexError):
+            raise SystemExit(f"{path}: an exact_match_all result takes :N, a side index 0..{len(doc['sides']) - 1}, "
+                             f"not {config!r}") from None
+        exact = side["teacher_forced_exact"]
+        return path, f"{side['adapter']}:{side['config']}", {"accuracy": exact, "teacher_forced_exact": exact,
+                                                            "samples": side["samples"]}
     scored = (doc.get("accuracy") or {}).get(step_type) or {}
     if config not in scored:
         raise SystemExit(f"{path}: no {step_type} accuracy for {config!r} (has: {sorted(scored) or 'none'})")

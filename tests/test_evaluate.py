@@ -263,3 +263,13 @@ def test_paired_accuracy_script_compares_two_evaluations_step_by_step(tmp_path):
     assert bad.returncode != 0 and "same steps" in bad.stderr
     missing = run(f"{tmp_path}/ref.json:lora_full_depth", f"{tmp_path}/new.json:routed")
     assert missing.returncode != 0 and "no tool_call accuracy for 'lora_full_depth'" in missing.stderr
+    # a side of an exact_match_all result (teacher-forced exact match), named by its index
+    em = {"benchmark": "exact_match_all", "sides": [
+        {"adapter": "x", "config": "routed", "teacher_forced_exact": 0.5,
+         "samples": [{"conversation_id": c, "correct": v} for c, v in zip(ids, [0, 1, 1, 0], strict=True)]}]}
+    (tmp_path / "em.json").write_text(json.dumps(em))
+    mixed = run(f"{tmp_path}/ref.json:routed", f"{tmp_path}/em.json:0")
+    out = json.loads(mixed.stdout)
+    assert mixed.returncode == 0 and out["b"]["config"] == "x:routed" and out["b_minus_a"]["only_b"] == 1
+    wrong = run(f"{tmp_path}/ref.json:routed", f"{tmp_path}/em.json:3")
+    assert wrong.returncode != 0 and "side index 0..0" in wrong.stderr
