@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The offline ablation of RESULTS.md (issues 5 and 8): every recipe x seed trained for 50 steps on the offline
 # config, evaluated with the same reduced harness, then one table. Recipes are written as overrides of the current
-# configs/offline-smollm2.yaml (whose default is `drop_nll_stopgrad`), so each line names its whole recipe.
+# configs/offline-smollm2.yaml (whose default is `bridge_drop_nll_stopgrad`; before session 7 `drop_nll_stopgrad`),
+# so each line names its whole recipe (the base strings pin router.bridge_rank=0; the bridge_* recipes set 16).
 #
 #   benchmarks/ablation_offline.sh                       # everything (~18 min per recipe x seed on 2 cores)
 #   benchmarks/ablation_offline.sh plus:0 plus:1         # some recipe:seed pairs only
@@ -26,12 +27,12 @@ EVAL="--set eval.thresholds=[] --set eval.max_steps_per_type=12 --set eval.accur
 ACC_EVAL="$EVAL --set eval.accuracy_steps_per_type={\"tool_call\":48,\"planning\":4} --set eval.accuracy_configs=[lora_full_depth,routed]"
 # plus, the offline default before influence_stopgrad: a per-step-type penalty (lambda 4 on tool calls, -1 on
 # planning), the LM loss reaching the routers through the straight-through gate, router lr 1e-3
-PLUS="--set train.regularizer=hard_ste --set train.reg_weight=4.0 --set train.reg_weight_planning=-1.0 --set train.router_loss=none --set train.bce_weight=1.0 --set train.router_lr=1e-3 --set train.router_lm_grad=true"
+PLUS="--set router.bridge_rank=0 --set train.regularizer=hard_ste --set train.reg_weight=4.0 --set train.reg_weight_planning=-1.0 --set train.router_loss=none --set train.bce_weight=1.0 --set train.router_lr=1e-3 --set train.router_lm_grad=true"
 # the paper-style recipe (lambda 0.3 on every row, uniform router init, one joint gradient clip)
 PAPER="$PLUS --set train.reg_weight=0.3 --set train.reg_weight_planning=null --set train.clip_per_group=false --set router.init_bias_spread=0"
 # supervised routers: per-step influence targets, 30% of the blocks on tool calls (drop_nll_stopgrad, the current
 # default, swaps in static targets from measured removal costs)
-INFL="--set train.regularizer=none --set train.reg_weight=0 --set train.reg_weight_planning=null --set train.router_loss=influence --set train.bce_weight=2.0 --set train.oracle_skip_tool=0.3 --set train.router_lm_grad=false --set train.router_lr=3e-3 --set train.oracle_source=influence"
+INFL="--set router.bridge_rank=0 --set train.regularizer=none --set train.reg_weight=0 --set train.reg_weight_planning=null --set train.router_loss=influence --set train.bce_weight=2.0 --set train.oracle_skip_tool=0.3 --set train.router_lm_grad=false --set train.router_lr=3e-3 --set train.oracle_source=influence"
 declare -A RECIPE=(
   [paper_soft_mean]="$PAPER --set train.regularizer=soft_mean"
   [hard_ste]="$PAPER --set train.regularizer=hard_ste"

@@ -34,11 +34,13 @@ class SkipBridge(nn.Module):
         return self.down.out_features
 
     def forward(self, normed: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(normed))
+        # fp32 parameters like the routers (a bf16 backbone would make them train badly); the result comes back in
+        # the residual stream's dtype
+        return self.up(self.down(normed.to(self.down.weight.dtype))).to(normed.dtype)
 
 
 def install_bridges(model: nn.Module, rank: int) -> int:
-    """Give every routed layer of `model` a zero SkipBridge of rank `rank` (on its block's device and dtype).
+    """Give every routed layer of `model` a zero fp32 SkipBridge of rank `rank` (on its block's device).
     Call before LoRA is applied (peft then wraps the bridges with everything else). Returns the parameter count."""
     if rank < 1:
         raise ValueError(f"bridge rank must be >= 1, not {rank}")
@@ -48,7 +50,7 @@ def install_bridges(model: nn.Module, rank: int) -> int:
             raise ValueError(f"routed layer {layer.index} already has a bridge")
         ref = next(layer.block.parameters())
         hidden = layer.block.input_layernorm.weight.shape[0]
-        layer.bridge = SkipBridge(hidden, rank).to(device=ref.device, dtype=ref.dtype)
+        layer.bridge = SkipBridge(hidden, rank).to(device=ref.device)
         count += sum(p.numel() for p in layer.bridge.parameters())
     return count
 

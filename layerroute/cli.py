@@ -34,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:  # `layerroute param
     parser.add_argument("--router-kind", default="linear", choices=["linear", "mlp"])
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--no-lora", action="store_true", help="count routers only")
+    parser.add_argument("--bridge-rank", type=int, default=0, help="skip bridges of this rank on every block (0 = none)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -42,12 +43,13 @@ def run(args: argparse.Namespace) -> int:  # `layerroute params`
     from .model import count_parameters
 
     counts = count_parameters(
-        args.model, RouterConfig(kind=args.router_kind), LoraSettings(r=args.lora_r, enabled=not args.no_lora)
+        args.model, RouterConfig(kind=args.router_kind, bridge_rank=args.bridge_rank),
+        LoraSettings(r=args.lora_r, enabled=not args.no_lora),
     )
     if args.json:
         print(json.dumps(counts))
     else:
-        for key in ("backbone", "lora", "router", "trainable"):
+        for key in ("backbone", "lora", "router", "bridge", "trainable"):
             print(f"{key:>20}: {counts[key]:>15,}")
         print(f"{'trainable_fraction':>20}: {100 * counts['trainable_fraction']:>14.3f}%")
     return 0

@@ -303,6 +303,7 @@ def count_parameters(name: str, router_cfg: RouterConfig, lora_cfg: LoraSettings
     Only config-defined models (shape presets, local folders, cached hub ids) are counted on meta; the
     packaged GGUF is read for its config only."""
     from .adapters import apply_lora
+    from .bridge import install_bridges
     from .routed import wrap_model
 
     if name.startswith("shape:"):
@@ -317,6 +318,8 @@ def count_parameters(name: str, router_cfg: RouterConfig, lora_cfg: LoraSettings
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
         wrap_model(model, router_factory(config.hidden_size, router_cfg), pooling=router_cfg.pooling)
+        if router_cfg.bridge_rank:
+            install_bridges(model, router_cfg.bridge_rank)
         if lora_cfg.enabled:
             model = apply_lora(model, lora_cfg)
     counts = parameter_counts(model)

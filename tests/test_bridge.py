@@ -174,3 +174,21 @@ def test_flops_count_each_skipped_blocks_bridge(kv_preserving):
     assert bridged["total_routed"] - plain["total_routed"] == 2 * flops.bridge_flops(shape, tokens, 8)
     assert bridged["block_skipped_fraction"] < plain["block_skipped_fraction"]
     assert flops.step_flops(shape, 20, 5, mask, kv_preserving=kv_preserving, bridge_rank=0) == plain
+
+
+def test_bridges_stay_fp32_on_a_bf16_backbone():
+    from layerroute.adapters import build_routed_model
+    from layerroute.config import LoraSettings, ModelConfig
+    from layerroute.model import load_base
+
+    cfg = ModelConfig(name="shape:tiny-qwen2", dtype="bfloat16")
+    loaded = load_base(cfg, tokenizer=False)
+    rm = build_routed_model(cfg, RouterConfig(bridge_rank=4), LoraSettings(), loaded=loaded)
+    _randomise_bridges(rm)
+    layer = find_routed_layers(rm.model)[1]
+    assert layer.bridge.up.weight.dtype == torch.float32 and next(layer.block.parameters()).dtype == torch.bfloat16
+    ids, mask = random_batch()
+    logits = _logits(rm, ids, mask, PATTERN)
+    assert torch.isfinite(logits).all()
+    out = routed_generate(rm, [[5, 6, 7]], max_new_tokens=3, eos_token_id=None, forced=PATTERN)
+    assert len(out.tokens[0]) == 3

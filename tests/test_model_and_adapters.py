@@ -34,6 +34,12 @@ def test_params_cli_prints_json():
     )
     counts = json.loads(out.stdout.strip().splitlines()[-1])
     assert counts["trainable"] == 1_102_872 and counts["router"] == 21_528
+    out = subprocess.run(
+        [sys.executable, "-m", "layerroute.cli", "params", "--model", "shape:qwen2.5-0.5b", "--bridge-rank", "16",
+         "--json"], capture_output=True, text=True, check=True,
+    )
+    counts = json.loads(out.stdout.strip().splitlines()[-1])
+    assert counts["bridge"] == 24 * 2 * 896 * 16 and counts["trainable"] == 1_102_872 + 688_128
 
 
 def test_mlp_router_counts():
