@@ -94,24 +94,32 @@ def test_smoke_config_trains_and_only_routers_and_lora_move(tmp_path):
         assert torch.equal(saved[name].detach(), after[name].detach()), name
 
 
+class Interrupted(Exception):
+    pass
+
+
+def _die_after_checkpoint(monkeypatch, at_step: int):
+    """Make Trainer.save_checkpoint raise Interrupted right after writing step `at_step` (the machine went away);
+    returns the original method, to put back before resuming."""
+    original = Trainer.save_checkpoint
+
+    def save_then_die(self, step):
+        path = original(self, step)
+        if step == at_step:
+            raise Interrupted
+        return path
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
+    return original
+
+
 def test_resume_gives_identical_parameters(tmp_path, smoke_data, monkeypatch):
     overrides = ("train.steps=6", "train.checkpoint_every=3", "train.eval_every=0")
     straight = Trainer(smoke_cfg(*overrides), tmp_path / "straight", data=smoke_data)
     straight.run()
     expected = trainable_state(straight)
 
-    class Interrupted(Exception):
-        pass
-
-    original = Trainer.save_checkpoint
-
-    def save_then_die(self, step):
-        path = original(self, step)
-        if step == 3:
-            raise Interrupted  # the machine went away right after the checkpoint
-        return path
-
-    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
+    original = _die_after_checkpoint(monkeypatch, 3)
     with pytest.raises(Interrupted):
         Trainer(smoke_cfg(*overrides), tmp_path / "split", data=smoke_data).run()
     monkeypatch.setattr(Trainer, "save_checkpoint", original)
@@ -798,18 +806,7 @@ def test_skip_bridges_are_fitted_before_training_train_where_skipped_and_resume(
     for layer in find_routed_layers(loaded.model):
         assert torch.equal(layer.bridge.up.weight, bridges[layer.index].up.weight)
 
-    class Interrupted(Exception):
-        pass
-
-    original = Trainer.save_checkpoint
-
-    def save_then_die(self, step):
-        path = original(self, step)
-        if step == 2:
-            raise Interrupted
-        return path
-
-    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
+    original = _die_after_checkpoint(monkeypatch, 2)
     split = Trainer(smoke_cfg(*overrides), tmp_path / "split", data=smoke_data)
     split.setup()
     _close_blocks_1_and_3(split)
