@@ -17,6 +17,8 @@ manager. Modes:
   later step that runs the block finds a complete cache. With ``exact`` it writes nothing (use `RoutedCache`).
   When the rows of a batch disagree, the block runs on the rows that run it only (gathered; `_RowsCache` keeps
   the cache layer one entry per row), so each row gets exactly its own decisions.
+- With a skip bridge (``layer.bridge``, `layerroute.bridge`) a closed gate returns ``h + bridge(norm(h))`` instead
+  of ``h``, in every mode.
 
 The decision for block l reads the hidden states *entering* block l, pooled over the decision mask (context
 positions only). It never sees the step's own target tokens, so a decision made in training can be made at
@@ -218,12 +220,12 @@ class RoutedLayer(nn.Module):
                 return hidden_states + g * (out - hidden_states)
             # The straight-through gate's value is 0 or 1 only up to rounding (hard + prob - prob), and a bridge
             # under an open gate must get exactly no gradient: Adam turns a 1e-8 gradient into a full-size step.
-            # So the value mixes with the exact hard gate, and `st` (exactly 0 in value) carries the router's
+            # So the value mixes with the exact hard gate, and `through` (exactly 0 in value) carries the router's
             # gradient, d/dg = block(h) - (h + bridge).
             hard = g.detach().round()
-            st = g - g.detach()
+            through = g - g.detach()
             closed = self.skipped(hidden_states)
-            return hard * out + (1 - hard) * closed + st * (out - closed)
+            return hard * out + (1 - hard) * closed + through * (out - closed)
         # skip mode: decide once per step (prefill), reuse during decode
         if self.decision is None:
             self.decision = self.decide(hidden_states).detach()
