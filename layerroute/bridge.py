@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .data.collate import collate_steps, length_grouped_batches
+from .errors import ConfigError
 from .routed import find_routed_layers, routing
 
 
@@ -50,6 +51,8 @@ def install_bridges(model: nn.Module, rank: int) -> int:
             raise ValueError(f"routed layer {layer.index} already has a bridge")
         ref = next(layer.block.parameters())
         hidden = layer.block.input_layernorm.weight.shape[0]
+        if rank > hidden:
+            raise ConfigError(f"router.bridge_rank {rank} exceeds the model's hidden size {hidden}")
         layer.bridge = SkipBridge(hidden, rank).to(device=ref.device)
         count += sum(p.numel() for p in layer.bridge.parameters())
     return count

@@ -159,6 +159,8 @@ def test_bridges_save_and_load_with_the_adapter(tmp_path):
 def test_bridge_rank_is_validated_naming_the_flag():
     with pytest.raises(ConfigError, match="router.bridge_rank"):
         RouterConfig(bridge_rank=-1)
+    with pytest.raises(ConfigError, match="router.bridge_rank 65 exceeds"):
+        tiny_routed(router=RouterConfig(bridge_rank=65))  # hidden 64
 
 
 @pytest.mark.parametrize("kv_preserving", [False, True])
