@@ -27,9 +27,14 @@ def _available(module: str) -> bool:
 
 
 def stages(config: str, out: Path) -> list[tuple[str, str, list[str]]]:
+    from .config import RunConfig
+
     adapter = out / "train" / "adapter"
+    cfg = RunConfig.from_yaml(config, [])  # the counts of what this config trains (router kind, bridges, LoRA rank)
     return [
-        ("parameter counts", "layerroute.cli", ["params", "--model", "smollm2-135m-instruct"]),
+        ("parameter counts", "layerroute.cli",
+         ["params", "--model", cfg.model.name, "--router-kind", cfg.router.kind, "--lora-r", str(cfg.lora.r),
+          "--bridge-rank", str(cfg.router.bridge_rank)]),
         ("data stats", "layerroute.data.cli", ["data", "--config", config, "--stats"]),
         ("training", "layerroute.train", ["train", "--config", config, "--output-dir", str(out / "train")]),
         ("evaluation", "layerroute.evaluate",

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,3 +140,11 @@ def test_real_offline_model_open_gates_reproduce_plain_logits():
         routed = rm.model(input_ids=ids).logits
     assert (routed - plain).abs().max().item() < 1e-4
     unwrap_model(rm.model)
+
+
+def test_demo_counts_the_parameters_its_config_trains():
+    from layerroute.demo import stages
+
+    params = stages("configs/offline-smollm2.yaml", Path("runs/x"))[0][2]
+    assert params[:3] == ["params", "--model", "smollm2-135m-instruct"]
+    assert params[params.index("--bridge-rank") + 1] == "16" and params[params.index("--lora-r") + 1] == "8"
