@@ -102,7 +102,8 @@ block_drop:0 oracle_first_order:0 mlp_router:0 influence_oracle:0 influence_stop
 influence_stopgrad:2 influence_stopgrad_kd:0 drop_nll_stopgrad:0 drop_nll_stopgrad:1 drop_nll_stopgrad:2
 influence_stopgrad_150steps:0 block_drop:1 block_drop:2 oracle_first_order:1 oracle_first_order:2 mlp_router:1
 distill:0 pool_last:0 mlp_router:2 pool_last_turn:0 pool_last_turn:1 pool_last_turn:2 pool_last:1 distill:1
-pool_last:2"
+pool_last:2 distill:2 bridge_drop_nll_stopgrad:0 bridge_drop_nll_stopgrad:1 bridge_drop_nll_stopgrad:2
+bridge_drop_errors_stopgrad_skip10:0 warm_fixed_stopgrad_skip10_200steps:0 warm_bridge_drop_errors_stopgrad_skip10:0"
 # the pairs that `--accuracy` (48 tool-call steps) and `--prompt-full-depth` evaluate when none are named (RESULTS.md,
 # session 4)
 ACCURACY_PAIRS="drop_nll_stopgrad:0 drop_nll_stopgrad_skip20:0 drop_nll_stopgrad_skip10:0 paper_soft_mean:0
