@@ -126,6 +126,18 @@ def turn_token_id(router_cfg: RouterConfig, tokenizer) -> int | None:
     return int(found)
 
 
+def _route(model: nn.Module, router_cfg: RouterConfig, tokenizer) -> RoutingState:
+    """Wrap every block of `model` with its router (and skip bridge, when router.bridge_rank > 0), before peft, which
+    then wraps them like every other module: the one construction of a new model and of a loaded adapter."""
+    state = wrap_model(
+        model, router_factory(model.config.hidden_size, router_cfg), pooling=router_cfg.pooling,
+        threshold=router_cfg.threshold, turn_token_id=turn_token_id(router_cfg, tokenizer),
+    )
+    if router_cfg.bridge_rank:
+        install_bridges(model, router_cfg.bridge_rank)
+    return state
+
+
 def build_routed_model(
     model_cfg: ModelConfig,
     router_cfg: RouterConfig | None = None,
@@ -137,12 +149,7 @@ def build_routed_model(
     lora_cfg = lora_cfg or LoraSettings()
     loaded = loaded or load_base(model_cfg)
     model = loaded.model
-    state = wrap_model(
-        model, router_factory(model.config.hidden_size, router_cfg), pooling=router_cfg.pooling,
-        threshold=router_cfg.threshold, turn_token_id=turn_token_id(router_cfg, loaded.tokenizer),
-    )
-    if router_cfg.bridge_rank:  # before peft, which then wraps them like every other module
-        install_bridges(model, router_cfg.bridge_rank)
+    state = _route(model, router_cfg, loaded.tokenizer)
     if lora_cfg.enabled:
         model = apply_lora(model, lora_cfg)
     else:
@@ -269,12 +276,7 @@ def load_adapter(
         loaded = load_base(model_cfg)
     check_base_matches(meta, loaded.identity, directory)
     model = loaded.model
-    state = wrap_model(
-        model, router_factory(model.config.hidden_size, router_cfg), pooling=router_cfg.pooling,
-        threshold=router_cfg.threshold, turn_token_id=turn_token_id(router_cfg, loaded.tokenizer),
-    )
-    if router_cfg.bridge_rank:
-        install_bridges(model, router_cfg.bridge_rank)
+    state = _route(model, router_cfg, loaded.tokenizer)
     if lora_cfg.enabled:
         if not (directory / "adapter_model.safetensors").is_file():
             raise AdapterError(f"{directory} has LoRA enabled but no adapter_model.safetensors")

@@ -86,22 +86,24 @@ def fit_bridges(rm, steps, batch_size: int, pad_id: int, seed: int = 0, ridge: f
     if not steps:
         raise ValueError("fit_bridges needs at least one calibration step")
     d = layers[0].bridge.down.in_features
-    gram = [torch.zeros(d, d, dtype=torch.float64) for _ in layers]
-    cross = [torch.zeros(d, d, dtype=torch.float64) for _ in layers]
-    energy = [0.0 for _ in layers]  # ||D||^2 per block
-    mask_now: dict = {}
+    # accumulated where the model runs (no per-block copy of every token to the host), in float64
+    acc = {"dtype": torch.float64, "device": rm.device}
+    gram = [torch.zeros(d, d, **acc) for _ in layers]
+    cross = [torch.zeros(d, d, **acc) for _ in layers]
+    energy = [torch.zeros((), **acc) for _ in layers]  # ||D||^2 per block
+    keep_now: dict = {}  # the current batch's non-padding positions, flattened
 
     def hook(i):
         def fn(block, args, out):
             h = args[0] if args else None
             if h is None or not torch.is_tensor(out):
                 return
-            keep = mask_now["mask"].reshape(-1).bool()
-            x = block.input_layernorm(h).reshape(-1, d)[keep].double().cpu()
-            delta = (out - h).reshape(-1, d)[keep].double().cpu()
+            keep = keep_now["keep"]
+            x = block.input_layernorm(h).reshape(-1, d)[keep].double()
+            delta = (out - h).reshape(-1, d)[keep].double()
             gram[i].add_(x.T @ x)
             cross[i].add_(x.T @ delta)
-            energy[i] += float((delta * delta).sum())
+            energy[i].add_((delta * delta).sum())
         return fn
 
     handles = [layer.block.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
@@ -111,7 +113,7 @@ def fit_bridges(rm, steps, batch_size: int, pad_id: int, seed: int = 0, ridge: f
         for batch_idx in length_grouped_batches(steps, batch_size, seed=seed):
             batch = collate_steps([steps[i] for i in batch_idx], pad_id)
             mask = batch["attention_mask"].to(rm.device)
-            mask_now["mask"] = mask
+            keep_now["keep"] = mask.reshape(-1).bool()
             with routing(rm.model, "mix", forced="open"):
                 rm.model(input_ids=batch["input_ids"].to(rm.device), attention_mask=mask)
     finally:
@@ -125,6 +127,7 @@ def fit_bridges(rm, steps, batch_size: int, pad_id: int, seed: int = 0, ridge: f
         bridge.down.weight.copy_(down.T.to(bridge.down.weight.dtype))
         bridge.up.weight.copy_(up.T.to(bridge.up.weight.dtype))
         w = down @ up  # ||X W - D||^2 = tr(W^T G W) - 2 tr(W^T C) + ||D||^2: no token kept in memory
-        resid = float(torch.trace(w.T @ gram[i] @ w) - 2 * torch.trace(w.T @ cross[i])) + energy[i]
-        explained.append(1.0 - resid / energy[i] if energy[i] > 0 else 0.0)
+        total = float(energy[i])
+        resid = float(torch.trace(w.T @ gram[i] @ w) - 2 * torch.trace(w.T @ cross[i])) + total
+        explained.append(1.0 - resid / total if total > 0 else 0.0)
     return explained

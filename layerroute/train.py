@@ -582,8 +582,7 @@ class Trainer:
 
             calib = [s for s in self.train_steps if s.step_type == "tool_call"][: tc.bridge_calibration_steps]
             calib = calib or self.train_steps[: tc.bridge_calibration_steps]
-            with without_dropout(rm.model):
-                explained = fit_bridges(rm, calib, tc.batch_size, self.pad_id, tc.seed)
+            explained = fit_bridges(rm, calib, tc.batch_size, self.pad_id, tc.seed)  # in eval mode, then back
             self.bridge_explained = explained
             self._print(f"[setup] skip bridges (rank {self.cfg.router.bridge_rank}) fitted on {len(calib)} steps: "
                         "share of each block's update explained " + " ".join(f"{e:.2f}" for e in explained))
