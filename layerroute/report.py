@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import matplotlib
@@ -108,9 +109,14 @@ def _honest_table(doc: dict) -> list[str]:
 
 
 def _save(fig, path: Path) -> None:
+    """Write the figure whole, then rename it into place (a crash never leaves half a picture), and close it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
     fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")  # keeps a legend or title outside the axes in the picture
+    # bbox_inches="tight" keeps a legend or title outside the axes in the picture
+    fig.savefig(tmp, dpi=120, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
+    os.replace(tmp, path)
 
 
 def plot_heatmap(doc: dict, path: Path) -> None:

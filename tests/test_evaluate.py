@@ -273,3 +273,39 @@ def test_paired_accuracy_script_compares_two_evaluations_step_by_step(tmp_path):
     assert mixed.returncode == 0 and out["b"]["config"] == "x:routed" and out["b_minus_a"]["only_b"] == 1
     wrong = run(f"{tmp_path}/ref.json:routed", f"{tmp_path}/em.json:3")
     assert wrong.returncode != 0 and "side index 0..0" in wrong.stderr
+
+
+def test_plot_exact_match_pairs_every_point_with_the_reference_and_writes_the_picture(tmp_path):
+    import subprocess
+    import sys
+
+    ids = ["a", "b", "c", "d"]
+
+    def side(name, verdicts, skip, step_ids=ids):
+        return {"adapter": name, "config": "routed", "teacher_forced_exact": sum(verdicts) / len(verdicts),
+                "block_skip": skip,
+                "samples": [{"conversation_id": c, "correct": v} for c, v in zip(step_ids, verdicts, strict=True)]}
+
+    (tmp_path / "em.json").write_text(json.dumps({"benchmark": "exact_match_all", "sides": [
+        side("ref", [1, 1, 1, 0], 0.0), side("x", [1, 0, 0, 0], 0.3), side("y", [1, 1, 0, 1], 0.1),
+        side("z", [1, 1, 1, 1], 0.1, ["a", "b", "c", "e"])]}))
+    script = os.path.join(HERE, "..", "benchmarks", "plot_exact_match.py")
+    png = tmp_path / "plots" / "frontier.png"
+
+    def run(*args):
+        return subprocess.run([sys.executable, script, "--reference", f"{tmp_path}/em.json:0=full depth", *args,
+                               "--output", str(png)], capture_output=True, text=True)
+
+    ok = run(f"{tmp_path}/em.json:1=nine blocks", f"{tmp_path}/em.json:2")
+    assert ok.returncode == 0, ok.stderr
+    out = json.loads(ok.stdout.strip().splitlines()[-1])
+    assert out["reference"]["reference_config"] == "full depth"
+    assert [(p["label"], p["block_skip"], p["diff_points"]) for p in out["points"]] == [
+        ("nine blocks", 0.3, -50.0), ("y:routed", 0.1, 0.0)]
+    lo, hi = out["points"][0]["diff_ci95"]
+    assert lo <= -50.0 <= hi
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(png.parent.glob(".*.tmp"))
+    other_steps = run(f"{tmp_path}/em.json:3")  # scored on different steps: refused, nothing plotted
+    assert other_steps.returncode != 0 and "same eval steps" in other_steps.stderr
+    empty_label = run(f"{tmp_path}/em.json:1=")
+    assert empty_label.returncode != 0 and "non-empty label" in empty_label.stderr
