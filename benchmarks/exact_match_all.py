@@ -9,8 +9,9 @@ paired with the first: the difference in points with a 95% bootstrap interval ov
 lora_full_depth, routed (the routers decide), or skip=4,10,25 (LoRA on, those blocks removed from every step).
 A `+bridge` suffix (skip=4,10,25+bridge, routed+bridge) first gives every block a skip bridge of rank
 --bridge-rank fitted in closed form on the first --bridge-steps tool-call training steps (`layerroute.bridge`):
-what a linear stand-in recovers without any training. `--reference EARLIER.json` pairs every side with the first
-side of an earlier result on the same steps instead of scoring a reference again (the step ids must match).
+what a linear stand-in recovers without any training. `--reference EARLIER.json[:N]` pairs every side with the N-th
+side (default the first) of an earlier result on the same steps instead of scoring a reference again (the step ids
+must match).
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/exact_match_all.py \\
         --side runs/ablation/lora_only-s0/train/adapter:lora_full_depth \\
@@ -42,6 +43,20 @@ from layerroute.routed import find_routed_layers
 
 CONFIGS = ("lora_full_depth", "routed", "skip=BLOCKS")
 BRIDGE = "+bridge"
+
+
+def load_reference(spec: str) -> tuple[dict, list[str]]:
+    """RESULT.json[:N] -> (the N-th side of an earlier exact_match_all result, the step ids it was scored on)."""
+    path, sep, index = spec.rpartition(":")
+    if not (sep and index.isdigit()):
+        path, index = spec, "0"
+    try:
+        earlier = json.loads(Path(path).read_text())
+        return earlier["sides"][int(index)], earlier["step_ids"]
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--reference {spec}: cannot read an exact_match_all result ({e})") from None
+    except (KeyError, IndexError):
+        raise SystemExit(f"--reference {spec}: not an exact_match_all result with a side {index}") from None
 
 
 def parse_side(spec: str) -> tuple[str, str, set[int] | None, bool]:
@@ -96,14 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bridge-steps", type=int, default=32,
                         help="tool-call training steps the +bridge sides fit their bridges on")
     parser.add_argument("--output", default=None, help="also write the JSON line here (atomically)")
-    parser.add_argument("--reference", default=None, metavar="RESULT.json",
-                        help="pair every side with the first side of this earlier result (same steps) instead")
+    parser.add_argument("--reference", default=None, metavar="RESULT.json[:N]",
+                        help="pair every side with the N-th side (default the first, 0) of this earlier result "
+                             "(same steps) instead")
     args = parser.parse_args(argv)
     if args.max_steps < 0:
         parser.error("--max-steps must be >= 0")
     if args.bridge_rank < 1 or args.bridge_steps < 1:
         parser.error("--bridge-rank and --bridge-steps must be >= 1")
     sides = [parse_side(s) for s in args.side]
+    reference = load_reference(args.reference) if args.reference else None  # a bad one fails before any scoring
 
     t0 = time.perf_counter()
     cfg = RunConfig.from_yaml(args.config, args.overrides)
@@ -117,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             steps = steps[: args.max_steps] if args.max_steps else steps
             calibration = [s for s in split.train if s.step_type == "tool_call"][: args.bridge_steps]
             tokenizer_vocab = len(rm.tokenizer)
+            if reference and reference[1] != [s.id for s in steps]:
+                raise SystemExit(f"--reference {args.reference}: scored on other steps than these {len(steps)}")
         elif len(rm.tokenizer) != tokenizer_vocab:
             raise SystemExit(f"{adapter}: its tokenizer differs from the first side's; sides must share a base model")
         extra = {}
@@ -133,11 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[exact-all] {adapter}:{config}: exact {side['teacher_forced_exact']:.3f} token errors "
               f"{side['token_error_rate']:.4f} ppl {side['ppl']:.3f} block skip {side['block_skip']:.3f}", flush=True)
         del rm
-    if args.reference:
-        earlier = json.loads(Path(args.reference).read_text())
-        if earlier.get("step_ids") != [s.id for s in steps]:
-            raise SystemExit(f"--reference {args.reference}: scored on other steps than these {len(steps)}")
-        scored.insert(0, {**earlier["sides"][0], "from": args.reference})
+    if reference:
+        scored.insert(0, {**reference[0], "from": args.reference})
         scored[0].pop("paired_vs_first", None)
     for side in scored[1:]:
         side["paired_vs_first"] = paired_accuracy(scored[0], side, cfg.eval.bootstrap, cfg.eval.seed)

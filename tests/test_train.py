@@ -755,6 +755,15 @@ def test_exact_match_all_pairs_every_side_with_the_first(tmp_path, smoke_data, c
     with pytest.raises(SystemExit, match="other steps"):
         bench.main(["--config", str(SMOKE), "--side", f"{adapter}:routed", "--max-steps", "3",
                     "--reference", str(first_out)])
+    # RESULT.json:N pairs with its N-th side (here the bridged one); an index it lacks fails before any scoring
+    again = tmp_path / "em_again.json"
+    assert bench.main(["--config", str(SMOKE), "--side", f"{adapter}:lora_full_depth", "--max-steps", "4",
+                       "--reference", f"{out}:1", "--output", str(again)]) == 0
+    ref_again, full = json.loads(again.read_text())["sides"]
+    assert ref_again["config"] == "skip=0,2+bridge" and ref_again["errors"] == bridged["errors"]
+    assert full["paired_vs_first"]["n"] == 4 and "paired_vs_first" not in ref_again
+    with pytest.raises(SystemExit, match="with a side 5"):
+        bench.main(["--side", "no/such/adapter:routed", "--reference", f"{out}:5"])
 
 
 def test_init_lora_starts_from_a_saved_adapters_lora_and_refuses_a_mismatch(tmp_path, smoke_data):
