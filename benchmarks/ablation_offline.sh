@@ -85,10 +85,15 @@ declare -A RECIPE=(
   # trained with LoRA where its block is skipped; 3 blocks (as drop_errors_stopgrad_skip10) and 9 (as the default)
   [bridge_drop_errors_stopgrad_skip10]="$INFL --set train.oracle_source=drop_errors --set train.oracle_calibration_steps=8 --set train.oracle_skip_tool=0.1 --set router.bridge_rank=16"
   [bridge_drop_nll_stopgrad]="$INFL --set train.oracle_source=drop_nll --set train.oracle_calibration_steps=8 --set router.bridge_rank=16"
-  # ... trained 4x as long (200 steps): bridges and more steps on the skipped path together, at the default's 9 blocks
-  [bridge_drop_nll_stopgrad_200steps]="$INFL --set train.oracle_source=drop_nll --set train.oracle_calibration_steps=8 --set router.bridge_rank=16 --set train.steps=200"
   # ... warm-started from the full-depth LoRA of the same seed (bridges fitted on it, costs measured with them)
   [warm_bridge_drop_errors_stopgrad_skip10]="$INFL --set train.oracle_source=drop_errors --set train.oracle_calibration_steps=8 --set train.oracle_skip_tool=0.1 --set router.bridge_rank=16 --set train.init_lora=$OUT/lora_only-s@SEED@/train/adapter"
+  # bridge_drop_nll_stopgrad (the default) trained 4x as long (200 steps): bridges and more steps on the skipped path
+  # together, at the default's 9 blocks (session 8)
+  [bridge_drop_nll_stopgrad_200steps]="$INFL --set train.oracle_source=drop_nll --set train.oracle_calibration_steps=8 --set router.bridge_rank=16 --set train.steps=200"
+  # bridge_drop_nll_stopgrad with the 9 blocks grown one at a time (each the block whose removal together with those
+  # already chosen, bridges in place, adds the least NLL on the same 8 calibration steps) instead of the 9 cheapest
+  # single removals (session 8)
+  [bridge_greedy_nll_stopgrad]="$INFL --set train.oracle_source=greedy_nll --set train.oracle_calibration_steps=8 --set router.bridge_rank=16"
   # the accuracy reference: the same training with no block ever a skip target (routers taught to stay open), so
   # LoRA is trained at full depth only, not for a skipped path too
   [lora_only]="$INFL --set train.oracle_skip_tool=0.0"
@@ -108,7 +113,7 @@ influence_stopgrad_150steps:0 block_drop:1 block_drop:2 oracle_first_order:1 ora
 distill:0 pool_last:0 mlp_router:2 pool_last_turn:0 pool_last_turn:1 pool_last_turn:2 pool_last:1 distill:1
 pool_last:2 distill:2 bridge_drop_nll_stopgrad:0 bridge_drop_nll_stopgrad:1 bridge_drop_nll_stopgrad:2
 bridge_drop_errors_stopgrad_skip10:0 warm_fixed_stopgrad_skip10_200steps:0 warm_bridge_drop_errors_stopgrad_skip10:0
-bridge_drop_nll_stopgrad_200steps:0 lora_only_200steps:0"
+bridge_drop_nll_stopgrad_200steps:0 lora_only_200steps:0 bridge_greedy_nll_stopgrad:0"
 # the pairs that `--accuracy` (48 tool-call steps) and `--prompt-full-depth` evaluate when none are named (RESULTS.md,
 # session 4)
 ACCURACY_PAIRS="drop_nll_stopgrad:0 drop_nll_stopgrad_skip20:0 drop_nll_stopgrad_skip10:0 paper_soft_mean:0
@@ -132,7 +137,8 @@ table() {
                 drop_errors_stopgrad drop_errors_stopgrad_skip10 greedy_errors_stopgrad_skip10 \
                 warm_drop_errors_stopgrad_skip10 warm_fixed_stopgrad_skip10 warm_fixed_stopgrad_skip10_200steps lora_only \
                 pool_last_turn bridge_drop_errors_stopgrad_skip10 bridge_drop_nll_stopgrad \
-                warm_bridge_drop_errors_stopgrad_skip10 bridge_drop_nll_stopgrad_200steps lora_only_200steps; do
+                warm_bridge_drop_errors_stopgrad_skip10 bridge_drop_nll_stopgrad_200steps lora_only_200steps \
+                bridge_greedy_nll_stopgrad; do
       compgen -G "$OUT/$name-s*/${kind%%:*}/eval.json" > /dev/null &&
         args+=(--recipe "$name=$OUT/$name-s*/${kind%%:*}/eval.json")
     done
