@@ -112,10 +112,12 @@ def _save(fig, path: Path) -> None:
     """Write the figure whole, then rename it into place (a crash never leaves half a picture), and close it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    fig.tight_layout()
-    # bbox_inches="tight" keeps a legend or title outside the axes in the picture
-    fig.savefig(tmp, dpi=120, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
+    try:
+        fig.tight_layout()
+        # bbox_inches="tight" keeps a legend or title outside the axes in the picture
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)  # a failed save must not leak the figure into the next one
     os.replace(tmp, path)
 
 
