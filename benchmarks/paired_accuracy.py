@@ -37,7 +37,8 @@ def load_side(spec: str, step_type: str) -> tuple[str, str, dict]:
                              f"not {config!r}") from None
         exact = side["teacher_forced_exact"]
         return path, f"{side['adapter']}:{side['config']}", {"accuracy": exact, "teacher_forced_exact": exact,
-                                                            "samples": side["samples"]}
+                                                            "samples": side["samples"],
+                                                            "block_skip": side.get("block_skip")}
     scored = (doc.get("accuracy") or {}).get(step_type) or {}
     if config not in scored:
         raise SystemExit(f"{path}: no {step_type} accuracy for {config!r} (has: {sorted(scored) or 'none'})")

@@ -18,7 +18,6 @@ The last line printed is the JSON of the plotted points (label, skip, exact matc
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from paired_accuracy import load_side  # the sibling script (this script's folder is on sys.path)
@@ -38,26 +37,20 @@ def parse_point(spec: str) -> tuple[str, str | None]:
     return side, label or None
 
 
-def side_skip(spec: str) -> float:
-    """The block-FLOP fraction a side skipped on its tool-call steps (recorded by exact_match_all)."""
-    path, _, index = spec.rpartition(":")
-    return float(json.loads(Path(path).read_text())["sides"][int(index)]["block_skip"])
-
-
 def points(reference: str, specs: list[str], resamples: int, seed: int) -> list[dict]:
     reference, ref_label = parse_point(reference)
     _, ref_name, ref = load_side(reference, "tool_call")
     out = []
     for spec in specs:
         side, label = parse_point(spec)
-        path, name, scored = load_side(side, "tool_call")
-        if "samples" not in scored:
+        _, name, scored = load_side(side, "tool_call")
+        if scored.get("block_skip") is None:  # the skip it was scored at: recorded by exact_match_all only
             raise SystemExit(f"{side}: not an exact_match_all side (expected RESULT.json:N)")
         try:
             paired = paired_accuracy(ref, scored, resamples, seed)
         except ValueError as e:
             raise SystemExit(f"{side} vs {reference}: {e} (were both scored on the same eval steps?)") from None
-        out.append({"label": label or name, "side": side, "block_skip": side_skip(side),
+        out.append({"label": label or name, "side": side, "block_skip": scored["block_skip"],
                     "teacher_forced_exact": scored["teacher_forced_exact"], "diff_points": paired["diff_points"],
                     "diff_ci95": paired["diff_ci95"], "n": paired["n"]})
     return [{"reference": reference, "reference_config": ref_label or ref_name,
