@@ -9,6 +9,10 @@
 #   benchmarks/ablation_offline.sh --table               # only the table, from the finished evaluations
 #   benchmarks/ablation_offline.sh --accuracy [PAIRS]    # + tool-call accuracy on 48 steps
 #                                                        #   (LoRA full depth vs routed, paired) in <run>/eval_accuracy
+#   benchmarks/ablation_offline.sh --splits [PAIRS]      # + free-running accuracy on each split's own draw
+#                                                        #   (full: 32 tool-call / 8 planning steps; length-matched:
+#                                                        #   all 47 tool-call / 8 planning), LoRA full depth, routed
+#                                                        #   and both equal-FLOP baselines, in <run>/eval_splits
 #   benchmarks/ablation_offline.sh --prompt-full-depth [PAIRS]  # the same, with each step's context run
 #                                                        #   through every block (skipping for the step's own tokens
 #                                                        #   only), in <run>/eval_accuracy_prompt_full_depth
@@ -25,6 +29,10 @@ EVAL="--set eval.thresholds=[] --set eval.max_steps_per_type=12 --set eval.accur
 # steps: 242 BFCL live_*, 75 held-out steps of the seen categories), scored for LoRA full depth and routed only (the
 # pair the accuracy target compares, step by step)
 ACC_EVAL="$EVAL --set eval.accuracy_steps_per_type={\"tool_call\":48,\"planning\":4} --set eval.accuracy_configs=[lora_full_depth,routed]"
+# the same harness with free-running accuracy on both splits (issue 8's table: BFCL AST on the unseen live_* steps
+# and GSM8K-style exact match, full and length-matched), each split from its own draw, a step in both generated once
+# per configuration; base is left out (LoRA off and every block open: the same for every adapter)
+SPLIT_EVAL="$EVAL --set eval.accuracy_steps_per_type={\"tool_call\":32,\"planning\":8} --set eval.accuracy_length_matched_per_type={\"tool_call\":47,\"planning\":8} --set eval.accuracy_configs=[lora_full_depth,routed,shortgpt,random]"
 # plus, the offline default before influence_stopgrad: a per-step-type penalty (lambda 4 on tool calls, -1 on
 # planning), the LM loss reaching the routers through the straight-through gate, router lr 1e-3
 PLUS="--set router.bridge_rank=0 --set train.regularizer=hard_ste --set train.reg_weight=4.0 --set train.reg_weight_planning=-1.0 --set train.router_loss=none --set train.bce_weight=1.0 --set train.router_lr=1e-3 --set train.router_lm_grad=true"
@@ -123,12 +131,16 @@ warm_fixed_stopgrad_skip10:0 warm_fixed_stopgrad_skip10:1"
 # (trains the recipes that are not there first, lora_only:N before warm_*:N; session 5 added drop_errors_*,
 # lora_only:0; session 6 the rest)
 PROMPT_PAIRS="drop_nll_stopgrad:0 drop_nll_stopgrad_skip10:0 drop_nll_stopgrad_prompt_full:0"
+# the pairs that `--splits` evaluates when none are named (session 9): the paper's recipe and the default, 3 seeds
+SPLIT_PAIRS="paper_soft_mean:0 bridge_drop_nll_stopgrad:0 paper_soft_mean:1 bridge_drop_nll_stopgrad:1
+paper_soft_mean:2 bridge_drop_nll_stopgrad:2"
 
 table() {
   # one table per kind of evaluation: eval/ -> table, eval_accuracy/ -> table_accuracy (48 tool-call steps per
-  # seed), eval_accuracy_prompt_full_depth/ -> table_prompt_full_depth
+  # seed), eval_accuracy_prompt_full_depth/ -> table_prompt_full_depth, eval_splits/ -> table_splits
   local kind args name
-  for kind in eval:table eval_accuracy:table_accuracy eval_accuracy_prompt_full_depth:table_prompt_full_depth; do
+  for kind in eval:table eval_accuracy:table_accuracy eval_accuracy_prompt_full_depth:table_prompt_full_depth \
+              eval_splits:table_splits; do
     args=()
     for name in paper_soft_mean hard_ste budget block_drop distill drop_distill oracle_first_order mlp_router typed1 \
                 typed3 typed1_pgclip typed1_pgclip_spread typed2_neg_pgclip_spread plus influence_oracle \
@@ -150,6 +162,7 @@ if [ "${1:-}" = "--table" ]; then table; exit 0; fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 EVAL_DIR=eval
 if [ "${1:-}" = "--accuracy" ]; then shift; EVAL=$ACC_EVAL; EVAL_DIR=eval_accuracy; ALL=$ACCURACY_PAIRS; fi
+if [ "${1:-}" = "--splits" ]; then shift; EVAL=$SPLIT_EVAL; EVAL_DIR=eval_splits; ALL=$SPLIT_PAIRS; fi
 if [ "${1:-}" = "--prompt-full-depth" ]; then
   shift; EVAL="$ACC_EVAL --set eval.prompt_full_depth=true"; EVAL_DIR=eval_accuracy_prompt_full_depth
   ALL=$PROMPT_PAIRS

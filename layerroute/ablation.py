@@ -24,7 +24,7 @@ from .evaluate import STEP_TYPES, _write_json, aggregate_seeds, read_per_adapter
 SPLITS = ("full", "length_matched")
 # quality columns: the four configurations of the evaluation plus the equal-FLOP baselines
 QUALITY = ("base", "lora_full_depth", "routed", "routed_no_lora", "shortgpt", "random")
-ACCURACY = ("base", "lora_full_depth", "routed", "shortgpt")
+ACCURACY = ("base", "lora_full_depth", "routed", "shortgpt", "random")
 
 
 def parse_recipe(spec: str) -> tuple[str, list[str]]:
@@ -102,26 +102,47 @@ def markdown(agg: dict) -> str:
             for t in STEP_TYPES:
                 cells = [_cell(e[split].get(f"{t}.ppl.{c}"), seeds=e["seeds"]) for c in QUALITY]
                 lines.append(f"| {name} | {split} | {t} | " + " | ".join(cells) + " |")
-    lines += ["", "## Task accuracy (free-running greedy generation with real skipping, full split)", "",
-              "Exact-match rate, mean over seeds; n is the number of steps scored per seed. 'TF exact' is the "
-              "fraction of the same steps whose every target token is the argmax given the gold prefix (greedy "
-              "decoding reproduces them token for token: a lower bound on the accuracy; n/a before session 5).", "",
-              "| recipe | step type | n/seed | " + " | ".join(ACCURACY) + " | routed - LoRA (points) "
+    lines += ["", "## Task accuracy (free-running greedy generation with real skipping)", "",
+              "Exact-match rate (BFCL AST checker for tool calls, final number for GSM8K-style planning), mean over "
+              "seeds; n is the number of steps scored per seed, each split from its own draw (length-matched draws "
+              "from session 9 on). 'TF exact' is the fraction of the same steps whose every target token is the "
+              "argmax given the gold prefix (greedy decoding reproduces them token for token: a lower bound on the "
+              "accuracy; n/a before session 5).", "",
+              "| recipe | split | step type | n/seed | " + " | ".join(ACCURACY) + " | routed - LoRA (points) "
               "| TF exact LoRA | TF exact routed |",
-              "|---|---|---:|" + "---:|" * (len(ACCURACY) + 3)]
+              "|---|---|---|---:|" + "---:|" * (len(ACCURACY) + 3)]
+    unseen_rows = []
     for name, e in agg.items():
-        for t in STEP_TYPES:
-            m = e["full"]
-            n = m.get(f"{t}.accuracy_n.routed")
-            cells = [_cell(m.get(f"{t}.accuracy.{c}"), 1, True, spread=False) for c in ACCURACY]
-            # both are scored on the same steps in each seed, so the difference of means is the paired difference
-            routed, lora = m.get(f"{t}.accuracy.routed"), m.get(f"{t}.accuracy.lora_full_depth")
-            diff = _num(100 * (routed["mean"] - lora["mean"]), 1) if routed and lora else "n/a"
-            tf = [_cell(m.get(f"{t}.accuracy_tf_exact.{c}"), 1, True, spread=False)
-                  for c in ("lora_full_depth", "routed")]
-            lines.append(f"| {name} | {t} | {_num(n['mean'], 0) if n else 'n/a'} | " + " | ".join(cells)
-                         + f" | {diff} | " + " | ".join(tf) + " |")
+        for split in SPLITS:
+            m = e[split]
+            for t in STEP_TYPES:
+                n = m.get(f"{t}.accuracy_n.routed") or m.get(f"{t}.accuracy_n.lora_full_depth")
+                if not n:
+                    continue
+                cells = [_cell(m.get(f"{t}.accuracy.{c}"), 1, True, spread=False) for c in ACCURACY]
+                tf = [_cell(m.get(f"{t}.accuracy_tf_exact.{c}"), 1, True, spread=False)
+                      for c in ("lora_full_depth", "routed")]
+                lines.append(f"| {name} | {split} | {t} | {_num(n['mean'], 0)} | " + " | ".join(cells)
+                             + f" | {_diff(m, t + '.accuracy')} | " + " | ".join(tf) + " |")
+                un = m.get(f"{t}.accuracy_unseen_n.routed") or m.get(f"{t}.accuracy_unseen_n.lora_full_depth")
+                if un:
+                    cells = [_cell(m.get(f"{t}.accuracy_unseen.{c}"), 1, True, spread=False) for c in ACCURACY]
+                    unseen_rows.append(f"| {name} | {split} | {_num(un['mean'], 1)} | " + " | ".join(cells)
+                                       + f" | {_diff(m, t + '.accuracy_unseen')} |")
+    if unseen_rows:
+        lines += ["", "## BFCL AST accuracy on unseen functions (live_* steps of the tool-call draws above)", "",
+                  "The live_* categories are never trained on (eval-only), so these calls name functions the "
+                  "adapter has not seen; n is the mean number of live_* steps per seed in the split's draw.", "",
+                  "| recipe | split | n/seed | " + " | ".join(ACCURACY) + " | routed - LoRA (points) |",
+                  "|---|---|---:|" + "---:|" * (len(ACCURACY) + 1)] + unseen_rows
     return "\n".join(lines) + "\n"
+
+
+def _diff(m: dict, prefix: str) -> str:
+    """Routed minus LoRA full depth in points (both scored on the same steps in each seed, so the difference of the
+    means is the mean paired difference)."""
+    routed, lora = m.get(f"{prefix}.routed"), m.get(f"{prefix}.lora_full_depth")
+    return _num(100 * (routed["mean"] - lora["mean"]), 1) if routed and lora else "n/a"
 
 
 def _style(i: int, plt) -> tuple:

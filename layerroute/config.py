@@ -421,9 +421,13 @@ class EvalConfig:
         "{tool_call: 48, planning: 4}. Drawn from the perplexity sample when it holds that many, else from the "
         "whole eval split (so accuracy can use far more steps than the teacher-forced passes)",
     )
+    accuracy_length_matched_per_type: int | dict = setting(
+        0, "length-matched steps per type also scored by free-running generation (0 = none; a mapping as above). "
+        "Drawn from the whole length-matched split; a step in both draws is generated once",
+    )
     accuracy_configs: list = setting(
         ["base", "lora_full_depth", "routed", "shortgpt"],
-        "configurations scored by free-running generation (shortgpt needs eval.baselines)",
+        "configurations scored by free-running generation (shortgpt and random need eval.baselines)",
     )
     max_new_tokens_tool: int = setting(96, "generation budget for a tool-call step")
     max_new_tokens_planning: int = setting(256, "generation budget for a planning step")
@@ -443,24 +447,29 @@ class EvalConfig:
         _check_choice("eval", "kv_policy", self.kv_policy, ("exact", "kv_preserving"))
         if any(not 0 < t < 1 for t in self.thresholds):
             raise ConfigError(f"eval.thresholds must lie in (0, 1), got {self.thresholds}")
-        counts = self.accuracy_steps_per_type
-        if isinstance(counts, dict):
-            unknown = sorted(set(counts) - {"tool_call", "planning"})
-            if unknown:
-                hint = " (YAML needs a space after the colon: {tool_call: 48})" if ":" in unknown[0] else ""
-                raise ConfigError(f"eval.accuracy_steps_per_type: unknown step type {unknown[0]!r} "
-                                  f"(known: tool_call, planning){hint}")
-            values = list(counts.values())
-        else:
-            values = [counts]
-        if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in values):
-            raise ConfigError(f"eval.accuracy_steps_per_type must be counts >= 0, got {counts!r}")
+        for name in ("accuracy_steps_per_type", "accuracy_length_matched_per_type"):
+            _check_counts_per_type(name, getattr(self, name))
         for c in self.accuracy_configs:
-            _check_choice("eval", "accuracy_configs", c, ("base", "lora_full_depth", "routed", "shortgpt"))
+            _check_choice("eval", "accuracy_configs", c, ("base", "lora_full_depth", "routed", "shortgpt", "random"))
 
-    def accuracy_steps(self, step_type: str) -> int:
-        counts = self.accuracy_steps_per_type
+    def accuracy_steps(self, step_type: str, split: str = "full") -> int:
+        """Steps of this type scored by free-running generation in the draw of `split` (full or length_matched)."""
+        counts = self.accuracy_steps_per_type if split == "full" else self.accuracy_length_matched_per_type
         return counts.get(step_type, 0) if isinstance(counts, dict) else counts
+
+
+def _check_counts_per_type(name: str, counts) -> None:
+    """A count >= 0, or a mapping of step type to such counts (eval.accuracy_* settings)."""
+    if isinstance(counts, dict):
+        unknown = sorted(set(counts) - {"tool_call", "planning"})
+        if unknown:
+            hint = " (YAML needs a space after the colon: {tool_call: 48})" if ":" in unknown[0] else ""
+            raise ConfigError(f"eval.{name}: unknown step type {unknown[0]!r} (known: tool_call, planning){hint}")
+        values = list(counts.values())
+    else:
+        values = [counts]
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in values):
+        raise ConfigError(f"eval.{name} must be counts >= 0, got {counts!r}")
 
 
 RUN_SECTIONS = ("model", "router", "lora", "data", "train", "eval")

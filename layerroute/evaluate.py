@@ -162,22 +162,27 @@ def score_generation(step, text: str) -> tuple[bool, str | None]:
 
 
 def accuracy(rm: RoutedModel, steps, idx: list[int], config: str, cfg: EvalConfig, *, threshold=None,
-             forced=None) -> dict:
+             forced=None, patterns=None) -> dict:
     """Greedy generation with real skipping (LoRA merged) from each step's context; fraction scored correct.
 
-    `samples` keeps one entry per step in `idx` order, so two configurations scored on the same steps can be
-    compared step by step (`paired_accuracy`)."""
+    forced: one gate pattern ([L] bools) for every step (the ShortGPT baseline); patterns: one per step of `idx`
+    (the random-skip baseline). `samples` keeps one entry per step in `idx` order, so two configurations scored on
+    the same steps can be compared step by step (`paired_accuracy`) and any subset re-summarised
+    (`accuracy_subset`)."""
     from .generate import inference_weights, routed_generate
 
+    if patterns is not None and len(patterns) != len(idx):
+        raise ValueError(f"accuracy: {len(patterns)} gate patterns for {len(idx)} steps")
     eos = _eos_ids(rm.tokenizer)
-    correct, failures, samples = 0, defaultdict(int), []
+    samples = []
     # LoRA merged once for the whole loop (merging per call would drift the weights by float error);
     # the base configuration runs with the adapters disabled instead
     weights = rm.lora_disabled() if config == "base" else inference_weights(rm)
-    gates = "open" if config in ("base", "lora_full_depth") else forced
     with weights:
-        for i in tqdm(idx, desc=f"generate {config}", leave=False):
+        for j, i in enumerate(tqdm(idx, desc=f"generate {config}", leave=False)):
             step = steps[i]
+            gates = "open" if config in ("base", "lora_full_depth") else (
+                patterns[j] if patterns is not None else forced)
             budget = cfg.max_new_tokens_tool if step.step_type == "tool_call" else cfg.max_new_tokens_planning
             out = routed_generate(
                 rm, [step.input_ids[: step.context_length]], max_new_tokens=budget, eos_token_id=eos,
@@ -186,28 +191,54 @@ def accuracy(rm: RoutedModel, steps, idx: list[int], config: str, cfg: EvalConfi
             )
             text = rm.tokenizer.decode(out.tokens[0], skip_special_tokens=True)
             ok, reason = score_generation(step, text)
-            correct += ok
-            if not ok:
-                failures[(reason or "wrong").split(":")[0]] += 1
             # kept so that a failure can be read, not only counted (a few hundred characters per step)
-            samples.append({"conversation_id": step.conversation_id, "correct": bool(ok), "reason": reason,
-                            "text": text[:2000]})
+            samples.append({"conversation_id": step.conversation_id, "step_index": step.step_index,
+                            "category": step.category, "correct": bool(ok), "reason": reason, "text": text[:2000]})
     # the same steps teacher-forced: a step with no greedy token error must come out as its target (the check
     # that the cheap proxy `teacher_forced_exact` means what it says, step by step, on real generations)
     chosen = [steps[i] for i in idx]
-    patterns = None
+    tf_patterns = None
     if config in ("base", "lora_full_depth"):
         tf_config = config
+    elif patterns is not None:  # one pattern per step: evaluate's "random" (LoRA on, forced gates)
+        tf_config, tf_patterns = "random", torch.tensor([list(p) for p in patterns], dtype=torch.bool)
     elif forced is None:
         tf_config = "routed"
     else:  # one forced pattern for every step: evaluate's "shortgpt" (LoRA on, forced gates)
-        tf_config, patterns = "shortgpt", torch.tensor([forced] * len(idx))
-    tf = teacher_forced(rm, chosen, tf_config, cfg, threshold=threshold, patterns=patterns,
+        tf_config, tf_patterns = "shortgpt", torch.tensor([forced] * len(idx))
+    tf = teacher_forced(rm, chosen, tf_config, cfg, threshold=threshold, patterns=tf_patterns,
                         desc=f"teacher-forced {config}") if idx else []
     for sample, r in zip(samples, tf, strict=True):
         sample["teacher_forced_errors"] = r["errors"]
-    return {"accuracy": correct / len(idx) if idx else float("nan"), "n": len(idx), "failures": dict(failures),
-            "teacher_forced_exact": teacher_forced_exact(tf, list(range(len(tf)))), "samples": samples}
+    return _accuracy_summary(samples)
+
+
+def _accuracy_summary(samples: list[dict], unseen_categories=None) -> dict:
+    """Accuracy, failure reasons and teacher-forced exact rate of some scored steps; with `unseen_categories`, also
+    the accuracy on the steps of those categories (BFCL live_*: functions never seen in training)."""
+    failures = defaultdict(int)
+    for s in samples:
+        if not s["correct"]:
+            failures[(s["reason"] or "wrong").split(":")[0]] += 1
+    n = len(samples)
+    out = {"accuracy": sum(s["correct"] for s in samples) / n if n else float("nan"), "n": n,
+           "failures": dict(failures),
+           "teacher_forced_exact": sum(s.get("teacher_forced_errors") == 0 for s in samples) / n if n else float("nan"),
+           "samples": samples}
+    unseen = [s for s in samples if s.get("category") in (unseen_categories or ())]
+    if unseen:
+        out["accuracy_unseen"] = sum(s["correct"] for s in unseen) / len(unseen)
+        out["n_unseen"] = len(unseen)
+    return out
+
+
+def accuracy_subset(result: dict, keys: list[tuple[str, int]], unseen_categories=None) -> dict:
+    """`accuracy`'s result restricted to the steps `keys` ((conversation_id, step_index), in this order)."""
+    by_key = {(s["conversation_id"], s["step_index"]): s for s in result["samples"]}
+    missing = [k for k in keys if k not in by_key]
+    if missing:
+        raise ValueError(f"accuracy_subset: step {missing[0]} was not scored")
+    return _accuracy_summary([by_key[k] for k in keys], unseen_categories)
 
 
 def paired_accuracy(a: dict, b: dict, resamples: int, seed: int) -> dict:
@@ -247,6 +278,23 @@ def _accuracy_steps(ppl_steps, ppl_groups: dict[str, list[int]], all_steps, cfg:
             pool = [i for i, s in enumerate(all_steps) if s.step_type == t]
             out[t] = [all_steps[i] for i in (sorted(rng.sample(pool, n)) if len(pool) > n else pool)]
     return out
+
+
+def _length_matched_accuracy_steps(matched_steps, cfg: EvalConfig) -> dict[str, list]:
+    """The length-matched steps of each type scored by free-running generation: drawn from the whole
+    length-matched split (all of them when it holds no more than asked), with a generator of their own so that the
+    full split's draw stays the one of every earlier figure."""
+    rng = random.Random(cfg.seed + 2)
+    out = {}
+    for t in STEP_TYPES:
+        pool = [s for s in matched_steps if s.step_type == t]
+        n = cfg.accuracy_steps(t, "length_matched")
+        out[t] = pool if n >= len(pool) else [pool[i] for i in sorted(rng.sample(range(len(pool)), n))]
+    return out
+
+
+def _step_key(step) -> tuple[str, int]:
+    return step.conversation_id, step.step_index
 
 
 def _eos_ids(tokenizer) -> list[int]:
@@ -405,24 +453,38 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict) -> dict
             sweep.append(point)
         out["threshold_sweep"] = sweep
 
-    acc_steps = _accuracy_steps(steps, full, all_steps, cfg)
-    if any(acc_steps.values()):
-        acc, paired = {t: {} for t in STEP_TYPES}, {}
-        for t in STEP_TYPES:
-            chosen = acc_steps[t]
-            if not chosen:
+    # free-running accuracy: each type's draws from the full and the length-matched split, generated once per
+    # configuration over their union and summarised per split (BFCL live_* steps also apart: unseen functions)
+    draws = {"full": _accuracy_steps(steps, full, all_steps, cfg),
+             "length_matched": _length_matched_accuracy_steps(data.eval_length_matched, cfg)}
+    unseen = tuple(getattr(data.config, "bfcl_eval_only_categories", None) or ())
+    acc = {split: {t: {} for t in STEP_TYPES} for split in draws}
+    for t in STEP_TYPES:
+        union = list({_step_key(s): s for d in draws.values() for s in d[t]}.values())
+        if not union:
+            continue
+        idx = list(range(len(union)))
+        for c in cfg.accuracy_configs:
+            if c in ACC_CONFIGS:
+                res = accuracy(rm, union, idx, c, cfg)
+            elif c == "shortgpt" and "shortgpt" in baseline_runs:
+                res = accuracy(rm, union, idx, c, cfg, forced=baseline_runs["shortgpt"][1][t])
+            elif c == "random" and "random" in baseline_runs:  # fresh patterns with the same count per type
+                pats = random_patterns(len(union), n_layers, k[t], cfg.seed + 11 + STEP_TYPES.index(t))
+                res = accuracy(rm, union, idx, c, cfg, patterns=pats.tolist())
+            else:
                 continue
-            idx = list(range(len(chosen)))
-            for c in cfg.accuracy_configs:
-                if c in ACC_CONFIGS:
-                    acc[t][c] = accuracy(rm, chosen, idx, c, cfg)
-                elif c == "shortgpt" and "shortgpt" in baseline_runs:
-                    acc[t][c] = accuracy(rm, chosen, idx, c, cfg, forced=baseline_runs["shortgpt"][1][t])
-            if "lora_full_depth" in acc[t] and "routed" in acc[t]:
-                paired[t] = paired_accuracy(acc[t]["lora_full_depth"], acc[t]["routed"], cfg.bootstrap, cfg.seed)
-        out["accuracy"] = {t: v for t, v in acc.items() if v}
-        # routed minus LoRA full depth, step by step on the same steps (issue 8's "within 1 point" target)
-        out["accuracy_paired_routed_vs_lora"] = paired
+            for split, d in draws.items():
+                if d[t]:
+                    acc[split][t][c] = accuracy_subset(res, [_step_key(s) for s in d[t]], unseen)
+    for split, key in (("full", ""), ("length_matched", "_length_matched")):
+        by_type = {t: v for t, v in acc[split].items() if v}
+        if split == "full" or by_type:  # eval.json keeps "accuracy" (full split) as before
+            out["accuracy" + key] = by_type
+            # routed minus LoRA full depth, step by step on the same steps (issue 8's "within 1 point" target)
+            out["accuracy_paired_routed_vs_lora" + key] = {
+                t: paired_accuracy(v["lora_full_depth"], v["routed"], cfg.bootstrap, cfg.seed)
+                for t, v in by_type.items() if "lora_full_depth" in v and "routed" in v}
     return out
 
 
@@ -451,12 +513,15 @@ def seed_metrics(res: dict, split: str) -> dict[str, float]:
             out[f"{t}.ppl.{name}"] = b["ppl"]
             if "teacher_forced_exact" in b:
                 out[f"{t}.tf_exact.{name}"] = b["teacher_forced_exact"]
-        if split == "full":  # accuracy is measured on the full split's steps
-            for c, v in (res.get("accuracy") or {}).get(t, {}).items():
-                out[f"{t}.accuracy.{c}"] = v["accuracy"]
-                out[f"{t}.accuracy_n.{c}"] = v["n"]
-                if "teacher_forced_exact" in v:  # absent from evaluations before session 5
-                    out[f"{t}.accuracy_tf_exact.{c}"] = v["teacher_forced_exact"]
+        # free-running accuracy on each split's own draw (length-matched draws from session 9 on)
+        for c, v in (res.get("accuracy" if split == "full" else "accuracy_length_matched") or {}).get(t, {}).items():
+            out[f"{t}.accuracy.{c}"] = v["accuracy"]
+            out[f"{t}.accuracy_n.{c}"] = v["n"]
+            if "teacher_forced_exact" in v:  # absent from evaluations before session 5
+                out[f"{t}.accuracy_tf_exact.{c}"] = v["teacher_forced_exact"]
+            if "accuracy_unseen" in v:  # BFCL live_* steps only (session 9 on)
+                out[f"{t}.accuracy_unseen.{c}"] = v["accuracy_unseen"]
+                out[f"{t}.accuracy_unseen_n.{c}"] = v["n_unseen"]
     return out
 
 

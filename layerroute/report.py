@@ -82,17 +82,23 @@ def _honest_table(doc: dict) -> list[str]:
                              f"{_f(entry[t]['total_flops_skipped'], pct=True)} |")
                 for name, b in entry[t].get("baselines", {}).items():
                     lines.append(f"| {split} | {t} | {name} | {_f(b['ppl'])} | {_f(b['total_flops_skipped'], pct=True)} |")
-    acc = doc.get("accuracy")
-    if acc:
+    for split, key in (("full", ""), ("length-matched", "_length_matched")):
+        acc = doc.get("accuracy" + key)
+        if not acc:
+            continue
         configs = sorted({c for t in acc for c in acc[t]})
-        lines += ["", "### Task accuracy (free-running, greedy)", "",
+        lines += ["", f"### Task accuracy (free-running, greedy; {split} split)", "",
                   "| step type | " + " | ".join(configs) + " |", "|---|" + "---:|" * len(configs)]
         for t, row in acc.items():
             cells = [f"{_f(row[c]['accuracy'], 1, pct=True)}% (n={row[c]['n']})" if c in row else "" for c in configs]
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
-        for t, p in (doc.get("accuracy_paired_routed_vs_lora") or {}).items():
+            if any("accuracy_unseen" in row[c] for c in row):  # BFCL live_*: functions never trained on
+                cells = [f"{_f(row[c]['accuracy_unseen'], 1, pct=True)}% (n={row[c]['n_unseen']})"
+                         if "accuracy_unseen" in row.get(c, {}) else "" for c in configs]
+                lines.append(f"| {t}, unseen live_* only | " + " | ".join(cells) + " |")
+        for t, p in (doc.get("accuracy_paired_routed_vs_lora" + key) or {}).items():
             lo, hi = p["diff_ci95"]
-            lines.append(f"\n{t}: routed minus LoRA full depth on the same {p['n']} steps: "
+            lines.append(f"\n{t} ({split}): routed minus LoRA full depth on the same {p['n']} steps: "
                          f"{_f(p['diff_points'], 1)} points (95% CI {_f(lo, 1)} to {_f(hi, 1)}); both right "
                          f"{p['both_correct']}, only LoRA {p['only_a']}, only routed {p['only_b']}")
     agg = doc.get("aggregate")

@@ -16,13 +16,18 @@ from layerroute.evaluate import EvalConfig, assemble, evaluate_adapter
 from layerroute.routed import find_routed_layers
 from tests.test_evaluate import data_cfg, setup  # noqa: F401  (module fixture: tiny routed model + tokenizer)
 
+# length-matching bins 4x wide: the tiny data's few steps then have a length-matched split to score
+WIDE_BINS = {"length_match_bin_ratio": 4.0}
+
 
 @pytest.fixture(scope="module")
 def one_eval(setup):  # noqa: F811
     rm, _, _ = setup
     cfg = EvalConfig(batch_size=4, max_steps_per_type=3, thresholds=[], bootstrap=20,
-                     accuracy_steps_per_type=1, max_new_tokens_tool=4, max_new_tokens_planning=4, calibration_steps=2)
-    data = load_steps(data_cfg(), rm.tokenizer)
+                     accuracy_steps_per_type=1, accuracy_length_matched_per_type=1, max_new_tokens_tool=4,
+                     max_new_tokens_planning=4, calibration_steps=2,
+                     accuracy_configs=["base", "lora_full_depth", "routed", "shortgpt", "random"])
+    data = load_steps(data_cfg(**WIDE_BINS), rm.tokenizer)
     router = find_routed_layers(rm.model)[1].router.net
     saved = router.bias.detach().clone()
     with torch.no_grad():
@@ -108,8 +113,26 @@ def test_accuracy_table_shows_teacher_forced_exactness_when_the_evaluation_has_i
     agg = aggregate_recipes({"new": [str(_write(tmp_path, "new-s0", doc, 1.0))],
                              "old": [str(_write(tmp_path, "old-s0", old, 1.0))]})
     rows = {line.split(" | ")[0][2:]: line for line in markdown(agg).splitlines()
-            if line.startswith(("| new | tool_call", "| old | tool_call"))}
+            if line.startswith(("| new | full | tool_call", "| old | full | tool_call"))}
     assert rows["new"].endswith("| 25.0 |") and rows["old"].endswith("| n/a | n/a |")
+
+
+def test_each_split_is_scored_on_its_own_draw_with_both_equal_flop_baselines(one_eval, setup, tmp_path):  # noqa: F811
+    rm, _, _ = setup
+    data = load_steps(data_cfg(**WIDE_BINS), rm.tokenizer)
+    assert data.eval_length_matched  # else the test below would pass on nothing
+    matched = {(s.conversation_id, s.step_index) for s in data.eval_length_matched}
+    for t in ("tool_call", "planning"):
+        lm = one_eval["accuracy_length_matched"][t]
+        assert set(lm) == {"base", "lora_full_depth", "routed", "shortgpt", "random"}
+        assert all((x["conversation_id"], x["step_index"]) in matched for x in lm["routed"]["samples"])
+        assert lm["routed"]["n"] == 1 and one_eval["accuracy"][t]["random"]["n"] == 1
+        assert one_eval["accuracy_paired_routed_vs_lora_length_matched"][t]["n"] == 1
+    agg = aggregate_recipes({"r": [str(_write(tmp_path, "r-s0", one_eval, 1.0))]})
+    assert agg["r"]["length_matched"]["tool_call.accuracy_n.random"]["mean"] == 1
+    md = markdown(agg)
+    assert any(line.startswith("| r | length_matched | planning | 1 |") for line in md.splitlines())
+    assert "unseen functions" not in md  # the tiny data has no eval-only BFCL category
 
 
 def test_bad_recipe_specs_name_the_flag(tmp_path):
@@ -142,7 +165,7 @@ def test_prompt_full_depth_counts_only_the_steps_own_tokens_as_skipped(setup, on
     rm, _, _ = setup
     cfg = EvalConfig(batch_size=4, max_steps_per_type=3, thresholds=[], bootstrap=20, accuracy_steps_per_type=0,
                      calibration_steps=2, prompt_full_depth=True)
-    data = load_steps(data_cfg(), rm.tokenizer)
+    data = load_steps(data_cfg(**WIDE_BINS), rm.tokenizer)
     router = find_routed_layers(rm.model)[1].router.net
     saved = router.bias.detach().clone()
     with torch.no_grad():

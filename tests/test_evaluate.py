@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 from layerroute.adapters import save_adapter
 from layerroute.data.build import load_steps
 from layerroute.data.config import DataConfig
+from layerroute.errors import ConfigError
 from layerroute.evaluate import (
     EvalConfig,
     flop_summary,
@@ -27,9 +28,9 @@ HERE = os.path.dirname(__file__)
 TOKENIZER = os.path.join(HERE, "fixtures", "tokenizers", "smollm2")
 
 
-def data_cfg(limit: int = 12) -> DataConfig:
+def data_cfg(limit: int = 12, **extra) -> DataConfig:
     return DataConfig.from_dict({
-        "progress": False, "eval_fraction": 0.5, "max_length": 768,
+        "progress": False, "eval_fraction": 0.5, "max_length": 768, **extra,
         "sources": [
             {"name": "bfcl", "categories": ["simple_python"], "limit": limit},
             # generated offline by reasoning-gym: no file needed, so the test runs wherever the package is installed
@@ -217,6 +218,44 @@ def test_accuracy_counts_are_validated_naming_the_flag(bad):
         EvalConfig(accuracy_steps_per_type=bad)
     with pytest.raises(ConfigError, match="eval.accuracy_configs"):
         EvalConfig(accuracy_configs=["routed", "lora"])
+
+
+def test_accuracy_subset_resummarises_chosen_steps_and_counts_unseen_categories_apart():
+    from layerroute.evaluate import _accuracy_summary, accuracy_subset
+
+    def sample(cid, ok, cat, errors):
+        return {"conversation_id": cid, "step_index": 0, "category": cat, "correct": ok,
+                "reason": None if ok else "unparsable tool call: x", "teacher_forced_errors": errors}
+
+    res = _accuracy_summary([sample("a", True, "live_simple", 0), sample("b", False, "simple_python", 2),
+                             sample("c", False, "live_simple", 1), sample("d", True, "simple_python", 0)])
+    sub = accuracy_subset(res, [("c", 0), ("a", 0), ("b", 0)], unseen_categories=("live_simple",))
+    assert [s["conversation_id"] for s in sub["samples"]] == ["c", "a", "b"]  # in the order asked
+    assert sub["accuracy"] == pytest.approx(1 / 3) and sub["n"] == 3
+    assert sub["teacher_forced_exact"] == pytest.approx(1 / 3)
+    assert sub["failures"] == {"unparsable tool call": 2}
+    assert sub["accuracy_unseen"] == pytest.approx(0.5) and sub["n_unseen"] == 2
+    assert "accuracy_unseen" not in accuracy_subset(res, [("b", 0)], unseen_categories=("live_simple",))
+    with pytest.raises(ValueError, match="not scored"):
+        accuracy_subset(res, [("zz", 0)])
+
+
+def test_length_matched_accuracy_draw_is_its_own_and_takes_all_when_asked_for_more():
+    from layerroute.evaluate import _length_matched_accuracy_steps
+
+    class S:
+        def __init__(self, i, t):
+            self.conversation_id, self.step_index, self.step_type = f"c{i}", 0, t
+
+    pool = [S(i, "tool_call" if i % 3 else "planning") for i in range(30)]
+    few = _length_matched_accuracy_steps(pool, EvalConfig(accuracy_length_matched_per_type={"tool_call": 5}))
+    assert len(few["tool_call"]) == 5 and few["planning"] == []
+    assert all(s.step_type == "tool_call" for s in few["tool_call"])
+    assert few["tool_call"] == sorted(few["tool_call"], key=pool.index)  # kept in split order
+    every = _length_matched_accuracy_steps(pool, EvalConfig(accuracy_length_matched_per_type=100))
+    assert len(every["tool_call"]) == 20 and len(every["planning"]) == 10
+    with pytest.raises(ConfigError, match="eval.accuracy_length_matched_per_type"):
+        EvalConfig(accuracy_length_matched_per_type=-1)
 
 
 def test_paired_accuracy_counts_disagreements_and_bounds_the_difference():
