@@ -7,7 +7,9 @@ Reads finished evaluations (no model is loaded), aggregates each recipe's seeds 
 (`evaluate.aggregate_seeds`), and writes `ablation.json`,
 `ablation.md` (skip / quality / accuracy tables, full and length-matched splits), `ablation.png`
 (the differential of every seed per recipe), `ablation_tradeoff.png` (differential vs tool-call quality) and, when
-accuracy was scored, `ablation_accuracy.png` (routed and full-depth tool-call accuracy vs tool-call skip).
+accuracy was scored, `ablation_accuracy.png` (routed and full-depth tool-call accuracy vs tool-call skip) and, when
+it was scored on a length-matched draw too, `ablation_accuracy_splits.png` (accuracy per split, task and
+configuration).
 """
 
 from __future__ import annotations
@@ -222,6 +224,46 @@ def plot_accuracy(agg: dict, path: Path) -> bool:
     return True
 
 
+# the panels of `plot_accuracy_splits`: (split, step type, metric prefix, title)
+SPLIT_PANELS = (
+    ("full", "tool_call", "accuracy_unseen", "BFCL AST, unseen live_* (full split)"),
+    ("length_matched", "tool_call", "accuracy", "BFCL AST, length-matched"),
+    ("full", "planning", "accuracy", "GSM8K-style exact match (full split)"),
+    ("length_matched", "planning", "accuracy", "GSM8K-style exact match, length-matched"),
+)
+
+
+def plot_accuracy_splits(agg: dict, path: Path) -> bool:
+    """Free-running accuracy per split for the recipes scored on a length-matched draw: one panel per split x task,
+    a bar per configuration (mean over seeds) with each seed as a dot. False (nothing drawn) when no recipe was."""
+    from .report import _save, plt
+
+    names = [n for n, e in agg.items() if any(k.startswith("tool_call.accuracy.") for k in e["length_matched"])]
+    if not names:
+        return False
+    configs = [c for c in ACCURACY if any(f"tool_call.accuracy.{c}" in agg[n]["length_matched"] for n in names)]
+    fig, axes = plt.subplots(1, len(SPLIT_PANELS), figsize=(3.2 * len(SPLIT_PANELS) + 1.5, 3.8), sharey=True)
+    width = 0.8 / len(configs)
+    for ax, (split, t, metric, title) in zip(axes, SPLIT_PANELS, strict=True):
+        for j, c in enumerate(configs):
+            color, _ = _style(j, plt)
+            for i, name in enumerate(names):
+                m = agg[name][split].get(f"{t}.{metric}.{c}")
+                if not m:
+                    continue
+                vals = [100 * v for v in m["values"] if v is not None]
+                x = i - 0.4 + width * (j + 0.5)
+                ax.bar(x, sum(vals) / len(vals), width=width * 0.9, color=color, alpha=0.55,
+                       label=c if i == 0 else None)
+                ax.scatter([x] * len(vals), vals, color=color, s=10, zorder=3, edgecolors="black", linewidths=0.3)
+        ax.set_xticks(range(len(names)), names, rotation=25, fontsize=7, ha="right")
+        ax.set_title(title, fontsize=8)
+    axes[0].set_ylabel("accuracy (%)\nbar = mean, dots = seeds")
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _save(fig, path)
+    return True
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", action="append", required=True, metavar="NAME=EVAL_JSON[,...]",
                         help="a recipe and its seeds' eval.json files (globs allowed; quote them); repeatable")
@@ -246,6 +288,7 @@ def run(args: argparse.Namespace) -> int:
     plot(agg, out / "ablation.png")
     plot_tradeoff(agg, out / "ablation_tradeoff.png")
     plot_accuracy(agg, out / "ablation_accuracy.png")
+    plot_accuracy_splits(agg, out / "ablation_accuracy_splits.png")
     print(json.dumps({name: {split: e[split]["skip_differential_points"]["mean"] for split in SPLITS}
                       for name, e in agg.items()}))
     return 0

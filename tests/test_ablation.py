@@ -133,6 +133,13 @@ def test_each_split_is_scored_on_its_own_draw_with_both_equal_flop_baselines(one
     md = markdown(agg)
     assert any(line.startswith("| r | length_matched | planning | 1 |") for line in md.splitlines())
     assert "unseen functions" not in md  # the tiny data has no eval-only BFCL category
+    from layerroute.ablation import plot_accuracy_splits
+
+    assert plot_accuracy_splits(agg, tmp_path / "splits.png") and (tmp_path / "splits.png").stat().st_size > 1000
+    old = copy.deepcopy(one_eval)  # an evaluation from before session 9: no length-matched draw, nothing to plot
+    old.pop("accuracy_length_matched")
+    agg_old = aggregate_recipes({"o": [str(_write(tmp_path, "o-s0", old, 1.0))]})
+    assert not plot_accuracy_splits(agg_old, tmp_path / "none.png") and not (tmp_path / "none.png").exists()
 
 
 def test_bad_recipe_specs_name_the_flag(tmp_path):
