@@ -121,20 +121,23 @@ def markdown(agg: dict) -> str:
                 n = m.get(f"{t}.accuracy_n.routed") or m.get(f"{t}.accuracy_n.lora_full_depth")
                 if not n:
                     continue
-                cells = [_cell(m.get(f"{t}.accuracy.{c}"), 1, True, spread=False) for c in ACCURACY]
+                cells = [_cell(m.get(f"{t}.accuracy.{c}"), 1, True, spread=False, seeds=e["seeds"])
+                         for c in ACCURACY]
                 tf = [_cell(m.get(f"{t}.accuracy_tf_exact.{c}"), 1, True, spread=False)
                       for c in ("lora_full_depth", "routed")]
                 lines.append(f"| {name} | {split} | {t} | {_num(n['mean'], 0)} | " + " | ".join(cells)
                              + f" | {_diff(m, t + '.accuracy')} | " + " | ".join(tf) + " |")
                 un = m.get(f"{t}.accuracy_unseen_n.routed") or m.get(f"{t}.accuracy_unseen_n.lora_full_depth")
                 if un:
-                    cells = [_cell(m.get(f"{t}.accuracy_unseen.{c}"), 1, True, spread=False) for c in ACCURACY]
-                    unseen_rows.append(f"| {name} | {split} | {_num(un['mean'], 1)} | " + " | ".join(cells)
+                    cells = [_cell(m.get(f"{t}.accuracy_unseen.{c}"), 1, True, spread=False, seeds=e["seeds"])
+                             for c in ACCURACY]
+                    unseen_rows.append(f"| {name} | {split} | {_num(un['mean'], 0)} | " + " | ".join(cells)
                                        + f" | {_diff(m, t + '.accuracy_unseen')} |")
     if unseen_rows:
         lines += ["", "## BFCL AST accuracy on unseen functions (live_* steps of the tool-call draws above)", "",
                   "The live_* categories are never trained on (eval-only), so these calls name functions the "
-                  "adapter has not seen; n is the mean number of live_* steps per seed in the split's draw.", "",
+                  "adapter has not seen; n is the number of live_* steps per seed in the split's draw (the draw "
+                  "depends on the evaluation seed, not on the adapter).", "",
                   "| recipe | split | n/seed | " + " | ".join(ACCURACY) + " | routed - LoRA (points) |",
                   "|---|---|---:|" + "---:|" * (len(ACCURACY) + 1)] + unseen_rows
     return "\n".join(lines) + "\n"
