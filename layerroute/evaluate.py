@@ -44,6 +44,9 @@ from .routed import find_routed_layers, gate_records, routing
 STEP_TYPES = ("tool_call", "planning")
 PPL_CONFIGS = ("base", "lora_full_depth", "routed", "routed_no_lora")
 ACC_CONFIGS = ("base", "lora_full_depth", "routed")
+# the eval.json key suffix of each split's free-running accuracy ("accuracy", "accuracy_paired_routed_vs_lora" are
+# the full split's, as before session 9)
+ACCURACY_SUFFIX = {"full": "", "length_matched": "_length_matched"}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -477,7 +480,7 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict) -> dict
             for split, d in draws.items():
                 if d[t]:
                     acc[split][t][c] = accuracy_subset(res, [_step_key(s) for s in d[t]], unseen)
-    for split, key in (("full", ""), ("length_matched", "_length_matched")):
+    for split, key in ACCURACY_SUFFIX.items():
         by_type = {t: v for t, v in acc[split].items() if v}
         if split == "full" or by_type:  # eval.json keeps "accuracy" (full split) as before
             out["accuracy" + key] = by_type
@@ -514,7 +517,7 @@ def seed_metrics(res: dict, split: str) -> dict[str, float]:
             if "teacher_forced_exact" in b:
                 out[f"{t}.tf_exact.{name}"] = b["teacher_forced_exact"]
         # free-running accuracy on each split's own draw (length-matched draws from session 9 on)
-        for c, v in (res.get("accuracy" if split == "full" else "accuracy_length_matched") or {}).get(t, {}).items():
+        for c, v in (res.get("accuracy" + ACCURACY_SUFFIX[split]) or {}).get(t, {}).items():
             out[f"{t}.accuracy.{c}"] = v["accuracy"]
             out[f"{t}.accuracy_n.{c}"] = v["n"]
             if "teacher_forced_exact" in v:  # absent from evaluations before session 5

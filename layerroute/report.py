@@ -82,7 +82,10 @@ def _honest_table(doc: dict) -> list[str]:
                              f"{_f(entry[t]['total_flops_skipped'], pct=True)} |")
                 for name, b in entry[t].get("baselines", {}).items():
                     lines.append(f"| {split} | {t} | {name} | {_f(b['ppl'])} | {_f(b['total_flops_skipped'], pct=True)} |")
-    for split, key in (("full", ""), ("length-matched", "_length_matched")):
+    from .evaluate import ACCURACY_SUFFIX  # here: evaluate imports this module (write_report)
+
+    for split, key in ACCURACY_SUFFIX.items():
+        split = split.replace("_", "-")
         acc = doc.get("accuracy" + key)
         if not acc:
             continue
