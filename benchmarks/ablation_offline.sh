@@ -13,6 +13,8 @@
 #                                                        #   (full: 32 tool-call / 8 planning steps; length-matched:
 #                                                        #   all 47 tool-call / 8 planning), LoRA full depth, routed
 #                                                        #   and both equal-FLOP baselines, in <run>/eval_splits
+#                                                        #   (the table keeps the seeds of the committed
+#                                                        #   benchmarks/results/ablation_splits_offline.json)
 #   benchmarks/ablation_offline.sh --prompt-full-depth [PAIRS]  # the same, with each step's context run
 #                                                        #   through every block (skipping for the step's own tokens
 #                                                        #   only), in <run>/eval_accuracy_prompt_full_depth
@@ -24,6 +26,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 OUT=${OUT:-runs/ablation}
+SPLITS_KEPT=${SPLITS_KEPT:-benchmarks/results/ablation_splits_offline.json}
 EVAL="--set eval.thresholds=[] --set eval.max_steps_per_type=12 --set eval.accuracy_steps_per_type=4"
 # the same harness with free-running tool-call accuracy on 48 steps drawn from the whole eval split (317 tool-call
 # steps: 242 BFCL live_*, 75 held-out steps of the seen categories), scored for LoRA full depth and routed only (the
@@ -154,6 +157,9 @@ table() {
       compgen -G "$OUT/$name-s*/${kind%%:*}/eval.json" > /dev/null &&
         args+=(--recipe "$name=$OUT/$name-s*/${kind%%:*}/eval.json")
     done
+    # the splits table grows on the committed one (per-seed rows; the runs behind them are not kept between
+    # machines): a seed evaluated again replaces its row. Copy the new ablation.json back to keep what was added.
+    if [ "${kind%%:*}" = eval_splits ] && [ -f "$SPLITS_KEPT" ]; then args+=(--include "$SPLITS_KEPT"); fi
     if [ ${#args[@]} -gt 0 ]; then "$BIN/layerroute" ablation "${args[@]}" --output-dir "$OUT/${kind##*:}"; fi
   done
 }

@@ -4,7 +4,8 @@
                         --recipe "plus=runs/ablation/plus-s*/eval/eval.json" --output-dir runs/ablation
 
 Reads finished evaluations (no model is loaded), aggregates each recipe's seeds exactly as `layerroute eval --adapter A --adapter B` does
-(`evaluate.aggregate_seeds`), and writes `ablation.json`,
+(`evaluate.seed_metrics`, `evaluate.aggregate_metrics`), optionally on top of an earlier table's per-seed rows
+(`--include`: the runs themselves need not be kept), and writes `ablation.json`,
 `ablation.md` (skip / quality / accuracy tables, full and length-matched splits), `ablation.png`
 (the differential of every seed per recipe), `ablation_tradeoff.png` (differential vs tool-call quality) and, when
 accuracy was scored, `ablation_accuracy.png` (routed and full-depth tool-call accuracy vs tool-call skip) and, when
@@ -21,7 +22,7 @@ import math
 from pathlib import Path
 
 from .errors import ConfigError
-from .evaluate import STEP_TYPES, _write_json, aggregate_seeds, read_per_adapter
+from .evaluate import STEP_TYPES, _write_json, aggregate_metrics, read_per_adapter, seed_metrics
 
 SPLITS = ("full", "length_matched")
 # quality columns: the four configurations of the evaluation plus the equal-FLOP baselines
@@ -43,14 +44,48 @@ def parse_recipe(spec: str) -> tuple[str, list[str]]:
     return name.strip(), paths
 
 
-def aggregate_recipes(recipes: dict[str, list[str]]) -> dict:
-    """{recipe: {"seeds": n, "adapters": [...], split: {metric: {mean, std, values}}}}"""
-    out = {}
+def aggregate_recipes(recipes: dict[str, list[str]], include: dict | None = None) -> dict:
+    """{recipe: {"seeds": n, "adapters": [...], "eval_json": [...], split: {metric: {mean, std, values}},
+    "per_seed": [{"adapter", "eval_json", split: {metric: value}}]}}
+
+    `include` is an earlier `ablation.json` (see `read_included`): its recipes come first and keep their seeds, and
+    a seed evaluated again (same adapter path) is replaced by the new evaluation. So a table survives the runs it
+    was built from (they are not kept between machines) and grows seed by seed.
+    """
+    out = {name: dict(e) for name, e in (include or {}).items()}
     for name, paths in recipes.items():
-        per_adapter = read_per_adapter(paths)
-        out[name] = {"seeds": len(per_adapter), "adapters": [r.get("adapter") for r in per_adapter],
-                     "eval_json": paths, **aggregate_seeds(per_adapter)}
+        fresh = [{"adapter": res.get("adapter"), "eval_json": path,
+                  **{split: seed_metrics(res, split) for split in SPLITS}}
+                 for path in paths for res in read_per_adapter([path])]
+        kept = [row for row in out.get(name, {}).get("per_seed", [])
+                if row["adapter"] not in {f["adapter"] for f in fresh}]
+        out[name] = _entry(kept + fresh)
     return out
+
+
+def _entry(per_seed: list[dict]) -> dict:
+    return {"seeds": len(per_seed), "adapters": [r["adapter"] for r in per_seed],
+            "eval_json": [r["eval_json"] for r in per_seed],
+            **{split: aggregate_metrics([r[split] for r in per_seed]) for split in SPLITS}, "per_seed": per_seed}
+
+
+def read_included(path: str) -> dict:
+    """An `ablation.json` written by this command, checked: each recipe must carry its per-seed rows."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--include {path}: no such file") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--include {path}: not an ablation.json (invalid JSON: {err})") from None
+    if not isinstance(doc, dict) or not doc:
+        raise ConfigError(f"--include {path}: not an ablation.json (expected recipes by name)")
+    for name, e in doc.items():
+        rows = e.get("per_seed") if isinstance(e, dict) else None
+        if not rows or any(not isinstance(r, dict) or not {"adapter", "eval_json", *SPLITS} <= r.keys()
+                           for r in rows):
+            raise ConfigError(f"--include {path}: recipe {name!r} has no per-seed rows (an ablation.json from "
+                              "before session 10: rebuild it from its eval.json files)")
+    return doc
 
 
 def _num(x, digits=2, pct=False) -> str:
@@ -268,8 +303,11 @@ def plot_accuracy_splits(agg: dict, path: Path) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", action="append", required=True, metavar="NAME=EVAL_JSON[,...]",
+    parser.add_argument("--recipe", action="append", default=[], metavar="NAME=EVAL_JSON[,...]",
                         help="a recipe and its seeds' eval.json files (globs allowed; quote them); repeatable")
+    parser.add_argument("--include", metavar="ABLATION_JSON",
+                        help="an earlier ablation.json whose recipes and seeds the table keeps (a seed of a --recipe "
+                             "evaluated again replaces its row): the figures outlive the runs they came from")
     parser.add_argument("--output-dir", required=True)
 
 
@@ -280,7 +318,9 @@ def run(args: argparse.Namespace) -> int:
         if name in recipes:
             raise ConfigError(f"--recipe {name} given twice")
         recipes[name] = paths
-    agg = aggregate_recipes(recipes)
+    if not recipes and not args.include:
+        raise ConfigError("give at least one --recipe NAME=EVAL_JSON or --include ABLATION_JSON")
+    agg = aggregate_recipes(recipes, read_included(args.include) if args.include else None)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "ablation.json", agg)

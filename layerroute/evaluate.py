@@ -530,14 +530,18 @@ def seed_metrics(res: dict, split: str) -> dict[str, float]:
 
 def aggregate_seeds(per_adapter: list[dict]) -> dict:
     """Mean and standard deviation over adapters of the headline numbers, per split."""
-    agg = {}
-    for split in ("full", "length_matched"):
-        vals = defaultdict(list)
-        for res in per_adapter:
-            for key, v in seed_metrics(res, split).items():
-                vals[key].append(v)
-        agg[split] = {k: {**_mean_std(v), "values": v} for k, v in vals.items()}
-    return agg
+    return {split: aggregate_metrics([seed_metrics(res, split) for res in per_adapter])
+            for split in ("full", "length_matched")}
+
+
+def aggregate_metrics(rows: list[dict[str, float]]) -> dict[str, dict]:
+    """{metric: {mean, std, values}} over per-seed `seed_metrics` rows; a metric absent from a seed (e.g. a baseline
+    where the routers skipped nothing) has fewer values than there are seeds."""
+    vals = defaultdict(list)
+    for row in rows:
+        for key, v in row.items():
+            vals[key].append(v)
+    return {k: {**_mean_std(v), "values": v} for k, v in vals.items()}
 
 
 def _mean_std(values: list[float]) -> dict:

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from layerroute.ablation import aggregate_recipes, markdown, parse_recipe
+from layerroute.ablation import aggregate_recipes, markdown, parse_recipe, read_included
 from layerroute.cli import main
 from layerroute.data.build import load_steps
 from layerroute.errors import ConfigError
@@ -51,6 +51,7 @@ def test_equal_flop_baselines_match_each_step_types_routed_block_count(one_eval)
 
 def _write(tmp_path, name, res, differential):
     res = copy.deepcopy(res)
+    res["adapter"] = f"runs/{name}/adapter"  # one adapter per seed, as in real runs
     for split in ("full", "length_matched"):
         res["splits"][split]["skip_differential_points"] = differential
     path = tmp_path / name / "eval.json"
@@ -88,6 +89,47 @@ def test_cli_writes_table_json_and_plot(one_eval, tmp_path, capsys):
     assert json.loads((out / "ablation.json").read_text())["r"]["seeds"] == 2
     md = (out / "ablation.md").read_text()
     assert "## Quality" in md and "routed - LoRA (points)" in md
+
+
+def test_an_included_table_keeps_its_seeds_and_a_seed_evaluated_again_replaces_its_row(one_eval, tmp_path, capsys):
+    old = [_write(tmp_path / "then", f"r-s{i}", one_eval, d) for i, d in enumerate((1.0, 2.0))]
+    _write(tmp_path / "then", "q-s0", one_eval, 7.0)
+    first = tmp_path / "first"
+    assert main(["ablation", "--recipe", f"r={old[0]},{old[1]}", "--recipe", f"q={tmp_path}/then/q-s0/eval.json",
+                 "--output-dir", str(first)]) == 0
+    for path in old:  # the runs are gone (a new machine): the table must not need them
+        path.unlink()
+    again = _write(tmp_path / "now", "r-s1", one_eval, 5.0)  # seed 1 evaluated again
+    new = _write(tmp_path / "now", "r-s2", one_eval, 9.0)  # and a new seed
+    capsys.readouterr()
+    out = tmp_path / "second"
+    assert main(["ablation", "--include", str(first / "ablation.json"), "--recipe", f"r={again},{new}",
+                 "--output-dir", str(out)]) == 0
+    agg = json.loads((out / "ablation.json").read_text())
+    assert list(agg) == ["r", "q"]  # included order first
+    d = agg["r"]["full"]["skip_differential_points"]
+    assert agg["r"]["seeds"] == 3 and d["values"] == [1.0, 5.0, 9.0] and d["mean"] == pytest.approx(5.0)
+    assert agg["r"]["adapters"] == ["runs/r-s0/adapter", "runs/r-s1/adapter", "runs/r-s2/adapter"]
+    assert agg["q"]["seeds"] == 1 and agg["q"]["full"] == json.loads((first / "ablation.json").read_text())["q"]["full"]
+    # the included table alone rebuilds the same markdown
+    alone = tmp_path / "alone"
+    assert main(["ablation", "--include", str(out / "ablation.json"), "--output-dir", str(alone)]) == 0
+    assert (alone / "ablation.md").read_text() == (out / "ablation.md").read_text()
+
+
+def test_a_bad_included_table_is_rejected_naming_the_flag(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="--include .*no such file"):
+        read_included(str(tmp_path / "missing.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="--include .*not an ablation.json"):
+        read_included(str(bad))
+    legacy = tmp_path / "legacy.json"  # aggregates without per-seed rows (before session 10)
+    legacy.write_text(json.dumps({"r": {"seeds": 1, "full": {}, "length_matched": {}}}))
+    with pytest.raises(ConfigError, match="'r' has no per-seed rows"):
+        read_included(str(legacy))
+    assert main(["ablation", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "--recipe" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def test_accuracy_is_paired_step_by_step_and_the_plot_needs_it(one_eval, tmp_path):
