@@ -175,6 +175,16 @@ def markdown(agg: dict) -> str:
                   "depends on the evaluation seed, not on the adapter).", "",
                   "| recipe | split | n/seed | " + " | ".join(ACCURACY) + " | routed - LoRA (points) |",
                   "|---|---|---:|" + "---:|" * (len(ACCURACY) + 1)] + unseen_rows
+    paired_rows = [f"| {name} | {r['adapter']} | "
+                   + " | ".join(_paired_cell(r[split], "tool_call") for split in SPLITS) + " |"
+                   for name, e in agg.items() for r in e.get("per_seed", [])
+                   if any("tool_call.accuracy_paired.diff_points" in r[split] for split in SPLITS)]
+    if paired_rows:
+        lines += ["", "## Routed minus LoRA full depth on tool calls, paired per seed", "",
+                  "Points, each seed on its own draw of each split, with the 95% bootstrap interval over steps "
+                  "(paired: a step's two verdicts are resampled together); seeds evaluated before session 10 are "
+                  "not listed (their rows kept no interval).", "",
+                  "| recipe | adapter (seed) | full split | length-matched |", "|---|---|---|---|"] + paired_rows
     return "\n".join(lines) + "\n"
 
 
@@ -183,6 +193,13 @@ def _diff(m: dict, prefix: str) -> str:
     means is the mean paired difference)."""
     routed, lora = m.get(f"{prefix}.routed"), m.get(f"{prefix}.lora_full_depth")
     return _num(100 * (routed["mean"] - lora["mean"]), 1) if routed and lora else "n/a"
+
+
+def _paired_cell(row: dict, t: str) -> str:
+    d = row.get(f"{t}.accuracy_paired.diff_points")
+    if d is None or math.isnan(d):
+        return "n/a"
+    return f"{d:.1f} ({_num(row[f'{t}.accuracy_paired.ci95_low'], 1)} to {_num(row[f'{t}.accuracy_paired.ci95_high'], 1)})"
 
 
 def _style(i: int, plt) -> tuple:

@@ -525,6 +525,12 @@ def seed_metrics(res: dict, split: str) -> dict[str, float]:
             if "accuracy_unseen" in v:  # BFCL live_* steps only (session 9 on)
                 out[f"{t}.accuracy_unseen.{c}"] = v["accuracy_unseen"]
                 out[f"{t}.accuracy_unseen_n.{c}"] = v["n_unseen"]
+        # routed minus LoRA full depth, paired step by step, with its bootstrap interval (one seed's own figure:
+        # the interval does not average over seeds, so tables show it per seed)
+        paired = (res.get("accuracy_paired_routed_vs_lora" + ACCURACY_SUFFIX[split]) or {}).get(t)
+        if paired:
+            out[f"{t}.accuracy_paired.diff_points"] = paired["diff_points"]
+            out[f"{t}.accuracy_paired.ci95_low"], out[f"{t}.accuracy_paired.ci95_high"] = paired["diff_ci95"]
     return out
 
 

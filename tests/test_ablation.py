@@ -111,6 +111,11 @@ def test_an_included_table_keeps_its_seeds_and_a_seed_evaluated_again_replaces_i
     assert agg["r"]["seeds"] == 3 and d["values"] == [1.0, 5.0, 9.0] and d["mean"] == pytest.approx(5.0)
     assert agg["r"]["adapters"] == ["runs/r-s0/adapter", "runs/r-s1/adapter", "runs/r-s2/adapter"]
     assert agg["q"]["seeds"] == 1 and agg["q"]["full"] == json.loads((first / "ablation.json").read_text())["q"]["full"]
+    # each seed's paired routed - LoRA interval is listed per seed (it does not average over seeds)
+    md = (out / "ablation.md").read_text()
+    paired = one_eval["accuracy_paired_routed_vs_lora"]["tool_call"]
+    row = next(line for line in md.splitlines() if line.startswith("| r | runs/r-s2/adapter |"))
+    assert f"{paired['diff_points']:.1f} ({paired['diff_ci95'][0]:.1f} to {paired['diff_ci95'][1]:.1f})" in row
     # the included table alone rebuilds the same markdown
     alone = tmp_path / "alone"
     assert main(["ablation", "--include", str(out / "ablation.json"), "--output-dir", str(alone)]) == 0
