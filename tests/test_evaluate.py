@@ -301,7 +301,16 @@ def test_paired_accuracy_script_compares_two_evaluations_step_by_step(tmp_path):
     bad = run(f"{tmp_path}/ref.json:routed", f"{tmp_path}/other.json:routed")  # different steps: refused
     assert bad.returncode != 0 and "same steps" in bad.stderr
     missing = run(f"{tmp_path}/ref.json:lora_full_depth", f"{tmp_path}/new.json:routed")
-    assert missing.returncode != 0 and "no tool_call accuracy for 'lora_full_depth'" in missing.stderr
+    assert missing.returncode != 0 and "no tool_call accuracy on the full split for 'lora_full_depth'" in missing.stderr
+    # the length-matched draw's verdicts, read from its own key
+    for name, verdicts in (("ref_lm", [0, 0, 1, 1]), ("new_lm", [1, 1, 1, 1])):
+        d = doc([1, 1, 1, 1], ids)
+        d["accuracy_length_matched"] = doc(verdicts, ids)["accuracy"]
+        (tmp_path / f"{name}.json").write_text(json.dumps(d))
+    lm = run(f"{tmp_path}/ref_lm.json:routed", f"{tmp_path}/new_lm.json:routed", "--split", "length_matched")
+    assert lm.returncode == 0 and json.loads(lm.stdout)["b_minus_a"]["diff_points"] == 50.0
+    full = run(f"{tmp_path}/ref_lm.json:routed", f"{tmp_path}/new_lm.json:routed")
+    assert json.loads(full.stdout)["b_minus_a"]["diff_points"] == 0.0
     # a side of an exact_match_all result (teacher-forced exact match), named by its index
     em = {"benchmark": "exact_match_all", "sides": [
         {"adapter": "x", "config": "routed", "teacher_forced_exact": 0.5,
