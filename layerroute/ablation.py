@@ -22,7 +22,7 @@ import math
 from pathlib import Path
 
 from .errors import ConfigError
-from .evaluate import STEP_TYPES, _write_json, aggregate_metrics, read_per_adapter, seed_metrics
+from .evaluate import STEP_TYPES, _write_json, aggregate_metrics, read_json, read_per_adapter, seed_metrics
 
 SPLITS = ("full", "length_matched")
 # quality columns: the four configurations of the evaluation plus the equal-FLOP baselines
@@ -71,12 +71,7 @@ def _entry(per_seed: list[dict]) -> dict:
 
 def read_included(path: str) -> dict:
     """An `ablation.json` written by this command, checked: each recipe must carry its per-seed rows."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"--include {path}: no such file") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"--include {path}: not an ablation.json (invalid JSON: {err})") from None
+    doc = read_json(path, missing=f"--include {path}: no such file", invalid=f"--include {path}: not an ablation.json")
     if not isinstance(doc, dict) or not doc:
         raise ConfigError(f"--include {path}: not an ablation.json (expected recipes by name)")
     for name, e in doc.items():

@@ -604,16 +604,21 @@ def assemble(per_adapter: list[dict], eval_config: dict, data_report) -> dict:
     return doc
 
 
+def read_json(path: str, *, missing: str, invalid: str):
+    """A JSON file's content, or a ConfigError saying `missing` (no file) or `invalid` (and why it is not JSON)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(missing) from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{invalid} (invalid JSON: {err})") from None
+
+
 def read_per_adapter(paths: list[str]) -> list[dict]:
     """Per-adapter results from finished eval.json files (a multi-seed file contributes each of its seeds)."""
     per_adapter = []
     for path in paths:
-        try:
-            doc = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"no such evaluation: {path}") from None
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path} is not an eval.json (invalid JSON: {err})") from None
+        doc = read_json(path, missing=f"no such evaluation: {path}", invalid=f"{path} is not an eval.json")
         if "splits" not in doc:
             raise ConfigError(f"{path} is not an eval.json (no 'splits')")
         for one in doc.get("seeds") or [doc]:

@@ -126,8 +126,11 @@ def test_a_bad_included_table_is_rejected_naming_the_flag(tmp_path, capsys):
     with pytest.raises(ConfigError, match="--include .*no such file"):
         read_included(str(tmp_path / "missing.json"))
     bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="--include .*not an ablation.json .invalid JSON"):
+        read_included(str(bad))
     bad.write_text("[1, 2]")
-    with pytest.raises(ConfigError, match="--include .*not an ablation.json"):
+    with pytest.raises(ConfigError, match="--include .*not an ablation.json .expected recipes"):
         read_included(str(bad))
     legacy = tmp_path / "legacy.json"  # aggregates without per-seed rows (before session 10)
     legacy.write_text(json.dumps({"r": {"seeds": 1, "full": {}, "length_matched": {}}}))
