@@ -6,7 +6,7 @@ full-depth LoRA, the stricter reference of issue 8's accuracy target.
 
     python benchmarks/paired_accuracy.py \\
         runs/ablation/lora_only-s0/eval_accuracy/eval.json:lora_full_depth \\
-        runs/ablation/drop_nll_stopgrad-s0/eval_accuracy/eval.json:routed [--step-type tool_call] \
+        runs/ablation/drop_nll_stopgrad-s0/eval_accuracy/eval.json:routed [--step-type tool_call] \\
         [--split length_matched]
 
 The output is `layerroute.evaluate.paired_accuracy` (B minus A) plus the teacher-forced exact match of each side

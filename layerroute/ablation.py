@@ -52,13 +52,13 @@ def aggregate_recipes(recipes: dict[str, list[str]], include: dict | None = None
     a seed evaluated again (same adapter path) is replaced by the new evaluation. So a table survives the runs it
     was built from (they are not kept between machines) and grows seed by seed.
     """
-    out = {name: dict(e) for name, e in (include or {}).items()}
+    out = dict(include or {})
     for name, paths in recipes.items():
         fresh = [{"adapter": res.get("adapter"), "eval_json": path,
                   **{split: seed_metrics(res, split) for split in SPLITS}}
                  for path in paths for res in read_per_adapter([path])]
-        kept = [row for row in out.get(name, {}).get("per_seed", [])
-                if row["adapter"] not in {f["adapter"] for f in fresh}]
+        again = {f["adapter"] for f in fresh}
+        kept = [row for row in out.get(name, {}).get("per_seed", []) if row["adapter"] not in again]
         out[name] = _entry(kept + fresh)
     return out
 
