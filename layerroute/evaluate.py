@@ -40,6 +40,7 @@ from .influence import block_influence
 from .losses import row_argmax_errors, sliced_lm_loss
 from .model import parameter_counts
 from .routed import find_routed_layers, gate_records, routing
+from .stage_cache import StageCache, directory_digest, fingerprint
 
 STEP_TYPES = ("tool_call", "planning")
 PPL_CONFIGS = ("base", "lora_full_depth", "routed", "routed_no_lora")
@@ -364,8 +365,22 @@ def _cap(groups: dict[str, list[int]], n: int, seed: int) -> dict[str, list[int]
     return {t: sorted(rng.sample(ix, n)) if len(ix) > n else ix for t, ix in groups.items()}
 
 
-def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict) -> dict:
-    """All metrics for one adapter on the eval split and its length-matched subset."""
+def _steps_key(steps) -> str:
+    """What a stage computed on some steps depends on: their identity and their tokens."""
+    return fingerprint([[s.conversation_id, s.step_index, s.context_length, list(map(int, s.input_ids))]
+                        for s in steps])
+
+
+def _staged(cache: StageCache | None, name: str, key, fn):
+    """fn() once: from `cache` when an earlier, interrupted run of the same evaluation finished this stage."""
+    return fn() if cache is None else cache.run(name, key, fn)
+
+
+def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict, cache: StageCache | None = None) -> dict:
+    """All metrics for one adapter on the eval split and its length-matched subset.
+
+    cache: where finished stages (each teacher-forced pass, each configuration's generations) are kept, so that a
+    run interrupted part-way resumes from them (`run_eval` keeps one per adapter until eval.json is written)."""
     steps = all_steps = list(data.eval)
     matched_keys = {(s.conversation_id, s.step_index) for s in data.eval_length_matched}
     groups = _cap(_by_type(steps, range(len(steps))), cfg.max_steps_per_type, cfg.seed)
@@ -386,7 +401,9 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict) -> dict
     flops = partial(flop_summary, model_config, steps, kv_policy=cfg.kv_policy,
                     prompt_full_depth=cfg.prompt_full_depth, bridge_rank=rm.router_cfg.bridge_rank)
 
-    runs = {c: teacher_forced(rm, steps, c, cfg) for c in PPL_CONFIGS}
+    steps_key = _steps_key(steps)
+    runs = {c: _staged(cache, f"teacher_forced-{c}", steps_key, partial(teacher_forced, rm, steps, c, cfg))
+            for c in PPL_CONFIGS}
     routed = runs["routed"]
     gates = [r["gates"] for r in routed]
 
@@ -401,15 +418,20 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict) -> dict
          if any(step_type_of[i] == t for i in all_idx) else 0 for t in STEP_TYPES}
     baseline_runs = {}
     if cfg.baselines and any(k.values()):
-        influence = block_influence(rm, list(data.train)[: cfg.calibration_steps] or steps, cfg)
+        calibration = list(data.train)[: cfg.calibration_steps] or steps
+        influence = _staged(cache, "block_influence", _steps_key(calibration),
+                            partial(block_influence, rm, calibration, cfg))
         by_type = {t: shortgpt_pattern(influence, k[t]) for t in STEP_TYPES}
         per_step = torch.tensor([by_type.get(s.step_type, [True] * n_layers) for s in steps])
-        baseline_runs["shortgpt"] = (teacher_forced(rm, steps, "shortgpt", cfg, patterns=per_step), by_type)
+        baseline_runs["shortgpt"] = (_staged(cache, "teacher_forced-shortgpt", [steps_key, per_step.tolist()],
+                                             partial(teacher_forced, rm, steps, "shortgpt", cfg, patterns=per_step)),
+                                     by_type)
         rand = torch.ones(len(steps), n_layers, dtype=torch.bool)
         for t in STEP_TYPES:
             rows = [i for i, s in enumerate(steps) if s.step_type == t]
             rand[rows] = random_patterns(len(rows), n_layers, k[t], cfg.seed + 1 + STEP_TYPES.index(t))
-        baseline_runs["random"] = (teacher_forced(rm, steps, "random", cfg, patterns=rand), None)
+        baseline_runs["random"] = (_staged(cache, "teacher_forced-random", [steps_key, rand.tolist()],
+                                           partial(teacher_forced, rm, steps, "random", cfg, patterns=rand)), None)
         out["block_influence"] = influence
     out["baseline_blocks_skipped"] = k
 
@@ -447,7 +469,8 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict) -> dict
     if cfg.thresholds:
         sweep = []
         for thr in cfg.thresholds:
-            res = teacher_forced(rm, steps, "routed", cfg, threshold=thr, desc=f"threshold {thr}")
+            res = _staged(cache, f"teacher_forced-routed-threshold{thr}", steps_key,
+                          partial(teacher_forced, rm, steps, "routed", cfg, threshold=thr, desc=f"threshold {thr}"))
             g = [r["gates"] for r in res]
             point = {"threshold": thr}
             for t in STEP_TYPES:
@@ -467,16 +490,19 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict) -> dict
         if not union:
             continue
         idx = list(range(len(union)))
+        union_key = _steps_key(union)
         for c in cfg.accuracy_configs:
             if c in ACC_CONFIGS:
-                res = accuracy(rm, union, idx, c, cfg)
+                gates_key, run = None, partial(accuracy, rm, union, idx, c, cfg)
             elif c == "shortgpt" and "shortgpt" in baseline_runs:
-                res = accuracy(rm, union, idx, c, cfg, forced=baseline_runs["shortgpt"][1][t])
+                gates_key = baseline_runs["shortgpt"][1][t]
+                run = partial(accuracy, rm, union, idx, c, cfg, forced=gates_key)
             elif c == "random" and "random" in baseline_runs:  # fresh patterns with the same count per type
-                pats = random_patterns(len(union), n_layers, k[t], cfg.seed + 11 + STEP_TYPES.index(t))
-                res = accuracy(rm, union, idx, c, cfg, patterns=pats.tolist())
+                gates_key = random_patterns(len(union), n_layers, k[t], cfg.seed + 11 + STEP_TYPES.index(t)).tolist()
+                run = partial(accuracy, rm, union, idx, c, cfg, patterns=gates_key)
             else:
                 continue
+            res = _staged(cache, f"generate-{t}-{c}", [union_key, gates_key], run)
             for split, d in draws.items():
                 if d[t]:
                     acc[split][t][c] = accuracy_subset(res, [_step_key(s) for s in d[t]], unseen)
@@ -562,8 +588,8 @@ def run_eval(adapters: list[str], data_cfg, cfg: EvalConfig, model_name: str | N
     from .data.build import load_steps
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    per_adapter, data, loaded_tok = [], None, None
-    for path in adapters:
+    per_adapter, data, loaded_tok, caches = [], None, None, []
+    for n, path in enumerate(adapters):
         meta = read_adapter_meta(path)
         rm = load_adapter(path, ModelConfig(name=model_name) if model_name else None)
         if data is None:
@@ -571,7 +597,12 @@ def run_eval(adapters: list[str], data_cfg, cfg: EvalConfig, model_name: str | N
             loaded_tok = rm.tokenizer
         elif rm.tokenizer.get_vocab() != loaded_tok.get_vocab():
             raise ConfigError(f"adapter {path} uses another tokenizer than {adapters[0]}; evaluate them separately")
-        res = evaluate_adapter(rm, data, cfg, meta)
+        # finished stages kept until eval.json is written: an interrupted run resumes from them (a changed adapter,
+        # config or step set is not reused: each stage's key names what it depends on)
+        cache = StageCache(out_dir / "partial" / f"adapter{n}",
+                           {"adapter": directory_digest(path), "model": model_name, "eval": asdict(cfg)})
+        caches.append(cache)
+        res = evaluate_adapter(rm, data, cfg, meta, cache=cache)
         res["adapter"] = str(path)
         per_adapter.append(res)
         del rm
@@ -580,6 +611,10 @@ def run_eval(adapters: list[str], data_cfg, cfg: EvalConfig, model_name: str | N
 
     _write_json(out_dir / "eval.json", doc)
     write_report(doc, out_dir)
+    for cache in caches:  # eval.json holds everything now
+        cache.clear()
+    if (out_dir / "partial").is_dir() and not any((out_dir / "partial").iterdir()):
+        (out_dir / "partial").rmdir()
     return doc
 
 

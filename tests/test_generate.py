@@ -160,7 +160,7 @@ def test_inference_weights_restore_the_lora_model(rm):
             assert not any("lora_" in n for n, _ in model.named_parameters())
         after = rm.model(input_ids=ids).logits
     assert torch.allclose(before, merged, atol=1e-4)
-    assert torch.allclose(before, after, atol=1e-5)
+    assert torch.equal(before, after)  # the frozen weights come back bit for bit, not W + BA - BA
     assert any("lora_" in n for n, _ in rm.model.named_parameters())
 
 

@@ -31,6 +31,7 @@ def test_sweep_trains_each_seed_and_writes_one_table(tmp_path, capsys, monkeypat
     assert len(agg["values"]) == 2 and summary["skip_differential_points"]["mean"] == agg["mean"]
     assert "Seeds (2)" in (out / "eval" / "report.md").read_text()
     assert (out / "eval" / "seeds.png").is_file()
+    assert not (out / "eval" / "partial").exists()  # resumable stages are dropped once eval.json is written
     # the two seeds really differ (LoRA init and data order are seeded)
     a, b = (out / "seed-0" / "adapter" / "router.safetensors"), (out / "seed-1" / "adapter" / "router.safetensors")
     assert a.read_bytes() != b.read_bytes()
