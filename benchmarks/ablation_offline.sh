@@ -20,7 +20,8 @@
 #                                                        #   only), in <run>/eval_accuracy_prompt_full_depth
 #
 # Runs go to runs/ablation/<recipe>-s<seed>/{train,eval}; finished parts are skipped, so it can be re-run after an
-# interruption (an interrupted training resumes from its last checkpoint). One thread per job: on 2 cores run two
+# interruption (an interrupted training resumes from its last checkpoint, an interrupted evaluation from the stages
+# it finished: <run>/<eval dir>/partial/, since session 11). One thread per job: on 2 cores run two
 # copies with different pairs rather than one with two threads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
