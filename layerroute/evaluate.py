@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import random
+import shutil
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -588,7 +589,7 @@ def run_eval(adapters: list[str], data_cfg, cfg: EvalConfig, model_name: str | N
     from .data.build import load_steps
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    per_adapter, data, loaded_tok, caches = [], None, None, []
+    per_adapter, data, loaded_tok = [], None, None
     for n, path in enumerate(adapters):
         meta = read_adapter_meta(path)
         rm = load_adapter(path, ModelConfig(name=model_name) if model_name else None)
@@ -601,7 +602,6 @@ def run_eval(adapters: list[str], data_cfg, cfg: EvalConfig, model_name: str | N
         # config or step set is not reused: each stage's key names what it depends on)
         cache = StageCache(out_dir / "partial" / f"adapter{n}",
                            {"adapter": directory_digest(path), "model": model_name, "eval": asdict(cfg)})
-        caches.append(cache)
         res = evaluate_adapter(rm, data, cfg, meta, cache=cache)
         res["adapter"] = str(path)
         per_adapter.append(res)
@@ -611,10 +611,7 @@ def run_eval(adapters: list[str], data_cfg, cfg: EvalConfig, model_name: str | N
 
     _write_json(out_dir / "eval.json", doc)
     write_report(doc, out_dir)
-    for cache in caches:  # eval.json holds everything now
-        cache.clear()
-    if (out_dir / "partial").is_dir() and not any((out_dir / "partial").iterdir()):
-        (out_dir / "partial").rmdir()
+    shutil.rmtree(out_dir / "partial", ignore_errors=True)  # eval.json holds everything now
     return doc
 
 

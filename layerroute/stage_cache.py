@@ -34,8 +34,7 @@ def directory_digest(path: str | Path) -> str:
     for f in sorted(p for p in root.rglob("*") if p.is_file()):
         h.update(str(f.relative_to(root)).encode() + b"\0")
         with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+            h.update(hashlib.file_digest(fh, "sha256").digest())
     return h.hexdigest()
 
 
@@ -70,12 +69,12 @@ class StageCache:
                 self.reused.append(name)
                 self.log(f"[resume] {name}: reused from {path}")
                 return stored["result"]
-        result = fn()
+        text = json.dumps({"key": want, "result": fn()})
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": want, "result": result}))
+        tmp.write_text(text)
         os.replace(tmp, path)
-        return json.loads(json.dumps(result))  # what a resumed run would get back: the same either way
+        return json.loads(text)["result"]  # what a resumed run would get back: the same either way
 
     def clear(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
