@@ -21,6 +21,7 @@ import json
 import math
 from pathlib import Path
 
+from .atomic import write_text_atomic
 from .errors import ConfigError
 from .evaluate import STEP_TYPES, _write_json, aggregate_metrics, read_json, read_per_adapter, seed_metrics
 
@@ -336,10 +337,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "ablation.json", agg)
-    md = out / "ablation.md"
-    tmp = md.with_suffix(".md.tmp")
-    tmp.write_text(markdown(agg))
-    tmp.replace(md)
+    write_text_atomic(out / "ablation.md", markdown(agg))
     plot(agg, out / "ablation.png")
     plot_tradeoff(agg, out / "ablation_tradeoff.png")
     plot_accuracy(agg, out / "ablation_accuracy.png")

@@ -37,6 +37,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .atomic import write_text_atomic
 from .data.sources import bfcl_data_dir, bfcl_tool
 from .errors import ConfigError, DataError
 
@@ -336,8 +337,7 @@ def run(args: argparse.Namespace) -> int:
     summary = summarize(results, "bfcl_state_response" if checkers else "call_names")
     summary["model"] = model
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps({"summary": summary, "tasks": results}, indent=2, default=str))
+        write_text_atomic(args.output, json.dumps({"summary": summary, "tasks": results}, indent=2, default=str))
     print(json.dumps(summary))
     return 0
 

@@ -27,16 +27,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from . import flops
+from .atomic import write_text_atomic
 from .errors import ConfigError
 from .generate import (
     inference_weights,
@@ -342,11 +341,7 @@ def emit_json_line(result: dict, output: str | None = None) -> None:
     """A benchmark's last act: print its result as one JSON line, and write the same line to `output` if given."""
     line = json.dumps(result)
     if output:
-        path = Path(output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")  # written whole, then renamed: never half a result on disk
-        tmp.write_text(line + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(output, line + "\n")  # never half a result on disk
     print(line)
 
 

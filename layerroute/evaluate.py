@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from . import flops as flop_count
 from .adapters import RoutedModel, load_adapter, read_adapter_meta
+from .atomic import write_text_atomic
 from .config import EvalConfig, ModelConfig
 from .data.collate import collate_steps, length_grouped_batches
 from .data.tokenizer import pad_token_id
@@ -674,9 +675,7 @@ def combine(paths: list[str], out_dir: Path) -> dict:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(obj, indent=2, default=_json_default))
 
 
 def _json_default(o):

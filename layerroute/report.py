@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt  # noqa: E402
+
+from .atomic import atomic_path, write_text_atomic  # noqa: E402
 
 # The paper's reported figures (LayerRoute, Qwen2.5-0.5B-Instruct), shown beside ours.
 PAPER = {
@@ -120,14 +121,13 @@ def _honest_table(doc: dict) -> list[str]:
 def _save(fig, path: Path) -> None:
     """Write the figure whole, then rename it into place (a crash never leaves half a picture), and close it."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
         fig.tight_layout()
-        # bbox_inches="tight" keeps a legend or title outside the axes in the picture
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+        with atomic_path(path) as tmp:
+            # bbox_inches="tight" keeps a legend or title outside the axes in the picture
+            fig.savefig(tmp, dpi=120, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
     finally:
         plt.close(fig)  # a failed save must not leak the figure into the next one
-    os.replace(tmp, path)
 
 
 def plot_heatmap(doc: dict, path: Path) -> None:
@@ -189,8 +189,4 @@ def write_report(doc: dict, out_dir: Path) -> Path:
         lines.append("![threshold sweep](pareto.png)")
     if len(doc.get("seeds") or []) > 1:
         lines.append("![differential per seed](seeds.png)")
-    path = out_dir / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(out_dir / "report.md", "\n".join(lines) + "\n")

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from .atomic import write_text_atomic
 
 
 def fingerprint(obj: Any) -> str:
@@ -70,10 +71,7 @@ class StageCache:
                 self.log(f"[resume] {name}: reused from {path}")
                 return stored["result"]
         text = json.dumps({"key": want, "result": fn()})
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
         return json.loads(text)["result"]  # what a resumed run would get back: the same either way
 
     def clear(self) -> None:

@@ -42,6 +42,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import write_text_atomic
 from .config import GREEDY_ORACLES, STATIC_ORACLES, RunConfig, TrainConfig
 from .errors import ConfigError, TrainingError
 from .influence import (
@@ -316,6 +317,20 @@ def eval_subset(steps: list, n: int) -> list:
 
 # ------------------------------------------------------------------------------------------------------------
 # Metrics sinks: one method, `log(metrics)`.
+
+
+def _metrics_up_to(text: str, step: int) -> tuple[list[str], int]:
+    """The metrics.jsonl lines logged at or before `step`, and how many lines could not be read (cut by a kill)."""
+    kept, damaged = [], 0
+    for line in filter(None, text.splitlines()):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            damaged += 1
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    return kept, damaged
 
 
 class JsonlLogger:
@@ -623,7 +638,7 @@ class Trainer:
             self._load_latest()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if acc.is_main_process:
-            (self.output_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2, default=str))
+            write_text_atomic(self.output_dir / "config.json", json.dumps(self.cfg.to_dict(), indent=2, default=str))
         # Every process has its own RNG stream (LoRA dropout differs between ranks); rank 0 = the seed itself.
         if self.start_step == 0:
             set_seed(tc.seed, device_specific=True)
@@ -773,8 +788,10 @@ class Trainer:
         # metrics.jsonl: drop records the interrupted session wrote after this checkpoint
         metrics = self.output_dir / METRICS_FILE
         if self.accelerator.is_main_process and metrics.is_file():
-            kept = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= self.start_step]
-            metrics.write_text("".join(ln + "\n" for ln in kept))
+            kept, damaged = _metrics_up_to(metrics.read_text(), self.start_step)
+            if damaged:  # a kill mid-append leaves a cut line: say so rather than crash the resume
+                self._print(f"[setup] {metrics}: dropped {damaged} unreadable line(s)")
+            write_text_atomic(metrics, "".join(ln + "\n" for ln in kept))
         self.accelerator.wait_for_everyone()
         self._print(f"[setup] resumed from {path} (step {self.start_step})")
 
@@ -994,7 +1011,7 @@ class Trainer:
         }
         if self.accelerator.is_main_process:
             self.rm.save(adapter_dir, extra={"training": summary})
-            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            write_text_atomic(self.output_dir / "summary.json", json.dumps(summary, indent=2, default=str))
         self.accelerator.wait_for_everyone()
         self._print(f"[fit] done: {self.cfg.train.steps} steps in {wall:.1f} s; adapter {adapter_dir}")
         return TrainResult(

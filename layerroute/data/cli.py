@@ -16,6 +16,7 @@ import re
 import sys
 from typing import Any
 
+from layerroute.atomic import write_text_atomic
 from layerroute.errors import ConfigError
 
 SHOW_OPEN, SHOW_CLOSE = "⟦", "⟧"
@@ -149,8 +150,7 @@ def run(args: argparse.Namespace) -> int:
         text = json.dumps(data.stats(), indent=2, ensure_ascii=False)
         print(text)
         if args.out:
-            with open(args.out, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
+            write_text_atomic(args.out, text + "\n")
         return 0
     steps = _pick_show(data.split(args.split), args.show)
     for k, s in enumerate(steps, 1):
