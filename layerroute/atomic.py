@@ -4,9 +4,11 @@ Every single-file output layerroute leaves on disk (eval.json, reports, plots, b
 summary, resumable stages) goes through here, so an interrupted or failing job leaves either the previous file or the
 new one, never a half-written one that a later step would misread. Folders (training checkpoints, saved adapters, the
 converted GGUF model) are built beside their target and renamed whole by their own writers; metrics.jsonl is
-append-only, and a resume drops a line cut by a kill (`train._metrics_up_to`). `os.replace` is atomic on POSIX and Windows when source and target
-are on the same filesystem, which is why the temporary file lives in the target's own folder. The name carries the
-process id, so two processes writing the same target never share a temporary file (the last rename wins).
+append-only, and a resume drops a line cut by a kill (`train._metrics_up_to`).
+
+`os.replace` is atomic on POSIX and Windows when source and target are on the same filesystem, which is why the
+temporary file lives in the target's own folder. The name carries the process id, so two processes writing the same
+target never share a temporary file (the last rename wins).
 
 What it costs: one extra rename per file. There is no fsync: the guarantee is against a crashed or killed process,
 not against the machine losing power.
