@@ -93,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     result = points(args.reference, args.points, args.resamples, args.seed)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     plot(result, Path(args.output))
     emit_json_line({"benchmark": "plot_exact_match", "output": args.output, "reference": result[0],
                     "points": result[1:]})

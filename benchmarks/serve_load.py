@@ -219,7 +219,9 @@ def main() -> int:
         "note": "one worker per server (requests queue); shared CPU machine, timings noisy: compare within a run",
     }
     if args.output:
-        Path(args.output).write_text(json.dumps(out, indent=2))
+        from layerroute.atomic import write_text_atomic
+
+        write_text_atomic(args.output, json.dumps(out, indent=2))  # whole or not at all, like every other output
     print(json.dumps(out))
     return 0
 
