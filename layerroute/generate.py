@@ -325,7 +325,7 @@ def routed_generate(
 # -- CLI: `layerroute generate` ------------------------------------------------------------------------------
 def skip_pattern(num_layers: int, fraction: float) -> list[bool]:
     """A forced gate pattern skipping round(fraction * L) blocks, spread evenly over the middle: never the first
-    two blocks nor the last (measured as indispensable on SmolLM2; see GUIDE section 3). True = run."""
+    two blocks nor the last (measured as indispensable on SmolLM2 before this repository existed). True = run."""
     from .errors import ConfigError
 
     if not 0.0 <= fraction < 1.0:
