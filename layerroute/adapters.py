@@ -255,9 +255,11 @@ def check_base_matches(meta: dict, identity: dict, directory) -> None:
     mismatched = [k for k, v in identity.items() if k not in ("name", "file") and k in saved and saved[k] != v]
     if mismatched:
         detail = ", ".join(f"{k}: adapter {saved[k]} vs model {identity[k]}" for k in mismatched)
+        kinds = [kind for kind, keys in (("shape", set(mismatched) - {"size", "sha256"}),
+                                         ("file", set(mismatched) & {"size", "sha256"})) if keys]
         raise AdapterError(
-            f"adapter {directory} was trained on {describe_base(saved)}, which differs from the model loaded, "
-            f"{describe_base(identity)} ({detail})"
+            f"adapter {directory} was trained on {describe_base(saved)}, whose {' and '.join(kinds)} differs from "
+            f"the model loaded, {describe_base(identity)} ({detail})"
         )
 
 

@@ -592,6 +592,7 @@ def run_eval(adapters: list[str], data_cfg, cfg: EvalConfig, model_name: str | N
     must have been trained with (its own saved tokenizer and template are what it is evaluated with)."""
     from .adapters import adapter_base_name
     from .data.build import load_steps
+    from .identity import same_tokenizer, tokenizer_identity
 
     out_dir.mkdir(parents=True, exist_ok=True)
     per_adapter, data, loaded_tok = [], None, None
@@ -603,8 +604,10 @@ def run_eval(adapters: list[str], data_cfg, cfg: EvalConfig, model_name: str | N
         if data is None:
             data = load_steps(data_cfg, rm.tokenizer)
             loaded_tok = rm.tokenizer
-        elif rm.tokenizer.get_vocab() != loaded_tok.get_vocab():
-            raise ConfigError(f"adapter {path} uses another tokenizer than {adapters[0]}; evaluate them separately")
+        elif (not same_tokenizer(tokenizer_identity(rm.tokenizer), tokenizer_identity(loaded_tok))
+              or rm.tokenizer.chat_template != loaded_tok.chat_template):  # the steps were rendered with the first's
+            raise ConfigError(f"adapter {path} uses another tokenizer or chat template than {adapters[0]}; evaluate "
+                              "them separately")
         # finished stages kept until eval.json is written: an interrupted run resumes from them (a changed adapter,
         # config or step set is not reused: each stage's key names what it depends on)
         cache = StageCache(out_dir / "partial" / f"adapter{n}",

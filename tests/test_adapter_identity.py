@@ -312,3 +312,15 @@ def test_an_adapter_from_before_the_change_still_loads(world, tmp_path):
     # an old adapter on a base without a template takes model.chat_template like a new run
     rm = load_adapter(old, ModelConfig(name=str(world["base"]), tokenizer=str(world["smol"]), chat_template="chatml"))
     assert rm.tokenizer.chat_template == chat_template.CHATML
+
+
+def test_data_command_renders_with_model_tokenizer_and_chat_template(tmp_path, capsys):
+    """`layerroute data` renders as training does: model.tokenizer (not model.name's) and model.chat_template."""
+    smol = _no_template_tokenizer(tmp_path / "smol")
+    args = ["data", "--config", str(SMOKE), "--stats", "--set", f"model.tokenizer={smol}",
+            "--set", "data.sources[0].limit=2", "--set", "data.sources[1].limit=2"]
+    assert cli_main(args) == 2
+    assert "has no chat template: set model.chat_template" in capsys.readouterr().err
+    assert cli_main([*args, "--set", "model.chat_template=chatml"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["tokenizer"] == str(smol)
