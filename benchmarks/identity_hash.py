@@ -26,7 +26,7 @@ from pathlib import Path
 
 
 def _stats(xs: list[float]) -> dict:
-    return {"min": round(min(xs), 4), "median": round(statistics.median(xs), 4)}
+    return {"min": round(min(xs), 6), "median": round(statistics.median(xs), 6)}
 
 
 def main(argv=None) -> int:
