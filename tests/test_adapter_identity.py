@@ -324,3 +324,19 @@ def test_data_command_renders_with_model_tokenizer_and_chat_template(tmp_path, c
     assert cli_main([*args, "--set", "model.chat_template=chatml"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["tokenizer"] == str(smol)
+
+
+@pytest.mark.slow
+def test_real_model_adapter_carries_its_own_tokenizer_and_template(tmp_path):
+    """The packaged SmolLM2: an adapter saved from it reloads with the same tokenizer, template and prompt."""
+    from layerroute.adapters import build_routed_model
+
+    rm = build_routed_model(ModelConfig(name="smollm2-135m-instruct", device="cpu"))
+    out = rm.save(tmp_path / "adapter")
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["base_model"]["name"] == "smollm2-135m-instruct" and meta["tokenizer"]["vocab_size"] == 49152
+    back = load_adapter(out)
+    assert tokenizer_identity(back.tokenizer)["sha256"] == meta["tokenizer"]["sha256"]
+    assert back.tokenizer.chat_template == rm.tokenizer.chat_template == meta["chat_template"]
+    messages = [{"role": "user", "content": "List the files"}]
+    assert render_prompt(back.tokenizer, messages) == render_prompt(rm.tokenizer, messages)
