@@ -333,6 +333,7 @@ def init_lora_from(rm: RoutedModel, directory: str | Path, flag: str = "train.in
         raise ConfigError(f"{flag}: {directory} is not a directory")
     meta = read_adapter_meta(directory)
     check_base_matches(meta, rm.identity, directory)
+    _check_tokenizer(meta, rm.tokenizer, "this run's tokenizer", directory)  # its LoRA learned those token ids
     if not rm.has_lora:
         raise ConfigError(f"{flag} needs lora.enabled: this run has no LoRA to start from {directory}")
     saved = from_dict(LoraSettings, meta["lora"], "lora")

@@ -340,3 +340,13 @@ def test_real_model_adapter_carries_its_own_tokenizer_and_template(tmp_path):
     assert back.tokenizer.chat_template == rm.tokenizer.chat_template == meta["chat_template"]
     messages = [{"role": "user", "content": "List the files"}]
     assert render_prompt(back.tokenizer, messages) == render_prompt(rm.tokenizer, messages)
+
+
+def test_init_lora_refuses_an_adapter_trained_with_another_tokenizer(world):
+    from layerroute.adapters import build_routed_model, init_lora_from
+    from layerroute.config import LoraSettings
+
+    # the base folder with its own (word-level) tokenizer: not the one the adapter's LoRA learned
+    rm = build_routed_model(ModelConfig(name=str(world["base"]), device="cpu"), lora_cfg=LoraSettings(r=4, alpha=8))
+    with pytest.raises(AdapterError, match="this run's tokenizer"):
+        init_lora_from(rm, world["adapter"])
