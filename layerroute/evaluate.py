@@ -586,14 +586,16 @@ def _mean_std(values: list[float]) -> dict:
     return {"mean": float(np.mean(finite)), "std": float(np.std(finite))}
 
 
-def run_eval(adapters: list[str], data_cfg, cfg: EvalConfig, model_name: str | None, out_dir: Path) -> dict:
+def run_eval(adapters: list[str], data_cfg, cfg: EvalConfig, model_name: str | None, out_dir: Path,
+             dtype: str = "float32") -> dict:
+    """Evaluate each adapter on the base model (its own unless `model_name`) loaded in `dtype` (model.dtype)."""
     from .data.build import load_steps
 
     out_dir.mkdir(parents=True, exist_ok=True)
     per_adapter, data, loaded_tok = [], None, None
     for n, path in enumerate(adapters):
         meta = read_adapter_meta(path)
-        rm = load_adapter(path, ModelConfig(name=model_name) if model_name else None)
+        rm = load_adapter(path, ModelConfig(name=model_name or meta["base_model"]["name"], dtype=dtype))
         if data is None:
             data = load_steps(data_cfg, rm.tokenizer)
             loaded_tok = rm.tokenizer
@@ -602,7 +604,8 @@ def run_eval(adapters: list[str], data_cfg, cfg: EvalConfig, model_name: str | N
         # finished stages kept until eval.json is written: an interrupted run resumes from them (a changed adapter,
         # config or step set is not reused: each stage's key names what it depends on)
         cache = StageCache(out_dir / "partial" / f"adapter{n}",
-                           {"adapter": directory_digest(path), "model": model_name, "eval": asdict(cfg)})
+                           {"adapter": directory_digest(path), "model": model_name, "eval": asdict(cfg),
+                            **({"dtype": dtype} if dtype != "float32" else {})})  # fp32 keys as before
         res = evaluate_adapter(rm, data, cfg, meta, cache=cache)
         res["adapter"] = str(path)
         per_adapter.append(res)
@@ -716,7 +719,8 @@ def run(args: argparse.Namespace) -> int:
         raw = dict(read_adapter_meta(args.adapter[0]).get("training", {}).get("config", {}))
     raw = apply_overrides(raw, args.set)
     run_cfg = RunConfig.from_dict({k: raw.get(k) for k in ("model", "router", "lora", "data", "train", "eval")})
-    doc = run_eval(args.adapter, run_cfg.data, run_cfg.eval, args.model, Path(args.output_dir))
+    doc = run_eval(args.adapter, run_cfg.data, run_cfg.eval, args.model, Path(args.output_dir),
+                   dtype=run_cfg.model.dtype)
     print(json.dumps({"skip_differential_points": doc["skip_differential_points"],
                       "report": str(Path(args.output_dir) / "report.md")}, default=_json_default))
     return 0

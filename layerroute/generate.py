@@ -351,12 +351,14 @@ def load_for_inference(
     """A RoutedModel from an adapter directory, or a freshly wrapped base model (routers at their init, which
     opens every gate, and a fresh LoRA, whose zero B matrices leave the model unchanged; merged for inference
     it costs nothing, so timings match a trained adapter's)."""
-    from .adapters import build_routed_model, load_adapter
+    from .adapters import build_routed_model, load_adapter, read_adapter_meta
     from .config import LoraSettings, ModelConfig
 
     if adapter:
-        cfg = ModelConfig(name=model_name, dtype=dtype, device=device) if model_name else None
-        return load_adapter(adapter, cfg)
+        # the adapter's own base unless --model names another, in the dtype asked for (a bf16 base takes the fp32
+        # LoRA and routers as they are: peft keeps LoRA fp32, and merging rounds W + BA to bf16 once)
+        name = model_name or read_adapter_meta(adapter)["base_model"]["name"]
+        return load_adapter(adapter, ModelConfig(name=name, dtype=dtype, device=device))
     cfg = ModelConfig(name=model_name or "smollm2-135m-instruct", dtype=dtype, device=device)
     rm = build_routed_model(cfg, lora_cfg=LoraSettings(enabled=lora))
     for p in rm.model.parameters():
