@@ -212,3 +212,28 @@ def test_bf16_training_moves_fp32_trainables_with_fp32_optimizer_state_and_leave
                 assert moved, f"trainable {name} did not change"
         else:
             assert p.dtype == torch.bfloat16 and not moved, f"frozen {name} changed or is not bf16"
+
+
+def test_serving_engine_runs_a_bf16_model_with_a_forced_skip_as_routed_generate_does():
+    from transformers import AutoTokenizer
+
+    from layerroute.engine import Engine, SamplingParams, render_prompt
+    from tests.test_serve import TOKENIZER
+
+    rm16 = bf16_routed("shape:tiny-qwen2", bridge_rank=4)
+    rm16.tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    frozen = {n: p.detach().clone() for n, p in rm16.model.named_parameters() if not _trains(n)}
+    pattern = [True, False, True, True]
+    engine = Engine(rm16, forced=pattern, cache_sessions=2)
+    try:
+        prompt = render_prompt(rm16.tokenizer, [{"role": "user", "content": "Plan a short trip to the coast."}])
+        done = engine.generate(prompt, SamplingParams(max_new_tokens=6, ignore_eos=True))
+        with engine.lock:  # the engine holds the merged bf16 weights
+            ref = routed_generate(rm16, [prompt], max_new_tokens=6, eos_token_id=None, forced=pattern,
+                                  kv_policy="kv_preserving", merge_lora=False)
+        assert done.gates == pattern and done.tokens == ref.tokens[0]
+    finally:
+        engine.close()
+    for name, p in rm16.model.named_parameters():
+        if not _trains(name):
+            assert torch.equal(p.detach(), frozen[name]), f"{name} changed by serving"
