@@ -37,6 +37,8 @@ import time
 import torch
 
 DTYPES = ("float32", "bfloat16")
+SIZE_ARGS = ("config", "overrides", "quality_steps", "new_tokens", "timing_steps", "timing_new_tokens", "max_context",
+             "train_batch", "reps", "train_reps", "warmup", "threads")
 
 
 def log(msg: str) -> None:
@@ -148,26 +150,30 @@ def inference_speed(rms: dict, steps: list, new_tokens: int, reps: int, warmup: 
     """Prefill ms/token (TTFT / prompt tokens) and decode ms/token of routed_generate, summed over `steps`."""
     from layerroute.generate import routed_generate
 
-    runs = {d: {"prefill": [], "decode": []} for d in DTYPES}
+    # wall time, and process CPU time (cpu_*): on a shared machine the CPU time is what the work itself cost (other
+    # processes still compete for caches and memory bandwidth, which it does not remove)
+    parts = ("prefill", "decode", "cpu_prefill", "cpu_decode")
+    runs = {d: {p: [] for p in parts} for d in DTYPES}
     prompt_tokens = sum(s.context_length for s in steps)
+    decode_tokens = len(steps) * (new_tokens - 1)
     for rep in range(warmup + reps):
-        ttft = {d: 0.0 for d in DTYPES}
-        decode = {d: 0.0 for d in DTYPES}
+        acc = {d: {p: 0.0 for p in parts} for d in DTYPES}
         for i, step in enumerate(steps):
             for d in _order(rep + i):
                 r = routed_generate(rms[d], [step.input_ids[: step.context_length]], max_new_tokens=new_tokens,
                                     eos_token_id=None)
-                ttft[d] += r.ttft_s
-                decode[d] += r.decode_s_per_token * (new_tokens - 1)
+                for prefix in ("", "cpu_"):
+                    acc[d][f"{prefix}prefill"] += getattr(r, f"{prefix}ttft_s") / prompt_tokens
+                    acc[d][f"{prefix}decode"] += getattr(r, f"{prefix}decode_s_per_token") * (new_tokens - 1) / decode_tokens
         if rep >= warmup:
             for d in DTYPES:
-                runs[d]["prefill"].append(1e3 * ttft[d] / prompt_tokens)
-                runs[d]["decode"].append(1e3 * decode[d] / (len(steps) * (new_tokens - 1)))
+                for p in parts:
+                    runs[d][p].append(1e3 * acc[d][p])
         log(f"  inference rep {rep + 1}/{warmup + reps}: " + " ".join(
-            f"{d} prefill {1e3 * ttft[d] / prompt_tokens:.2f} decode {1e3 * decode[d] / (len(steps) * (new_tokens - 1)):.1f}"
-            " ms/token" for d in DTYPES))
+            f"{d} prefill {1e3 * acc[d]['prefill']:.2f} (cpu {1e3 * acc[d]['cpu_prefill']:.2f}) decode "
+            f"{1e3 * acc[d]['decode']:.1f} (cpu {1e3 * acc[d]['cpu_decode']:.1f}) ms/token" for d in DTYPES))
     out = {"steps": len(steps), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens}
-    for part in ("prefill", "decode"):
+    for part in parts:
         out[f"{part}_ms_per_token"] = {d: _stats(runs[d][part]) for d in DTYPES}
         out[f"{part}_speedup_median"] = (out[f"{part}_ms_per_token"]["float32"]["median"]
                                          / out[f"{part}_ms_per_token"]["bfloat16"]["median"])
@@ -192,33 +198,41 @@ def training_speed(rms: dict, batch: dict, reps: int, warmup: int) -> dict:
         setup[d] = (RoutedStepLoss(model, tc), torch.optim.AdamW(params, lr=1e-5), params)
     args = (batch["input_ids"], batch["attention_mask"], batch["labels"], batch["decision_mask"])
     times = {d: [] for d in DTYPES}
+    cpu_times = {d: [] for d in DTYPES}  # process CPU time (see inference_speed)
     first_loss = {}
     for rep in range(warmup + reps):
         for d in _order(rep):
             step_module, opt, _ = setup[d]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             row_sum, _, prob, gate, _ = step_module(*args, batch["is_tool_call"])
             parts = loss_parts(tc, row_sum, prob, gate, batch["is_tool_call"], tokens_total=targets,
                                rows_total=row_sum.shape[0], micro_total=1)
             parts.total.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            elapsed = time.perf_counter() - t0
+            elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
             first_loss.setdefault(d, float(parts.lm.detach()))
             if rep >= warmup:
                 times[d].append(elapsed)
+                cpu_times[d].append(cpu)
         log(f"  training rep {rep + 1}/{warmup + reps}: "
-            + " ".join(f"{d} {tokens / times[d][-1]:.0f} tokens/s" for d in DTYPES if times[d]))
+            + " ".join(f"{d} {tokens / times[d][-1]:.0f} (cpu {tokens / cpu_times[d][-1]:.0f}) tokens/s"
+                       for d in DTYPES if times[d]))
     state_dtypes = sorted({str(s["exp_avg"].dtype) for d in DTYPES for s in setup[d][1].state.values()})
     for d in DTYPES:
         rms[d].model.eval()
     out = {"rows": int(batch["input_ids"].shape[0]), "tokens_per_step": tokens, "target_tokens": targets,
            "tokens_per_s": {d: {"best": tokens / min(times[d]), "median": tokens / statistics.median(times[d])}
                             for d in DTYPES},
+           "cpu_tokens_per_s": {d: {"best": tokens / min(cpu_times[d]),
+                                    "median": tokens / statistics.median(cpu_times[d])} for d in DTYPES},
            "first_step_lm_loss": first_loss, "optimizer_state_dtypes": state_dtypes,
            "trainable_dtypes": sorted({str(p.dtype) for d in DTYPES for p in setup[d][2]})}
     out["speedup_median"] = out["tokens_per_s"]["bfloat16"]["median"] / out["tokens_per_s"]["float32"]["median"]
     out["speedup_best"] = out["tokens_per_s"]["bfloat16"]["best"] / out["tokens_per_s"]["float32"]["best"]
+    for stat in ("median", "best"):
+        out[f"cpu_speedup_{stat}"] = (out["cpu_tokens_per_s"]["bfloat16"][stat]
+                                      / out["cpu_tokens_per_s"]["float32"][stat])
     return out
 
 
@@ -241,7 +255,8 @@ def compare_model(name: str, args, run_cfg) -> dict:
     train_steps = pick_steps(list(data.train), args.train_batch, args.max_context)
     log(f"[{name}] {rms['float32'].num_layers} blocks; {len(steps)} eval steps, {len(train_steps)} train steps "
         f"(loaded in {time.perf_counter() - t0:.0f} s)")
-    out = {"model": name, "num_layers": rms["float32"].num_layers, "hidden_size": rms["float32"].config.hidden_size}
+    out = {"model": name, "num_layers": rms["float32"].num_layers, "hidden_size": rms["float32"].config.hidden_size,
+           "command": " ".join(sys.argv), "sizes": {k: getattr(args, k) for k in SIZE_ARGS}}
     out["quality"] = quality(rms, steps, args.new_tokens)
     out["inference"] = inference_speed(rms, steps[: args.timing_steps], args.timing_new_tokens, args.reps,
                                        args.warmup)
@@ -249,8 +264,8 @@ def compare_model(name: str, args, run_cfg) -> dict:
     out["training"] = training_speed(rms, collate_steps(train_steps, pad), args.train_reps, args.warmup)
     out["wall_s"] = time.perf_counter() - t0
     q, inf, tr = out["quality"], out["inference"], out["training"]
-    log(f"[{name}] bf16/fp32: training {tr['speedup_median']:.2f}x, prefill {inf['prefill_speedup_median']:.2f}x, "
-        f"decode {inf['decode_speedup_median']:.2f}x; NLL {q['nll_diff_bf16_minus_fp32']['mean']:+.4f}, greedy "
+    log(f"[{name}] bf16/fp32 (process CPU time): training {tr['cpu_speedup_median']:.2f}x, prefill "
+        f"{inf['cpu_prefill_speedup_median']:.2f}x, decode {inf['cpu_decode_speedup_median']:.2f}x; NLL {q['nll_diff_bf16_minus_fp32']['mean']:+.4f}, greedy "
         f"identical {q['greedy_identical_fraction']:.0%} ({out['wall_s']:.0f} s)")
     return out
 
@@ -271,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=None, help="also write the JSON line here (atomically)")
+    parser.add_argument("--append-to", default=None, metavar="JSON",
+                        help="start from this earlier result and add this run's models to it (each model keeps its "
+                             "own command and sizes), e.g. to add a model measured in a later run")
     args = parser.parse_args(argv)
     if args.timing_new_tokens < 2 or args.quality_steps < 2 or args.reps < 1 or args.train_reps < 1:
         parser.error("--timing-new-tokens and --quality-steps must be >= 2, --reps and --train-reps >= 1")
@@ -287,6 +305,11 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "matmul_512x896x4864_gflops": matmul_gflops(args.reps),
         "models": [],
     }
+    if args.append_to:
+        earlier = json.loads(open(args.append_to).read())
+        result["models"] = earlier["models"]
+        result["earlier_runs"] = earlier.get("earlier_runs", []) + [
+            {k: v for k, v in earlier.items() if k not in ("models", "earlier_runs")}]
     log(f"matmul GFLOPS: {result['matmul_512x896x4864_gflops']}")
     for name in args.model or ["smollm2-135m-instruct"]:
         result["models"].append(compare_model(name, args, run_cfg))

@@ -237,3 +237,23 @@ def test_serving_engine_runs_a_bf16_model_with_a_forced_skip_as_routed_generate_
     for name, p in rm16.model.named_parameters():
         if not _trains(name):
             assert torch.equal(p.detach(), frozen[name]), f"{name} changed by serving"
+
+
+def test_bf16_lm_head_gets_standard_strides_and_the_same_logits():
+    """generate()'s prefill slices hidden[:, -1:, :] (batch stride T * H), which sends a bf16 CPU matmul down a path
+    that copies the whole LM head each call; the loader's pre-hook hands the head a standard-strided copy."""
+    cfg = ModelConfig(name="shape:tiny-llama", dtype="bfloat16")
+    model = load_base(cfg, tokenizer=False).model
+    head = model.get_output_embeddings()
+    seen = []
+    handle = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].stride()))  # runs after the loader's
+    try:
+        hidden = torch.randn(2, 7, model.config.hidden_size).bfloat16()
+        with torch.no_grad():
+            sliced = head(hidden[:, -1:, :])
+            fresh = head(hidden[:, -1:, :].clone(memory_format=torch.contiguous_format))
+    finally:
+        handle.remove()
+    assert seen[0] == (model.config.hidden_size, model.config.hidden_size, 1) and torch.equal(sliced, fresh)
+    fp32 = load_base(ModelConfig(name="shape:tiny-llama"), tokenizer=False).model
+    assert not fp32.get_output_embeddings()._forward_pre_hooks  # fp32 runs exactly as before
