@@ -49,7 +49,9 @@ class ModelConfig:
         "smollm2-135m-instruct",
         "hub id, local folder, .gguf file, 'smollm2-135m-instruct' (packaged offline default) or 'shape:<preset>'",
     )
-    dtype: str = setting("float32", "weights dtype: float32, bfloat16 or float16 (bf16 on GPU for the paper run)")
+    dtype: str = setting(
+        "float32", "frozen weights' dtype: float32, bfloat16 or float16; LoRA, routers, skip bridges and their optimizer "
+        "state stay fp32 (bf16 is faster on CPUs with AVX-512 BF16 / AMX too: docs/results/bf16.md)")
     device: str = setting("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:N'")
     attn_implementation: str = setting("sdpa", "transformers attention backend: sdpa or eager")
     seed: int = setting(0, "seed for the random weights of shape presets")

@@ -587,8 +587,10 @@ def _mean_std(values: list[float]) -> dict:
 
 
 def run_eval(adapters: list[str], data_cfg, cfg: EvalConfig, model_name: str | None, out_dir: Path, *,
-             tokenizer: str | None = None, chat_template: str | None = None) -> dict:
-    """`tokenizer` / `chat_template`: model.tokenizer / model.chat_template given explicitly, which each adapter
+             tokenizer: str | None = None, chat_template: str | None = None, dtype: str = "float32") -> dict:
+    """Evaluate each adapter on the base model (its own unless `model_name`) loaded in `dtype` (model.dtype).
+
+    `tokenizer` / `chat_template`: model.tokenizer / model.chat_template given explicitly, which each adapter
     must have been trained with (its own saved tokenizer and template are what it is evaluated with)."""
     from .adapters import adapter_base_name
     from .data.build import load_steps
@@ -598,9 +600,8 @@ def run_eval(adapters: list[str], data_cfg, cfg: EvalConfig, model_name: str | N
     per_adapter, data, loaded_tok = [], None, None
     for n, path in enumerate(adapters):
         meta = read_adapter_meta(path)
-        explicit = model_name or tokenizer or chat_template
         rm = load_adapter(path, ModelConfig(name=model_name or adapter_base_name(path, meta), tokenizer=tokenizer,
-                                            chat_template=chat_template) if explicit else None)
+                                            chat_template=chat_template, dtype=dtype))
         if data is None:
             data = load_steps(data_cfg, rm.tokenizer)
             loaded_tok = rm.tokenizer
@@ -611,7 +612,8 @@ def run_eval(adapters: list[str], data_cfg, cfg: EvalConfig, model_name: str | N
         # finished stages kept until eval.json is written: an interrupted run resumes from them (a changed adapter,
         # config or step set is not reused: each stage's key names what it depends on)
         cache = StageCache(out_dir / "partial" / f"adapter{n}",
-                           {"adapter": directory_digest(path), "model": model_name, "eval": asdict(cfg)})
+                           {"adapter": directory_digest(path), "model": model_name, "eval": asdict(cfg),
+                            **({"dtype": dtype} if dtype != "float32" else {})})  # fp32 keys as before
         res = evaluate_adapter(rm, data, cfg, meta, cache=cache)
         res["adapter"] = str(path)
         per_adapter.append(res)
@@ -729,7 +731,8 @@ def run(args: argparse.Namespace) -> int:
     run_cfg = RunConfig.from_dict({k: raw.get(k) for k in ("model", "router", "lora", "data", "train", "eval")})
     explicit = {item.split("=", 1)[0].strip() for item in args.set}  # model.* given on this command line
     model_keys = {k: getattr(run_cfg.model, k) for k in ("tokenizer", "chat_template") if f"model.{k}" in explicit}
-    doc = run_eval(args.adapter, run_cfg.data, run_cfg.eval, args.model, Path(args.output_dir), **model_keys)
+    doc = run_eval(args.adapter, run_cfg.data, run_cfg.eval, args.model, Path(args.output_dir),
+                   dtype=run_cfg.model.dtype, **model_keys)
     print(json.dumps({"skip_differential_points": doc["skip_differential_points"],
                       "report": str(Path(args.output_dir) / "report.md")}, default=_json_default))
     return 0

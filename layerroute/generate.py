@@ -357,6 +357,8 @@ def load_for_inference(
     from .config import LoraSettings, ModelConfig
 
     if adapter:
+        # the adapter's own base unless --model names another, in the dtype asked for (a bf16 base takes the fp32
+        # LoRA and routers as they are: peft keeps LoRA fp32, and merging rounds W + BA to bf16 once)
         cfg = ModelConfig(name=model_name or adapter_base_name(adapter), dtype=dtype, device=device,
                           chat_template=chat_template)
         return load_adapter(adapter, cfg)

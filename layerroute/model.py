@@ -220,10 +220,31 @@ def load_base(cfg: ModelConfig, *, tokenizer: bool = True) -> LoadedModel:
     if tok is not None and cfg.chat_template:
         chat_template.apply(tok, cfg.chat_template)
     model.to(device=device, dtype=_DTYPES[cfg.dtype])
+    if cfg.dtype != "float32" and model.get_output_embeddings() is not None:
+        model.get_output_embeddings().register_forward_pre_hook(_standard_strides)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tok, identity=model_identity(name, model.config))
+
+
+def _standard_strides(_module, args):
+    """LM head pre-hook for half-precision weights: give its input the standard strides.
+
+    generate()'s prefill projects only the last position, `hidden[:, -1:, :]`: a [B, 1, H] view whose batch stride is
+    T * H. torch.matmul then takes its batched path, and on a CPU the bf16 bmm first copies the whole transposed LM
+    head (V x H) to a contiguous buffer: measured 250 ms of CPU per prefill for SmolLM2's 49152 x 576 head (7.5 ms
+    for the same product from a fresh [B, 1, H] tensor); fp32 has no such copy. Copying the one row costs nothing."""
+    x = args[0] if args else None
+    if not torch.is_tensor(x) or x.dim() < 3:
+        return None
+    expected, size = [], 1
+    for dim in reversed(x.shape):
+        expected.append(size)
+        size *= dim
+    if tuple(reversed(expected)) == x.stride():
+        return None
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x), *args[1:])
 
 
 def model_identity(name: str, config) -> dict:

@@ -148,8 +148,10 @@ class RoutedLayer(nn.Module):
     def _pooled_context(self, hidden: torch.Tensor) -> torch.Tensor:
         st = self.state
         mask = st.decision_mask
+        # pooled in fp32 on every path (masked_pool too), so a bf16 backbone's decision by re-prefill and by a
+        # session's running sums read the same vector; the routers are fp32
         if mask is None and self.pooling == "mean" and not st.session_pooling:
-            return hidden.mean(dim=1)  # no padding, no targets: every position is context (one op, not five)
+            return hidden.float().mean(dim=1)  # no padding, no targets: every position is context (one op, not five)
         if mask is None:
             mask = torch.ones(hidden.shape[:2], device=hidden.device, dtype=hidden.dtype)
         elif mask.shape != hidden.shape[:2]:
@@ -170,7 +172,7 @@ class RoutedLayer(nn.Module):
         step_count = mask.float().sum(dim=1, keepdim=True)
         if self.pool_sum is not None:
             step_sum, step_count = step_sum + self.pool_sum, step_count + self.pool_count
-        return (step_sum / step_count.clamp_min(1.0)).to(hidden.dtype)
+        return step_sum / step_count.clamp_min(1.0)
 
     def _accumulate_session(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> None:
         """Add this forward's states entering the block to the session's running sum (defined whether or not
@@ -216,12 +218,11 @@ class RoutedLayer(nn.Module):
                 context = torch.ones_like(hidden_states[..., :1]) if st.decision_mask is None else \
                     st.decision_mask.to(device=hidden_states.device, dtype=hidden_states.dtype).unsqueeze(-1)
                 g = torch.maximum(g, context)
-            if self.bridge is None:
-                return hidden_states + g * (out - hidden_states)
             # The straight-through gate's value is 0 or 1 only up to rounding (hard + prob - prob), and a bridge
             # under an open gate must get exactly no gradient: Adam turns a 1e-8 gradient into a full-size step.
             # So the value mixes with the exact hard gate, and `through` (exactly 0 in value) carries the router's
-            # gradient, d/dg = block(h) - (h + bridge).
+            # gradient, d/dg = block(h) - (h + bridge). Without a bridge this is also what makes an open gate return
+            # block(h) bit for bit: h + g * (block(h) - h) rounds twice, about one bf16 ulp of h per block.
             hard = g.detach().round()
             through = g - g.detach()
             closed = self.skipped(hidden_states)

@@ -33,8 +33,10 @@ def masked_pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str = "mean",
 
     `mask` is the *decision* mask (context positions only, never padding, never the step's targets);
     a row whose mask is empty pools to zeros rather than NaN. pooling="last_turn" is the mean over
-    `last_turn_mask(mask, turn_marks)`.
+    `last_turn_mask(mask, turn_marks)`. Pools in fp32 whatever the backbone's dtype (a bf16 mean over hundreds of
+    positions keeps 2-3 significant digits, enough to move a decision near the threshold); a no-op in fp32.
     """
+    hidden = hidden.float()
     mask = mask.to(hidden.dtype)
     if pooling == "last_turn":
         if turn_marks is None:

@@ -31,7 +31,7 @@ def sweep(cfg: RunConfig, seeds: list[int], out: Path, overrides: list[str] | No
             print(f"[sweep] seed {seed}: training into {seed_dir}{' (resuming)' if resume else ''}", flush=True)
             train(seed_cfg, seed_dir, resume=resume)
         adapters.append(str(adapter))
-    doc = run_eval(adapters, cfg.data, cfg.eval, None, out / "eval")
+    doc = run_eval(adapters, cfg.data, cfg.eval, None, out / "eval", dtype=cfg.model.dtype)
     table = {
         "seeds": seeds,
         "skip_differential_points": doc["aggregate"]["full"]["skip_differential_points"] if doc["aggregate"]
