@@ -1,0 +1,123 @@
+"""Batched generation = one-at-a-time generation, token for token (fp32 tiny model): rows that decide differently,
+rows with their own budgets and stop tokens, left padding, rows dropped mid-batch; too-long prompts and
+unclosed calls are scored wrong and counted by reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from layerroute.batched import FINISH_CONTEXT, FINISH_LENGTH, FINISH_REUSED, FINISH_STOP, Request, generate_batched
+from layerroute.generate import routed_generate
+from tests.helpers import TINY_SHAPES, lively, tiny_routed
+
+# different lengths (left padding in a batch), different budgets
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [100, 200, 300], [42, 43, 44, 45, 46], [7, 7, 8], [300, 301, 302, 303, 304, 305],
+           [11, 12]]
+BUDGETS = [9, 4, 12, 7, 1, 10]
+
+
+@pytest.fixture(scope="module", params=TINY_SHAPES)
+def rm(request):
+    rm = lively(tiny_routed(request.param))
+    gen = torch.Generator().manual_seed(3)  # routers whose decisions depend on the prompt (and differ across rows)
+    with torch.no_grad():
+        for r in rm.routers():
+            r.net.weight.copy_(torch.randn(r.net.weight.shape, generator=gen))
+            r.net.bias.zero_()
+    return rm
+
+
+def _alone(rm, req: Request, **kw) -> list[int]:
+    out = routed_generate(rm, [req.prompt], max_new_tokens=req.max_new_tokens, eos_token_id=sorted(req.stop) or None,
+                          forced=req.forced, **kw)
+    return out.tokens[0], out.gates[0]
+
+
+@pytest.mark.parametrize("batch_size", [2, 4, 6])
+@pytest.mark.parametrize("policy", ["exact", "kv_preserving"])
+def test_router_decided_batches_equal_rows_alone(rm, batch_size, policy):
+    reqs = [Request(p, b) for p, b in zip(PROMPTS, BUDGETS, strict=True)]
+    got = generate_batched(rm, reqs, batch_size=batch_size, kv_policy=policy, progress=False)
+    assert len({tuple(r.gates) for r in got}) > 2, "routers should disagree across rows for this test"
+    for req, res in zip(reqs, got, strict=True):
+        tokens, gates = _alone(rm, req, kv_policy=policy)
+        assert res.gates == gates, "decisions must not depend on the other rows or padding"
+        assert res.tokens == tokens
+        assert len(res.tokens) == req.max_new_tokens and res.finish == FINISH_LENGTH
+
+
+def test_own_stop_tokens_end_rows_early_and_the_rest_continue(rm):
+    free = generate_batched(rm, [Request(p, 12) for p in PROMPTS], batch_size=6, progress=False)
+    # each row stops at a token it emits itself at a different depth (its 2nd, 4th, ... token)
+    stops = [frozenset({r.tokens[min(1 + 2 * i, 11)]}) for i, r in enumerate(free)]
+    reqs = [Request(p, 12, stop=s) for p, s in zip(PROMPTS, stops, strict=True)]
+    got = generate_batched(rm, reqs, batch_size=6, progress=False)
+    for req, res, whole in zip(reqs, got, free, strict=True):
+        tokens, _ = _alone(rm, req)
+        assert res.tokens == tokens
+        cut = next(i for i, t in enumerate(whole.tokens) if t in req.stop)
+        assert res.tokens == whole.tokens[: cut + 1] and res.finish == FINISH_STOP  # stop token kept
+    assert len({len(r.tokens) for r in got}) > 2, "rows should finish at different steps"
+
+
+def test_forced_rows_equal_rows_alone(rm):
+    patterns = [[True, False, True, True], [True, True, True, True], [False, True, False, True],
+                [True, True, False, False], [True, False, False, True], [True, True, True, False]]
+    reqs = [Request(p, b, forced=f) for p, b, f in zip(PROMPTS, BUDGETS, patterns, strict=True)]
+    got = generate_batched(rm, reqs, batch_size=4, progress=False)
+    for req, res in zip(reqs, got, strict=True):
+        tokens, gates = _alone(rm, req)
+        assert res.gates == list(req.forced) == gates
+        assert res.tokens == tokens
+
+
+def test_lora_off_equals_adapters_disabled(rm):
+    reqs = [Request(p, 6) for p in PROMPTS[:3]]
+    got = generate_batched(rm, reqs, batch_size=3, lora=False, progress=False)
+    with rm.lora_disabled():
+        for req, res in zip(reqs, got, strict=True):
+            assert res.tokens == routed_generate(rm, [req.prompt], max_new_tokens=6, eos_token_id=None,
+                                                 merge_lora=False).tokens[0]
+
+
+def test_reused_rows_stop_after_prefill(rm):
+    seen = []
+
+    def on_decided(i, gates):
+        seen.append(i)
+        return [1, 2, 3] if i % 2 == 0 else None
+
+    reqs = [Request(p, 5) for p in PROMPTS]
+    got = generate_batched(rm, reqs, batch_size=3, on_decided=on_decided, progress=False)
+    assert sorted(seen) == list(range(len(PROMPTS)))
+    for i, (req, res) in enumerate(zip(reqs, got, strict=True)):
+        if i % 2 == 0:
+            assert res.tokens == [1, 2, 3] and res.finish == FINISH_REUSED
+        else:
+            assert res.tokens == _alone(rm, req)[0]
+
+
+def test_row_logits_processor_applies_to_its_row_only(rm):
+    banned = 17
+
+    def only_banned(ids, scores):  # forces one token, reading the row's own ids (prompt + generated)
+        assert ids.shape[0] == 1 and ids.shape[1] >= len(PROMPTS[1])
+        out = torch.full_like(scores, -float("inf"))
+        out[:, banned] = 0
+        return out
+
+    reqs = [Request(p, 4) for p in PROMPTS[:3]]
+    reqs[1].logits_processor = only_banned
+    got = generate_batched(rm, reqs, batch_size=3, progress=False)
+    assert got[1].tokens == [banned] * 4
+    assert got[0].tokens == _alone(rm, reqs[0])[0] and got[2].tokens == _alone(rm, reqs[2])[0]
+
+
+def test_prompt_longer_than_the_context_is_not_generated(rm):
+    limit = rm.config.max_position_embeddings
+    reqs = [Request(list(range(3, 3 + limit)), 4), Request([5, 6, 7], 4), Request([8] * (limit - 2), 10)]
+    got = generate_batched(rm, reqs, batch_size=3, progress=False)
+    assert got[0].finish == FINISH_CONTEXT and got[0].tokens == []
+    assert got[1].tokens == _alone(rm, reqs[1])[0]
+    assert got[2].budget == 2 and len(got[2].tokens) == 2  # clipped to what fits in the context
