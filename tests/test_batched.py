@@ -121,3 +121,76 @@ def test_prompt_longer_than_the_context_is_not_generated(rm):
     assert got[0].finish == FINISH_CONTEXT and got[0].tokens == []
     assert got[1].tokens == _alone(rm, reqs[1])[0]
     assert got[2].budget == 2 and len(got[2].tokens) == 2  # clipped to what fits in the context
+
+
+# -- scored evaluation (layerroute.eval_accuracy through evaluate.accuracy) on real BFCL / GSM8K steps -----------
+@pytest.fixture(scope="module")
+def scored_setup():
+    import os
+
+    from transformers import AutoTokenizer
+
+    from layerroute.data.build import load_steps
+    from tests.test_evaluate import TOKENIZER, data_cfg
+
+    assert os.path.isdir(TOKENIZER)
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    rm = tiny_routed("shape:tiny-qwen2")
+    rm.tokenizer = tok
+    steps = list(load_steps(data_cfg(), tok).eval)
+    return rm, steps
+
+
+def _cfg(**kw):
+    from layerroute.config import EvalConfig
+
+    return EvalConfig(**{"max_new_tokens_tool": 4, "max_new_tokens_planning": 4, "accuracy_teacher_forced": False,
+                         "bootstrap": 20, **kw})
+
+
+def test_too_long_prompt_and_unclosed_call_are_scored_wrong_and_counted_by_reason(scored_setup, monkeypatch):
+    from layerroute.evaluate import accuracy
+
+    rm, steps = scored_setup
+    tools = sorted((i for i, s in enumerate(steps) if s.step_type == "tool_call"), key=lambda i: steps[i].context_length)
+    idx = tools[:2] + tools[-1:]
+    longest = steps[tools[-1]].context_length
+    assert steps[tools[1]].context_length < longest, "need a step shorter than the longest"
+    monkeypatch.setattr(rm.config, "max_position_embeddings", longest)  # the longest prompt no longer fits
+    res = accuracy(rm, steps, idx, "lora_full_depth", _cfg(accuracy_batch_size=3))
+    assert res["n"] == 3 and res["accuracy"] == 0  # never dropped
+    reasons = [s["reason"] for s in res["samples"]]
+    assert reasons[2].startswith("prompt exceeds the model's context") and res["samples"][2]["finish"] == "context"
+    # 4 tokens cannot close a call: cut at the budget, and said so
+    assert all(r.startswith("hit max_new_tokens") for r in reasons[:2])
+    assert res["failures"] == {"prompt exceeds the model's context": 1, "hit max_new_tokens": 2}
+
+
+def test_batched_accuracy_equals_one_at_a_time(scored_setup):
+    from layerroute.evaluate import accuracy
+
+    rm, steps = scored_setup
+    idx = list(range(min(len(steps), 6)))
+    one = accuracy(rm, steps, idx, "routed", _cfg(accuracy_batch_size=1, accuracy_teacher_forced=True))
+    many = accuracy(rm, steps, idx, "routed", _cfg(accuracy_batch_size=4, accuracy_teacher_forced=True))
+    assert [s["tokens"] for s in one["samples"]] == [s["tokens"] for s in many["samples"]]
+    assert one["accuracy"] == many["accuracy"] and one["teacher_forced_exact"] == many["teacher_forced_exact"]
+
+
+def test_configurations_that_cannot_differ_reuse_the_full_depth_generations(scored_setup):
+    from layerroute.eval_accuracy import reuse_counts
+    from layerroute.evaluate import accuracy
+
+    rm, steps = scored_setup
+    idx = list(range(min(len(steps), 5)))
+    cfg = _cfg()
+    ref = accuracy(rm, steps, idx, "lora_full_depth", cfg)
+    routed = accuracy(rm, steps, idx, "routed", cfg, reference=ref)  # routers at init open every block
+    assert reuse_counts(routed) == {"lora_full_depth": len(idx)}
+    assert [s["tokens"] for s in routed["samples"]] == [s["tokens"] for s in ref["samples"]]
+    pattern = [True] * rm.num_layers
+    patterns = [pattern if i % 2 else [False] + pattern[1:] for i in range(len(idx))]
+    rand = accuracy(rm, steps, idx, "random", cfg, patterns=patterns, reference=ref)
+    assert reuse_counts(rand) == {"lora_full_depth": len(idx) // 2}  # the steps whose pattern removes nothing
+    fresh = accuracy(rm, steps, idx, "random", cfg, patterns=patterns)
+    assert [s["tokens"] for s in rand["samples"]] == [s["tokens"] for s in fresh["samples"]]
