@@ -701,8 +701,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="aggregate finished evaluations (eval.json files) as seeds instead of evaluating")
     parser.add_argument("--config", help="YAML whose data: and eval: sections to use (default: the adapter's)")
     parser.add_argument("--model", help="base model to load the adapter on (default: the adapter's own)")
+    parser.add_argument("--overlay", action="append", default=[], metavar="YAML",
+                        help="YAML whose eval: section overrides the config's, key by key (e.g. "
+                             "configs/eval-of-record.yaml); applied before --set")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. eval.bootstrap=0")
     parser.add_argument("--output-dir", required=True)
+
+
+def apply_eval_overlay(raw: dict, overlay: dict, path: str = "overlay") -> dict:
+    """`raw` with the overlay's eval: keys replacing its own (an evaluation setting kept apart from the run config
+    an adapter was trained with: what is evaluated, never what was trained)."""
+    unknown = sorted(set(overlay) - {"eval"})
+    if unknown:
+        raise ConfigError(f"{path}: an eval overlay holds an eval: section only, not {unknown[0]!r}")
+    section = overlay.get("eval") or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: eval: must be a mapping of keys")
+    return {**raw, "eval": {**(raw.get("eval") or {}), **section}}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -719,6 +734,8 @@ def run(args: argparse.Namespace) -> int:
         raw = load_yaml(args.config)
     else:  # the run config the first adapter was trained with
         raw = dict(read_adapter_meta(args.adapter[0]).get("training", {}).get("config", {}))
+    for path in args.overlay:
+        raw = apply_eval_overlay(raw, load_yaml(path), path)
     raw = apply_overrides(raw, args.set)
     run_cfg = RunConfig.from_dict({k: raw.get(k) for k in ("model", "router", "lora", "data", "train", "eval")})
     doc = run_eval(args.adapter, run_cfg.data, run_cfg.eval, args.model, Path(args.output_dir))

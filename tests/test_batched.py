@@ -194,3 +194,40 @@ def test_configurations_that_cannot_differ_reuse_the_full_depth_generations(scor
     assert reuse_counts(rand) == {"lora_full_depth": len(idx) // 2}  # the steps whose pattern removes nothing
     fresh = accuracy(rm, steps, idx, "random", cfg, patterns=patterns)
     assert [s["tokens"] for s in rand["samples"]] == [s["tokens"] for s in fresh["samples"]]
+
+
+def test_eval_of_record_overlay_scores_every_configuration_paired_with_step_ids(scored_setup):
+    import yaml
+
+    from layerroute.config import EvalConfig
+    from layerroute.data.build import load_steps
+    from layerroute.evaluate import apply_eval_overlay, evaluate_adapter
+    from tests.test_evaluate import data_cfg
+
+    raw = apply_eval_overlay({"eval": {"max_new_tokens_tool": 3, "seed": 0}},
+                             yaml.safe_load(open("configs/eval-of-record.yaml")), "configs/eval-of-record.yaml")
+    assert raw["eval"]["max_new_tokens_tool"] == 3 and raw["eval"]["accuracy_batch_size"] == 8
+    raw["eval"].update(max_new_tokens_planning=3, max_steps_per_type=3, thresholds=[], calibration_steps=2,
+                       bootstrap=20, accuracy_planning_sources=["gsm_symbolic"])
+    cfg = EvalConfig(**raw["eval"])
+    _, steps = scored_setup
+    rm = lively(tiny_routed("shape:tiny-qwen2", seed=1))
+    rm.tokenizer = scored_setup[0].tokenizer
+    with torch.no_grad():  # routers that skip some blocks on some steps (so the baselines exist)
+        for i, r in enumerate(rm.routers()):
+            r.net.weight.zero_()
+            r.net.bias.fill_(-1.0 if i == 1 else 1.0)
+    data = load_steps(data_cfg(), rm.tokenizer)
+    res = evaluate_adapter(rm, data, cfg, {})
+    n_tool = sum(s.step_type == "tool_call" for s in data.eval)
+    acc = res["accuracy"]["tool_call"]
+    assert set(acc) == {"base", "lora_full_depth", "routed", "routed_no_lora", "shortgpt", "random"}
+    assert all(v["n"] == n_tool for v in acc.values())  # every eval tool call, none dropped
+    paired = res["accuracy_paired"]["tool_call"]
+    assert {"routed_vs_lora_full_depth", "shortgpt_vs_lora_full_depth", "random_vs_lora_full_depth",
+            "routed_no_lora_vs_base", "lora_full_depth_vs_base"} <= set(paired)
+    for p in paired.values():
+        assert len(p["only_a_ids"]) == p["only_a"] and len(p["only_b_ids"]) == p["only_b"]
+        assert len(p["diff_ci95"]) == 2
+    # planning: the routers skip block 1 everywhere, so nothing is reused there; shortgpt removes as many blocks
+    assert "reused_from" not in acc["routed"]
