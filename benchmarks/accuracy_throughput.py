@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/offline-smollm2.yaml", help="data and eval settings")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--steps", type=int, default=32, help="eval tool-call steps")
+    parser.add_argument("--step-type", default="tool_call", choices=["tool_call", "planning"],
+                        help="planning: the eval's planning draw instead (with --set "
+                             "eval.accuracy_planning_sources=[gsm8k_test]: GSM8K test problems)")
+    parser.add_argument("--batched-only", action="store_true",
+                        help="time the batched way only (a slice for a wall-time estimate; no speedup)")
     parser.add_argument("--batch", type=int, default=8, help="rows per batch")
     parser.add_argument("--skip-fraction", type=float, default=0.2, help="without --adapter: blocks forced closed")
     parser.add_argument("--reps", type=int, default=2, help="repetitions of each way (alternating)")
@@ -52,15 +57,16 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     cfg = RunConfig.from_yaml(args.config, args.overrides)
-    ecfg = dataclasses.replace(cfg.eval, accuracy_steps_per_type={"tool_call": args.steps, "planning": 0})
+    counts = {"tool_call": 0, "planning": 0, args.step_type: args.steps}
+    ecfg = dataclasses.replace(cfg.eval, accuracy_steps_per_type=counts)
     rm = load_for_inference(args.model or (None if args.adapter else cfg.model.name), args.adapter,
                             dtype=cfg.model.dtype, device=cfg.model.device)
     rm.model.eval()
     data = load_steps(cfg.data, rm.tokenizer)
-    steps = _accuracy_steps([], {"tool_call": [], "planning": []}, list(data.eval), ecfg)["tool_call"]
+    steps = _accuracy_steps([], {"tool_call": [], "planning": []}, list(data.eval), ecfg)[args.step_type]
     forced = None if args.adapter else skip_pattern(rm.num_layers, args.skip_fraction)
     eos = _eos_ids(rm.tokenizer)
-    budget = ecfg.max_new_tokens_tool
+    budget = ecfg.max_new_tokens_tool if args.step_type == "tool_call" else ecfg.max_new_tokens_planning
     prompts = [s.input_ids[: s.context_length] for s in steps]
     print(f"[accuracy-throughput] {len(steps)} steps, contexts {min(map(len, prompts))}-{max(map(len, prompts))} "
           f"tokens, budget {budget}, batch {args.batch}, "
@@ -79,15 +85,28 @@ def main(argv: list[str] | None = None) -> int:
     times = {"single": [], "batched": []}
     cpu = {"single": [], "batched": []}  # process CPU seconds: robust to other jobs on a shared machine
     outputs = {}
+    ways = [("batched", batched)] if args.batched_only else [("single", single), ("batched", batched)]
     for rep in range(args.reps):
-        for name, fn in (("single", single), ("batched", batched)) if rep % 2 == 0 else (("batched", batched),
-                                                                                          ("single", single)):
+        for name, fn in ways if rep % 2 == 0 else ways[::-1]:
             start, cpu_start = time.perf_counter(), time.process_time()
             outputs[name] = fn()
             times[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - cpu_start)
             print(f"[accuracy-throughput] rep {rep} {name}: {times[name][-1]:.1f} s wall, {cpu[name][-1]:.1f} s CPU",
                   flush=True)
+    if args.batched_only:
+        emit_json_line({
+            "benchmark": "accuracy_throughput", "batched_only": True, "model": args.model or cfg.model.name,
+            "adapter": args.adapter, "step_type": args.step_type,
+            "forced_skip": None if forced is None else [i for i, g in enumerate(forced) if not g],
+            "steps": len(steps), "batch": args.batch, "reps": args.reps, "threads": args.threads,
+            "max_new_tokens": budget, "context_tokens_mean": statistics.mean(map(len, prompts)),
+            "generated_tokens_mean": statistics.mean(len(t) for t in outputs["batched"]),
+            "seconds": times, "cpu_seconds": cpu,
+            "cpu_seconds_per_step_batched": min(cpu["batched"]) / len(steps),
+            "steps_per_min_batched": 60 * len(steps) / min(cpu["batched"]),
+        }, args.output)
+        return 0
     same = [a == b for a, b in zip(outputs["single"], outputs["batched"], strict=True)]
     scored = {name: [score_generation(s, rm.tokenizer.decode(t, skip_special_tokens=True))[0]
                      for s, t in zip(steps, outs, strict=True)] for name, outs in outputs.items()}
@@ -99,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "accuracy_throughput", "model": args.model or cfg.model.name, "adapter": args.adapter,
         "forced_skip": None if forced is None else [i for i, g in enumerate(forced) if not g],
         "steps": len(steps), "batch": args.batch, "reps": args.reps, "threads": args.threads,
-        "max_new_tokens": budget, "kv_policy": ecfg.kv_policy,
+        "step_type": args.step_type, "max_new_tokens": budget, "kv_policy": ecfg.kv_policy,
         "context_tokens_mean": statistics.mean(map(len, prompts)),
         "generated_tokens_mean": statistics.mean(len(t) for t in outputs["batched"]),
         "seconds": times, "cpu_seconds": cpu, "clock": "process CPU time (one thread)",

@@ -7,7 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerroute.batched import FINISH_CONTEXT, FINISH_LENGTH, FINISH_REUSED, FINISH_STOP, Request, generate_batched
+from layerroute.batched import (
+    FINISH_CONTEXT,
+    FINISH_LENGTH,
+    FINISH_REUSED,
+    FINISH_STOP,
+    Request,
+    generate_batched,
+)
 from layerroute.generate import routed_generate
 from tests.helpers import TINY_SHAPES, lively, tiny_routed
 
