@@ -48,12 +48,13 @@ def score(step, text: str, finish: str, extra: dict | None = None) -> tuple[bool
 
 
 def generate_and_score(rm, steps, config: str, cfg, *, stop: list[int], threshold=None, gates=None,
-                       reference: dict | None = None) -> list[dict]:
+                       reference: dict | None = None, logits_processor_for=None) -> list[dict]:
     """One sample per step (in order): correct, reason, text, tokens, finish, gates, and ``reused_from`` when the
     step was its reference's generation.
 
     gates: None (the routers decide; 'open' for base / lora_full_depth) or one [L] pattern per step (forced).
-    reference: the reference configuration's `accuracy` result on the same steps (reused where gates are open)."""
+    reference: the reference configuration's `accuracy` result on the same steps (reused where gates are open).
+    logits_processor_for(step): an optional per-step processor (e.g. a schema constraint), None for none."""
     n_layers = rm.num_layers
     if config in ("base", "lora_full_depth"):
         gates = [[True] * n_layers] * len(steps)
@@ -75,7 +76,8 @@ def generate_and_score(rm, steps, config: str, cfg, *, stop: list[int], threshol
             todo.append(i)
     reqs = [Request(list(steps[i].input_ids[: steps[i].context_length]),
                     budget.get(steps[i].step_type, cfg.max_new_tokens_planning), stop=stop_set,
-                    forced=None if gates is None or config in ("base", "lora_full_depth") else gates[i])
+                    forced=None if gates is None or config in ("base", "lora_full_depth") else gates[i],
+                    logits_processor=None if logits_processor_for is None else logits_processor_for(steps[i]))
             for i in todo]
     on_decided = None
     if ref is not None and gates is None:  # routers: a step they open fully is its reference's generation
@@ -85,7 +87,8 @@ def generate_and_score(rm, steps, config: str, cfg, *, stop: list[int], threshol
 
     # base and lora_full_depth run every block: forced "open" (a router is still evaluated, as before)
     if config in ("base", "lora_full_depth"):
-        reqs = [Request(r.prompt, r.max_new_tokens, r.stop, forced=[True] * n_layers) for r in reqs]
+        reqs = [Request(r.prompt, r.max_new_tokens, r.stop, forced=[True] * n_layers,
+                        logits_processor=r.logits_processor) for r in reqs]
     results = generate_batched(rm, reqs, batch_size=cfg.accuracy_batch_size, threshold=threshold,
                                kv_policy=cfg.kv_policy, prompt_full_depth=cfg.prompt_full_depth,
                                lora=config not in ("base", "routed_no_lora"), on_decided=on_decided,

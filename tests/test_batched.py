@@ -238,3 +238,16 @@ def test_eval_of_record_overlay_scores_every_configuration_paired_with_step_ids(
         assert len(p["diff_ci95"]) == 2
     # planning: the routers skip block 1 everywhere, so nothing is reused there; shortgpt removes as many blocks
     assert "reused_from" not in acc["routed"]
+
+
+def test_routed_generate_forwards_generation_kwargs(rm):
+    from transformers import LogitsProcessorList
+
+    def only_17(ids, scores):
+        out = torch.full_like(scores, -float("inf"))
+        out[:, 17] = 0
+        return out
+
+    out = routed_generate(rm, [PROMPTS[0]], max_new_tokens=3, eos_token_id=None,
+                          logits_processor=LogitsProcessorList([only_17]))
+    assert out.tokens == [[17, 17, 17]]
