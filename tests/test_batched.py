@@ -203,7 +203,7 @@ def test_configurations_that_cannot_differ_reuse_the_full_depth_generations(scor
     assert [s["tokens"] for s in rand["samples"]] == [s["tokens"] for s in fresh["samples"]]
 
 
-def test_eval_of_record_overlay_scores_every_configuration_paired_with_step_ids(scored_setup):
+def test_eval_of_record_overlay_scores_every_configuration_paired_with_step_ids(scored_setup, tmp_path):
     import yaml
 
     from layerroute.config import EvalConfig
@@ -236,8 +236,14 @@ def test_eval_of_record_overlay_scores_every_configuration_paired_with_step_ids(
     for p in paired.values():
         assert len(p["only_a_ids"]) == p["only_a"] and len(p["only_b_ids"]) == p["only_b"]
         assert len(p["diff_ci95"]) == 2
-    # planning: the routers skip block 1 everywhere, so nothing is reused there; shortgpt removes as many blocks
+    # the routers skip block 1 everywhere, so nothing is reused there
     assert "reused_from" not in acc["routed"]
+    from layerroute.report import write_report
+
+    doc = {**res, "adapters": ["a"], "seeds": [], "aggregate": None,
+           "skip_differential_points": res["splits"]["full"]["skip_differential_points"]}
+    write_report(doc, tmp_path)
+    assert "routed_no_lora minus base, paired on" in (tmp_path / "report.md").read_text()
 
 
 def test_routed_generate_forwards_generation_kwargs(rm):
