@@ -33,7 +33,7 @@ demo: setup
 # the evaluation of record of one trained adapter (every eval tool call, GSM8K test; hours on 2 cores: see
 # docs/results/batched_accuracy.md): make eval-record ADAPTER=runs/x/adapter OUT=runs/x
 eval-record: setup
-	$(BIN)/python -m layerroute.cli eval --adapter $(ADAPTER) --overlay configs/eval-of-record.yaml \
+	$(BIN)/python -m layerroute.cli eval --adapter $(ADAPTER) --overlay configs/eval-of-record.overlay.yaml \
 		--output-dir $(OUT)/eval-of-record
 
 bench: setup

@@ -703,7 +703,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="base model to load the adapter on (default: the adapter's own)")
     parser.add_argument("--overlay", action="append", default=[], metavar="YAML",
                         help="YAML whose eval: section overrides the config's, key by key (e.g. "
-                             "configs/eval-of-record.yaml); applied before --set")
+                             "configs/eval-of-record.overlay.yaml); applied before --set")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. eval.bootstrap=0")
     parser.add_argument("--output-dir", required=True)
 

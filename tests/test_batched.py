@@ -212,7 +212,7 @@ def test_eval_of_record_overlay_scores_every_configuration_paired_with_step_ids(
     from tests.test_evaluate import data_cfg
 
     raw = apply_eval_overlay({"eval": {"max_new_tokens_tool": 3, "seed": 0}},
-                             yaml.safe_load(open("configs/eval-of-record.yaml")), "configs/eval-of-record.yaml")
+                             yaml.safe_load(open("configs/eval-of-record.overlay.yaml")), "configs/eval-of-record.overlay.yaml")
     assert raw["eval"]["max_new_tokens_tool"] == 3 and raw["eval"]["accuracy_batch_size"] == 8
     raw["eval"].update(max_new_tokens_planning=3, max_steps_per_type=3, thresholds=[], calibration_steps=2,
                        bootstrap=20, accuracy_planning_sources=["gsm_symbolic"])
