@@ -387,6 +387,18 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def apply_eval_overlay(raw: dict, overlay: dict, path: str = "overlay") -> dict:
+    """`raw` with the overlay's eval: keys replacing its own (an evaluation setting kept apart from the run config
+    an adapter was trained with: what is evaluated, never what was trained)."""
+    unknown = sorted(set(overlay) - {"eval"})
+    if unknown:
+        raise ConfigError(f"{path}: an eval overlay holds an eval: section only, not {unknown[0]!r}")
+    section = overlay.get("eval") or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: eval: must be a mapping of keys")
+    return {**raw, "eval": {**(raw.get("eval") or {}), **section}}
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():

@@ -708,20 +708,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", required=True)
 
 
-def apply_eval_overlay(raw: dict, overlay: dict, path: str = "overlay") -> dict:
-    """`raw` with the overlay's eval: keys replacing its own (an evaluation setting kept apart from the run config
-    an adapter was trained with: what is evaluated, never what was trained)."""
-    unknown = sorted(set(overlay) - {"eval"})
-    if unknown:
-        raise ConfigError(f"{path}: an eval overlay holds an eval: section only, not {unknown[0]!r}")
-    section = overlay.get("eval") or {}
-    if not isinstance(section, dict):
-        raise ConfigError(f"{path}: eval: must be a mapping of keys")
-    return {**raw, "eval": {**(raw.get("eval") or {}), **section}}
-
-
 def run(args: argparse.Namespace) -> int:
-    from .config import RunConfig, apply_overrides, load_yaml
+    from .config import RunConfig, apply_eval_overlay, apply_overrides, load_yaml
 
     if args.combine:
         doc = combine(args.combine, Path(args.output_dir))

@@ -206,9 +206,9 @@ def test_configurations_that_cannot_differ_reuse_the_full_depth_generations(scor
 def test_eval_of_record_overlay_scores_every_configuration_paired_with_step_ids(scored_setup, tmp_path):
     import yaml
 
-    from layerroute.config import EvalConfig
+    from layerroute.config import EvalConfig, apply_eval_overlay
     from layerroute.data.build import load_steps
-    from layerroute.evaluate import apply_eval_overlay, evaluate_adapter
+    from layerroute.evaluate import evaluate_adapter
     from tests.test_evaluate import data_cfg
 
     raw = apply_eval_overlay({"eval": {"max_new_tokens_tool": 3, "seed": 0}},

@@ -648,8 +648,7 @@ def test_every_shipped_config_is_valid(path):
     if path.name.endswith(".example.yaml"):
         pytest.skip("a data-section example, not a run config")
     if path.name.endswith(".overlay.yaml"):  # an eval: overlay (layerroute eval --overlay): valid over a run config
-        from layerroute.config import load_yaml
-        from layerroute.evaluate import apply_eval_overlay
+        from layerroute.config import apply_eval_overlay, load_yaml
 
         raw = apply_eval_overlay(load_yaml(ROOT / "configs" / "offline-smollm2.yaml"), load_yaml(path), str(path))
         RunConfig.from_dict(raw)
