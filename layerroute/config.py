@@ -395,6 +395,18 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def apply_eval_overlay(raw: dict, overlay: dict, path: str = "overlay") -> dict:
+    """`raw` with the overlay's eval: keys replacing its own (an evaluation setting kept apart from the run config
+    an adapter was trained with: what is evaluated, never what was trained)."""
+    unknown = sorted(set(overlay) - {"eval"})
+    if unknown:
+        raise ConfigError(f"{path}: an eval overlay holds an eval: section only, not {unknown[0]!r}")
+    section = overlay.get("eval") or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: eval: must be a mapping of keys")
+    return {**raw, "eval": {**(raw.get("eval") or {}), **section}}
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -435,7 +447,20 @@ class EvalConfig:
     )
     accuracy_configs: list = setting(
         ["base", "lora_full_depth", "routed", "shortgpt"],
-        "configurations scored by free-running generation (shortgpt and random need eval.baselines)",
+        "configurations scored by free-running generation (shortgpt and random need eval.baselines; "
+        "routed_no_lora = the routers without LoRA)",
+    )
+    accuracy_batch_size: int = setting(
+        8, "steps generated together in free-running accuracy (length-sorted, left-padded; each row keeps its "
+        "own gates, stop tokens and budget); 1 = one at a time. Same greedy outputs up to float order",
+    )
+    accuracy_planning_sources: list = setting(
+        [], "data sources (labels) the planning steps of free-running accuracy are drawn from ([] = every "
+        "planning step), e.g. [gsm8k_test] for real GSM8K test problems only",
+    )
+    accuracy_teacher_forced: bool = setting(
+        True, "also teacher-force each generated step (one forward more per step and configuration) to check "
+        "the cheap teacher-forced exact rate against real generations",
     )
     max_new_tokens_tool: int = setting(96, "generation budget for a tool-call step")
     max_new_tokens_planning: int = setting(256, "generation budget for a planning step")
@@ -452,13 +477,17 @@ class EvalConfig:
 
     def __post_init__(self):
         _check_range("eval", "batch_size", self.batch_size, 1)
+        _check_range("eval", "accuracy_batch_size", self.accuracy_batch_size, 1)
+        if not all(isinstance(s, str) and s for s in self.accuracy_planning_sources):
+            raise ConfigError(f"eval.accuracy_planning_sources must be source labels, got {self.accuracy_planning_sources!r}")
         _check_choice("eval", "kv_policy", self.kv_policy, ("exact", "kv_preserving"))
         if any(not 0 < t < 1 for t in self.thresholds):
             raise ConfigError(f"eval.thresholds must lie in (0, 1), got {self.thresholds}")
         for name in ("accuracy_steps_per_type", "accuracy_length_matched_per_type"):
             _check_counts_per_type(name, getattr(self, name))
         for c in self.accuracy_configs:
-            _check_choice("eval", "accuracy_configs", c, ("base", "lora_full_depth", "routed", "shortgpt", "random"))
+            _check_choice("eval", "accuracy_configs", c,
+                          ("base", "lora_full_depth", "routed", "routed_no_lora", "shortgpt", "random"))
 
     def accuracy_steps(self, step_type: str, split: str = "full") -> int:
         """Steps of this type scored by free-running generation in the draw of `split` (full or length_matched)."""

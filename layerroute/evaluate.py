@@ -38,6 +38,7 @@ from .config import EvalConfig, ModelConfig
 from .data.collate import collate_steps, length_grouped_batches
 from .data.tokenizer import pad_token_id
 from .errors import ConfigError
+from .eval_accuracy import REFERENCE, paired_by_config, reuse_counts, step_id
 from .influence import block_influence
 from .losses import row_argmax_errors, sliced_lm_loss
 from .model import parameter_counts
@@ -46,7 +47,7 @@ from .stage_cache import StageCache, directory_digest, fingerprint
 
 STEP_TYPES = ("tool_call", "planning")
 PPL_CONFIGS = ("base", "lora_full_depth", "routed", "routed_no_lora")
-ACC_CONFIGS = ("base", "lora_full_depth", "routed")
+ACC_CONFIGS = ("base", "lora_full_depth", "routed", "routed_no_lora")
 # the eval.json key suffix of each split's free-running accuracy ("accuracy", "accuracy_paired_routed_vs_lora" are
 # the full split's, as before session 9)
 ACCURACY_SUFFIX = {"full": "", "length_matched": "_length_matched"}
@@ -168,38 +169,23 @@ def score_generation(step, text: str) -> tuple[bool, str | None]:
 
 
 def accuracy(rm: RoutedModel, steps, idx: list[int], config: str, cfg: EvalConfig, *, threshold=None,
-             forced=None, patterns=None) -> dict:
-    """Greedy generation with real skipping (LoRA merged) from each step's context; fraction scored correct.
+             forced=None, patterns=None, reference: dict | None = None) -> dict:
+    """Greedy generation with real skipping (LoRA merged), in batches of `cfg.accuracy_batch_size` steps
+    (`layerroute.eval_accuracy`); fraction scored correct.
 
     forced: one gate pattern ([L] bools) for every step (the ShortGPT baseline); patterns: one per step of `idx`
-    (the random-skip baseline). `samples` keeps one entry per step in `idx` order, so two configurations scored on
-    the same steps can be compared step by step (`paired_accuracy`) and any subset re-summarised
-    (`accuracy_subset`)."""
-    from .generate import inference_weights, routed_generate
+    (the random-skip baseline). reference: the full-depth configuration's result on the same steps, whose
+    generations are reused where this configuration's gates open every block. `samples` keeps one entry per step
+    in `idx` order, so two configurations scored on the same steps can be compared step by step
+    (`paired_accuracy`) and any subset re-summarised (`accuracy_subset`)."""
+    from .eval_accuracy import generate_and_score
 
     if patterns is not None and len(patterns) != len(idx):
         raise ValueError(f"accuracy: {len(patterns)} gate patterns for {len(idx)} steps")
-    eos = _eos_ids(rm.tokenizer)
-    samples = []
-    # LoRA merged once for the whole loop (merging per call would drift the weights by float error);
-    # the base configuration runs with the adapters disabled instead
-    weights = rm.lora_disabled() if config == "base" else inference_weights(rm)
-    with weights:
-        for j, i in enumerate(tqdm(idx, desc=f"generate {config}", leave=False)):
-            step = steps[i]
-            gates = "open" if config in ("base", "lora_full_depth") else (
-                patterns[j] if patterns is not None else forced)
-            budget = cfg.max_new_tokens_tool if step.step_type == "tool_call" else cfg.max_new_tokens_planning
-            out = routed_generate(
-                rm, [step.input_ids[: step.context_length]], max_new_tokens=budget, eos_token_id=eos,
-                kv_policy=cfg.kv_policy, threshold=threshold, forced=gates, merge_lora=config != "base",
-                prompt_full_depth=cfg.prompt_full_depth,  # no effect with gates "open"
-            )
-            text = rm.tokenizer.decode(out.tokens[0], skip_special_tokens=True)
-            ok, reason = score_generation(step, text)
-            # kept so that a failure can be read, not only counted (a few hundred characters per step)
-            samples.append({"conversation_id": step.conversation_id, "step_index": step.step_index,
-                            "category": step.category, "correct": bool(ok), "reason": reason, "text": text[:2000]})
+    gates = [list(p) for p in patterns] if patterns is not None else (
+        [list(forced)] * len(idx) if forced is not None else None)
+    samples = generate_and_score(rm, [steps[i] for i in idx], config, cfg, stop=_eos_ids(rm.tokenizer),
+                                 threshold=threshold, gates=gates, reference=reference)
     # the same steps teacher-forced: a step with no greedy token error must come out as its target (the check
     # that the cheap proxy `teacher_forced_exact` means what it says, step by step, on real generations)
     chosen = [steps[i] for i in idx]
@@ -209,12 +195,12 @@ def accuracy(rm: RoutedModel, steps, idx: list[int], config: str, cfg: EvalConfi
     elif patterns is not None:  # one pattern per step: evaluate's "random" (LoRA on, forced gates)
         tf_config, tf_patterns = "random", torch.tensor([list(p) for p in patterns], dtype=torch.bool)
     elif forced is None:
-        tf_config = "routed"
+        tf_config = "routed_no_lora" if config == "routed_no_lora" else "routed"
     else:  # one forced pattern for every step: evaluate's "shortgpt" (LoRA on, forced gates)
         tf_config, tf_patterns = "shortgpt", torch.tensor([forced] * len(idx))
     tf = teacher_forced(rm, chosen, tf_config, cfg, threshold=threshold, patterns=tf_patterns,
-                        desc=f"teacher-forced {config}") if idx else []
-    for sample, r in zip(samples, tf, strict=True):
+                        desc=f"teacher-forced {config}") if idx and cfg.accuracy_teacher_forced else []
+    for sample, r in zip(samples, tf, strict=False):  # none when eval.accuracy_teacher_forced is off
         sample["teacher_forced_errors"] = r["errors"]
     return _accuracy_summary(samples)
 
@@ -256,7 +242,10 @@ def paired_accuracy(a: dict, b: dict, resamples: int, seed: int) -> dict:
                                                                                for s in b["samples"]]:
         raise ValueError("paired_accuracy needs both configurations scored on the same steps in the same order")
     out = {"n": len(pa), "both_correct": int((pa * pb).sum()), "only_a": int((pa * (1 - pb)).sum()),
-           "only_b": int(((1 - pa) * pb).sum()), "diff_points": float("nan"), "diff_ci95": [float("nan")] * 2}
+           "only_b": int(((1 - pa) * pb).sum()), "diff_points": float("nan"), "diff_ci95": [float("nan")] * 2,
+           # the steps behind the difference, by id, so that each can be read
+           "only_a_ids": [step_id(s) for s, x, y in zip(a["samples"], pa, pb, strict=True) if x and not y],
+           "only_b_ids": [step_id(s) for s, x, y in zip(a["samples"], pa, pb, strict=True) if y and not x]}
     if len(pa):
         d = pb - pa
         out["diff_points"] = 100 * float(d.mean())
@@ -276,8 +265,16 @@ def _accuracy_steps(ppl_steps, ppl_groups: dict[str, list[int]], all_steps, cfg:
     out = {}
     for t in STEP_TYPES:
         n, group = cfg.accuracy_steps(t), ppl_groups[t]
+        sources = cfg.accuracy_planning_sources if t == "planning" else []
         if n <= 0:
             out[t] = []
+        elif sources:  # e.g. GSM8K test problems only: drawn from the whole eval split's steps of those sources
+            pool = [s for s in all_steps if s.step_type == t and s.source in sources]
+            missing = sorted(set(sources) - {s.source for s in pool})
+            if missing:
+                raise ConfigError(f"eval.accuracy_planning_sources: no eval planning steps from source {missing[0]!r} "
+                                  f"(sources with some: {sorted({s.source for s in all_steps if s.step_type == t})})")
+            out[t] = [pool[i] for i in sorted(rng.sample(range(len(pool)), n))] if len(pool) > n else pool
         elif n <= len(group):
             out[t] = [ppl_steps[i] for i in (sorted(rng.sample(group, n)) if len(group) > n else group)]
         else:
@@ -493,21 +490,27 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict, cache: 
             continue
         idx = list(range(len(union)))
         union_key = _steps_key(union)
-        for c in cfg.accuracy_configs:
+        results = {}
+        # references first: a configuration reuses its reference's generation where its gates open every block
+        for c in sorted(cfg.accuracy_configs, key=lambda c: c not in ("base", "lora_full_depth")):
+            reference = results.get(REFERENCE.get(c))
             if c in ACC_CONFIGS:
-                gates_key, run = None, partial(accuracy, rm, union, idx, c, cfg)
+                gates_key, run = None, partial(accuracy, rm, union, idx, c, cfg, reference=reference)
             elif c == "shortgpt" and "shortgpt" in baseline_runs:
                 gates_key = baseline_runs["shortgpt"][1][t]
-                run = partial(accuracy, rm, union, idx, c, cfg, forced=gates_key)
+                run = partial(accuracy, rm, union, idx, c, cfg, forced=gates_key, reference=reference)
             elif c == "random" and "random" in baseline_runs:  # fresh patterns with the same count per type
                 gates_key = random_patterns(len(union), n_layers, k[t], cfg.seed + 11 + STEP_TYPES.index(t)).tolist()
-                run = partial(accuracy, rm, union, idx, c, cfg, patterns=gates_key)
+                run = partial(accuracy, rm, union, idx, c, cfg, patterns=gates_key, reference=reference)
             else:
                 continue
-            res = _staged(cache, f"generate-{t}-{c}", [union_key, gates_key], run)
+            res = results[c] = _staged(cache, f"generate-{t}-{c}", [union_key, gates_key], run)
             for split, d in draws.items():
                 if d[t]:
                     acc[split][t][c] = accuracy_subset(res, [_step_key(s) for s in d[t]], unseen)
+                    reused = reuse_counts(res)
+                    if reused:  # said, not hidden: these steps were not generated again
+                        acc[split][t][c]["reused_from"] = reused
     for split, key in ACCURACY_SUFFIX.items():
         by_type = {t: v for t, v in acc[split].items() if v}
         if split == "full" or by_type:  # eval.json keeps "accuracy" (full split) as before
@@ -516,6 +519,8 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict, cache: 
             out["accuracy_paired_routed_vs_lora" + key] = {
                 t: paired_accuracy(v["lora_full_depth"], v["routed"], cfg.bootstrap, cfg.seed)
                 for t, v in by_type.items() if "lora_full_depth" in v and "routed" in v}
+            # every configuration minus its reference (lora_full_depth, or base for routed_no_lora), paired
+            out["accuracy_paired" + key] = {t: paired_by_config(v, cfg.bootstrap, cfg.seed) for t, v in by_type.items()}
     return out
 
 
@@ -707,12 +712,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="aggregate finished evaluations (eval.json files) as seeds instead of evaluating")
     parser.add_argument("--config", help="YAML whose data: and eval: sections to use (default: the adapter's)")
     parser.add_argument("--model", help="base model to load the adapter on (default: the adapter's own)")
+    parser.add_argument("--overlay", action="append", default=[], metavar="YAML",
+                        help="YAML whose eval: section overrides the config's, key by key (e.g. "
+                             "configs/eval-of-record.overlay.yaml); applied before --set")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. eval.bootstrap=0")
     parser.add_argument("--output-dir", required=True)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .config import RunConfig, apply_overrides, load_yaml
+    from .config import RunConfig, apply_eval_overlay, apply_overrides, load_yaml
 
     if args.combine:
         doc = combine(args.combine, Path(args.output_dir))
@@ -727,6 +735,8 @@ def run(args: argparse.Namespace) -> int:
         raw = dict(read_adapter_meta(args.adapter[0]).get("training", {}).get("config", {}))
         # the adapter carries its template: a Jinja file named at training time need not exist any more
         raw["model"] = {k: v for k, v in (raw.get("model") or {}).items() if k != "chat_template"}
+    for path in args.overlay:
+        raw = apply_eval_overlay(raw, load_yaml(path), path)
     raw = apply_overrides(raw, args.set)
     run_cfg = RunConfig.from_dict({k: raw.get(k) for k in ("model", "router", "lora", "data", "train", "eval")})
     explicit = {item.split("=", 1)[0].strip() for item in args.set}  # model.* given on this command line

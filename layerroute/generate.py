@@ -229,10 +229,12 @@ def run_generate(
     top_k: int | None = None,
     eos_token_id=DEFAULT,
     pad_token_id: int = 0,
+    **generate_kwargs,
 ) -> tuple[torch.Tensor, dict]:
     """model.generate() with timings. Returns (sequences [B, T + steps], timings dict).
 
-    `input_ids` may extend what `cache` already holds (a session): generate() prefills only the uncached tail."""
+    `input_ids` may extend what `cache` already holds (a session): generate() prefills only the uncached tail.
+    generate_kwargs (e.g. ``logits_processor``, ``stopping_criteria``) go to generate() unchanged."""
     device = next(model.parameters()).device
     gen_kwargs = dict(
         max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad_token_id, use_cache=True,
@@ -246,6 +248,7 @@ def run_generate(
         gen_kwargs["eos_token_id"] = eos_token_id
     if cache is not None:
         gen_kwargs["past_key_values"] = cache
+    gen_kwargs.update(generate_kwargs)
     streamer = TimingStreamer(device)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     synchronize(device)
@@ -287,6 +290,7 @@ def routed_generate(
     mode: str = "skip",
     seed: int | None = None,
     prompt_full_depth: bool = False,
+    **generate_kwargs,
 ) -> GenerationResult:
     """Generate one agent step for each prompt with real block skipping.
 
@@ -298,6 +302,8 @@ def routed_generate(
     eos_token_id: DEFAULT = the model's generation config; None = never stop before `max_new_tokens`.
     mode: 'skip' (real skipping) or 'off' (routers bypassed: every block runs, no router evaluated).
     prompt_full_depth: the prompt's prefill runs every block; the decisions apply to the generated tokens only.
+    generate_kwargs: passed through to transformers' generate() per call (e.g. ``logits_processor``).
+    Many steps with their own budgets: `layerroute.batched.generate_batched`.
     """
     pad_id = _pad_id(rm, None if eos_token_id == DEFAULT else eos_token_id)
     input_ids, mask = as_batch(prompts, rm.tokenizer, pad_id, attention_mask)
@@ -313,6 +319,7 @@ def routed_generate(
             out, timings = run_generate(
                 model, input_ids, mask, cache=RoutedCache(), max_new_tokens=max_new_tokens, do_sample=do_sample,
                 temperature=temperature, top_p=top_p, top_k=top_k, eos_token_id=eos_token_id, pad_token_id=pad_id,
+                **generate_kwargs,
             )
             gates = _row_gates(rm.model, batch) if mode == "skip" else [[True] * rm.num_layers] * batch
     new = out[:, input_ids.shape[1] :].cpu().tolist()

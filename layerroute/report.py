@@ -105,6 +105,19 @@ def _honest_table(doc: dict) -> list[str]:
             lines.append(f"\n{t} ({split}): routed minus LoRA full depth on the same {p['n']} steps: "
                          f"{_f(p['diff_points'], 1)} points (95% CI {_f(lo, 1)} to {_f(hi, 1)}); both right "
                          f"{p['both_correct']}, only LoRA {p['only_a']}, only routed {p['only_b']}")
+        for t, pairs in (doc.get("accuracy_paired" + key) or {}).items():
+            for name, p in pairs.items():
+                if name != "routed_vs_lora_full_depth":  # that one is above
+                    c, ref = name.split("_vs_")
+                    lo, hi = p["diff_ci95"]
+                    lines.append(f"\n{t} ({split}): {c} minus {ref}, paired on {p['n']} steps: "
+                                 f"{_f(p['diff_points'], 1)} points (95% CI {_f(lo, 1)} to {_f(hi, 1)}); "
+                                 f"only {ref} {p['only_a']}, only {c} {p['only_b']}")
+        for t, row in acc.items():
+            for c, v in row.items():
+                for ref, n in (v.get("reused_from") or {}).items():  # said, not hidden
+                    lines.append(f"\n{t} ({split}): {c} reused {ref}'s generation on {n} of {v['n']} steps "
+                                 f"(its gates opened every block there: the same computation)")
     agg = doc.get("aggregate")
     if agg:
         lines += ["", f"### Seeds ({len(doc['seeds'])})", "", "| split | measure | mean | std | per seed |",

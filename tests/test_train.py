@@ -647,6 +647,12 @@ def test_every_shipped_config_is_valid(path):
     """A config with a typo'd key or an out-of-range value fails here, not minutes into a run."""
     if path.name.endswith(".example.yaml"):
         pytest.skip("a data-section example, not a run config")
+    if path.name.endswith(".overlay.yaml"):  # an eval: overlay (layerroute eval --overlay): valid over a run config
+        from layerroute.config import apply_eval_overlay, load_yaml
+
+        raw = apply_eval_overlay(load_yaml(ROOT / "configs" / "offline-smollm2.yaml"), load_yaml(path), str(path))
+        RunConfig.from_dict(raw)
+        return
     cfg = RunConfig.from_yaml(path, [])
     assert cfg.train.steps > 0 and cfg.data.sources
 
