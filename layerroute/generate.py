@@ -229,10 +229,12 @@ def run_generate(
     top_k: int | None = None,
     eos_token_id=DEFAULT,
     pad_token_id: int = 0,
+    logits_processor=None,
 ) -> tuple[torch.Tensor, dict]:
     """model.generate() with timings. Returns (sequences [B, T + steps], timings dict).
 
-    `input_ids` may extend what `cache` already holds (a session): generate() prefills only the uncached tail."""
+    `input_ids` may extend what `cache` already holds (a session): generate() prefills only the uncached tail.
+    logits_processor: one transformers LogitsProcessor or a list of them (e.g. `constrain.GrammarLogitsProcessor`)."""
     device = next(model.parameters()).device
     gen_kwargs = dict(
         max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad_token_id, use_cache=True,
@@ -246,6 +248,11 @@ def run_generate(
         gen_kwargs["eos_token_id"] = eos_token_id
     if cache is not None:
         gen_kwargs["past_key_values"] = cache
+    if logits_processor is not None:
+        from transformers import LogitsProcessorList
+
+        procs = logits_processor if isinstance(logits_processor, list | tuple) else [logits_processor]
+        gen_kwargs["logits_processor"] = LogitsProcessorList(procs)
     streamer = TimingStreamer(device)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     synchronize(device)
@@ -287,6 +294,7 @@ def routed_generate(
     mode: str = "skip",
     seed: int | None = None,
     prompt_full_depth: bool = False,
+    logits_processor=None,
 ) -> GenerationResult:
     """Generate one agent step for each prompt with real block skipping.
 
@@ -298,6 +306,8 @@ def routed_generate(
     eos_token_id: DEFAULT = the model's generation config; None = never stop before `max_new_tokens`.
     mode: 'skip' (real skipping) or 'off' (routers bypassed: every block runs, no router evaluated).
     prompt_full_depth: the prompt's prefill runs every block; the decisions apply to the generated tokens only.
+    logits_processor: a transformers LogitsProcessor (or list) applied at every step, e.g. the schema constraint
+    of `layerroute.constrain.tool_call_processor` (one grammar per row). Single use: build one per call.
     """
     pad_id = _pad_id(rm, None if eos_token_id == DEFAULT else eos_token_id)
     input_ids, mask = as_batch(prompts, rm.tokenizer, pad_id, attention_mask)
@@ -313,6 +323,7 @@ def routed_generate(
             out, timings = run_generate(
                 model, input_ids, mask, cache=RoutedCache(), max_new_tokens=max_new_tokens, do_sample=do_sample,
                 temperature=temperature, top_p=top_p, top_k=top_k, eos_token_id=eos_token_id, pad_token_id=pad_id,
+                logits_processor=logits_processor,
             )
             gates = _row_gates(rm.model, batch) if mode == "skip" else [[True] * rm.num_layers] * batch
     new = out[:, input_ids.shape[1] :].cpu().tolist()
