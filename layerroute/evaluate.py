@@ -167,6 +167,16 @@ def score_generation(step, text: str) -> tuple[bool, str | None]:
     return ok, None if ok else "wrong final number"
 
 
+def step_constraint(rm: RoutedModel, step, eos: list[int]):
+    """eval.constrained: a tool-call step's grammar (one or more calls of its offered tools, BFCL's parallel
+    categories included, then end of turn); None for other steps, which decode freely."""
+    from .constrain import tool_call_processor
+
+    if step.step_type != "tool_call" or not step.tools:
+        return None
+    return tool_call_processor(rm, [step.tools], "required", stop_ids=eos)
+
+
 def accuracy(rm: RoutedModel, steps, idx: list[int], config: str, cfg: EvalConfig, *, threshold=None,
              forced=None, patterns=None) -> dict:
     """Greedy generation with real skipping (LoRA merged) from each step's context; fraction scored correct.
@@ -194,6 +204,7 @@ def accuracy(rm: RoutedModel, steps, idx: list[int], config: str, cfg: EvalConfi
                 rm, [step.input_ids[: step.context_length]], max_new_tokens=budget, eos_token_id=eos,
                 kv_policy=cfg.kv_policy, threshold=threshold, forced=gates, merge_lora=config != "base",
                 prompt_full_depth=cfg.prompt_full_depth,  # no effect with gates "open"
+                logits_processor=step_constraint(rm, step, eos) if cfg.constrained else None,
             )
             text = rm.tokenizer.decode(out.tokens[0], skip_special_tokens=True)
             ok, reason = score_generation(step, text)

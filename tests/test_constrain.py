@@ -205,3 +205,24 @@ def test_processor_checks_the_batch_and_width(rm, tok):
     narrow = grammars_for(rm.tokenizer, 49160, [EOS]).for_tools([WEATHER], "required")
     with pytest.raises(ValueError, match="logits width"):
         GrammarLogitsProcessor([narrow], [EOS])(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 49152))
+
+
+def test_eval_constrained_accuracy_names_offered_functions(tok):
+    """eval.constrained on real BFCL steps: every tool-call generation starts a call of one of the step's own
+    functions (a tiny model at its default init repeats one token, so strings may not close inside the budget:
+    the name is what the short budget can show)."""
+    from layerroute.config import EvalConfig
+    from layerroute.data.build import load_steps
+    from layerroute.evaluate import accuracy
+    from tests.test_evaluate import data_cfg
+
+    m = tiny_routed("shape:tiny-qwen2")
+    m.tokenizer = tok
+    steps = list(load_steps(data_cfg(), tok).eval)
+    idx = [i for i, s in enumerate(steps) if s.step_type == "tool_call"][:2]
+    cfg = EvalConfig(max_new_tokens_tool=20, max_new_tokens_planning=3, constrained=True)
+    res = accuracy(m, steps, idx, "lora_full_depth", cfg)
+    for i, sample in zip(idx, res["samples"], strict=True):
+        names = [t["function"]["name"] for t in steps[i].tools]
+        assert any(sample["text"].startswith(call_wrapper(n)[0][: len(sample["text"])]) for n in names) \
+            and len(sample["text"]) > len(TOOL_CALL_OPEN), sample["text"]
