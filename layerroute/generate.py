@@ -392,6 +392,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--tools", default=None, help="JSON file: a list of OpenAI tool specs offered in the prompt")
+    parser.add_argument("--tool-choice", default="auto",
+                        help="with --constrain: auto, required, none, or a function name (that function only)")
+    parser.add_argument("--constrain", action="store_true",
+                        help="decode under the tools' grammar (xgrammar): calls parse and name offered functions")
+    parser.add_argument("--no-parallel-calls", action="store_true", help="with --constrain: at most one call per turn")
+
+
+def _read_tools(path: str) -> list[dict]:
+    from .errors import ConfigError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            tools = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--tools {path}: {e}") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise ConfigError(f"--tools {path}: expected a JSON list of tool specs")
+    return [t if "function" in t else {"type": "function", "function": t} for t in tools]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -403,20 +422,37 @@ def run(args: argparse.Namespace) -> int:
     tok = rm.tokenizer
     if tok is None:
         raise ConfigError("this model has no tokenizer; use the Python API with token ids")
+    tools = _read_tools(args.tools) if args.tools else []
+    if args.constrain and not tools:
+        raise ConfigError("--constrain needs --tools (the functions the grammar allows)")
     if args.raw:
         prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in args.prompt]
     else:
+        from .engine import render_prompt
+
         prompts = []
         for p in args.prompt:
             messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
                 {"role": "user", "content": p}
             ]
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            prompts.append(tok(text, add_special_tokens=False)["input_ids"])
+            # the training data's own renderer: tools in the chat template (or its Hermes text convention)
+            prompts.append(render_prompt(tok, messages, tools))
     forced = skip_pattern(rm.num_layers, args.skip_fraction) if args.skip_fraction is not None else None
+    processor = None
+    if args.constrain:
+        from .constrain import GrammarError, tool_call_processor
+
+        choice = args.tool_choice if args.tool_choice in ("auto", "required", "none") else {
+            "type": "function", "function": {"name": args.tool_choice}}
+        eos = rm.base_model.generation_config.eos_token_id
+        try:
+            processor = tool_call_processor(rm, [tools] * len(prompts), choice, parallel=not args.no_parallel_calls,
+                                            stop_ids=sorted(_eos_ids(eos)) or None)
+        except GrammarError as e:
+            raise ConfigError(f"--tools {args.tools}: {e}") from None
     res = routed_generate(
         rm, prompts, max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-        top_p=args.top_p, forced=forced, kv_policy=args.kv_policy, seed=args.seed,
+        top_p=args.top_p, forced=forced, kv_policy=args.kv_policy, seed=args.seed, logits_processor=processor,
     )
     for row, toks in enumerate(res.tokens):
         gates = "".join("1" if g else "." for g in res.gates[row])
