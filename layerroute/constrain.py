@@ -140,7 +140,12 @@ def tool_format(tools: list[dict] | None, tool_choice: Any = "auto", *, parallel
 
     content_schema: the JSON schema the text content must follow (a response_format), or None (free text)."""
     from xgrammar.structural_tag import (
-        AnyTextFormat, JSONSchemaFormat, OrFormat, StructuralTag, TagFormat, TagsWithSeparatorFormat,
+        AnyTextFormat,
+        JSONSchemaFormat,
+        OrFormat,
+        StructuralTag,
+        TagFormat,
+        TagsWithSeparatorFormat,
         TriggeredTagsFormat,
     )
 

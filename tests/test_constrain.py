@@ -17,7 +17,13 @@ import xgrammar as xgr
 from transformers import AutoTokenizer
 
 from layerroute.constrain import (
-    GrammarError, GrammarLogitsProcessor, call_separator, call_wrapper, grammars_for, json_schema, model_grammars,
+    GrammarError,
+    GrammarLogitsProcessor,
+    call_separator,
+    call_wrapper,
+    grammars_for,
+    json_schema,
+    model_grammars,
     tool_call_processor,
 )
 from layerroute.data.sources import bfcl_tool
