@@ -35,6 +35,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -225,8 +226,6 @@ class Grammars:
         self.compiled = 0
 
     def _cached(self, key: Any, build):
-        import time
-
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
         with self._lock:
             if digest in self._cache:
@@ -301,7 +300,8 @@ class GrammarLogitsProcessor(LogitsProcessor):
         self.start = 0
         self.fed = 0
         self.released: list[int] = []  # rows whose matcher refused a token
-        self.steps = 0
+        self.steps = 0  # calls (decode steps)
+        self.seconds = 0.0  # wall time spent in this processor (benchmarks: the constraint's cost per token)
 
     def _init(self, input_ids: torch.Tensor, vocab: int) -> None:
         xgr = _xgr()
@@ -321,6 +321,14 @@ class GrammarLogitsProcessor(LogitsProcessor):
         self.start = input_ids.shape[1]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        t0 = time.perf_counter()
+        try:
+            return self._mask(input_ids, scores)
+        finally:
+            self.seconds += time.perf_counter() - t0
+            self.steps += 1
+
+    def _mask(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         xgr = _xgr()
         if self.matchers is None:
             self._init(input_ids, scores.shape[-1])
@@ -337,7 +345,6 @@ class GrammarLogitsProcessor(LogitsProcessor):
                         self.released.append(row)
                         self.matchers[row] = m = None
         rows = [i for i, m in enumerate(self.matchers) if m is not None and not m.is_terminated()]
-        self.steps += 1
         if not rows:
             return scores
         self.batch.batch_fill_next_token_bitmask([self.matchers[i] for i in rows], self.bitmask, indices=rows)
