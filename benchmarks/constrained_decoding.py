@@ -6,8 +6,9 @@ step to step, so machine noise falls on all of them alike):
 
 * ``full_depth`` / ``skip_F``: every block, or a forced pattern skipping the fraction F (`skip_pattern`) of the
   model with the adapter's LoRA (a fresh one, i.e. the base model, without --adapter);
-* each ``free`` and ``constrained`` (`layerroute.constrain`: one or more calls of the step's own tools with
-  schema-valid arguments, then end of turn: what `eval.constrained` does).
+* each ``free`` and ``constrained`` (`layerroute.constrain`: calls of the step's own tools with schema-valid
+  arguments, several only in BFCL's parallel categories, then end of turn: what `eval.constrained` does,
+  `evaluate.step_constraint`).
 
 Per configuration: BFCL AST accuracy (`score_generation`, the eval's scorer), unparsable and misnamed calls
 (counts), generated tokens per step, decode time per token, wall time per step and per correct call; for the
@@ -35,11 +36,11 @@ import yaml
 from layerroute.atomic import write_text_atomic
 from layerroute.bench import emit_json_line
 from layerroute.config import RunConfig
-from layerroute.constrain import model_grammars, tool_call_processor
+from layerroute.constrain import model_grammars
 from layerroute.data.build import load_steps
 from layerroute.data.config import DataConfig
 from layerroute.data.toolcalls import parse_tool_calls
-from layerroute.evaluate import _accuracy_steps, _eos_ids, score_generation
+from layerroute.evaluate import _accuracy_steps, _eos_ids, score_generation, step_constraint
 from layerroute.generate import inference_weights, load_for_inference, routed_generate, skip_pattern
 
 
@@ -112,13 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     with inference_weights(rm):  # LoRA merged once for the whole run (as the eval does)
         for j, step in enumerate(steps):
             c0 = time.perf_counter()
-            grammars.for_tools(step.tools, "required")  # the first compile of this tool set (cached after)
+            # the first compile of this tool set, timed apart (the processor below finds it cached)
+            grammars.for_tools(step.tools, "required", parallel=step.category is None or "parallel" in step.category)
             compile_s.append(time.perf_counter() - c0)
             offered = {t["function"]["name"] for t in step.tools}
             prompt = [step.input_ids[: step.context_length]]
             for k in range(len(configs)):
                 name, gates, constrained = configs[(j + k) % len(configs)]  # rotate the order step by step
-                proc = tool_call_processor(rm, [step.tools], "required", stop_ids=eos) if constrained else None
+                proc = step_constraint(rm, step, eos) if constrained else None  # what eval.constrained does
                 w0 = time.perf_counter()
                 out = routed_generate(rm, prompt, max_new_tokens=budget, eos_token_id=eos, forced=gates,
                                       kv_policy=ecfg.kv_policy, logits_processor=proc)

@@ -161,7 +161,7 @@ def bfcl_checkers():
 
 # -- the loop ------------------------------------------------------------------------------------------------
 def run_task(client, model: str, task: Task, *, max_steps: int, max_tokens: int, temperature: float,
-             checkers, log=print, tool_choice: str = "auto") -> dict:
+             checkers, log=print, tool_choice: str = "auto", parallel_tool_calls: bool = True) -> dict:
     model_env, truth_env = Backend(task), Backend(task)
     messages: list[dict] = []
     steps: list[dict] = []
@@ -177,7 +177,7 @@ def run_task(client, model: str, task: Task, *, max_steps: int, max_tokens: int,
             try:
                 resp = client.chat.completions.create(model=model, messages=messages, tools=task.tools,
                                                       max_tokens=max_tokens, temperature=temperature,
-                                                      tool_choice=tool_choice)
+                                                      tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls)
             except Exception as e:  # noqa: BLE001 - e.g. the conversation outgrew the context: the task fails
                 error = f"{type(e).__name__}: {e}"
                 log(f"  {task.id} turn {t} step {s}: request failed: {error[:200]}")
@@ -296,6 +296,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--spawn: decode freely (by default tool calls follow the tools' schemas: xgrammar)")
     parser.add_argument("--tool-choice", default="auto", choices=["auto", "required"],
                         help="tool_choice sent with every request (required: every step is a call)")
+    parser.add_argument("--no-parallel-calls", action="store_true",
+                        help="parallel_tool_calls=false: one call per step (a constrained small model may otherwise "
+                             "repeat its call until max_tokens)")
     parser.add_argument("--limit", type=int, default=3, help="number of tasks (from the start of the file)")
     parser.add_argument("--ids", nargs="*", default=None, help="task ids instead of --limit")
     parser.add_argument("--max-steps", type=int, default=4, help="model requests per user turn at most")
@@ -332,6 +335,7 @@ def run(args: argparse.Namespace) -> int:
         for task in tasks:
             res = run_task(client, model, task, max_steps=args.max_steps, max_tokens=args.max_tokens,
                            temperature=args.temperature, checkers=checkers, tool_choice=args.tool_choice,
+                           parallel_tool_calls=not args.no_parallel_calls,
                            log=lambda m: print(m, file=sys.stderr))
             print(f"{task.id}: {'success' if res['success'] else 'fail at turn ' + str(res['failed_turn'])}",
                   file=sys.stderr)

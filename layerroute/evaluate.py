@@ -168,13 +168,18 @@ def score_generation(step, text: str) -> tuple[bool, str | None]:
 
 
 def step_constraint(rm: RoutedModel, step, eos: list[int]):
-    """eval.constrained: a tool-call step's grammar (one or more calls of its offered tools, BFCL's parallel
-    categories included, then end of turn); None for other steps, which decode freely."""
+    """eval.constrained: a tool-call step's grammar (calls of its offered tools with schema-valid arguments, then
+    end of turn); None for other steps, which decode freely.
+
+    Several calls only where the step's BFCL category asks for them (parallel, parallel_multiple, live_parallel*;
+    a step without a category too): elsewhere one call, then the end of turn, because SmolLM2 measured under a
+    grammar that allowed more repeats its correct call until the budget cuts the copy, which then fails to parse."""
     from .constrain import tool_call_processor
 
     if step.step_type != "tool_call" or not step.tools:
         return None
-    return tool_call_processor(rm, [step.tools], "required", stop_ids=eos)
+    parallel = step.category is None or "parallel" in step.category
+    return tool_call_processor(rm, [step.tools], "required", stop_ids=eos, parallel=parallel)
 
 
 def accuracy(rm: RoutedModel, steps, idx: list[int], config: str, cfg: EvalConfig, *, threshold=None,

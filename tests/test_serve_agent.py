@@ -91,7 +91,7 @@ def test_agent_loop_constrained_required_calls_name_offered_tools():
     with BackgroundServer(app) as srv:
         client = openai.OpenAI(base_url=srv.base_url, api_key="unused", max_retries=0, timeout=300)
         res = run_task(client, "tiny", task, max_steps=1, max_tokens=48, temperature=0.0, checkers=bfcl_checkers(),
-                       log=lambda m: None, tool_choice="required")
+                       log=lambda m: None, tool_choice="required", parallel_tool_calls=False)
     assert len(res["steps"]) == len(task.turns)
     for s in res["steps"]:
         if s["finish_reason"] == "tool_calls":
