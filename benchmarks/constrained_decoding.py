@@ -19,6 +19,10 @@ serves it).
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/constrained_decoding.py --steps 32 \\
         --output benchmarks/results/constrained_decoding_smollm2_cpu_t1.json
 
+``--mask-only TOKENIZER_DIR ...`` measures the constraint alone, without a model: a fixed BFCL-style call is fed
+token by token through the processor (random logits as wide as the vocabulary), per tokenizer (e.g. SmolLM2's
+49k and Qwen2.5's 152k vocabulary); the cost grows with the vocabulary (the mask is one bit per token).
+
 The last line is the JSON result.
 """
 
@@ -90,8 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: eval.max_new_tokens_tool")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=None, help="also write the JSON line here (atomically)")
+    parser.add_argument("--mask-only", nargs="+", default=None, metavar="TOKENIZER_DIR",
+                        help="only the constraint's cost per token, replayed on these tokenizers (no model)")
+    parser.add_argument("--reps", type=int, default=20, help="--mask-only: replays per tokenizer")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.mask_only:
+        emit_json_line({"benchmark": "constrained_decoding_mask_only", "threads": torch.get_num_threads(),
+                        "tokenizers": {d: mask_cost(d, args.reps) for d in args.mask_only}}, args.output)
+        return 0
 
     t0 = time.perf_counter()
     cfg = RunConfig.from_yaml(args.config, [])
@@ -144,6 +155,49 @@ def main(argv: list[str] | None = None) -> int:
                 write_text_atomic(args.output, json.dumps(result(args, budget, j + 1, compile_s, rows, t0)) + "\n")
     emit_json_line(result(args, budget, len(steps), compile_s, rows, t0), args.output)
     return 0
+
+
+MASK_TOOLS = [{"type": "function", "function": {"name": "calc_binomial_probability", "parameters": {
+    "type": "object", "required": ["n", "k", "p"], "properties": {
+        "n": {"type": "integer"}, "k": {"type": "integer"}, "p": {"type": "number"},
+        "method": {"type": "string", "enum": ["exact", "normal"]}, "note": {"type": "string"}}}}},
+    {"type": "function", "function": {"name": "math.gcd", "parameters": {
+        "type": "object", "required": ["num1", "num2"], "properties": {
+            "num1": {"type": "integer"}, "num2": {"type": "integer"}}}}}]
+MASK_CALL = [{"name": "calc_binomial_probability",
+              "arguments": {"n": 20, "k": 5, "p": 0.6, "method": "exact", "note": "five successes in twenty trials"}}]
+
+
+def mask_cost(tokenizer_dir: str, reps: int) -> dict:
+    """The processor's time per token replaying MASK_CALL (the grammar compiled once, timed apart)."""
+    from transformers import AutoTokenizer
+
+    from layerroute.constrain import GrammarLogitsProcessor, grammars_for
+    from layerroute.data.toolcalls import render_tool_calls
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    eos = [tok.convert_tokens_to_ids("<|im_end|>")]
+    vocab = max(len(tok), max(tok.get_vocab().values()) + 1)
+    vocab = (vocab + 63) // 64 * 64  # model vocabularies are padded (Qwen2.5: 151,936 for 151,665 tokens)
+    t0 = time.perf_counter()
+    grammars = grammars_for(tok, vocab, eos)
+    info_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    compiled = grammars.for_tools(MASK_TOOLS, "required", parallel=False)
+    compile_s = time.perf_counter() - t0
+    ids = tok(render_tool_calls(MASK_CALL), add_special_tokens=False)["input_ids"] + eos
+    scores = torch.randn(1, vocab)
+    per_token = []
+    for _ in range(reps):
+        proc = GrammarLogitsProcessor([compiled], eos)
+        seq = torch.zeros(1, 1, dtype=torch.long)
+        for t in ids:
+            proc(seq, scores.clone())
+            seq = torch.cat([seq, torch.tensor([[t]])], dim=1)
+        assert not proc.released, "the replayed call must follow the grammar"
+        per_token.append(proc.seconds / proc.steps)
+    return {"vocab": vocab, "tokens": len(ids), "tokenizer_info_s": info_s, "compile_ms": 1e3 * compile_s,
+            "ms_per_token_min": 1e3 * min(per_token), "ms_per_token_median": 1e3 * statistics.median(per_token)}
 
 
 def result(args, budget: int, done: int, compile_s: list[float], rows: dict, t0: float) -> dict:
