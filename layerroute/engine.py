@@ -14,8 +14,8 @@ Sessions (the ``kv_preserving`` policy)
 ---------------------------------------
 An agent resends its whole conversation every request. Each finished request leaves a `Session`: its KV cache
 (prompt + generated tokens, the last generated one excepted: it was never fed back) and, per routed block, the
-running sum and count of the hidden states that entered the block (`RoutedLayer.pool_sum` / `pool_count`,
-the "session pooling" of GUIDE section 2) at two checkpoints: the end of the prompt and the end of the cache.
+running sum and count of the hidden states that entered the block (`RoutedLayer.pool_sum` / `pool_count`)
+at two checkpoints: the end of the prompt and the end of the cache.
 A new request whose prompt extends a session's tokens past a checkpoint reuses it: the cache is cropped to
 the checkpoint, the running sums are restored, and only the new tokens are prefilled. The routers then decide
 from the running sums, i.e. from the mean over the *whole* context, exactly as without a cache, but the cached

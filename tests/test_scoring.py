@@ -510,7 +510,7 @@ def test_normalize_number():
 
 
 def test_real_gsm8k_references_all_have_a_final_number():
-    # GUIDE: real GSM8K sits in shared/data/gsm8k beside (or above) the checkout.
+    # Real GSM8K sits in shared/data/gsm8k beside (or above) the checkout, where the offline configs read it.
     roots = [p / "shared" / "data" / "gsm8k" for p in Path(__file__).resolve().parents]
     files = [f for root in roots if root.is_dir() for f in sorted(root.glob("*.jsonl"))]
     if not files:
