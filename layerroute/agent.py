@@ -161,7 +161,7 @@ def bfcl_checkers():
 
 # -- the loop ------------------------------------------------------------------------------------------------
 def run_task(client, model: str, task: Task, *, max_steps: int, max_tokens: int, temperature: float,
-             checkers, log=print) -> dict:
+             checkers, log=print, tool_choice: str = "auto", parallel_tool_calls: bool = True) -> dict:
     model_env, truth_env = Backend(task), Backend(task)
     messages: list[dict] = []
     steps: list[dict] = []
@@ -176,7 +176,8 @@ def run_task(client, model: str, task: Task, *, max_steps: int, max_tokens: int,
             start = time.perf_counter()
             try:
                 resp = client.chat.completions.create(model=model, messages=messages, tools=task.tools,
-                                                      max_tokens=max_tokens, temperature=temperature)
+                                                      max_tokens=max_tokens, temperature=temperature,
+                                                      tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls)
             except Exception as e:  # noqa: BLE001 - e.g. the conversation outgrew the context: the task fails
                 error = f"{type(e).__name__}: {e}"
                 log(f"  {task.id} turn {t} step {s}: request failed: {error[:200]}")
@@ -295,6 +296,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_chat_template_argument(parser)
     parser.add_argument("--dense", action="store_true", help="--spawn: serve the plain model")
     parser.add_argument("--skip-fraction", type=float, default=None, help="--spawn: force a skip pattern")
+    parser.add_argument("--no-constrain", action="store_true",
+                        help="--spawn: decode freely (by default tool calls follow the tools' schemas: xgrammar)")
+    parser.add_argument("--tool-choice", default="auto", choices=["auto", "required"],
+                        help="tool_choice sent with every request (required: every step is a call)")
+    parser.add_argument("--no-parallel-calls", action="store_true",
+                        help="parallel_tool_calls=false: one call per step (a constrained small model may otherwise "
+                             "repeat its call until max_tokens)")
     parser.add_argument("--limit", type=int, default=3, help="number of tasks (from the start of the file)")
     parser.add_argument("--ids", nargs="*", default=None, help="task ids instead of --limit")
     parser.add_argument("--max-steps", type=int, default=4, help="model requests per user turn at most")
@@ -319,7 +327,7 @@ def run(args: argparse.Namespace) -> int:
         rm = load_for_inference(args.model, args.adapter, chat_template=args.chat_template)
         forced = skip_pattern(rm.num_layers, args.skip_fraction) if args.skip_fraction is not None else None
         app = create_app(rm, model_name=args.model or rm.identity.get("name") or "layerroute", dense=args.dense,
-                         forced=forced, max_tokens_limit=max(args.max_tokens, 4096))
+                         forced=forced, max_tokens_limit=max(args.max_tokens, 4096), constrained=not args.no_constrain)
         server = BackgroundServer(app).start()
         base_url = server.base_url
     try:
@@ -330,7 +338,8 @@ def run(args: argparse.Namespace) -> int:
         results = []
         for task in tasks:
             res = run_task(client, model, task, max_steps=args.max_steps, max_tokens=args.max_tokens,
-                           temperature=args.temperature, checkers=checkers,
+                           temperature=args.temperature, checkers=checkers, tool_choice=args.tool_choice,
+                           parallel_tool_calls=not args.no_parallel_calls,
                            log=lambda m: print(m, file=sys.stderr))
             print(f"{task.id}: {'success' if res['success'] else 'fail at turn ' + str(res['failed_turn'])}",
                   file=sys.stderr)

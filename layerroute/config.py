@@ -473,6 +473,10 @@ class EvalConfig:
         False, "routed (and equal-FLOP baseline) configurations run each step's context through every block and "
         "skip for the step's own tokens only (FLOPs counted so): a diagnostic of where skipping hurts",
     )
+    constrained: bool = setting(
+        False, "free-running accuracy decodes each tool-call step under its tools' grammar (xgrammar: a call of an "
+        "offered function with schema-valid arguments, then end of turn; layerroute/constrain.py)",
+    )
     seed: int = setting(0, "seed for sampling steps, random-skip patterns and the bootstrap")
 
     def __post_init__(self):

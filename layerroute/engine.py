@@ -232,6 +232,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
+    grammar: object | None = None  # a compiled xgrammar grammar the turn must follow (`Engine.grammars`)
 
 
 @dataclass
@@ -288,8 +289,19 @@ class Engine:
         self.eos_ids = sorted(set(eos) | end_of_turn_ids(self.tokenizer))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.context_length = int(getattr(rm.config, "max_position_embeddings", 0) or 0) or None
+        self._grammars = None
         rc = rm.router_cfg
         self._router_hidden = rc.bottleneck if rc.kind == "mlp" else None
+
+    @property
+    def grammars(self):
+        """The compiler and cache of constrained-decoding grammars for this model (built at first use: the
+        tokenizer's vocabulary is read once, ~0.1 s for SmolLM2's 49k tokens)."""
+        if self._grammars is None:
+            from .constrain import grammars_for
+
+            self._grammars = grammars_for(self.tokenizer, int(self.rm.config.vocab_size), self.eos_ids)
+        return self._grammars
 
     def close(self) -> None:
         self.sessions.clear()
@@ -325,9 +337,14 @@ class Engine:
             gen_kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         if cancel is not None:
             gen_kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancel(cancel)])
-        if scripted_text is not None:
+        if scripted_text is not None:  # imposes the tokens: a grammar is not applied on top
             script = self.tokenizer(scripted_text, add_special_tokens=False)["input_ids"]
             gen_kwargs["logits_processor"] = LogitsProcessorList([_Scripted(script, n_prompt, self.eos_ids[0])])
+        elif params.grammar is not None:
+            from .constrain import GrammarLogitsProcessor
+
+            gen_kwargs["logits_processor"] = LogitsProcessorList([GrammarLogitsProcessor([params.grammar],
+                                                                                         self.eos_ids)])
         streamer = _Streamer(self.device, on_token)
         if params.seed is not None:
             torch.manual_seed(params.seed)

@@ -168,6 +168,21 @@ def score_generation(step, text: str) -> tuple[bool, str | None]:
     return ok, None if ok else "wrong final number"
 
 
+def step_constraint(rm: RoutedModel, step, eos: list[int]):
+    """eval.constrained: a tool-call step's grammar (calls of its offered tools with schema-valid arguments, then
+    end of turn); None for other steps, which decode freely.
+
+    Several calls only where the step's BFCL category asks for them (parallel, parallel_multiple, live_parallel*;
+    a step without a category too): elsewhere one call, then the end of turn, because SmolLM2 measured under a
+    grammar that allowed more repeats its correct call until the budget cuts the copy, which then fails to parse."""
+    from .constrain import tool_call_processor
+
+    if step.step_type != "tool_call" or not step.tools:
+        return None
+    parallel = step.category is None or "parallel" in step.category
+    return tool_call_processor(rm, [step.tools], "required", stop_ids=eos, parallel=parallel)
+
+
 def accuracy(rm: RoutedModel, steps, idx: list[int], config: str, cfg: EvalConfig, *, threshold=None,
              forced=None, patterns=None, reference: dict | None = None) -> dict:
     """Greedy generation with real skipping (LoRA merged), in batches of `cfg.accuracy_batch_size` steps
@@ -182,10 +197,12 @@ def accuracy(rm: RoutedModel, steps, idx: list[int], config: str, cfg: EvalConfi
 
     if patterns is not None and len(patterns) != len(idx):
         raise ValueError(f"accuracy: {len(patterns)} gate patterns for {len(idx)} steps")
+    eos = _eos_ids(rm.tokenizer)
     gates = [list(p) for p in patterns] if patterns is not None else (
         [list(forced)] * len(idx) if forced is not None else None)
-    samples = generate_and_score(rm, [steps[i] for i in idx], config, cfg, stop=_eos_ids(rm.tokenizer),
-                                 threshold=threshold, gates=gates, reference=reference)
+    samples = generate_and_score(rm, [steps[i] for i in idx], config, cfg, stop=eos,
+                                 threshold=threshold, gates=gates, reference=reference,
+                                 logits_processor_for=partial(step_constraint, rm, eos=eos) if cfg.constrained else None)
     # the same steps teacher-forced: a step with no greedy token error must come out as its target (the check
     # that the cheap proxy `teacher_forced_exact` means what it says, step by step, on real generations)
     chosen = [steps[i] for i in idx]

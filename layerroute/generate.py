@@ -229,12 +229,14 @@ def run_generate(
     top_k: int | None = None,
     eos_token_id=DEFAULT,
     pad_token_id: int = 0,
+    logits_processor=None,
     **generate_kwargs,
 ) -> tuple[torch.Tensor, dict]:
     """model.generate() with timings. Returns (sequences [B, T + steps], timings dict).
 
     `input_ids` may extend what `cache` already holds (a session): generate() prefills only the uncached tail.
-    generate_kwargs (e.g. ``logits_processor``, ``stopping_criteria``) go to generate() unchanged."""
+    logits_processor: one transformers LogitsProcessor or a list of them (e.g. `constrain.GrammarLogitsProcessor`);
+    other generate_kwargs (e.g. ``stopping_criteria``) go to generate() unchanged."""
     device = next(model.parameters()).device
     gen_kwargs = dict(
         max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad_token_id, use_cache=True,
@@ -248,6 +250,11 @@ def run_generate(
         gen_kwargs["eos_token_id"] = eos_token_id
     if cache is not None:
         gen_kwargs["past_key_values"] = cache
+    if logits_processor is not None:
+        from transformers import LogitsProcessorList
+
+        procs = logits_processor if isinstance(logits_processor, list | tuple) else [logits_processor]
+        gen_kwargs["logits_processor"] = LogitsProcessorList(procs)
     gen_kwargs.update(generate_kwargs)
     streamer = TimingStreamer(device)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
@@ -290,6 +297,7 @@ def routed_generate(
     mode: str = "skip",
     seed: int | None = None,
     prompt_full_depth: bool = False,
+    logits_processor=None,
     **generate_kwargs,
 ) -> GenerationResult:
     """Generate one agent step for each prompt with real block skipping.
@@ -302,7 +310,9 @@ def routed_generate(
     eos_token_id: DEFAULT = the model's generation config; None = never stop before `max_new_tokens`.
     mode: 'skip' (real skipping) or 'off' (routers bypassed: every block runs, no router evaluated).
     prompt_full_depth: the prompt's prefill runs every block; the decisions apply to the generated tokens only.
-    generate_kwargs: passed through to transformers' generate() per call (e.g. ``logits_processor``).
+    logits_processor: a transformers LogitsProcessor (or list) applied at every step, e.g. the schema constraint
+    of `layerroute.constrain.tool_call_processor` (one grammar per row). Single use: build one per call.
+    Other generate_kwargs are passed through to transformers' generate() per call.
     Many steps with their own budgets: `layerroute.batched.generate_batched`.
     """
     pad_id = _pad_id(rm, None if eos_token_id == DEFAULT else eos_token_id)
@@ -319,7 +329,7 @@ def routed_generate(
             out, timings = run_generate(
                 model, input_ids, mask, cache=RoutedCache(), max_new_tokens=max_new_tokens, do_sample=do_sample,
                 temperature=temperature, top_p=top_p, top_k=top_k, eos_token_id=eos_token_id, pad_token_id=pad_id,
-                **generate_kwargs,
+                logits_processor=logits_processor, **generate_kwargs,
             )
             gates = _row_gates(rm.model, batch) if mode == "skip" else [[True] * rm.num_layers] * batch
     new = out[:, input_ids.shape[1] :].cpu().tolist()
@@ -397,6 +407,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--tools", default=None, help="JSON file: a list of OpenAI tool specs offered in the prompt")
+    parser.add_argument("--tool-choice", default="auto",
+                        help="with --constrain: auto, required, none, or a function name (that function only)")
+    parser.add_argument("--constrain", action="store_true",
+                        help="decode under the tools' grammar (xgrammar): calls parse and name offered functions")
+    parser.add_argument("--no-parallel-calls", action="store_true", help="with --constrain: at most one call per turn")
+
+
+def _read_tools(path: str) -> list[dict]:
+    from .errors import ConfigError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            tools = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--tools {path}: {e}") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise ConfigError(f"--tools {path}: expected a JSON list of tool specs")
+    return [t if "function" in t else {"type": "function", "function": t} for t in tools]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -408,6 +437,9 @@ def run(args: argparse.Namespace) -> int:
     tok = rm.tokenizer
     if tok is None:
         raise ConfigError("this model has no tokenizer; use the Python API with token ids")
+    tools = _read_tools(args.tools) if args.tools else []
+    if args.constrain and not tools:
+        raise ConfigError("--constrain needs --tools (the functions the grammar allows)")
     if args.raw:
         prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in args.prompt]
     else:
@@ -419,11 +451,24 @@ def run(args: argparse.Namespace) -> int:
             messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
                 {"role": "user", "content": p}
             ]
-            prompts.append(renderer.ids(renderer.text(messages, [])))
+            # tools in the chat template (or, for a template without tools, its Hermes text convention)
+            prompts.append(renderer.ids(renderer.text(messages, tools)))
     forced = skip_pattern(rm.num_layers, args.skip_fraction) if args.skip_fraction is not None else None
+    processor = None
+    if args.constrain:
+        from .constrain import GrammarError, tool_call_processor
+
+        choice = args.tool_choice if args.tool_choice in ("auto", "required", "none") else {
+            "type": "function", "function": {"name": args.tool_choice}}
+        eos = rm.base_model.generation_config.eos_token_id
+        try:
+            processor = tool_call_processor(rm, [tools] * len(prompts), choice, parallel=not args.no_parallel_calls,
+                                            stop_ids=sorted(_eos_ids(eos)) or None)
+        except GrammarError as e:
+            raise ConfigError(f"--tools {args.tools}: {e}") from None
     res = routed_generate(
         rm, prompts, max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-        top_p=args.top_p, forced=forced, kv_policy=args.kv_policy, seed=args.seed,
+        top_p=args.top_p, forced=forced, kv_policy=args.kv_policy, seed=args.seed, logits_processor=processor,
     )
     for row, toks in enumerate(res.tokens):
         gates = "".join("1" if g else "." for g in res.gates[row])

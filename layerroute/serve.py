@@ -9,8 +9,17 @@ temperature, top_p, stop, seed, stream with stream_options.include_usage), ``GET
   (``call_...`` ids, type function, arguments as a JSON string) with finish_reason ``tool_calls``. A call that
   does not parse comes back as plain text content (finish_reason ``stop``), never as an error.
   ``tool_choice``: ``auto`` (default), ``none`` (the tools are not shown and the output is not parsed),
-  ``required`` or a named function (the assistant turn is started with the call's opening text, so the
-  model writes a call).
+  ``required`` or a named function; ``parallel_tool_calls: false`` allows one call at most.
+* Constrained decoding (default; ``--no-constrain`` turns it off): every step decodes under a grammar
+  (`layerroute.constrain`, xgrammar) built from the request, so a call always parses, names one of the request's
+  tools and has arguments valid under its parameter schema: ``auto`` = free text, and any call it opens is
+  well formed; ``required`` = one or more calls and nothing else; a named function = calls of it only;
+  ``none`` = text that never opens a call. ``response_format`` ``{"type": "json_object"}`` or ``{"type":
+  "json_schema", "json_schema": {"schema": ...}}`` makes the content one JSON value valid under the schema
+  (always strict: no properties the schema does not name). A schema the grammar compiler rejects is a 400
+  naming the problem (``param`` tools or response_format, ``code`` invalid_schema). Without constraints,
+  ``required`` and a named function start the assistant turn with the call's opening text instead, and a
+  JSON ``response_format`` is a 400.
 * Every response carries a ``layerroute`` extension: the gate pattern (blocks run / skipped), router
   probabilities, block and total FLOPs skipped (`layerroute.flops.step_flops`), whether the output parsed as
   a tool call, the session cache (reused, cached and prefilled tokens) and timings (queue wait, time to first
@@ -24,8 +33,8 @@ temperature, top_p, stop, seed, stream with stream_options.include_usage), ``GET
   ``--max-queue`` waiting requests get 429.
 
 Deviations from the OpenAI API: no ``temperature`` means greedy decoding (deterministic agent steps), not 1.0;
-``n`` must be 1; ``logprobs``, penalties and ``response_format`` are not supported (rejected or ignored as
-noted in `_reject_unsupported`).
+``n`` must be 1; ``logprobs`` and penalties are not supported (rejected or ignored as noted in
+`_reject_unsupported`).
 """
 
 import argparse
@@ -214,7 +223,7 @@ def _reject_unsupported(payload: dict) -> None:
         raise _bad("only n=1 is supported", param="n", code="unsupported_value")
     if payload.get("logprobs"):
         raise _bad("logprobs are not supported", param="logprobs", code="unsupported_value")
-    # frequency/presence penalties, logit_bias, user, metadata, response_format... are accepted and ignored
+    # frequency/presence penalties, logit_bias, user, metadata... are accepted and ignored
 
 
 class ClientGone(Exception):
@@ -237,8 +246,10 @@ class Server:
     """Validation, the generation queue and response formatting around one `Engine`."""
 
     def __init__(self, engine: Engine, *, model_name: str, max_tokens_limit: int = 4096, default_max_tokens: int = 512,
-                 max_queue: int = 256, scripted: Callable[[list[dict], list[dict]], str | None] | None = None):
+                 max_queue: int = 256, scripted: Callable[[list[dict], list[dict]], str | None] | None = None,
+                 constrained: bool = True):
         self.engine, self.model_name = engine, model_name
+        self.constrained = constrained
         self.max_tokens_limit, self.default_max_tokens, self.max_queue = max_tokens_limit, default_max_tokens, max_queue
         self.scripted = scripted
         self.created = int(time.time())
@@ -263,6 +274,16 @@ class Server:
         tools = parse_tools(payload.get("tools"))
         prefix, show_tools = tool_choice_prefix(payload.get("tool_choice"), tools)
         _reject_unsupported(payload)
+        parallel = _expect(payload, "parallel_tool_calls", (bool,), "a boolean")
+        scripted_text = self.scripted(messages, tools) if self.scripted is not None else None
+        grammar = None
+        if self.constrained and scripted_text is None:  # (a scripted test turn imposes its tokens instead)
+            grammar = self._grammar(tools if show_tools else [], payload.get("tool_choice"), parallel is not False,
+                                    payload.get("response_format"))
+            prefix = ""  # the grammar makes the model write the call's opening itself
+        elif not self.constrained and payload.get("response_format") not in (None, {"type": "text"}):
+            raise _bad("response_format needs constrained decoding, which this server runs without (--no-constrain)",
+                       param="response_format", code="unsupported_value")
         stream = _expect(payload, "stream", (bool,), "a boolean") or False
         stream_opts = _expect(payload, "stream_options", (dict,), "an object") or {}
         temperature = _expect(payload, "temperature", (int, float), "a number")
@@ -306,12 +327,28 @@ class Server:
 
         params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature,
                                 top_p=1.0 if top_p is None else float(top_p), seed=seed, stop=stop or [],
-                                ignore_eos=bool(ext.get("ignore_eos", False)))
-        scripted_text = self.scripted(messages, tools) if self.scripted is not None else None
+                                ignore_eos=bool(ext.get("ignore_eos", False)), grammar=grammar)
         job = _Job(prompt, params, bool(ext.get("cache", True)), scripted_text)
         info = {"stream": stream, "include_usage": bool(stream_opts.get("include_usage")), "prefix": prefix,
                 "parse_tools": bool(tools) and show_tools, "stop": stop or [], "tools": tools}
         return job, info
+
+    def _grammar(self, tools: list[dict], choice: Any, parallel: bool, response_format: Any):
+        """The request's compiled grammar (cached per tool set); a 400 naming the part that cannot compile."""
+        from .constrain import GrammarError
+
+        grammars = self.engine.grammars
+        try:
+            return grammars.for_tools(tools, choice, parallel=parallel, response_format=response_format)
+        except GrammarError as e:
+            param = "tools"
+            if response_format is not None:
+                try:  # which part fails: the tools alone (cached if they compile) or the response format
+                    grammars.for_tools(tools, "auto")
+                    param = "response_format"
+                except GrammarError:
+                    pass
+            raise _bad(f"{param}: {e}", param=param, code="invalid_schema") from None
 
     # -- the queue --------------------------------------------------------------------------------------
     def _run(self, job: _Job) -> Completion:
@@ -363,6 +400,7 @@ class Server:
             "total_flops_skipped": c.flops["total_flops_skipped"],
             "flops": {"dense": c.flops["total_dense"], "routed": c.flops["total_routed"], "policy": c.flops["policy"]},
             "parsed_tool_call": tool_calls is not None,
+            "constrained": job.params.grammar is not None,
             "step_type": "tool_call" if tool_calls is not None else "planning",
             "mode": "dense" if self.engine.dense else ("forced" if self.engine.forced is not None else "routed"),
             "cache": c.cache,
@@ -446,11 +484,13 @@ def create_app(
     threshold: float | None = None,
     max_queue: int = 256,
     scripted: Callable[[list[dict], list[dict]], str | None] | None = None,
+    constrained: bool = True,
 ):
     """The FastAPI app serving `rm` (a RoutedModel with a tokenizer) or a ready `engine`.
 
     scripted(messages, tools) -> text | None: test/demo hook that imposes the generated text (the real
-    generation path still runs; only the token choice is forced). None = the model decides."""
+    generation path still runs; only the token choice is forced). None = the model decides.
+    constrained: decode under the request's grammar (tools, tool_choice, response_format); see the module doc."""
     from contextlib import asynccontextmanager
 
     # FastAPI reads the handlers' annotations at definition time: this module has no `from __future__ import
@@ -467,7 +507,8 @@ def create_app(
         engine = Engine(rm, kv_policy=kv_policy, cache_sessions=cache_sessions, dense=dense, forced=forced,
                         threshold=threshold)
     server = Server(engine, model_name=model_name, max_tokens_limit=max_tokens_limit,
-                    default_max_tokens=default_max_tokens, max_queue=max_queue, scripted=scripted)
+                    default_max_tokens=default_max_tokens, max_queue=max_queue, scripted=scripted,
+                    constrained=constrained)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -658,6 +699,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="force a gate pattern skipping this fraction of blocks (speed tests without training)")
     parser.add_argument("--threshold", type=float, default=None, help="router threshold (default: the adapter's)")
     parser.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 429")
+    parser.add_argument("--no-constrain", action="store_true",
+                        help="decode freely: no grammar for tool calls or response_format (malformed calls possible)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--log-level", default="info")
@@ -680,7 +723,7 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(rm, model_name=name, max_tokens_limit=args.max_tokens_limit,
                      default_max_tokens=args.default_max_tokens, cache_sessions=args.cache_sessions,
                      kv_policy=args.kv_policy, dense=args.dense, forced=forced, threshold=args.threshold,
-                     max_queue=args.max_queue)
+                     max_queue=args.max_queue, constrained=not args.no_constrain)
     log.info("serving %r on http://%s:%d/v1 (%s)", name, args.host, args.port,
              "dense" if args.dense else f"routed, {args.kv_policy}")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
