@@ -237,6 +237,12 @@ def read_adapter_meta(directory: str | Path) -> dict:
 def check_base_matches(meta: dict, identity: dict, directory) -> None:
     saved = meta.get("base_model", {})
     mismatched = [k for k, v in identity.items() if k != "name" and k in saved and saved[k] != v]
+    plain = saved.get("plain_text_tokens", []), identity.get("plain_text_tokens", [])
+    if plain[0] != plain[1]:  # absent = none: an adapter trained on the text pieces must run with them
+        raise AdapterError(
+            f"adapter {directory} was trained with model.plain_text_tokens={plain[0]!r}, this model has "
+            f"{plain[1]!r}: set model.plain_text_tokens as in training"
+        )
     if mismatched:
         detail = ", ".join(f"{k}: adapter {saved[k]} vs model {identity[k]}" for k in mismatched)
         raise AdapterError(
@@ -285,7 +291,9 @@ def load_adapter(
     router_cfg = from_dict(RouterConfig, meta["router"], "router")
     lora_cfg = from_dict(LoraSettings, meta["lora"], "lora")
     if loaded is None:
-        model_cfg = model_cfg or ModelConfig(name=meta["base_model"]["name"])
+        model_cfg = model_cfg or ModelConfig(
+            name=meta["base_model"]["name"], plain_text_tokens=meta["base_model"].get("plain_text_tokens", [])
+        )
         loaded = load_base(model_cfg)
     check_base_matches(meta, loaded.identity, directory)
     model = loaded.model
