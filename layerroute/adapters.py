@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -291,9 +291,12 @@ def load_adapter(
     router_cfg = from_dict(RouterConfig, meta["router"], "router")
     lora_cfg = from_dict(LoraSettings, meta["lora"], "lora")
     if loaded is None:
-        model_cfg = model_cfg or ModelConfig(
-            name=meta["base_model"]["name"], plain_text_tokens=meta["base_model"].get("plain_text_tokens", [])
-        )
+        # the text pieces the adapter was trained on come with it, unless the caller names others (then checked)
+        plain = meta["base_model"].get("plain_text_tokens", [])
+        if model_cfg is None:
+            model_cfg = ModelConfig(name=meta["base_model"]["name"], plain_text_tokens=plain)
+        elif plain and not model_cfg.plain_text_tokens:
+            model_cfg = replace(model_cfg, plain_text_tokens=plain)
         loaded = load_base(model_cfg)
     check_base_matches(meta, loaded.identity, directory)
     model = loaded.model

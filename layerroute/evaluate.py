@@ -155,7 +155,8 @@ def score_generation(step, text: str) -> tuple[bool, str | None]:
         functions = [t.get("function", t) for t in step.tools]  # OpenAI specs -> function docs
         if answer is None or not functions:
             return False, "no BFCL ground truth for this step"
-        calls, _, error = parse_tool_calls(text)
+        # bare_json: a call written without its <tool_call> wrapper (Qwen2.5-Coder's native form) still counts
+        calls, _, error = parse_tool_calls(text, bare_json=True)
         if error or not calls:
             return False, f"unparsable tool call: {error or 'no call'}"
         result = check_tool_calls(calls, functions, answer, step.category or "simple_python")

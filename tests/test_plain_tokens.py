@@ -86,9 +86,15 @@ def test_load_base_applies_it_and_records_it_in_the_identity(tmp_path):
     assert "plain_text_tokens" not in load_base(ModelConfig(name="shape:tiny-qwen2"), tokenizer=False).identity
 
 
-def test_adapter_trained_on_pieces_refuses_a_model_without_them(tmp_path):
+def test_adapter_trained_on_pieces_brings_them_or_refuses_a_model_without_them(tmp_path):
     rm = tiny_routed()
     rm.identity["plain_text_tokens"] = WRAPPER
     save_adapter(rm, tmp_path / "a")
     with pytest.raises(AdapterError, match=r"plain_text_tokens=\['<tool_call>', '</tool_call>'\]"):
         load_adapter(tmp_path / "a", loaded=load_base(ModelConfig(name="shape:tiny-qwen2"), tokenizer=False))
+    folder = tmp_path / "tok"
+    _qwen_like(plain=False).save_pretrained(folder)
+    # a model named without the setting (e.g. `generate --adapter A --model M --dtype ...`) inherits the adapter's
+    again = load_adapter(tmp_path / "a", ModelConfig(name="shape:tiny-qwen2", tokenizer=str(folder)))
+    assert again.identity["plain_text_tokens"] == WRAPPER
+    assert len(again.tokenizer("<tool_call>", add_special_tokens=False)["input_ids"]) > 1
