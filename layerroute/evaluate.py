@@ -261,6 +261,7 @@ def paired_accuracy(a: dict, b: dict, resamples: int, seed: int) -> dict:
     if len(pa):
         d = pb - pa
         out["diff_points"] = 100 * float(d.mean())
+    if len(pa) and resamples > 0:  # eval.bootstrap: 0 means no interval (as bootstrap_differential), not a crash
         rows = np.random.default_rng(seed).integers(0, len(d), size=(resamples, len(d)))
         means = 100 * d[rows].mean(axis=1)
         out["diff_ci95"] = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]

@@ -278,6 +278,8 @@ def test_paired_accuracy_counts_disagreements_and_bounds_the_difference():
     assert lo <= -12.5 <= hi and lo < hi
     same = paired_accuracy(lora, lora, resamples=50, seed=0)
     assert same["diff_points"] == 0 and same["diff_ci95"] == [0.0, 0.0]
+    unbooted = paired_accuracy(lora, routed, resamples=0, seed=0)  # eval.bootstrap=0: no interval, no crash
+    assert unbooted["diff_points"] == pytest.approx(-12.5) and all(v != v for v in unbooted["diff_ci95"])  # NaN
     with pytest.raises(ValueError, match="same steps"):
         paired_accuracy(lora, res([1, 0]), resamples=10, seed=0)
 
