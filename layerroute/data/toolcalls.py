@@ -10,6 +10,10 @@ Accepted forms:
   may come in either order; ``parameters`` is accepted for ``arguments``.
 * Glaive: ``<functioncall> {"name": "f", "arguments": '{"a": 1}'}`` up to ``<|endoftext|>`` or the end of the
   text, where the arguments are usually a JSON object written as a single-quoted string.
+* Bare JSON, only when asked (``bare_json=True``): a text that is nothing but one call object
+  ``{"name": "f", "arguments": {...}}`` (or several, one per line), as Qwen2.5-Coder-0.5B-Instruct writes its calls
+  without the wrapper. Off by default: a dataset row or a planning answer that happens to be JSON is not a call.
+  Scoring turns it on for steps that are scored as tool calls, so that the base model's native form counts.
 
 Rendering always produces the Hermes form, byte-identical to what Qwen2.5's chat template writes for a
 structured call (``json.dumps`` with ``ensure_ascii=False``, as transformers' ``tojson`` filter).
@@ -147,7 +151,34 @@ def _take_calls(text: str, pattern: re.Pattern, out: ParsedCalls) -> tuple[str, 
     return "".join(pieces), text[pos:]
 
 
-def parse_tool_calls_detailed(text: str) -> ParsedCalls:
+def _bare_json_calls(text: str, out: ParsedCalls) -> bool:
+    """Fill out.calls from a text that is only call objects (one JSON object, or one per line); else False."""
+    text = text.strip()
+    if not text.startswith("{"):
+        return False
+    try:  # one object (possibly pretty-printed over several lines), else one object per line
+        loads_lenient(text)
+        bodies = [text]
+    except ValueError:
+        bodies = [line for line in text.splitlines() if line.strip()]
+    calls = []
+    for body in bodies:
+        try:
+            obj, _ = loads_lenient(body)
+        except ValueError:
+            return False
+        if not isinstance(obj, dict) or set(obj) != {"name", "arguments"} or not isinstance(obj["arguments"], dict):
+            return False  # only the exact call shape: any other JSON is an answer, not a call
+        call, err = _call_from_body(body, [])
+        if err is not None:
+            return False
+        calls.append(call)
+    out.calls, out.remaining_text = calls, ""
+    out.repairs.append("bare_json_call")
+    return True
+
+
+def parse_tool_calls_detailed(text: str, *, bare_json: bool = False) -> ParsedCalls:
     """Parse every tool call in `text`; see the module docstring for the accepted forms."""
     out = ParsedCalls()
     if not isinstance(text, str):
@@ -167,17 +198,19 @@ def parse_tool_calls_detailed(text: str) -> ParsedCalls:
     out.remaining_text = text_wo.replace(GLAIVE_END, "").strip()
     if out.error is not None:
         out.calls = []
+    elif bare_json and not out.calls:
+        _bare_json_calls(out.remaining_text, out)
     return out
 
 
-def parse_tool_calls(text: str) -> tuple[list[dict], str, str | None]:
+def parse_tool_calls(text: str, *, bare_json: bool = False) -> tuple[list[dict], str, str | None]:
     """Parse tool calls from assistant text.
 
     Returns (calls, remaining_text, error): calls as [{"name": str, "arguments": dict}], the text with the call
     blocks removed, and None or a reason string such as "tool_call_invalid_json: ..." (then calls is []).
     Never raises on malformed input.
     """
-    r = parse_tool_calls_detailed(text)
+    r = parse_tool_calls_detailed(text, bare_json=bare_json)
     return r.calls, r.remaining_text, r.error
 
 
