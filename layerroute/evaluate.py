@@ -405,7 +405,7 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict, cache: 
 
     steps_key = _steps_key(steps)
     runs = {c: _staged(cache, f"teacher_forced-{c}", steps_key, partial(teacher_forced, rm, steps, c, cfg))
-            for c in PPL_CONFIGS}
+            for c in tqdm(PPL_CONFIGS, desc="teacher-forced passes", unit="config")}
     routed = runs["routed"]
     gates = [r["gates"] for r in routed]
 
@@ -470,7 +470,7 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict, cache: 
 
     if cfg.thresholds:
         sweep = []
-        for thr in cfg.thresholds:
+        for thr in tqdm(cfg.thresholds, desc="threshold sweep", unit="threshold"):
             res = _staged(cache, f"teacher_forced-routed-threshold{thr}", steps_key,
                           partial(teacher_forced, rm, steps, "routed", cfg, threshold=thr, desc=f"threshold {thr}"))
             g = [r["gates"] for r in res]
@@ -493,7 +493,7 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict, cache: 
             continue
         idx = list(range(len(union)))
         union_key = _steps_key(union)
-        for c in cfg.accuracy_configs:
+        for c in tqdm(cfg.accuracy_configs, desc=f"free-running accuracy ({t})", unit="config"):
             if c in ACC_CONFIGS:
                 gates_key, run = None, partial(accuracy, rm, union, idx, c, cfg)
             elif c == "shortgpt" and "shortgpt" in baseline_runs:
