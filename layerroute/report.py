@@ -22,7 +22,8 @@ PAPER = {
 def _f(x, digits=2, pct=False) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
-    return f"{100 * x:.{digits}f}" if pct else f"{x:.{digits}f}"
+    v = 100 * x if pct else x
+    return f"{v if round(v, digits) else 0.0:.{digits}f}"  # no "-0.0" (a router's tiny cost, rounded away)
 
 
 # The configurations of the first table, in this order, and how the report names them.
