@@ -5,10 +5,18 @@ An adapter directory holds only what trained, beside its metadata:
     adapter_config.json, adapter_model.safetensors   PEFT's own files (LoRA)
     router.safetensors                               one router per block ("layers.<i>.<param>"), and its skip
                                                      bridge when router.bridge_rank > 0 ("layers.<i>.bridge.<param>")
-    layerroute.json                                  router/LoRA config, base model identity, library version
+    layerroute.json                                  router/LoRA config, base model identity, library version,
+                                                     tokenizer identity and the chat template the steps used
+    tokenizer.json, tokenizer_config.json,           the tokenizer that rendered the training steps, as
+    chat_template.jinja                              `tokenizer.save_pretrained` writes it
 
-Writes are atomic (a temp folder renamed into place); loading refuses pickled weights and an adapter whose
-base shape differs from the model it is loaded onto.
+Every command that loads an adapter uses its saved tokenizer and template, whatever the base model's own are;
+adapters saved before they were kept fall back to the base model's tokenizer (the old behaviour).
+
+Writes are atomic (a temp folder renamed into place); loading refuses pickled weights, an adapter whose base
+differs from the model it is loaded onto (shape, or file size and hash: `layerroute.identity`), a tokenizer
+given explicitly (model.tokenizer) that is not the recorded one, and a model.chat_template that is not the
+recorded template.
 """
 
 from __future__ import annotations
@@ -26,16 +34,18 @@ from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dic
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
+from . import __version__, chat_template
 from .bridge import install_bridges
 from .config import LoraSettings, ModelConfig, RouterConfig, from_dict
 from .errors import AdapterError, ConfigError
-from .model import LoadedModel, configure_trainable, load_base, router_factory
+from .identity import describe_base, describe_tokenizer, same_tokenizer, tokenizer_identity
+from .model import LoadedModel, configure_trainable, load_base, load_tokenizer, router_factory
 from .routed import RoutingState, find_routed_layers, wrap_model
 
 ROUTER_FILE = "router.safetensors"
 BRIDGE_PREFIX = "bridge."  # within a block's entries of ROUTER_FILE
 META_FILE = "layerroute.json"
+TOKENIZER_FILE = "tokenizer_config.json"  # written by tokenizer.save_pretrained beside tokenizer.json
 _PICKLED = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
@@ -202,19 +212,23 @@ def write_atomically(directory: Path, fill) -> Path:
 
 
 def save_adapter(rm: RoutedModel, directory: str | Path, extra: dict | None = None) -> Path:
-    """Save PEFT's adapter files + router.safetensors + layerroute.json, atomically."""
+    """Save PEFT's adapter files + router.safetensors + the tokenizer + layerroute.json, atomically."""
+    tokenizer = tokenizer_identity(rm.tokenizer)
     meta = {
         "library": "layerroute",
         "version": __version__,
         "base_model": rm.identity,
         "router": asdict(rm.router_cfg),
         "lora": asdict(rm.lora_cfg),
+        **({"tokenizer": tokenizer, "chat_template": chat_template.template_text(rm.tokenizer)} if tokenizer else {}),
         **(extra or {}),
     }
 
     def fill(tmp: Path) -> None:
         if rm.has_lora:
             rm.model.save_pretrained(str(tmp), safe_serialization=True)
+        if tokenizer:
+            rm.tokenizer.save_pretrained(str(tmp))
         save_file(_router_state_dict(rm), str(tmp / ROUTER_FILE))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
 
@@ -235,14 +249,79 @@ def read_adapter_meta(directory: str | Path) -> dict:
 
 
 def check_base_matches(meta: dict, identity: dict, directory) -> None:
+    """Refuse a base model whose shape, or (both being local files) size and hash, differ from the recorded
+    one. The name and file name may differ: a moved or renamed file is the same model."""
     saved = meta.get("base_model", {})
-    mismatched = [k for k, v in identity.items() if k != "name" and k in saved and saved[k] != v]
+    mismatched = [k for k, v in identity.items() if k not in ("name", "file") and k in saved and saved[k] != v]
     if mismatched:
         detail = ", ".join(f"{k}: adapter {saved[k]} vs model {identity[k]}" for k in mismatched)
+        kinds = [kind for kind, keys in (("shape", set(mismatched) - {"size", "sha256"}),
+                                         ("file", set(mismatched) & {"size", "sha256"})) if keys]
         raise AdapterError(
-            f"adapter {directory} was trained on {saved.get('name')!r}, whose shape differs from "
-            f"{identity.get('name')!r} ({detail})"
+            f"adapter {directory} was trained on {describe_base(saved)}, whose {' and '.join(kinds)} differs from "
+            f"the model loaded, {describe_base(identity)} ({detail})"
         )
+
+
+def adapter_base_name(directory: str | Path, meta: dict | None = None) -> str:
+    """The base model an adapter was trained on, as given then; a local file that is no longer there is an
+    error that says how to point at its new place (the hash check then confirms it is the same file)."""
+    meta = meta if meta is not None else read_adapter_meta(directory)
+    base = meta.get("base_model", {})
+    name = base.get("name")
+    if not name:
+        raise AdapterError(f"{directory}/{META_FILE} records no base model: pass the model with --model")
+    if base.get("sha256") and not Path(name).expanduser().is_file():
+        raise AdapterError(
+            f"adapter {directory} was trained on {describe_base(base)}, which is no longer at {name}: pass its "
+            "new path with --model (or model.name)"
+        )
+    return name
+
+
+def _check_tokenizer(meta: dict, tokenizer, given: str, directory) -> None:
+    recorded = meta.get("tokenizer")
+    found = tokenizer_identity(tokenizer)
+    if recorded and found and not same_tokenizer(recorded, found):
+        raise AdapterError(
+            f"adapter {directory} was trained with tokenizer {describe_tokenizer(recorded)}, but {given} is "
+            f"{describe_tokenizer(found)}: drop it to use the adapter's own tokenizer"
+        )
+
+
+def _check_template(meta: dict, value: str, directory) -> None:
+    recorded = meta.get("chat_template")
+    text = chat_template.resolve(value)
+    if recorded is not None and text != recorded:
+        first = recorded.strip().splitlines()[0][:60] if recorded.strip() else ""
+        raise AdapterError(
+            f"adapter {directory} was trained with another chat template (sha256 "
+            f"{chat_template.digest(recorded)[:12]}, {first!r}...) than {chat_template.KEY}={value!r} (sha256 "
+            f"{chat_template.digest(text)[:12]}): drop the setting to use the adapter's own template"
+        )
+
+
+def adapter_tokenizer(directory: str | Path, meta: dict | None = None):
+    """The tokenizer saved in an adapter, with its recorded chat template; None for adapters saved before the
+    tokenizer was kept (or trained without one)."""
+    from transformers import AutoTokenizer
+
+    directory = Path(directory)
+    meta = meta if meta is not None else read_adapter_meta(directory)
+    recorded = meta.get("tokenizer")
+    if not recorded or not (directory / TOKENIZER_FILE).is_file():
+        return None
+    try:
+        tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise AdapterError(f"{directory}: its saved tokenizer does not load: {err}") from err
+    found = tokenizer_identity(tok)
+    if not same_tokenizer(recorded, found):
+        raise AdapterError(f"{directory}: the saved tokenizer files ({describe_tokenizer(found)}) are not the "
+                           f"recorded tokenizer {describe_tokenizer(recorded)}; were they edited?")
+    if meta.get("chat_template") is not None:
+        tok.chat_template = meta["chat_template"]
+    return tok
 
 
 def init_lora_from(rm: RoutedModel, directory: str | Path, flag: str = "train.init_lora") -> int:
@@ -254,6 +333,7 @@ def init_lora_from(rm: RoutedModel, directory: str | Path, flag: str = "train.in
         raise ConfigError(f"{flag}: {directory} is not a directory")
     meta = read_adapter_meta(directory)
     check_base_matches(meta, rm.identity, directory)
+    _check_tokenizer(meta, rm.tokenizer, "this run's tokenizer", directory)  # its LoRA learned those token ids
     if not rm.has_lora:
         raise ConfigError(f"{flag} needs lora.enabled: this run has no LoRA to start from {directory}")
     saved = from_dict(LoraSettings, meta["lora"], "lora")
@@ -279,22 +359,39 @@ def load_adapter(
     loaded: LoadedModel | None = None,
     trainable: bool = False,
 ) -> RoutedModel:
-    """Load a base model (the adapter's own unless `model_cfg` names another) and put the adapter on it."""
+    """Load a base model (the adapter's own unless `model_cfg` names another) and put the adapter on it, with the
+    adapter's saved tokenizer and chat template (old adapters: the base model's tokenizer, as before).
+
+    `model_cfg.tokenizer` and `model_cfg.chat_template`, when set, must be the recorded ones (checked, not used)."""
     directory = Path(directory)
     meta = read_adapter_meta(directory)
     router_cfg = from_dict(RouterConfig, meta["router"], "router")
     lora_cfg = from_dict(LoraSettings, meta["lora"], "lora")
+    saved_tok = adapter_tokenizer(directory, meta)
     if loaded is None:
-        model_cfg = model_cfg or ModelConfig(name=meta["base_model"]["name"])
-        loaded = load_base(model_cfg)
+        model_cfg = model_cfg or ModelConfig(name=adapter_base_name(directory, meta))
+        # the base's own tokenizer is loaded only when the adapter has none (an old adapter)
+        loaded = load_base(model_cfg, tokenizer=saved_tok is None)
     check_base_matches(meta, loaded.identity, directory)
+    if model_cfg is not None and model_cfg.tokenizer is not None:
+        given = loaded.tokenizer if saved_tok is None else load_tokenizer(model_cfg.tokenizer)
+        _check_tokenizer(meta, given, f"model.tokenizer={model_cfg.tokenizer}", directory)
+    if model_cfg is not None and model_cfg.chat_template:
+        _check_template(meta, model_cfg.chat_template, directory)
+    tokenizer = saved_tok
+    if tokenizer is None:
+        tokenizer = loaded.tokenizer
+        if tokenizer is not None and meta.get("chat_template") is not None:  # its files were removed
+            _check_tokenizer(meta, tokenizer, f"the base model's tokenizer ({meta['base_model'].get('name')})",
+                             directory)
+            tokenizer.chat_template = meta["chat_template"]
     model = loaded.model
-    state = _route(model, router_cfg, loaded.tokenizer)
+    state = _route(model, router_cfg, tokenizer)
     if lora_cfg.enabled:
         if not (directory / "adapter_model.safetensors").is_file():
             raise AdapterError(f"{directory} has LoRA enabled but no adapter_model.safetensors")
         model = PeftModel.from_pretrained(model, str(directory), is_trainable=trainable)
-    rm = RoutedModel(model, loaded.tokenizer, loaded.identity, router_cfg, lora_cfg, state)
+    rm = RoutedModel(model, tokenizer, loaded.identity, router_cfg, lora_cfg, state)
     tensors = load_file(str(directory / ROUTER_FILE))
     for layer in find_routed_layers(rm.model):
         prefix = f"layers.{layer.index}."

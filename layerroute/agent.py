@@ -283,12 +283,16 @@ def summarize(results: list[dict], checker: str) -> dict:
 
 # -- CLI -----------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .chat_template import add_chat_template_argument
+
     parser.add_argument("--task", default="bfcl-multi-turn", choices=TASKS)
     parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="a running layerroute server")
     parser.add_argument("--served-model", default=None, help="`model` to send (default: the server's first model)")
     parser.add_argument("--spawn", action="store_true", help="start a server in-process on a free loopback port")
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="--spawn: model to load")
+    parser.add_argument("--model", default=None,
+                        help="--spawn: model to load (default: the adapter's base, else smollm2-135m-instruct)")
     parser.add_argument("--adapter", default=None, help="--spawn: adapter directory")
+    add_chat_template_argument(parser)
     parser.add_argument("--dense", action="store_true", help="--spawn: serve the plain model")
     parser.add_argument("--skip-fraction", type=float, default=None, help="--spawn: force a skip pattern")
     parser.add_argument("--limit", type=int, default=3, help="number of tasks (from the start of the file)")
@@ -312,10 +316,10 @@ def run(args: argparse.Namespace) -> int:
 
         if args.dense and args.skip_fraction is not None:
             raise ConfigError("--dense and --skip-fraction exclude each other")
-        rm = load_for_inference(args.model, args.adapter)
+        rm = load_for_inference(args.model, args.adapter, chat_template=args.chat_template)
         forced = skip_pattern(rm.num_layers, args.skip_fraction) if args.skip_fraction is not None else None
-        app = create_app(rm, model_name=args.model, dense=args.dense, forced=forced,
-                         max_tokens_limit=max(args.max_tokens, 4096))
+        app = create_app(rm, model_name=args.model or rm.identity.get("name") or "layerroute", dense=args.dense,
+                         forced=forced, max_tokens_limit=max(args.max_tokens, 4096))
         server = BackgroundServer(app).start()
         base_url = server.base_url
     try:

@@ -399,9 +399,12 @@ def emit_json_line(result: dict, output: str | None = None) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .chat_template import add_chat_template_argument
+
     parser.add_argument("--model", default=None, help="model name (default: the adapter's base, else the offline one)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--adapter", default=None, help="adapter directory: its routers decide")
+    add_chat_template_argument(parser)
     group.add_argument("--skip-fraction", type=float, nargs="+", default=None,
                        help="forced patterns skipping these fractions of the blocks (default 0.25 0.5)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
@@ -463,7 +466,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731 (progress to stderr; JSON last on stdout)
     t0 = time.perf_counter()
-    rm = load_for_inference(args.model, args.adapter, args.dtype, args.device)
+    rm = load_for_inference(args.model, args.adapter, args.dtype, args.device, chat_template=args.chat_template)
     if args.steps_from:
         return _run_real_steps(args, rm, t0, log)
     fractions = args.skip_fraction if args.skip_fraction is not None else (None if args.adapter else [0.25, 0.5])

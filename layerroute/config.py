@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from . import chat_template
 from .errors import ConfigError
 
 
@@ -55,12 +56,17 @@ class ModelConfig:
     tokenizer: str | None = setting(
         None, "tokenizer folder/name; default: the model's own (shape presets: SmolLM2's when installed)"
     )
+    chat_template: str | None = setting(
+        None, "chat template for a base model without one (replaces the tokenizer's own): a preset (chatml: "
+        "SmolLM2's/Qwen2.5's ChatML with Hermes tools), a Jinja file, or inline Jinja; saved into the adapter",
+    )
 
     def __post_init__(self):
         _check_choice("model", "dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _check_choice("model", "attn_implementation", self.attn_implementation, ("sdpa", "eager"))
         if not self.name:
             raise ConfigError("model.name must not be empty")
+        chat_template.validate(self.chat_template)
 
 
 @dataclass

@@ -586,19 +586,28 @@ def _mean_std(values: list[float]) -> dict:
     return {"mean": float(np.mean(finite)), "std": float(np.std(finite))}
 
 
-def run_eval(adapters: list[str], data_cfg, cfg: EvalConfig, model_name: str | None, out_dir: Path) -> dict:
+def run_eval(adapters: list[str], data_cfg, cfg: EvalConfig, model_name: str | None, out_dir: Path, *,
+             tokenizer: str | None = None, chat_template: str | None = None) -> dict:
+    """`tokenizer` / `chat_template`: model.tokenizer / model.chat_template given explicitly, which each adapter
+    must have been trained with (its own saved tokenizer and template are what it is evaluated with)."""
+    from .adapters import adapter_base_name
     from .data.build import load_steps
+    from .identity import same_tokenizer, tokenizer_identity
 
     out_dir.mkdir(parents=True, exist_ok=True)
     per_adapter, data, loaded_tok = [], None, None
     for n, path in enumerate(adapters):
         meta = read_adapter_meta(path)
-        rm = load_adapter(path, ModelConfig(name=model_name) if model_name else None)
+        explicit = model_name or tokenizer or chat_template
+        rm = load_adapter(path, ModelConfig(name=model_name or adapter_base_name(path, meta), tokenizer=tokenizer,
+                                            chat_template=chat_template) if explicit else None)
         if data is None:
             data = load_steps(data_cfg, rm.tokenizer)
             loaded_tok = rm.tokenizer
-        elif rm.tokenizer.get_vocab() != loaded_tok.get_vocab():
-            raise ConfigError(f"adapter {path} uses another tokenizer than {adapters[0]}; evaluate them separately")
+        elif (not same_tokenizer(tokenizer_identity(rm.tokenizer), tokenizer_identity(loaded_tok))
+              or rm.tokenizer.chat_template != loaded_tok.chat_template):  # the steps were rendered with the first's
+            raise ConfigError(f"adapter {path} uses another tokenizer or chat template than {adapters[0]}; evaluate "
+                              "them separately")
         # finished stages kept until eval.json is written: an interrupted run resumes from them (a changed adapter,
         # config or step set is not reused: each stage's key names what it depends on)
         cache = StageCache(out_dir / "partial" / f"adapter{n}",
@@ -714,9 +723,13 @@ def run(args: argparse.Namespace) -> int:
         raw = load_yaml(args.config)
     else:  # the run config the first adapter was trained with
         raw = dict(read_adapter_meta(args.adapter[0]).get("training", {}).get("config", {}))
+        # the adapter carries its template: a Jinja file named at training time need not exist any more
+        raw["model"] = {k: v for k, v in (raw.get("model") or {}).items() if k != "chat_template"}
     raw = apply_overrides(raw, args.set)
     run_cfg = RunConfig.from_dict({k: raw.get(k) for k in ("model", "router", "lora", "data", "train", "eval")})
-    doc = run_eval(args.adapter, run_cfg.data, run_cfg.eval, args.model, Path(args.output_dir))
+    explicit = {item.split("=", 1)[0].strip() for item in args.set}  # model.* given on this command line
+    model_keys = {k: getattr(run_cfg.model, k) for k in ("tokenizer", "chat_template") if f"model.{k}" in explicit}
+    doc = run_eval(args.adapter, run_cfg.data, run_cfg.eval, args.model, Path(args.output_dir), **model_keys)
     print(json.dumps({"skip_differential_points": doc["skip_differential_points"],
                       "report": str(Path(args.output_dir) / "report.md")}, default=_json_default))
     return 0

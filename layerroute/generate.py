@@ -346,18 +346,22 @@ def skip_pattern(num_layers: int, fraction: float) -> list[bool]:
 
 
 def load_for_inference(
-    model_name: str | None, adapter: str | None, dtype: str = "float32", device: str = "auto", lora: bool = True
+    model_name: str | None, adapter: str | None, dtype: str = "float32", device: str = "auto", lora: bool = True,
+    chat_template: str | None = None,
 ):
-    """A RoutedModel from an adapter directory, or a freshly wrapped base model (routers at their init, which
-    opens every gate, and a fresh LoRA, whose zero B matrices leave the model unchanged; merged for inference
-    it costs nothing, so timings match a trained adapter's)."""
-    from .adapters import build_routed_model, load_adapter
+    """A RoutedModel from an adapter directory (with its saved tokenizer and chat template), or a freshly wrapped
+    base model (routers at their init, which opens every gate, and a fresh LoRA, whose zero B matrices leave the
+    model unchanged; merged for inference it costs nothing, so timings match a trained adapter's).
+    `chat_template` is model.chat_template (a base model without a template; an adapter's must match)."""
+    from .adapters import adapter_base_name, build_routed_model, load_adapter
     from .config import LoraSettings, ModelConfig
 
     if adapter:
-        cfg = ModelConfig(name=model_name, dtype=dtype, device=device) if model_name else None
+        cfg = ModelConfig(name=model_name or adapter_base_name(adapter), dtype=dtype, device=device,
+                          chat_template=chat_template)
         return load_adapter(adapter, cfg)
-    cfg = ModelConfig(name=model_name or "smollm2-135m-instruct", dtype=dtype, device=device)
+    cfg = ModelConfig(name=model_name or "smollm2-135m-instruct", dtype=dtype, device=device,
+                      chat_template=chat_template)
     rm = build_routed_model(cfg, lora_cfg=LoraSettings(enabled=lora))
     for p in rm.model.parameters():
         p.requires_grad_(False)
@@ -366,11 +370,14 @@ def load_for_inference(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .chat_template import add_chat_template_argument
+
     parser.add_argument("--model", default=None, help="model name (default: the adapter's base, else the offline one)")
     parser.add_argument("--adapter", default=None, help="adapter directory (routers + LoRA)")
     parser.add_argument("--prompt", action="append", required=True, help="user message (repeat for a batch)")
     parser.add_argument("--system", default=None, help="system message")
     parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    add_chat_template_argument(parser)
     parser.add_argument("--skip-fraction", type=float, default=None, help="force a pattern skipping this fraction")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -388,20 +395,22 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    rm = load_for_inference(args.model, args.adapter, args.dtype, args.device)
+    rm = load_for_inference(args.model, args.adapter, args.dtype, args.device, chat_template=args.chat_template)
     tok = rm.tokenizer
     if tok is None:
         raise ConfigError("this model has no tokenizer; use the Python API with token ids")
     if args.raw:
         prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in args.prompt]
     else:
+        from .engine import PromptRenderer
+
+        renderer = PromptRenderer(tok)  # the training steps' renderer: the same prompt a step's context has
         prompts = []
         for p in args.prompt:
             messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
                 {"role": "user", "content": p}
             ]
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            prompts.append(tok(text, add_special_tokens=False)["input_ids"])
+            prompts.append(renderer.ids(renderer.text(messages, [])))
     forced = skip_pattern(rm.num_layers, args.skip_fraction) if args.skip_fraction is not None else None
     res = routed_generate(
         rm, prompts, max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,

@@ -19,8 +19,10 @@ from safetensors.torch import save_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
+from . import chat_template
 from .config import LoraSettings, ModelConfig, RouterConfig
 from .errors import ModelLoadError
+from .identity import file_identity
 from .router import Router
 
 OFFLINE_DEFAULT = "smollm2-135m-instruct"
@@ -215,6 +217,8 @@ def load_base(cfg: ModelConfig, *, tokenizer: bool = True) -> LoadedModel:
             tok = None
     if tokenizer and cfg.tokenizer is not None:
         tok = load_tokenizer(cfg.tokenizer)
+    if tok is not None and cfg.chat_template:
+        chat_template.apply(tok, cfg.chat_template)
     model.to(device=device, dtype=_DTYPES[cfg.dtype])
     model.eval()
     for p in model.parameters():
@@ -223,12 +227,13 @@ def load_base(cfg: ModelConfig, *, tokenizer: bool = True) -> LoadedModel:
 
 
 def model_identity(name: str, config) -> dict:
-    """What an adapter must match: the base model's name and shape."""
+    """What an adapter must match: the base model's shape, and for a local file its size and hash (the name as
+    given is kept to find it again, and does not have to match: a moved file is passed with --model)."""
     keys = (
         "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
         "num_attention_heads", "num_key_value_heads",
     )
-    return {"name": name, **{k: getattr(config, k, None) for k in keys}}
+    return {"name": name, **{k: getattr(config, k, None) for k in keys}, **file_identity(name)}
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

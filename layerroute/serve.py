@@ -640,8 +640,11 @@ class BackgroundServer:
 
 # -- CLI: `layerroute serve` ---------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .chat_template import add_chat_template_argument
+
     parser.add_argument("--model", default=None, help="model name (default: the adapter's base, else the offline one)")
     parser.add_argument("--adapter", default=None, help="adapter directory (routers + LoRA)")
+    add_chat_template_argument(parser)
     parser.add_argument("--served-model-name", default=None, help="the id clients send as `model` (default: --model)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
@@ -669,7 +672,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dense and args.skip_fraction is not None:
         raise ConfigError("--dense and --skip-fraction exclude each other")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    rm = load_for_inference(args.model, args.adapter, args.dtype, args.device)
+    rm = load_for_inference(args.model, args.adapter, args.dtype, args.device, chat_template=args.chat_template)
     if rm.tokenizer is None:
         raise ConfigError("this model has no tokenizer; serving needs one")
     forced = skip_pattern(rm.num_layers, args.skip_fraction) if args.skip_fraction is not None else None

@@ -1,10 +1,10 @@
 """`layerroute data --config <yaml> [--set data.key=value ...] (--stats | --show N)`.
 
 The YAML file has a top-level `data:` section (see DataConfig); other sections (`model:`, `train:`, ...) are
-ignored except `model.name`, which names the model whose tokenizer renders the data. `--stats` prints the
-statistics as a few tables on stdout (`--stats --json`: the whole statistics JSON instead; the rejected-row summary
-goes to stderr); `--show N` prints N rendered steps, alternating tool-call and planning, with the label span wrapped
-in ⟦ ⟧.
+ignored except `model.tokenizer` (else `model.name`), which names the tokenizer that renders the data as training
+does, and `model.chat_template`. `--stats` prints the statistics as a few tables on stdout (`--stats --json`: the
+whole statistics JSON instead; the rejected-row summary goes to stderr); `--show N` prints N rendered steps,
+alternating tool-call and planning, with the label span wrapped in ⟦ ⟧.
 
 Runs standalone as `python -m layerroute.data.cli ...`.
 """
@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--split", default="train", choices=("train", "eval", "eval_length_matched"), help="split for --show"
     )
     parser.add_argument(
-        "--tokenizer", default=None, help="render with this tokenizer instead of model.name's"
+        "--tokenizer", default=None, help="render with this tokenizer instead of model.tokenizer's / model.name's"
     )
     parser.add_argument("--json", action="store_true", help="--stats: print the whole statistics JSON, not tables")
     parser.add_argument("--out", default=None, help="--stats: also write the JSON to this file")
@@ -191,12 +191,18 @@ def run(args: argparse.Namespace) -> int:
 
     raw = load_config_dict(args.config, args.set)
     cfg = DataConfig.from_dict(raw.get("data"))
-    name = args.tokenizer or (raw.get("model") or {}).get("name")
+    model = raw.get("model") or {}
+    name = args.tokenizer or model.get("tokenizer") or model.get("name")  # the tokenizer training renders with
     if not name:
         raise ConfigError(
             "model.name: missing; it names the model whose tokenizer renders the data (or pass --tokenizer)"
         )
     tokenizer = load_tokenizer(name)
+    if model.get("chat_template"):
+        from layerroute import chat_template
+
+        chat_template.validate(model["chat_template"])
+        chat_template.apply(tokenizer, model["chat_template"])
     data = load_steps(cfg, tokenizer)
     print(data.report.summary(), file=sys.stderr)
     if args.stats:

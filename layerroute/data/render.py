@@ -31,6 +31,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+from layerroute import chat_template
 from layerroute.data.sources import Conversation
 from layerroute.data.toolcalls import render_tool_calls
 from layerroute.errors import DataError
@@ -117,14 +118,9 @@ class Step:
 
 
 def chat_template_text(tokenizer) -> str:
-    tmpl = getattr(tokenizer, "chat_template", None)
-    if isinstance(tmpl, dict):  # several named templates: the default one decides
-        tmpl = tmpl.get("default") or next(iter(tmpl.values()), None)
-    if not tmpl:
-        raise RenderError(
-            "no_chat_template", f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template"
-        )
-    return tmpl
+    """The template text (the default one of several named templates); a tokenizer without one raises the
+    error every command gives (`layerroute.chat_template.ChatTemplateMissing`, naming model.chat_template)."""
+    return chat_template.require(tokenizer)
 
 
 def template_supports_tools(tokenizer) -> bool:
