@@ -19,8 +19,8 @@ them alike (these machines are shared; compare within a run, never across runs):
 Reported per configuration: time to first token, decode ms/token, tokens/s and whole-step latency (min and
 median over repetitions after warm-up). Per skip configuration: measured speedup over dense for decode and for
 the whole step, ``ideal_speedup = 1 / (1 - total FLOPs skipped)`` from `layerroute.flops` (LM head and routers
-included), and ``efficiency = measured / ideal``. The last line printed is the whole result as one JSON line,
-also written to ``--output``.
+included), and ``efficiency = measured / ideal``. The terminal gets a short table (medians); the whole result is one
+JSON line written to ``--output`` (``--json``: printed instead of the table, as the last line).
 """
 
 from __future__ import annotations
@@ -337,6 +337,59 @@ def _parse_scenario(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected PROMPT_TOKENS:NEW_TOKENS, got {text!r}") from err
 
 
+def _ms(stats: dict) -> str:
+    return f"{stats['median']:,.1f}"
+
+
+def bench_table(report: dict) -> str:
+    """`run_bench`'s result as one terminal table: per scenario, batch and configuration, the medians of TTFT,
+    decode ms/token and whole-step ms, the blocks skipped per row and the measured step speedup over dense next to
+    its FLOP ideal (``open`` row: dense / open, the router overhead as a speedup below 1)."""
+    from tabulate import tabulate
+
+    rows = []
+    for res in report["results"]:
+        dense = res["configs"]["dense"]["step_ms"]["median"]
+        for config, c in res["configs"].items():
+            sp = res["speedups"].get(config)
+            skipped = sp["skipped_blocks_per_row"] if sp else [0]
+            rows.append([
+                res["scenario"], res["batch"], config,
+                f"{min(skipped)}-{max(skipped)}" if min(skipped) != max(skipped) else skipped[0],
+                _ms(c["ttft_ms"]), _ms(c["decode_ms_per_token"]), _ms(c["step_ms"]),
+                f"{dense / c['step_ms']['median']:.2f}x",
+                f"{sp['step']['ideal_speedup']:.2f}x" if sp else "",
+            ])
+    return tabulate(rows, ["scenario", "batch", "config", "blocks skipped", "TTFT ms", "decode ms/token",
+                           "step ms", "speedup", "ideal"], colalign=("left", "right", "left") + ("right",) * 6,
+                    disable_numparse=True)  # keep the one-decimal milliseconds as written
+
+
+def real_steps_table(result: dict) -> str:
+    """`bench_real_steps`'s result as a two-row table (dense, routed: medians over repetitions of the summed steps)
+    and one line saying what was skipped and how the measured speedup compares with the FLOP ideal."""
+    from tabulate import tabulate
+
+    dense = result["configs"]["dense"]["step_ms"]["median"]
+    skipped = result["skipped_blocks_per_step"]
+    rows = []
+    for config, c in result["configs"].items():
+        routed = config == "routed"
+        rows.append([
+            config,
+            (f"{min(skipped)}-{max(skipped)}" if min(skipped) != max(skipped) else skipped[0]) if routed else 0,
+            f"{100 * result['block_flops_skipped']:.1f}%" if routed else "0.0%",
+            _ms(c["ttft_ms"]), _ms(c["decode_ms_per_token"]), _ms(c["step_ms"]),
+            f"{dense / c['step_ms']['median']:.2f}x", f"{result['ideal_speedup']:.2f}x" if routed else "1.00x",
+        ])
+    table = tabulate(rows, ["config", "blocks skipped", "block FLOPs skipped", "prefill ms", "decode ms/token",
+                            "steps ms", "speedup", "ideal"], colalign=("left",) + ("right",) * 7,
+                     disable_numparse=True)
+    return (f"{result['steps']} real eval steps ({result['context_tokens']:,} context tokens, "
+            f"{result['new_tokens']:,} generated), batch 1, median of the repetitions:\n{table}\n"
+            f"efficiency (measured / ideal speedup): {result['speedup']['step_eff_median']:.2f}")
+
+
 def emit_json_line(result: dict, output: str | None = None) -> None:
     """A benchmark's last act: print its result as one JSON line, and write the same line to `output` if given."""
     line = json.dumps(result)
@@ -367,7 +420,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--output", default=None, help="write the JSON here too")
+    parser.add_argument("--output", default=None, help="write the whole result here, as one JSON line")
+    parser.add_argument("--json", action="store_true", help="print the whole result as one JSON line, not a table")
     parser.add_argument("--steps-from", default=None, metavar="CONFIG",
                         help="with --adapter: time real eval steps of this YAML's data (batch 1, each step's own "
                              "context and gold length) instead of the synthetic scenarios")
@@ -391,10 +445,18 @@ def _run_real_steps(args: argparse.Namespace, rm, t0: float, log) -> int:
            "device": str(rm.device), "threads": torch.get_num_threads(), "reps": args.reps, "warmup": args.warmup,
            "torch": torch.__version__, "command": " ".join(sys.argv), **result,
            "wall_s": time.perf_counter() - t0}
-    log(f"{args.step_type}: skipped {100 * result['block_flops_skipped']:.1f}% of block FLOPs, ideal "
-        f"{result['ideal_speedup']:.3f}x, measured {result['speedup']['step_measured_median']:.3f}x (median)")
-    emit_json_line(out, args.output)
+    _emit(out, real_steps_table(result), args)
     return 0
+
+
+def _emit(result: dict, table: str, args: argparse.Namespace) -> None:
+    """The whole result to --output; on the terminal, the table (or, with --json, the JSON line)."""
+    if args.json:
+        emit_json_line(result, args.output)
+        return
+    if args.output:
+        write_text_atomic(args.output, json.dumps(result) + "\n")  # never half a result on disk
+    print(table)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -430,7 +492,5 @@ def run(args: argparse.Namespace) -> int:
     meta["transformers"] = transformers.__version__
     meta["wall_s"] = time.perf_counter() - t0
     out = {**meta, **report, "headline": headline(report)}
-    for key, entry in out["headline"].items():
-        log(f"{key}: " + json.dumps(entry, default=lambda x: round(x, 3)))
-    emit_json_line(out, args.output)
+    _emit(out, bench_table(report), args)
     return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .data.collate import collate_steps, length_grouped_batches
 from .errors import ConfigError
@@ -76,7 +77,8 @@ def reduced_rank_solution(gram: torch.Tensor, cross: torch.Tensor, rank: int, ri
 
 
 @torch.no_grad()
-def fit_bridges(rm, steps, batch_size: int, pad_id: int, seed: int = 0, ridge: float = 1e-3) -> list[float]:
+def fit_bridges(rm, steps, batch_size: int, pad_id: int, seed: int = 0, ridge: float = 1e-3,
+                progress: bool = True) -> list[float]:
     """Fit every routed layer's bridge to its block's residual update on the tokens of `steps` (full depth, LoRA
     as it is now). Returns, per block, the fraction of the update's energy the rank-r bridge explains
     (1 - ||X W - D||^2 / ||D||^2 on the same tokens): 0 = no better than skipping, 1 = the block reproduced."""
@@ -110,7 +112,9 @@ def fit_bridges(rm, steps, batch_size: int, pad_id: int, seed: int = 0, ridge: f
     was_training = rm.model.training
     rm.model.eval()
     try:
-        for batch_idx in length_grouped_batches(steps, batch_size, seed=seed):
+        batches = length_grouped_batches(steps, batch_size, seed=seed)
+        # one full-depth forward per batch: tens of seconds on a CPU for the offline default's 32 steps
+        for batch_idx in tqdm(batches, desc="fit skip bridges", unit="batch", disable=not progress):
             batch = collate_steps([steps[i] for i in batch_idx], pad_id)
             mask = batch["attention_mask"].to(rm.device)
             keep_now["keep"] = mask.reshape(-1).bool()

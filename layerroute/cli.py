@@ -22,7 +22,7 @@ COMMANDS = {
     "sweep": ("layerroute.sweep", "train and evaluate several seeds, one table"),
     "eval": ("layerroute.evaluate", "skip rates, perplexity in four configurations, task accuracy, plots"),
     "ablation": ("layerroute.ablation", "compare training recipes over seeds from finished evaluations (one table)"),
-    "bench": ("layerroute.bench", "wall-clock latency of routed vs dense generation (prints JSON)"),
+    "bench": ("layerroute.bench", "wall-clock latency of routed vs dense generation (a table; --json / --output: JSON)"),
     "generate": ("layerroute.generate", "routed generation for one prompt"),
     "serve": ("layerroute.serve", "OpenAI-compatible chat endpoint with tools"),
     "agent": ("layerroute.agent", "BFCL multi-turn agent loop against a serve endpoint (success + routing per step)"),

@@ -421,7 +421,7 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict, cache: 
 
     steps_key = _steps_key(steps)
     runs = {c: _staged(cache, f"teacher_forced-{c}", steps_key, partial(teacher_forced, rm, steps, c, cfg))
-            for c in PPL_CONFIGS}
+            for c in tqdm(PPL_CONFIGS, desc="teacher-forced passes", unit="config")}
     routed = runs["routed"]
     gates = [r["gates"] for r in routed]
 
@@ -486,7 +486,7 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict, cache: 
 
     if cfg.thresholds:
         sweep = []
-        for thr in cfg.thresholds:
+        for thr in tqdm(cfg.thresholds, desc="threshold sweep", unit="threshold"):
             res = _staged(cache, f"teacher_forced-routed-threshold{thr}", steps_key,
                           partial(teacher_forced, rm, steps, "routed", cfg, threshold=thr, desc=f"threshold {thr}"))
             g = [r["gates"] for r in res]
@@ -511,7 +511,8 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict, cache: 
         union_key = _steps_key(union)
         results = {}
         # references first: a configuration reuses its reference's generation where its gates open every block
-        for c in sorted(cfg.accuracy_configs, key=lambda c: c not in ("base", "lora_full_depth")):
+        ordered = sorted(cfg.accuracy_configs, key=lambda c: c not in ("base", "lora_full_depth"))
+        for c in tqdm(ordered, desc=f"free-running accuracy ({t})", unit="config"):
             reference = results.get(REFERENCE.get(c))
             if c in ACC_CONFIGS:
                 gates_key, run = None, partial(accuracy, rm, union, idx, c, cfg, reference=reference)

@@ -13,6 +13,7 @@ forever. What it costs: one cosine over [B, T, H] per block, no extra forward.
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from .data.collate import collate_steps, length_grouped_batches
 from .data.tokenizer import pad_token_id
@@ -66,14 +67,15 @@ def influence_targets(influence: torch.Tensor, n_skip: torch.Tensor) -> torch.Te
 
 
 @torch.no_grad()
-def block_influence(rm, steps, cfg, pad_id: int | None = None) -> list[float]:
+def block_influence(rm, steps, cfg, pad_id: int | None = None, progress: bool = True) -> list[float]:
     """ShortGPT's block influence per block: 1 - mean cosine(h_in, h_out) over (non-padding) tokens, full depth,
     averaged over every token of `steps` (cfg: batch_size and seed of the batching)."""
     L = rm.num_layers
     sums = torch.zeros(L, dtype=torch.float64)
     tokens = 0
     pad = pad_token_id(rm.tokenizer) if pad_id is None else pad_id
-    for batch_idx in length_grouped_batches(steps, cfg.batch_size, seed=cfg.seed):
+    batches = length_grouped_batches(steps, cfg.batch_size, seed=cfg.seed)
+    for batch_idx in tqdm(batches, desc="block influence", unit="batch", disable=not progress):
         batch = collate_steps([steps[i] for i in batch_idx], pad)
         mask = batch["attention_mask"].to(rm.device)
         with RowInfluence(rm.model, mask) as probe, routing(rm.model, "mix", forced="open"):
@@ -101,7 +103,8 @@ def skip_set_cost(rm, steps, cfg, skipped, pad_id: int | None = None) -> tuple[f
     return sum(r["nll"] for r in res) / tokens, sum(r["errors"] for r in res) / tokens
 
 
-def drop_costs(rm, steps, cfg, pad_id: int | None = None) -> dict[str, list[float]]:
+def drop_costs(rm, steps, cfg, pad_id: int | None = None, progress: bool = True,
+               desc: str = "removal costs") -> dict[str, list[float]]:
     """Per block, what skipping that block alone (every other block running, LoRA as it is) does to `steps`:
 
     - "nll": how much the target NLL rises, nats per target token (the true cost of a skip, unlike the cosine proxy);
@@ -110,8 +113,15 @@ def drop_costs(rm, steps, cfg, pad_id: int | None = None) -> dict[str, list[floa
     - "full": the full-depth (NLL, token-error fraction) both rises are measured from.
 
     L + 1 teacher-forced passes over `steps` (cfg: batch_size and seed of the batching)."""
+    # L + 1 passes (the offline default: 31 over 8 steps, minutes on a CPU): one bar over the passes
+    passes = tqdm(total=rm.num_layers + 1, desc=desc, unit="pass", disable=not progress)
     full_nll, full_err = skip_set_cost(rm, steps, cfg, (), pad_id)
-    dropped = [skip_set_cost(rm, steps, cfg, (layer,), pad_id) for layer in range(rm.num_layers)]
+    passes.update()
+    dropped = []
+    for layer in range(rm.num_layers):
+        dropped.append(skip_set_cost(rm, steps, cfg, (layer,), pad_id))
+        passes.update()
+    passes.close()
     return {"nll": [n - full_nll for n, _ in dropped], "token_errors": [e - full_err for _, e in dropped],
             "full": [full_nll, full_err]}
 

@@ -1,4 +1,4 @@
-"""eval.json -> report.md (the paper's table first, then the honest columns) and PNG plots."""
+"""eval.json -> report.md (what each skip costs first, then the paper's terms and the honest columns) and PNG plots."""
 
 from __future__ import annotations
 
@@ -22,7 +22,115 @@ PAPER = {
 def _f(x, digits=2, pct=False) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
-    return f"{100 * x:.{digits}f}" if pct else f"{x:.{digits}f}"
+    v = 100 * x if pct else x
+    return f"{v if round(v, digits) else 0.0:.{digits}f}"  # no "-0.0" (a router's tiny cost, rounded away)
+
+
+# The configurations of the first table, in this order, and how the report names them.
+COST_ROWS = {
+    "lora_full_depth": "LoRA, full depth", "routed": "routed (the routers decide)",
+    "shortgpt": "ShortGPT: the same number of blocks, fixed per step type", "random": "random blocks, same number",
+    "routed_no_lora": "routed without LoRA", "base": "base model, full depth",
+}
+
+
+def _cost_row(doc: dict, t: str, config: str) -> list[str] | None:
+    """One row of the first table, or None when the evaluation measured nothing of `config` on step type `t`."""
+    e = doc["splits"]["full"][t]
+    acc = (doc.get("accuracy") or {}).get(t, {}).get(config)
+    baseline = (e.get("baselines") or {}).get(config)
+    if config in ("base", "lora_full_depth"):
+        block = total = 0.0
+        ppl = e["ppl"].get(config)
+    elif config in ("routed", "routed_no_lora"):
+        block, total, ppl = e["block_flops_skipped"], e["total_flops_skipped"], e["ppl"].get(config)
+    elif baseline:
+        block, total, ppl = baseline["block_flops_skipped"], baseline["total_flops_skipped"], baseline["ppl"]
+    else:
+        return None
+    if ppl is None and acc is None:
+        return None
+    lora = (doc.get("accuracy") or {}).get(t, {}).get("lora_full_depth")
+    cost = "n/a"
+    if acc and lora and config != "lora_full_depth":
+        cost = _f(100 * (acc["accuracy"] - lora["accuracy"]), 1)
+        paired = (doc.get("accuracy_paired_routed_vs_lora") or {}).get(t)
+        if config == "routed" and paired:  # the same steps, resampled together
+            lo, hi = paired["diff_ci95"]
+            cost = f"{_f(paired['diff_points'], 1)} [{_f(lo, 1)}, {_f(hi, 1)}]"
+    elif config == "lora_full_depth" and acc:
+        cost = "(reference)"
+    accuracy = f"{_f(acc['accuracy'], 1, pct=True)}% (n={acc['n']})" if acc else "not generated"
+    return [t, COST_ROWS[config], _f(block, 1, pct=True), _f(total, 1, pct=True), accuracy, cost, _f(ppl)]
+
+
+def cost_table(doc: dict) -> list[str]:
+    """The report's first table: each configuration's skip (block and total FLOPs) on the same row as the task
+    accuracy it gets and what it costs against LoRA at full depth (the routed row: paired on the same steps, 95%
+    bootstrap interval), per step type, full split. A skip differential alone reads as a win whatever it costs."""
+    lines = [
+        "## What each skip costs (full split)", "",
+        "Accuracy is free-running greedy generation with real skipping; the cost column is accuracy minus LoRA at "
+        "full depth, in points (routed: paired on the same steps, with its 95% interval).", "",
+        "| step type | configuration | block FLOPs skipped % | total FLOPs skipped % | accuracy | "
+        "cost vs LoRA full depth (points) | PPL |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for t in ("tool_call", "planning"):
+        for config in COST_ROWS:
+            row = _cost_row(doc, t, config)
+            if row:
+                lines.append("| " + " | ".join(row) + " |")
+    full = doc["splits"]["full"]
+    lines += ["", f"The routers skip {_f(full['tool_call']['block_flops_skipped'], 1, pct=True)}% of block FLOPs on "
+              f"tool calls and {_f(full['planning']['block_flops_skipped'], 1, pct=True)}% on planning steps "
+              f"(differential {_f(full['skip_differential_points'], 1)} points): where they skip, not what it costs; "
+              "read it with the accuracy above."]
+    if len(doc.get("seeds") or []) > 1:
+        lines.append(f"First adapter of {len(doc['seeds'])}; the seeds' spread is in the last table.")
+    return lines
+
+
+def sweep_coincides(sweep: list[dict]) -> bool:
+    """True when every threshold gave the same skips and perplexities (routers whose probabilities sit far from
+    every threshold tried, e.g. binary after training against hard targets): there is no trade-off to plot."""
+    if len(sweep) < 2:
+        return False
+    first = sweep[0]
+    for point in sweep[1:]:
+        for t in ("tool_call", "planning"):
+            for key in ("total_flops_skipped", "ppl"):
+                a, b = first[t].get(key), point[t].get(key)
+                if a is None or b is None:
+                    if a is not b:
+                        return False
+                elif not (a == b or math.isclose(a, b, rel_tol=1e-9) or (math.isnan(a) and math.isnan(b))):
+                    return False
+    return True
+
+
+def sweep_lines(doc: dict) -> list[str]:
+    """The threshold sweep's section: a small table and the plot, or one sentence when every point coincides."""
+    sweep = doc.get("threshold_sweep")
+    if not sweep:
+        return []
+    thresholds = ", ".join(f"{p['threshold']:g}" for p in sweep)
+    lines = ["", "### Threshold sweep", ""]
+    if sweep_coincides(sweep):
+        p = sweep[0]
+        return lines + [
+            f"Every threshold tried ({thresholds}) gives the same gates: tool calls skip "
+            f"{_f(p['tool_call']['total_flops_skipped'], 1, pct=True)}% of total FLOPs (PPL {_f(p['tool_call']['ppl'])}), "
+            f"planning {_f(p['planning']['total_flops_skipped'], 1, pct=True)}% (PPL {_f(p['planning']['ppl'])}). "
+            "The routers' probabilities sit far from all of these thresholds (binary routers), so the threshold "
+            "trades nothing here and there is no curve to plot."]
+    lines += ["| threshold | tool-call total skip % | tool-call PPL | planning total skip % | planning PPL |",
+              "|---:|---:|---:|---:|---:|"]
+    for p in sweep:
+        lines.append(f"| {p['threshold']:g} | {_f(p['tool_call']['total_flops_skipped'], 1, pct=True)} | "
+                     f"{_f(p['tool_call']['ppl'])} | {_f(p['planning']['total_flops_skipped'], 1, pct=True)} | "
+                     f"{_f(p['planning']['ppl'])} |")
+    return lines + ["", "![threshold sweep](pareto.png)"]
 
 
 def _paper_table(doc: dict) -> list[str]:
@@ -40,7 +148,9 @@ def _paper_table(doc: dict) -> list[str]:
         ("Trainable parameters", f"{trainable:,}" if trainable else "n/a", f"{PAPER['trainable']:,} (1.10M)"),
         ("Training time (min)", _f(minutes / 60, 1) if minutes else "n/a", f"{PAPER['train_minutes']} (A100)"),
     ]
-    lines = ["## In the paper's terms", "", "| measure | this run | paper |", "|---|---:|---:|"]
+    lines = ["## In the paper's terms", "",
+             "The paper's measures beside its figures. Its differential counts skipped FLOPs only: the accuracy "
+             "they cost is in the first table.", "", "| measure | this run | paper |", "|---|---:|---:|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return lines
 
@@ -157,7 +267,8 @@ def plot_heatmap(doc: dict, path: Path) -> None:
 
 def plot_pareto(doc: dict, path: Path) -> None:
     sweep = doc.get("threshold_sweep")
-    if not sweep:
+    if not sweep or sweep_coincides(sweep):  # one point drawn len(sweep) times: the report says so instead
+        Path(path).unlink(missing_ok=True)  # not an earlier run's plot beside a report that no longer shows it
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for t, marker in (("tool_call", "o"), ("planning", "s")):
@@ -196,10 +307,9 @@ def write_report(doc: dict, out_dir: Path) -> Path:
     plot_pareto(doc, out_dir / "pareto.png")
     plot_seeds(doc, out_dir / "seeds.png")
     lines = ["# layerroute evaluation", "", f"Adapters: {', '.join(doc['adapters'])}", ""]
-    lines += _paper_table(doc) + [""] + _honest_table(doc)
+    lines += cost_table(doc) + [""] + _paper_table(doc) + [""] + _honest_table(doc)
     lines += ["", "![run rate per block](run_rate_heatmap.png)"]
-    if doc.get("threshold_sweep"):
-        lines.append("![threshold sweep](pareto.png)")
     if len(doc.get("seeds") or []) > 1:
         lines.append("![differential per seed](seeds.png)")
+    lines += sweep_lines(doc)
     return write_text_atomic(out_dir / "report.md", "\n".join(lines) + "\n")

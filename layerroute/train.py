@@ -169,7 +169,8 @@ def spread_router_biases(rm, steps, router_cfg, tc, pad_id: int) -> list[float]:
     from .config import EvalConfig
 
     with without_dropout(rm.model):
-        influence = block_influence(rm, steps, EvalConfig(batch_size=tc.batch_size, seed=tc.seed), pad_id)
+        influence = block_influence(rm, steps, EvalConfig(batch_size=tc.batch_size, seed=tc.seed), pad_id,
+                                    progress=tc.progress)
     ranks = np.argsort(np.argsort(influence))  # 0 = least influential
     L = len(influence)
     with torch.no_grad():
@@ -597,7 +598,8 @@ class Trainer:
 
             calib = [s for s in self.train_steps if s.step_type == "tool_call"][: tc.bridge_calibration_steps]
             calib = calib or self.train_steps[: tc.bridge_calibration_steps]
-            explained = fit_bridges(rm, calib, tc.batch_size, self.pad_id, tc.seed)  # in eval mode, then back
+            explained = fit_bridges(rm, calib, tc.batch_size, self.pad_id, tc.seed,  # in eval mode, then back
+                                    progress=tc.progress and self.accelerator.is_main_process)
             self.bridge_explained = explained
             self._print(f"[setup] skip bridges (rank {self.cfg.router.bridge_rank}) fitted on {len(calib)} steps: "
                         "share of each block's update explained " + " ".join(f"{e:.2f}" for e in explained))
@@ -673,6 +675,7 @@ class Trainer:
             self._print(f"[setup] fixed oracle, tool_call: skip blocks {blocks}")
             return torch.stack([torch.ones(L), tool])
         rows, record = [], {}
+        acc_main = self.accelerator.is_main_process
         for step_type, frac in (("planning", tc.oracle_skip_planning), ("tool_call", tc.oracle_skip_tool)):
             n_skip = int(round(frac * L))
             if n_skip == 0:
@@ -682,7 +685,8 @@ class Trainer:
             ecfg = EvalConfig(batch_size=tc.batch_size, seed=tc.seed, prompt_full_depth=tc.prompt_full_depth)
             greedy_path = None
             with without_dropout(rm.model):
-                costs = drop_costs(rm, steps, ecfg, self.pad_id)
+                costs = drop_costs(rm, steps, ecfg, self.pad_id, progress=tc.progress and acc_main,
+                                   desc=f"removal costs ({step_type}, {len(steps)} steps)")
                 if tc.oracle_source in GREEDY_ORACLES:
                     target, greedy_path = greedy_drop_targets(rm, steps, ecfg, n_skip, tc.oracle_source, costs,
                                                               tc.oracle_greedy_candidates, self.pad_id)

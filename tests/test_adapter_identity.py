@@ -317,7 +317,7 @@ def test_an_adapter_from_before_the_change_still_loads(world, tmp_path):
 def test_data_command_renders_with_model_tokenizer_and_chat_template(tmp_path, capsys):
     """`layerroute data` renders as training does: model.tokenizer (not model.name's) and model.chat_template."""
     smol = _no_template_tokenizer(tmp_path / "smol")
-    args = ["data", "--config", str(SMOKE), "--stats", "--set", f"model.tokenizer={smol}",
+    args = ["data", "--config", str(SMOKE), "--stats", "--json", "--set", f"model.tokenizer={smol}",
             "--set", "data.sources[0].limit=2", "--set", "data.sources[1].limit=2"]
     assert cli_main(args) == 2
     assert "has no chat template: set model.chat_template" in capsys.readouterr().err

@@ -25,14 +25,18 @@ def test_ideal_is_one_when_nothing_is_skipped_and_grows_with_skips():
     assert 1.0 < ideal["decode"]["ideal_speedup"] < 1 / (1 - sum(not x for x in half) / 24)  # LM head is kept
 
 
-def test_bench_cli_writes_one_json_line(tmp_path, capsys):
+def test_bench_cli_prints_a_table_and_writes_one_json_line(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = main(["bench", "--model", "shape:tiny-llama", "--skip-fraction", "0.25", "--batch", "1", "2",
                  "--reps", "1", "--warmup", "0", "--tool", "8:3", "--planning", "12:4", "--output", str(out)])
     assert code == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    report = json.loads(last)
-    assert report == json.loads(out.read_text())
+    table = capsys.readouterr().out
+    assert "{" not in table  # the terminal gets the table; the JSON is in the file, on one line
+    (line,) = out.read_text().splitlines()
+    report = json.loads(line)
+    # one row per scenario x batch x configuration (and a header and a rule)
+    rows = sum(len(r["configs"]) for r in report["results"])
+    assert len(table.strip().splitlines()) == rows + 2 and "grouped0.25" in table
     assert report["patterns"] == {"0.25": "11.1"}
     keys = {(r["scenario"], r["batch"]) for r in report["results"]}
     assert keys == {("tool", 1), ("tool", 2), ("planning", 1), ("planning", 2)}
@@ -52,7 +56,7 @@ def test_bench_with_an_adapter_lets_its_routers_decide(tmp_path, capsys):
         rm.routers()[2].net.bias.fill_(-5.0)
     rm.save(tmp_path / "adapter")
     code = main(["bench", "--adapter", str(tmp_path / "adapter"), "--batch", "1", "--reps", "1", "--warmup", "0",
-                 "--scenarios", "tool", "--tool", "8:3"])
+                 "--scenarios", "tool", "--tool", "8:3", "--json"])  # --json: the JSON line, last on stdout
     assert code == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     (res,) = report["results"]
@@ -81,6 +85,27 @@ def test_real_steps_time_each_steps_own_context_with_the_routers_gates():
     assert res["ideal_speedup"] > 1.0
     assert res["configs"]["dense"]["step_ms"]["n"] == 2
     assert res["speedup"]["step_measured_median"] > 0
+
+
+REAL_STEPS = {  # bench_real_steps' result, trimmed to what the table reads
+    "steps": 2, "context_tokens": 600, "new_tokens": 40, "block_flops_skipped": 0.3, "ideal_speedup": 1.4,
+    "skipped_blocks_per_step": [9, 8],
+    "configs": {c: {"ttft_ms": {"median": t}, "decode_ms_per_token": {"median": d}, "step_ms": {"median": s}}
+                for c, t, d, s in (("dense", 400.0, 50.0, 2000.0), ("routed", 300.0, 40.0, 1600.0))},
+    "speedup": {"step_eff_median": 1.25 / 1.4},
+}
+
+
+def test_real_steps_table_pairs_skip_with_speedup():
+    from layerroute.bench import real_steps_table
+
+    lines = real_steps_table(REAL_STEPS).splitlines()
+    dense = next(line for line in lines if line.startswith("dense")).split()
+    routed = next(line for line in lines if line.startswith("routed")).split()
+    assert dense[1:3] == ["0", "0.0%"] and dense[-2:] == ["1.00x", "1.00x"]
+    assert routed[1:3] == ["8-9", "30.0%"]  # blocks skipped per step: their range
+    assert routed[3:] == ["300.0", "40.0", "1,600.0", "1.25x", "1.40x"]  # ms medians, measured and ideal speedup
+    assert lines[-1].endswith("0.89")
 
 
 def test_steps_from_needs_an_adapter(capsys):

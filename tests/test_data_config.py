@@ -99,13 +99,55 @@ def config_file(tmp_path):
     return str(p)
 
 
-def test_cli_stats(config_file, capsys):
-    assert cli.main(["--config", config_file, "--tokenizer", TOK, "--stats", "--set", "data.seed=2"]) == 0
+def test_cli_stats_json(config_file, capsys):
+    assert cli.main(["--config", config_file, "--tokenizer", TOK, "--stats", "--json", "--set", "data.seed=2"]) == 0
     out = capsys.readouterr()
     st = json.loads(out.out)
     assert st["seed"] == 2 and st["rejected_rows"]["hermes"]["unknown_role"] == 1
     assert set(st["counts"]) == {"hermes", "gsm8k_hub"}
     assert "hermes: 8 rows" in out.err
+
+
+def test_cli_stats_table(config_file, capsys, tmp_path):
+    out_json = tmp_path / "stats.json"
+    assert cli.main(["--config", config_file, "--tokenizer", TOK, "--stats", "--out", str(out_json)]) == 0
+    table = capsys.readouterr().out
+    st = json.loads(out_json.read_text())  # --out keeps the whole JSON
+    assert len(table.splitlines()) < 40 and "{" not in table
+    for source, by_type in st["counts"].items():  # one row per source and the step type it gives
+        for t, by_split in by_type.items():
+            if any(by_split.values()):
+                row = next(line for line in table.splitlines() if line.startswith(source + " ") and t in line)
+                assert row.split()[-3:] == [str(by_split[s]) for s in ("train", "eval", "eval_length_matched")]
+    assert "rejected hermes: " in table and "unknown_role 1" in table
+
+
+def test_stats_table_from_a_stats_dict():
+    from layerroute.data.cli import stats_table
+
+    pct = {"p0": 1, "p5": 2, "p25": 3, "p50": 4, "p75": 5, "p95": 6, "p100": 7, "mean": 4.0}
+    stats = {
+        "tokenizer": "tok", "max_length": 512, "eval_fraction": 0.1, "seed": 0, "eval_only_categories": [],
+        "totals": {s: {"tool_call": 3, "planning": 2} for s in ("train", "eval", "eval_length_matched")},
+        "counts": {"bfcl": {"tool_call": {"train": 3, "eval": 3, "eval_length_matched": 3},
+                            "planning": {"train": 0, "eval": 0, "eval_length_matched": 0}},
+                   "gsm8k": {"tool_call": {"train": 0, "eval": 0, "eval_length_matched": 0},
+                             "planning": {"train": 2, "eval": 2, "eval_length_matched": 2}}},
+        "categories": {"simple": {"train": 3, "eval": 3, "eval_length_matched": 3}},
+        "length_percentiles": {"train": {"tool_call": {"context_length": pct, "step_length": pct,
+                                                       "total_length": {}}}},
+        "length_matched": {}, "rows": {"bfcl": {"rows": 1234, "steps": 3}}, "rejected_rows": {},
+        "repaired_rows": {}, "dropped_too_long": {"bfcl": {"tool_call": 1231}},
+        "dropped_too_long_by_category": {"simple": 1231},
+    }
+    lines = stats_table(stats).splitlines()
+    assert next(line for line in lines if line.startswith("bfcl")).split() == [
+        "bfcl", "tool_call", "1,234", "1,231", "0", "0", "3", "3", "3"]
+    assert not any(line.startswith("bfcl") and "planning" in line for line in lines)  # bfcl gives no planning step
+    assert next(line for line in lines if line.startswith("total") and "planning" in line).split() == [
+        "total", "planning", "2", "2", "2"]
+    assert next(line for line in lines if line.startswith("train")).split() == [
+        "train", "tool_call", "4", "(2-6)", "4", "(2-6)", "-"]
 
 
 def test_cli_show_marks_the_label_span(config_file, capsys):

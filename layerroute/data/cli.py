@@ -2,8 +2,8 @@
 
 The YAML file has a top-level `data:` section (see DataConfig); other sections (`model:`, `train:`, ...) are
 ignored except `model.tokenizer` (else `model.name`), which names the tokenizer that renders the data as training
-does, and `model.chat_template`. `--stats` prints the
-statistics JSON on stdout (the rejected-row summary goes to stderr); `--show N` prints N rendered steps,
+does, and `model.chat_template`. `--stats` prints the statistics as a few tables on stdout (`--stats --json`: the
+whole statistics JSON instead; the rejected-row summary goes to stderr); `--show N` prints N rendered steps,
 alternating tool-call and planning, with the label span wrapped in ⟦ ⟧.
 
 Runs standalone as `python -m layerroute.data.cli ...`.
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override a config value (YAML syntax), e.g. data.max_length=512 or data.sources[0].limit=100",
     )
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--stats", action="store_true", help="print statistics as JSON")
+    what.add_argument("--stats", action="store_true", help="print statistics as tables (with --json: as JSON)")
     what.add_argument(
         "--show", type=int, metavar="N", help="print N rendered steps with the label span marked"
     )
@@ -43,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tokenizer", default=None, help="render with this tokenizer instead of model.tokenizer's / model.name's"
     )
+    parser.add_argument("--json", action="store_true", help="--stats: print the whole statistics JSON, not tables")
     parser.add_argument("--out", default=None, help="--stats: also write the JSON to this file")
 
 
@@ -125,6 +126,57 @@ def _pick_show(steps: list, n: int) -> list:
     return out
 
 
+def _spread(p: dict) -> str:
+    """'median (p5-p95)' of a `percentiles` dict, or '-' for an empty one."""
+    return f"{p['p50']} ({p['p5']}-{p['p95']})" if p else "-"
+
+
+def stats_table(stats: dict) -> str:
+    """`data.stats()` as a few terminal tables (~30 lines; the JSON has ~400): steps per source and split, per
+    category, length spread per split and step type, the length-matched subset and any rejections."""
+    from tabulate import tabulate
+
+    lines = [f"tokenizer {stats['tokenizer']}, max_length {stats['max_length']}, eval_fraction "
+             f"{stats['eval_fraction']}, seed {stats['seed']}" + (
+                 f"; eval only: {', '.join(stats['eval_only_categories'])}" if stats.get("eval_only_categories")
+                 else ""), ""]
+    rows = []
+    for source, by_type in stats["counts"].items():
+        read = stats["rows"].get(source, {})
+        too_long = stats["dropped_too_long"].get(source, {})
+        rejected = sum(stats["rejected_rows"].get(source, {}).values())
+        for t, by_split in by_type.items():
+            if not any(by_split.values()) and not too_long.get(t):
+                continue  # a source gives one step type
+            rows.append([source, t, read.get("rows"), too_long.get(t, 0), rejected, read.get("duplicates", 0),
+                         by_split["train"], by_split["eval"], by_split["eval_length_matched"]])
+    for t, _ in stats["totals"]["train"].items():
+        rows.append(["total", t, None, None, None, None] + [stats["totals"][s][t] for s in
+                                                      ("train", "eval", "eval_length_matched")])
+    lines.append(tabulate(rows, ["source", "step type", "rows read", "too long", "rejected", "duplicates",
+                                 "train", "eval", "eval matched"], intfmt=",", missingval=""))
+    lines.append("")
+    too_long = stats.get("dropped_too_long_by_category", {})
+    cats = [[c, v["train"], v["eval"], v["eval_length_matched"], too_long.get(c, 0)]
+            for c, v in stats["categories"].items()]
+    lines.append(tabulate(cats, ["category", "train", "eval", "eval matched", "too long"], intfmt=","))
+    lines.append("")
+    lengths = [[split, t, _spread(v["context_length"]), _spread(v["step_length"]), _spread(v["total_length"])]
+               for split, by_type in stats["length_percentiles"].items() for t, v in by_type.items()]
+    lines.append(tabulate(lengths, ["split", "step type", "context tokens", "step tokens", "total tokens"]))
+    lines.append("(median (5th-95th percentile))")
+    lm = stats.get("length_matched") or {}
+    if lm:
+        lines.append(f"length-matched subset: {lm.get('per_type')} steps per type from {lm.get('bins_matched')} "
+                     f"bins (ratio {lm.get('bin_ratio')}); kept {100 * lm.get('tool_call_kept_fraction', 0):.1f}% "
+                     f"of eval tool calls, {100 * lm.get('planning_kept_fraction', 0):.1f}% of planning steps")
+    for source, reasons in stats["rejected_rows"].items():
+        lines.append(f"rejected {source}: " + ", ".join(f"{r} {n}" for r, n in reasons.items()))
+    for source, reasons in stats.get("repaired_rows", {}).items():
+        lines.append(f"repaired {source}: " + ", ".join(f"{r} {n}" for r, n in reasons.items()))
+    return "\n".join(lines)
+
+
 def format_step(step, tokenizer) -> str:
     """The step's text with its label span wrapped in ⟦ ⟧."""
     ctx = tokenizer.decode(step.input_ids[: step.context_length], skip_special_tokens=False)
@@ -154,8 +206,9 @@ def run(args: argparse.Namespace) -> int:
     data = load_steps(cfg, tokenizer)
     print(data.report.summary(), file=sys.stderr)
     if args.stats:
-        text = json.dumps(data.stats(), indent=2, ensure_ascii=False)
-        print(text)
+        stats = data.stats()
+        text = json.dumps(stats, indent=2, ensure_ascii=False)
+        print(text if args.json else stats_table(stats))
         if args.out:
             write_text_atomic(args.out, text + "\n")
         return 0
