@@ -41,7 +41,7 @@ from .errors import ConfigError
 from .eval_accuracy import REFERENCE, paired_by_config, reuse_counts, step_id
 from .influence import block_influence
 from .losses import row_argmax_errors, sliced_lm_loss
-from .model import parameter_counts
+from .params import parameter_counts
 from .routed import find_routed_layers, gate_records, routing
 from .stage_cache import StageCache, directory_digest, fingerprint
 
