@@ -29,7 +29,8 @@ from layerroute.batched import Request, generate_batched
 from layerroute.bench import emit_json_line
 from layerroute.config import RunConfig
 from layerroute.data.build import load_steps
-from layerroute.evaluate import _accuracy_steps, _eos_ids, score_generation
+from layerroute.eval_accuracy import score_generation
+from layerroute.evaluate import _accuracy_steps, _eos_ids
 from layerroute.generate import load_for_inference, routed_generate, skip_pattern
 
 

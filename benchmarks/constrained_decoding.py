@@ -44,7 +44,8 @@ from layerroute.constrain import model_grammars
 from layerroute.data.build import load_steps
 from layerroute.data.config import DataConfig
 from layerroute.data.toolcalls import parse_tool_calls
-from layerroute.evaluate import _accuracy_steps, _eos_ids, score_generation, step_constraint
+from layerroute.eval_accuracy import score_generation
+from layerroute.evaluate import _accuracy_steps, _eos_ids, step_constraint
 from layerroute.generate import inference_weights, load_for_inference, routed_generate, skip_pattern
 
 

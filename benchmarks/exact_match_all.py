@@ -38,7 +38,8 @@ from layerroute.bridge import fit_bridges, install_bridges
 from layerroute.config import RunConfig
 from layerroute.data.build import load_steps
 from layerroute.data.tokenizer import pad_token_id
-from layerroute.evaluate import paired_accuracy, teacher_forced, teacher_forced_exact
+from layerroute.eval_accuracy import paired_accuracy
+from layerroute.eval_teacher_forced import teacher_forced, teacher_forced_exact
 from layerroute.routed import find_routed_layers
 
 CONFIGS = ("lora_full_depth", "routed", "skip=BLOCKS")

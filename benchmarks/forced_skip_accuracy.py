@@ -26,7 +26,8 @@ from layerroute.adapters import load_adapter
 from layerroute.bench import emit_json_line
 from layerroute.config import RunConfig
 from layerroute.data.build import load_steps
-from layerroute.evaluate import _accuracy_steps, accuracy, paired_accuracy
+from layerroute.eval_accuracy import paired_accuracy
+from layerroute.evaluate import _accuracy_steps, accuracy
 
 
 def parse_skip(text: str, n_layers: int) -> list[int]:

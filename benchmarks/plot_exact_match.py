@@ -23,7 +23,7 @@ from pathlib import Path
 from paired_accuracy import load_side  # the sibling script (this script's folder is on sys.path)
 
 from layerroute.bench import emit_json_line
-from layerroute.evaluate import paired_accuracy
+from layerroute.eval_accuracy import paired_accuracy
 
 TARGET_POINTS = 1.0  # issue 8: routed tool-call accuracy within 1 point of LoRA full depth
 DIFFERENTIAL_TARGET = 25.0  # issue 8: differential >= 25 points (planning skips 0% in every recipe plotted here)

@@ -16,7 +16,8 @@ from layerroute.adapters import load_adapter
 from layerroute.config import ModelConfig, RunConfig
 from layerroute.data.build import load_steps
 from layerroute.data.toolcalls import parse_tool_calls
-from layerroute.evaluate import _eos_ids, score_generation
+from layerroute.eval_accuracy import score_generation
+from layerroute.evaluate import _eos_ids
 from layerroute.generate import inference_weights, routed_generate
 
 torch.set_num_threads(1)

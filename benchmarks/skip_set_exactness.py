@@ -34,7 +34,7 @@ from layerroute.bench import emit_json_line
 from layerroute.config import EvalConfig, RunConfig
 from layerroute.data.build import load_steps
 from layerroute.data.tokenizer import pad_token_id
-from layerroute.evaluate import teacher_forced, teacher_forced_exact
+from layerroute.eval_teacher_forced import teacher_forced, teacher_forced_exact
 from layerroute.influence import drop_costs, greedy_drop_targets, oracle_skip_targets
 
 # ranking name in the output -> the trainer's train.oracle_source

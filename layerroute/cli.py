@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:  # `layerroute param
 
 def run(args: argparse.Namespace) -> int:  # `layerroute params`
     from .config import LoraSettings, RouterConfig
-    from .model import count_parameters
+    from .params import count_parameters
 
     counts = count_parameters(
         args.model, RouterConfig(kind=args.router_kind, bridge_rank=args.bridge_rank),

@@ -6,7 +6,7 @@ the server calls it from one worker thread (requests queue in front of it).
 
 Prompts
 -------
-`render_prompt` renders OpenAI messages + tools with the data pipeline's own renderer
+`data.render.render_prompt` renders OpenAI messages + tools with the data pipeline's own renderer
 (`layerroute.data.render.StepRenderer`), so a request's prompt is token for token the context a training step
 had (tokenizer chat template; Hermes/Qwen2.5 text convention for templates without tools).
 
@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from .data.render import StepRenderer, end_of_turn_ids
+from .data.render import PromptRenderer, end_of_turn_ids
 from .flops import step_flops
 from .generate import inference_weights, plain_blocks, synchronize
 from .routed import RoutedCache, find_routed_layers, gate_records, routing
@@ -55,31 +55,6 @@ from .routed import RoutedCache, find_routed_layers, gate_records, routing
 log = logging.getLogger(__name__)
 
 GREEDY_BELOW = 1e-5  # temperature at or below this decodes greedily (OpenAI accepts 0)
-
-
-# -- prompts -------------------------------------------------------------------------------------------------
-class PromptRenderer:
-    """OpenAI messages + tools -> prompt token ids, through the training data's own renderer."""
-
-    def __init__(self, tokenizer):
-        # max_length only matters for training steps; rendering a prompt never drops anything
-        self._renderer = StepRenderer(tokenizer, max_length=1 << 30)
-        self.tokenizer = tokenizer
-
-    def text(self, messages: list[dict], tools: list[dict]) -> str:
-        """The prompt text, ending with the assistant header (raises RenderError on template errors)."""
-        return self._renderer._text(messages, tools, add_generation_prompt=True)
-
-    def ids(self, text: str) -> list[int]:
-        return self._renderer._ids(text)
-
-
-def render_prompt(tokenizer, messages: list[dict], tools: list[dict] | None = None, prefix: str = "") -> list[int]:
-    """Token ids of the generation prompt for `messages` (OpenAI form, structured tool calls) and `tools`.
-
-    `prefix` is appended after the assistant header (the start of a forced tool call)."""
-    r = PromptRenderer(tokenizer)
-    return r.ids(r.text(messages, tools or []) + prefix)
 
 
 # -- sessions ------------------------------------------------------------------------------------------------
@@ -446,6 +421,5 @@ class Engine:
 
 
 __all__ = [
-    "Completion", "Engine", "PromptRenderer", "SamplingParams", "Session", "SessionStore", "common_prefix",
-    "render_prompt", "token_key",
+    "Completion", "Engine", "SamplingParams", "Session", "SessionStore", "common_prefix", "token_key",
 ]

@@ -1,8 +1,9 @@
 """Free-running accuracy of one configuration: every step generated in batches through the real-skip path
 (`layerroute.batched`), scored (BFCL AST for tool calls, final-number match for GSM8K), failures counted by reason.
 
-`evaluate.accuracy` calls `generate_and_score`; `paired_by_config` compares every scored configuration with its
-reference step by step. A step is never dropped: a prompt longer than the model's context and a generation that
+`evaluate.accuracy` calls `generate_and_score`, which scores each generation with `score_generation`;
+`paired_accuracy` compares two configurations step by step, `paired_by_config` every scored configuration with its
+reference. `ACCURACY_SUFFIX` names each split's accuracy keys in eval.json. A step is never dropped: a prompt longer than the model's context and a generation that
 hits its budget without closing its tool call are scored wrong with their own reasons.
 
 Configurations that cannot differ are not generated twice: a step whose gates open every block (a forced pattern
@@ -13,6 +14,8 @@ prefill to decide; a forced pattern pays nothing).
 
 from __future__ import annotations
 
+import numpy as np
+
 from .batched import FINISH_CONTEXT, FINISH_LENGTH, Request, generate_batched
 
 # the configuration a config's step equals when its gates open every block
@@ -21,6 +24,10 @@ REFERENCE = {"routed": "lora_full_depth", "shortgpt": "lora_full_depth", "random
 # pairs reported by `paired_by_config`: (reference, configuration)
 PAIRS = (("lora_full_depth", "routed"), ("lora_full_depth", "shortgpt"), ("lora_full_depth", "random"),
          ("base", "routed_no_lora"), ("base", "lora_full_depth"))
+
+# the eval.json key suffix of each split's free-running accuracy ("accuracy", "accuracy_paired_routed_vs_lora" are
+# the full split's, as before session 9)
+ACCURACY_SUFFIX = {"full": "", "length_matched": "_length_matched"}
 
 REASON_CONTEXT = "prompt exceeds the model's context"
 REASON_LENGTH = "hit max_new_tokens"
@@ -33,11 +40,32 @@ def step_id(sample_or_step) -> str:
     return f"{sample_or_step.conversation_id}#{sample_or_step.step_index}"
 
 
-def score(step, text: str, finish: str, extra: dict | None = None) -> tuple[bool, str | None]:
-    """(correct, reason) of one generated step: `evaluate.score_generation`'s verdict, with the reason saying when
-    the prompt did not fit or the output was cut at its budget."""
-    from .evaluate import score_generation
+def score_generation(step, text: str) -> tuple[bool, str | None]:
+    """(correct, reason) for one generated assistant turn. Malformed output is wrong, never an exception."""
+    from .data.toolcalls import parse_tool_calls
+    from .scoring import check_tool_calls, gsm8k_exact_match
 
+    if step.step_type == "tool_call":
+        answer = step.meta.get("possible_answer")
+        functions = [t.get("function", t) for t in step.tools]  # OpenAI specs -> function docs
+        if answer is None or not functions:
+            return False, "no BFCL ground truth for this step"
+        # bare_json: a call written without its <tool_call> wrapper (Qwen2.5-Coder's native form) still counts
+        calls, _, error = parse_tool_calls(text, bare_json=True)
+        if error or not calls:
+            return False, f"unparsable tool call: {error or 'no call'}"
+        result = check_tool_calls(calls, functions, answer, step.category or "simple_python")
+        return result.valid, result.error
+    reference = step.meta.get("answer")
+    if reference is None:
+        return False, "no reference answer for this step"
+    ok = gsm8k_exact_match(text, str(reference))
+    return ok, None if ok else "wrong final number"
+
+
+def score(step, text: str, finish: str, extra: dict | None = None) -> tuple[bool, str | None]:
+    """(correct, reason) of one generated step: `score_generation`'s verdict, with the reason saying when
+    the prompt did not fit or the output was cut at its budget."""
     if finish == FINISH_CONTEXT:
         extra = extra or {}
         return False, f"{REASON_CONTEXT}: {extra.get('prompt_tokens')} tokens, context {extra.get('context')}"
@@ -114,11 +142,32 @@ def _reused(step, ref_sample: dict, rm, ref_name: str) -> dict:
     return out
 
 
+def paired_accuracy(a: dict, b: dict, resamples: int, seed: int) -> dict:
+    """b minus a on the same steps: counts of steps only one of them gets right, the accuracy difference in
+    points and its 95% bootstrap interval over steps (paired: a step's two verdicts are resampled together)."""
+    pa = np.array([s["correct"] for s in a["samples"]], dtype=float)
+    pb = np.array([s["correct"] for s in b["samples"]], dtype=float)
+    if len(pa) != len(pb) or [s["conversation_id"] for s in a["samples"]] != [s["conversation_id"]
+                                                                               for s in b["samples"]]:
+        raise ValueError("paired_accuracy needs both configurations scored on the same steps in the same order")
+    out = {"n": len(pa), "both_correct": int((pa * pb).sum()), "only_a": int((pa * (1 - pb)).sum()),
+           "only_b": int(((1 - pa) * pb).sum()), "diff_points": float("nan"), "diff_ci95": [float("nan")] * 2,
+           # the steps behind the difference, by id, so that each can be read
+           "only_a_ids": [step_id(s) for s, x, y in zip(a["samples"], pa, pb, strict=True) if x and not y],
+           "only_b_ids": [step_id(s) for s, x, y in zip(a["samples"], pa, pb, strict=True) if y and not x]}
+    if len(pa):
+        d = pb - pa
+        out["diff_points"] = 100 * float(d.mean())
+    if len(pa) and resamples > 0:  # eval.bootstrap: 0 means no interval (as bootstrap_differential), not a crash
+        rows = np.random.default_rng(seed).integers(0, len(d), size=(resamples, len(d)))
+        means = 100 * d[rows].mean(axis=1)
+        out["diff_ci95"] = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+    return out
+
+
 def paired_by_config(by_config: dict[str, dict], resamples: int, seed: int) -> dict:
     """Per configuration pair present (reference, configuration): the paired difference (configuration minus
     reference) with its bootstrap interval and the ids of the steps only one side got right."""
-    from .evaluate import paired_accuracy
-
     out = {}
     for ref, c in PAIRS:
         if ref in by_config and c in by_config:

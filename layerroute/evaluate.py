@@ -22,7 +22,6 @@ import math
 import random
 import shutil
 from collections import defaultdict
-from contextlib import nullcontext
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -35,82 +34,27 @@ from . import flops as flop_count
 from .adapters import RoutedModel, load_adapter, read_adapter_meta
 from .atomic import write_text_atomic
 from .config import EvalConfig, ModelConfig
-from .data.collate import collate_steps, length_grouped_batches
-from .data.tokenizer import pad_token_id
 from .errors import ConfigError
-from .eval_accuracy import REFERENCE, paired_by_config, reuse_counts, step_id
+from .eval_accuracy import (
+    ACCURACY_SUFFIX,
+    REFERENCE,
+    paired_accuracy,
+    paired_by_config,
+    reuse_counts,
+)
+from .eval_teacher_forced import ppl, teacher_forced, teacher_forced_exact
 from .influence import block_influence
-from .losses import row_argmax_errors, sliced_lm_loss
-from .model import parameter_counts
-from .routed import find_routed_layers, gate_records, routing
+from .params import parameter_counts
+from .routed import find_routed_layers
 from .stage_cache import StageCache, directory_digest, fingerprint
 
 STEP_TYPES = ("tool_call", "planning")
 PPL_CONFIGS = ("base", "lora_full_depth", "routed", "routed_no_lora")
 ACC_CONFIGS = ("base", "lora_full_depth", "routed", "routed_no_lora")
-# the eval.json key suffix of each split's free-running accuracy ("accuracy", "accuracy_paired_routed_vs_lora" are
-# the full split's, as before session 9)
-ACCURACY_SUFFIX = {"full": "", "length_matched": "_length_matched"}
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Teacher-forced pass
-
-
-def _ppl_context(rm: RoutedModel, config: str, decision_mask, *, threshold=None, forced=None,
-                 prompt_full_depth=False):
-    """(lora context manager, routing context manager) for one configuration."""
-    use_lora = config in ("lora_full_depth", "routed", "shortgpt", "random")
-    lora = nullcontext() if use_lora else rm.lora_disabled()
-    if config in ("base", "lora_full_depth"):
-        route = routing(rm.model, "mix", decision_mask=decision_mask, forced="open")
-    else:
-        route = routing(rm.model, "mix", decision_mask=decision_mask, threshold=threshold, forced=forced,
-                        prompt_full_depth=prompt_full_depth)
-    return lora, route
-
-
-@torch.no_grad()
-def teacher_forced(rm: RoutedModel, steps, config: str, cfg: EvalConfig, *, threshold=None, patterns=None,
-                   desc: str = "", pad_id: int | None = None) -> list[dict]:
-    """Per step: summed target NLL, token count, greedy token errors (targets that are not the argmax given the
-    gold prefix), and the gates applied ([L] bools).
-
-    patterns: optional [n_steps, L] bool tensor of forced gates (baselines)."""
-    pad = pad_token_id(rm.tokenizer) if pad_id is None else pad_id
-    results: list[dict | None] = [None] * len(steps)
-    batches = length_grouped_batches(steps, cfg.batch_size, seed=cfg.seed)
-    for batch_idx in tqdm(batches, desc=desc or config, leave=False, disable=len(batches) < 4):
-        batch = collate_steps([steps[i] for i in batch_idx], pad)
-        batch = {k: v.to(rm.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        forced = patterns[batch_idx] if patterns is not None else None
-        lora, route = _ppl_context(rm, config, batch["decision_mask"], threshold=threshold, forced=forced,
-                                   prompt_full_depth=cfg.prompt_full_depth)
-        with lora, route:
-            sums, counts, logits, rows = sliced_lm_loss(rm.model, batch["input_ids"], batch["attention_mask"],
-                                                        batch["labels"], return_logits=True)
-            errors = row_argmax_errors(logits, batch["labels"], rows)
-            gates = torch.stack([r.gate for r in gate_records(rm.model)], dim=1)  # [B, L]
-            probs = torch.stack([r.prob for r in gate_records(rm.model)], dim=1)
-        for j, i in enumerate(batch_idx):
-            results[i] = {
-                "nll": float(sums[j]), "tokens": int(counts[j]), "errors": int(errors[j]),
-                "gates": gates[j].bool().tolist(), "probs": probs[j].float().tolist(),
-            }
-    return results  # type: ignore[return-value]
-
-
-def ppl(results: list[dict], idx: list[int]) -> float:
-    nll = sum(results[i]["nll"] for i in idx)
-    tokens = sum(results[i]["tokens"] for i in idx)
-    return math.exp(nll / tokens) if tokens else float("nan")
-
-
-def teacher_forced_exact(results: list[dict], idx: list[int]) -> float:
-    """The fraction of steps with no greedy token error under teacher forcing: the steps greedy decoding reproduces
-    token for token. A lower bound on free-running accuracy (the AST checker also accepts equivalent calls) that
-    costs one forward per step instead of a generation."""
-    return sum(results[i]["errors"] == 0 for i in idx) / len(idx) if idx else float("nan")
+# Teacher-forced pass (the pass itself, `ppl` and `teacher_forced_exact`: eval_teacher_forced.py)
 
 
 def flop_summary(model_config, steps, gates: list[list[bool]], idx: list[int], kv_policy: str,
@@ -143,30 +87,7 @@ def random_patterns(n_steps: int, n_layers: int, k: int, seed: int) -> torch.Ten
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Free-running accuracy
-
-
-def score_generation(step, text: str) -> tuple[bool, str | None]:
-    """(correct, reason) for one generated assistant turn. Malformed output is wrong, never an exception."""
-    from .data.toolcalls import parse_tool_calls
-    from .scoring import check_tool_calls, gsm8k_exact_match
-
-    if step.step_type == "tool_call":
-        answer = step.meta.get("possible_answer")
-        functions = [t.get("function", t) for t in step.tools]  # OpenAI specs -> function docs
-        if answer is None or not functions:
-            return False, "no BFCL ground truth for this step"
-        # bare_json: a call written without its <tool_call> wrapper (Qwen2.5-Coder's native form) still counts
-        calls, _, error = parse_tool_calls(text, bare_json=True)
-        if error or not calls:
-            return False, f"unparsable tool call: {error or 'no call'}"
-        result = check_tool_calls(calls, functions, answer, step.category or "simple_python")
-        return result.valid, result.error
-    reference = step.meta.get("answer")
-    if reference is None:
-        return False, "no reference answer for this step"
-    ok = gsm8k_exact_match(text, str(reference))
-    return ok, None if ok else "wrong final number"
+# Free-running accuracy (generation, scoring and paired statistics: eval_accuracy.py)
 
 
 def step_constraint(rm: RoutedModel, step, eos: list[int]):
@@ -249,29 +170,6 @@ def accuracy_subset(result: dict, keys: list[tuple[str, int]], unseen_categories
     if missing:
         raise ValueError(f"accuracy_subset: step {missing[0]} was not scored")
     return _accuracy_summary([by_key[k] for k in keys], unseen_categories)
-
-
-def paired_accuracy(a: dict, b: dict, resamples: int, seed: int) -> dict:
-    """b minus a on the same steps: counts of steps only one of them gets right, the accuracy difference in
-    points and its 95% bootstrap interval over steps (paired: a step's two verdicts are resampled together)."""
-    pa = np.array([s["correct"] for s in a["samples"]], dtype=float)
-    pb = np.array([s["correct"] for s in b["samples"]], dtype=float)
-    if len(pa) != len(pb) or [s["conversation_id"] for s in a["samples"]] != [s["conversation_id"]
-                                                                               for s in b["samples"]]:
-        raise ValueError("paired_accuracy needs both configurations scored on the same steps in the same order")
-    out = {"n": len(pa), "both_correct": int((pa * pb).sum()), "only_a": int((pa * (1 - pb)).sum()),
-           "only_b": int(((1 - pa) * pb).sum()), "diff_points": float("nan"), "diff_ci95": [float("nan")] * 2,
-           # the steps behind the difference, by id, so that each can be read
-           "only_a_ids": [step_id(s) for s, x, y in zip(a["samples"], pa, pb, strict=True) if x and not y],
-           "only_b_ids": [step_id(s) for s, x, y in zip(a["samples"], pa, pb, strict=True) if y and not x]}
-    if len(pa):
-        d = pb - pa
-        out["diff_points"] = 100 * float(d.mean())
-    if len(pa) and resamples > 0:  # eval.bootstrap: 0 means no interval (as bootstrap_differential), not a crash
-        rows = np.random.default_rng(seed).integers(0, len(d), size=(resamples, len(d)))
-        means = 100 * d[rows].mean(axis=1)
-        out["diff_ci95"] = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
-    return out
 
 
 def _accuracy_steps(ppl_steps, ppl_groups: dict[str, list[int]], all_steps, cfg: EvalConfig) -> dict[str, list]:

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .model import decoder_layers
+from .blocks import decoder_layers
 from .routed import RoutedCache, RoutedLayer, gate_records, routing
 
 DEFAULT = "default"  # eos_token_id sentinel: the model's own generation config
@@ -443,7 +443,7 @@ def run(args: argparse.Namespace) -> int:
     if args.raw:
         prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in args.prompt]
     else:
-        from .engine import PromptRenderer
+        from .data.render import PromptRenderer
 
         renderer = PromptRenderer(tok)  # the training steps' renderer: the same prompt a step's context has
         prompts = []

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .data.collate import collate_steps, length_grouped_batches
 from .data.tokenizer import pad_token_id
+from .eval_teacher_forced import teacher_forced
 from .routed import find_routed_layers, routing
 
 
@@ -90,8 +91,6 @@ def skip_set_cost(rm, steps, cfg, skipped, pad_id: int | None = None) -> tuple[f
     """(target NLL in nats per target token, fraction of target tokens that are not the argmax given the gold prefix)
     of `steps` with the blocks in `skipped` removed, every other block running, LoRA as it is. One teacher-forced pass
     (cfg: batch_size, seed of the batching, prompt_full_depth); an empty `skipped` is the full-depth model."""
-    from .evaluate import teacher_forced
-
     skipped = set(skipped)
     if skipped:
         forced = torch.tensor([[j not in skipped for j in range(rm.num_layers)]] * len(steps))

@@ -1,7 +1,7 @@
 """Load a base model (hub id, local folder, .gguf file, the packaged offline default, or a random-weight shape
-preset), find its decoder blocks, wrap them with routers, add LoRA, and count parameters.
+preset), build its routers (`router_factory`) and decide what trains (`configure_trainable`).
 
-This is the one module that knows where a model family keeps its blocks (`decoder_layers`).
+Where a model family keeps its decoder blocks: `layerroute.blocks`; parameter counts: `layerroute.params`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
 from . import chat_template
-from .config import LoraSettings, ModelConfig, RouterConfig
+from .config import ModelConfig, RouterConfig
 from .errors import ModelLoadError
 from .identity import file_identity
 from .packaged import PACKAGED, _cache_root, packaged_gguf_path, packaged_model
@@ -266,29 +266,6 @@ def model_identity(name: str, config) -> dict:
     return {"name": name, **{k: getattr(config, k, None) for k in keys}, **file_identity(name)}
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder blocks of a causal LM (through a PEFT wrapper), as a ModuleList to edit in place."""
-    inner = model
-    # PeftModel -> LoraModel -> the transformers model
-    for _ in range(3):
-        if hasattr(inner, "get_base_model") and callable(inner.get_base_model):
-            inner = inner.get_base_model()
-        else:
-            break
-    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
-        obj = inner
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList):
-            return obj
-    raise ModelLoadError(
-        f"cannot find the decoder blocks of {type(inner).__name__}: layerroute supports models that keep them "
-        f"in model.layers (Llama, Qwen2, Mistral, ...). Add the path for this family in layerroute/model.py."
-    )
-
-
 def router_factory(hidden_size: int, cfg: RouterConfig):
     def make(index: int) -> Router:
         return Router(
@@ -306,59 +283,4 @@ def configure_trainable(model: nn.Module) -> dict[str, int]:
         train = ".router." in name or ".bridge." in name or "lora_" in name
         param.requires_grad_(train)
         counts["trainable" if train else "frozen"] += param.numel()
-    return counts
-
-
-def parameter_counts(model: nn.Module) -> dict:
-    """Backbone / LoRA / router / trainable counts (tied weights counted once)."""
-    backbone = lora = router = bridge = 0
-    for name, param in model.named_parameters():
-        if ".router." in name:
-            router += param.numel()
-        elif ".bridge." in name:
-            bridge += param.numel()
-        elif "lora_" in name:
-            lora += param.numel()
-        else:
-            backbone += param.numel()
-    trainable = lora + router + bridge
-    return {
-        "backbone": backbone,
-        "lora": lora,
-        "router": router,
-        "bridge": bridge,
-        "trainable": trainable,
-        "trainable_fraction": trainable / backbone if backbone else 0.0,
-    }
-
-
-def count_parameters(name: str, router_cfg: RouterConfig, lora_cfg: LoraSettings) -> dict:
-    """Parameter counts for a model name without allocating weights (meta device).
-
-    Shape presets, local folders and cached hub ids give their config directly; packaged models and .gguf files
-    give it from the GGUF header (`gguf_config`), so no weight is read or dequantised."""
-    from .adapters import apply_lora
-    from .bridge import install_bridges
-    from .routed import wrap_model
-
-    gguf = None if name.startswith("shape:") else gguf_file(name)
-    if name.startswith("shape:"):
-        config = shape_config(name.split(":", 1)[1])
-    elif gguf is not None:
-        config = gguf_config(gguf)
-    else:
-        try:
-            config = AutoConfig.from_pretrained(name, local_files_only=_hub_offline())
-        except OSError as err:
-            raise ModelLoadError(f"cannot read the config of {name!r}: {err}") from err
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-        wrap_model(model, router_factory(config.hidden_size, router_cfg), pooling=router_cfg.pooling)
-        if router_cfg.bridge_rank:
-            install_bridges(model, router_cfg.bridge_rank)
-        if lora_cfg.enabled:
-            model = apply_lora(model, lora_cfg)
-    counts = parameter_counts(model)
-    counts["model"] = name
-    counts["num_hidden_layers"] = config.num_hidden_layers
     return counts

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from .blocks import decoder_layers  # blocks.py knows where each family keeps its blocks
 from .router import Router, hard_gate, masked_pool
 
 MODES = ("off", "mix", "skip")
@@ -433,8 +434,6 @@ def wrap_model(model: nn.Module, router_factory, pooling: str = "mean", threshol
     router_factory(index) -> Router builds the router for block `index` (so parameters land on the block's
     device and dtype policy is decided in one place, model.py). pooling="last_turn" also hooks the input
     embeddings to note where `turn_token_id` sits in each forward's input_ids."""
-    from .model import decoder_layers  # model.py knows where each family keeps its blocks
-
     layers = decoder_layers(model)
     if any(isinstance(layer, RoutedLayer) for layer in layers):
         raise ValueError("model is already wrapped with routed layers")
@@ -455,8 +454,6 @@ def wrap_model(model: nn.Module, router_factory, pooling: str = "mean", threshol
 
 def unwrap_model(model: nn.Module) -> None:
     """Put the original blocks back (routers are dropped)."""
-    from .model import decoder_layers
-
     layers = decoder_layers(model)
     for i, layer in enumerate(layers):
         if isinstance(layer, RoutedLayer):

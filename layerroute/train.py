@@ -532,7 +532,8 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from .adapters import build_routed_model, init_lora_from
-        from .model import load_base, parameter_counts, resolve_device
+        from .model import load_base, resolve_device
+        from .params import parameter_counts
 
         t0 = self._t0 = time.perf_counter()
         tc = self.cfg.train

@@ -54,7 +54,7 @@ def delete_blocks(model, keep: list[bool]):
     reference a forced skip pattern must reproduce."""
     import copy
 
-    from layerroute.model import decoder_layers
+    from layerroute.blocks import decoder_layers
 
     ref = copy.deepcopy(model)
     layers = decoder_layers(ref)

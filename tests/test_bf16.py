@@ -217,7 +217,8 @@ def test_bf16_training_moves_fp32_trainables_with_fp32_optimizer_state_and_leave
 def test_serving_engine_runs_a_bf16_model_with_a_forced_skip_as_routed_generate_does():
     from transformers import AutoTokenizer
 
-    from layerroute.engine import Engine, SamplingParams, render_prompt
+    from layerroute.data.render import render_prompt
+    from layerroute.engine import Engine, SamplingParams
     from tests.test_serve import TOKENIZER
 
     rm16 = bf16_routed("shape:tiny-qwen2", bridge_rank=4)

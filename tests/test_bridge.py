@@ -13,7 +13,7 @@ from layerroute.bridge import fit_bridges, install_bridges, reduced_rank_solutio
 from layerroute.config import RouterConfig
 from layerroute.errors import AdapterError, ConfigError
 from layerroute.generate import routed_generate
-from layerroute.model import parameter_counts
+from layerroute.params import parameter_counts
 from layerroute.routed import find_routed_layers, routing
 from tests.helpers import TINY_SHAPES, random_batch, synthetic_step, tiny_routed
 

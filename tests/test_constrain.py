@@ -26,9 +26,9 @@ from layerroute.constrain import (
     model_grammars,
     tool_call_processor,
 )
+from layerroute.data.render import render_prompt
 from layerroute.data.sources import bfcl_tool
 from layerroute.data.toolcalls import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, parse_tool_calls, render_tool_calls
-from layerroute.engine import render_prompt
 from layerroute.generate import routed_generate
 from tests.helpers import lively, tiny_routed
 

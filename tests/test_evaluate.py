@@ -13,15 +13,9 @@ from layerroute.adapters import save_adapter
 from layerroute.data.build import load_steps
 from layerroute.data.config import DataConfig
 from layerroute.errors import ConfigError
-from layerroute.evaluate import (
-    EvalConfig,
-    flop_summary,
-    ppl,
-    random_patterns,
-    score_generation,
-    shortgpt_pattern,
-    teacher_forced,
-)
+from layerroute.eval_accuracy import score_generation
+from layerroute.eval_teacher_forced import ppl, teacher_forced
+from layerroute.evaluate import EvalConfig, flop_summary, random_patterns, shortgpt_pattern
 from tests.helpers import tiny_routed
 
 HERE = os.path.dirname(__file__)
@@ -265,7 +259,7 @@ def test_length_matched_accuracy_draw_is_its_own_and_takes_all_when_asked_for_mo
 
 
 def test_paired_accuracy_counts_disagreements_and_bounds_the_difference():
-    from layerroute.evaluate import paired_accuracy
+    from layerroute.eval_accuracy import paired_accuracy
 
     def res(verdicts):
         return {"samples": [{"conversation_id": f"c{i}", "correct": v} for i, v in enumerate(verdicts)]}

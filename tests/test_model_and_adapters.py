@@ -14,7 +14,8 @@ import torch
 from layerroute.adapters import load_adapter, save_adapter
 from layerroute.config import LoraSettings, ModelConfig, RouterConfig
 from layerroute.errors import AdapterError, ModelLoadError
-from layerroute.model import count_parameters, load_base
+from layerroute.model import load_base
+from layerroute.params import count_parameters
 from layerroute.routed import routing
 from tests.helpers import TINY_SHAPES, random_batch, tiny_routed
 

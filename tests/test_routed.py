@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerroute.model import decoder_layers
+from layerroute.blocks import decoder_layers
 from layerroute.routed import RoutedCache, find_routed_layers, gate_records, routing, unwrap_model
 from tests.helpers import TINY_SHAPES, TurnTokenizer, lively, random_batch, tiny_routed
 

@@ -18,9 +18,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from layerroute.data.render import render_steps
+from layerroute.data.render import render_prompt, render_steps
 from layerroute.data.sources import Conversation
-from layerroute.engine import Session, SessionStore, render_prompt
+from layerroute.engine import Session, SessionStore
 from layerroute.generate import routed_generate
 from layerroute.routed import RoutedCache
 from layerroute.serve import BackgroundServer, create_app

@@ -448,7 +448,7 @@ def _static_oracle_trainer(tmp_path, smoke_data, source: str) -> Trainer:
 
 def test_drop_nll_oracle_skips_the_blocks_whose_removal_costs_least(tmp_path, smoke_data):
     from layerroute.config import EvalConfig
-    from layerroute.evaluate import teacher_forced
+    from layerroute.eval_teacher_forced import teacher_forced
     from layerroute.influence import drop_costs, static_skip_targets
 
     assert static_skip_targets([0.3, -0.1, 0.2, 0.05], 2).tolist() == [1.0, 0.0, 1.0, 0.0]
@@ -710,7 +710,7 @@ def test_exact_match_all_pairs_every_side_with_the_first(tmp_path, smoke_data, c
     import importlib.util
 
     from layerroute.config import EvalConfig
-    from layerroute.evaluate import teacher_forced
+    from layerroute.eval_teacher_forced import teacher_forced
 
     spec = importlib.util.spec_from_file_location("exact_match_all", ROOT / "benchmarks" / "exact_match_all.py")
     bench = importlib.util.module_from_spec(spec)

@@ -288,3 +288,28 @@ def render_steps(
     Raises RenderError (a DataError) when the template cannot render the conversation consistently.
     """
     return StepRenderer(tokenizer, max_length).render(conv, dropped)
+
+
+# -- generation prompts (inference: `engine`, `generate`) ----------------------------------------------------
+class PromptRenderer:
+    """OpenAI messages + tools -> prompt token ids, through the training data's own renderer."""
+
+    def __init__(self, tokenizer):
+        # max_length only matters for training steps; rendering a prompt never drops anything
+        self._renderer = StepRenderer(tokenizer, max_length=1 << 30)
+        self.tokenizer = tokenizer
+
+    def text(self, messages: list[dict], tools: list[dict]) -> str:
+        """The prompt text, ending with the assistant header (raises RenderError on template errors)."""
+        return self._renderer._text(messages, tools, add_generation_prompt=True)
+
+    def ids(self, text: str) -> list[int]:
+        return self._renderer._ids(text)
+
+
+def render_prompt(tokenizer, messages: list[dict], tools: list[dict] | None = None, prefix: str = "") -> list[int]:
+    """Token ids of the generation prompt for `messages` (OpenAI form, structured tool calls) and `tools`.
+
+    `prefix` is appended after the assistant header (the start of a forced tool call)."""
+    r = PromptRenderer(tokenizer)
+    return r.ids(r.text(messages, tools or []) + prefix)

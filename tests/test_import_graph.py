@@ -1,0 +1,185 @@
+"""The layerroute package's import graph has no cycle (issue 25).
+
+Every module is parsed with `ast`, and every `import` / `from ... import` counts wherever it sits: at module level,
+inside a function, under `if`: moving an import into a function hides a cycle from Python, it does not remove it.
+Relative imports are resolved against the importing module. Importing `layerroute.data.x` from outside the `data`
+package also runs `layerroute/data/__init__.py`, so that counts as an edge to `layerroute.data` too (a module inside
+a package importing a sibling does not: its package's `__init__` is already running). No model, no torch: a few
+milliseconds. Run as a script to print the whole graph's cycles: `python tests/test_import_graph.py`.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "layerroute"
+
+
+def modules(root: Path = ROOT) -> dict[str, Path]:
+    """Dotted module name -> file, for every .py file of the package (a package is named by its __init__.py)."""
+    out = {}
+    for path in sorted((root / PACKAGE).rglob("*.py")):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = path
+    return out
+
+
+def _is_package(name: str, mods: dict[str, Path]) -> bool:
+    return name in mods and mods[name].name == "__init__.py"
+
+
+def _resolve(module: str, node: ast.ImportFrom, mods: dict[str, Path]) -> str:
+    """The absolute name a `from X import` refers to (level 1 = the importing module's own package)."""
+    if not node.level:
+        return node.module or ""
+    base = module.split(".")
+    if not _is_package(module, mods):
+        base = base[:-1]  # a plain module's `.` is its package
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _targets(module: str, name: str, mods: dict[str, Path]) -> set[str]:
+    """The package modules that importing `name` runs, seen from `module`: the module itself and each parent
+    package (its `__init__`) that is not an ancestor of `module`."""
+    parts = name.split(".")
+    if parts[0] != PACKAGE:
+        return set()
+    own = module.split(".") if _is_package(module, mods) else module.split(".")[:-1]
+    out = set()
+    for i in range(2, len(parts) + 1):
+        prefix = ".".join(parts[:i])
+        if prefix not in mods:
+            break
+        if i <= len(own) and parts[:i] == own[:i]:
+            continue  # an ancestor package of the importer: its __init__ is already running
+        out.add(prefix)
+    return out - {module}
+
+
+def graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """module -> the package modules it imports (anywhere in its body)."""
+    mods = modules(root)
+    edges: dict[str, set[str]] = {m: set() for m in mods}
+    for module, path in mods.items():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    edges[module] |= _targets(module, alias.name, mods)
+            elif isinstance(node, ast.ImportFrom):
+                base = _resolve(module, node, mods)
+                edges[module] |= _targets(module, base, mods)
+                for alias in node.names:  # `from layerroute import model` imports the submodule
+                    if f"{base}.{alias.name}" in mods:
+                        edges[module] |= _targets(module, f"{base}.{alias.name}", mods)
+    return edges
+
+
+def strongly_connected(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Tarjan's components with more than one module (or a module importing itself), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(edges[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1 or v in edges[v]:
+                out.append(sorted(comp))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def a_cycle(edges: dict[str, set[str]], component: list[str]) -> list[str]:
+    """One shortest cycle through the component's first module (breadth-first), closed: [a, b, ..., a]."""
+    start, inside = component[0], set(component)
+    parent: dict[str, str] = {}
+    frontier = [start]
+    while frontier:
+        nxt = []
+        for v in frontier:
+            for w in sorted(edges[v] & inside):
+                if w == start:
+                    path = [v]
+                    while path[-1] != start:
+                        path.append(parent[path[-1]])
+                    return [*reversed(path), start]
+                if w not in parent:
+                    parent[w] = v
+                    nxt.append(w)
+        frontier = nxt
+    return component
+
+
+def describe(edges: dict[str, set[str]]) -> str:
+    lines = []
+    for comp in strongly_connected(edges):
+        lines.append(f"cycle among {len(comp)} modules: {', '.join(comp)}")
+        lines.append("  e.g. " + " -> ".join(a_cycle(edges, comp)))
+        inside = [f"{a} -> {b}" for a in comp for b in sorted(edges[a] & set(comp))]
+        lines.append("  its imports: " + "; ".join(inside))
+    return "\n".join(lines)
+
+
+def test_every_module_is_seen():
+    edges = graph()
+    assert "layerroute.model" in edges and "layerroute.data.build" in edges
+    assert "layerroute.config" in edges["layerroute.model"]  # module level
+    assert {"layerroute.data", "layerroute.data.toolcalls"} <= edges["layerroute.constrain"]  # a package's __init__
+    assert "layerroute.data.render" in edges["layerroute.data.collate"]  # a sibling inside the package
+    assert "layerroute.data" not in edges["layerroute.data.collate"]  # its own package: already running
+
+
+def test_resolves_relative_and_function_level_imports(tmp_path):
+    pkg = tmp_path / PACKAGE
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def f():\n    from .b import g\n")
+    (pkg / "b.py").write_text("from . import a\n")
+    (pkg / "sub" / "__init__.py").write_text("from .c import x\n")
+    (pkg / "sub" / "c.py").write_text("from ..a import f\nfrom . import d\n")
+    (pkg / "sub" / "d.py").write_text("")
+    edges = graph(tmp_path)
+    assert edges[f"{PACKAGE}.a"] == {f"{PACKAGE}.b"}
+    assert edges[f"{PACKAGE}.b"] == {f"{PACKAGE}.a"}
+    assert edges[f"{PACKAGE}.sub"] == {f"{PACKAGE}.sub.c"}
+    assert edges[f"{PACKAGE}.sub.c"] == {f"{PACKAGE}.a", f"{PACKAGE}.sub.d"}
+    assert strongly_connected(edges) == [[f"{PACKAGE}.a", f"{PACKAGE}.b"]]
+    assert a_cycle(edges, [f"{PACKAGE}.a", f"{PACKAGE}.b"]) == [f"{PACKAGE}.a", f"{PACKAGE}.b", f"{PACKAGE}.a"]
+
+
+def test_no_import_cycle():
+    edges = graph()
+    cycles = describe(edges)
+    assert not cycles, "import cycles (imports inside functions count):\n" + cycles
+
+
+if __name__ == "__main__":
+    report = describe(graph())
+    print(report or "no import cycle")
+    sys.exit(1 if report else 0)
