@@ -153,9 +153,10 @@ def _accuracy_summary(samples: list[dict], unseen_categories=None) -> dict:
             failures[(s["reason"] or "wrong").split(":")[0]] += 1
     n = len(samples)
     out = {"accuracy": sum(s["correct"] for s in samples) / n if n else float("nan"), "n": n,
-           "failures": dict(failures),
-           "teacher_forced_exact": sum(s.get("teacher_forced_errors") == 0 for s in samples) / n if n else float("nan"),
-           "samples": samples}
+           "failures": dict(failures), "samples": samples}
+    if any("teacher_forced_errors" in s for s in samples):  # eval.accuracy_teacher_forced off: no cross-check
+        # ran, so no figure (not a 0% that reads as measured)
+        out["teacher_forced_exact"] = sum(s.get("teacher_forced_errors") == 0 for s in samples) / n
     unseen = [s for s in samples if s.get("category") in (unseen_categories or ())]
     if unseen:
         out["accuracy_unseen"] = sum(s["correct"] for s in unseen) / len(unseen)

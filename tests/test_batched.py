@@ -171,6 +171,7 @@ def test_too_long_prompt_and_unclosed_call_are_scored_wrong_and_counted_by_reaso
     # 4 tokens cannot close a call: cut at the budget, and said so
     assert all(r.startswith("hit max_new_tokens") for r in reasons[:2])
     assert res["failures"] == {"prompt exceeds the model's context": 1, "hit max_new_tokens": 2}
+    assert "teacher_forced_exact" not in res  # the cross-check was off: no figure rather than a 0 that reads as one
 
 
 def test_batched_accuracy_equals_one_at_a_time(scored_setup):
