@@ -77,7 +77,7 @@ def main() -> int:
     opts["plain_lora_sliced"] = opts["plain_lora_labels"]
 
     def routed_step():
-        row_sum, _, prob, gate = step_module(ids, attention, labels, decision)
+        row_sum, _, prob, gate, _extras = step_module(ids, attention, labels, decision)  # extras: KD and oracle terms
         parts = loss_parts(tc, row_sum, prob, gate, is_tool, tokens_total=B * T, rows_total=B, micro_total=1)
         parts.total.backward()
 
