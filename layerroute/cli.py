@@ -22,6 +22,7 @@ COMMANDS = {
     "sweep": ("layerroute.sweep", "train and evaluate several seeds, one table"),
     "eval": ("layerroute.evaluate", "skip rates, perplexity in four configurations, task accuracy, plots"),
     "ablation": ("layerroute.ablation", "compare training recipes over seeds from finished evaluations (one table)"),
+    "curve": ("layerroute.skip_curve", "tool-call accuracy against blocks skipped: static removals and trained routers"),
     "bench": ("layerroute.bench", "wall-clock latency of routed vs dense generation (a table; --json / --output: JSON)"),
     "generate": ("layerroute.generate", "routed generation for one prompt"),
     "serve": ("layerroute.serve", "OpenAI-compatible chat endpoint with tools"),
