@@ -158,6 +158,7 @@ class _Streamer:
     def __init__(self, device, on_token: Callable[[int], None] | None):
         self.device, self.on_token = device, on_token
         self.times: list[float] = []
+        self.forwards = 0
         self._seen_prompt = False
 
     def put(self, value) -> None:
@@ -165,9 +166,14 @@ class _Streamer:
             self._seen_prompt = True
             return
         synchronize(self.device)
-        self.times.append(time.perf_counter())
+        # one token per decode forward; a prompt-lookup verification puts every token it accepted ([1, n])
+        tokens = value.reshape(-1).tolist() if value.dim() > 1 else [int(value.reshape(-1)[0])]
+        now = time.perf_counter()
+        self.times.extend([now] * len(tokens))
+        self.forwards += 1
         if self.on_token is not None:
-            self.on_token(int(value.reshape(-1)[0]))
+            for t in tokens:
+                self.on_token(int(t))
 
     def end(self) -> None:
         pass
@@ -233,10 +239,20 @@ class Engine:
     kv_policy: 'kv_preserving' (sessions reusable) or 'exact' (every request re-prefills; no sessions).
     dense: serve the plain model (the original blocks put back, no routers): the baseline.
     forced: a gate pattern [L] applied instead of the routers' decisions (e.g. to measure real skipping without
-    a trained adapter)."""
+    a trained adapter).
+    prompt_lookup: draft up to this many tokens per forward from n-grams of the prompt (transformers' prompt lookup;
+    every draft is verified, so outputs are the model's own). Off for a request with a grammar (the constraint's
+    matcher advances token by token and cannot take back rejected drafts) and for one that continues a session
+    (transformers' assisted generation re-feeds the whole input at its first forward, cache or not). A routed
+    session left by a drafted request keeps only its prompt checkpoint: the later running sums count rejected
+    drafts too."""
 
     def __init__(self, rm, *, kv_policy: str = "kv_preserving", cache_sessions: int = 16, dense: bool = False,
-                 forced=None, threshold: float | None = None, scripted: Callable | None = None):
+                 forced=None, threshold: float | None = None, scripted: Callable | None = None,
+                 prompt_lookup: int = 0):
+        if prompt_lookup < 0:
+            raise ValueError(f"prompt_lookup must be >= 0 (0 = off), not {prompt_lookup}")
+        self.prompt_lookup = int(prompt_lookup)
         if rm.tokenizer is None:
             raise ValueError("serving needs a tokenizer on the routed model (rm.tokenizer)")
         if kv_policy not in ("exact", "kv_preserving"):
@@ -320,6 +336,11 @@ class Engine:
 
             gen_kwargs["logits_processor"] = LogitsProcessorList([GrammarLogitsProcessor([params.grammar],
                                                                                          self.eos_ids)])
+        # transformers' assisted generation (5.23) feeds the whole input to its first forward whatever the cache
+        # holds, so a request that continues a session decodes without drafts (the prefix cache saves more there)
+        lookup = self.prompt_lookup if scripted_text is None and params.grammar is None and not cached else 0
+        if lookup:
+            gen_kwargs["prompt_lookup_num_tokens"] = lookup
         streamer = _Streamer(self.device, on_token)
         if params.seed is not None:
             torch.manual_seed(params.seed)
@@ -332,7 +353,7 @@ class Engine:
                 stack.enter_context(routing(
                     self.rm.model, "skip", decision_mask=torch.ones(1, n_new, device=self.device),
                     forced=self.forced, threshold=self.threshold, kv_policy=self.kv_policy,
-                    session_pooling=self._pooling,
+                    session_pooling=self._pooling, drafts=lookup > 0,
                 ))
                 for i, layer in enumerate(self.routed_layers if self._pooling else []):
                     layer.pool_sum, layer.pool_count = pools[i] if pools else (None, None)
@@ -384,7 +405,9 @@ class Engine:
                 checkpoints = {n_prompt: None, len(cached_ids): None}
             else:
                 at_prompt = [snapshots[i] for i in range(len(self.routed_layers))]
-                checkpoints = {n_prompt: at_prompt, len(cached_ids): final_pools}
+                checkpoints = {n_prompt: at_prompt}
+                if not lookup:  # under drafts the final sums also hold rejected drafts' states
+                    checkpoints[len(cached_ids)] = final_pools
             self.sessions.put(Session(cached_ids, cache, checkpoints))
         elif self.sessions.capacity:
             log.warning("cache length %d != %d tokens seen; session dropped", cache.get_seq_length(), len(cached_ids))
@@ -396,6 +419,7 @@ class Engine:
             "decode_s_per_token": (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None,
             "generate_s": end - start,
             "engine_s": time.perf_counter() - t0,
+            "forwards": streamer.forwards,  # < generated tokens when prompt-lookup drafts were accepted
         }
         processed = n_new + max(n_gen - 1, 0)  # tokens that went through the blocks in this request
         fl = step_flops(

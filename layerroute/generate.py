@@ -55,6 +55,7 @@ class TimingStreamer:
         self.device = torch.device(device)
         self.times: list[float] = []
         self.cpu_times: list[float] = []  # process CPU time: robust to other processes on a shared CPU
+        self.forwards = 0  # decode forwards after the prefill (fewer than tokens under prompt lookup)
         self._seen_prompt = False
 
     def put(self, value) -> None:
@@ -62,8 +63,13 @@ class TimingStreamer:
             self._seen_prompt = True
             return
         synchronize(self.device)
-        self.times.append(time.perf_counter())
-        self.cpu_times.append(time.process_time())
+        # one [B] tensor per decode forward; assisted generation (prompt lookup) puts the [1, n] tokens one
+        # verification forward accepted, which land together: each gets the same time, the forward counts once
+        n = value.shape[-1] if value.dim() > 1 else 1
+        now, cpu_now = time.perf_counter(), time.process_time()
+        self.times.extend([now] * n)
+        self.cpu_times.extend([cpu_now] * n)
+        self.forwards += 1
 
     def end(self) -> None:
         pass
@@ -199,6 +205,11 @@ class GenerationResult:
     cpu_ttft_s: float = float("nan")
     cpu_decode_s_per_token: float = float("nan")
     cpu_total_s: float = float("nan")
+    forwards: int = 0  # model forwards that produced the tokens (prefill included): < steps under prompt lookup
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.steps / self.forwards if self.forwards else float("nan")
 
     @property
     def skipped_fraction(self) -> list[float]:
@@ -230,11 +241,16 @@ def run_generate(
     eos_token_id=DEFAULT,
     pad_token_id: int = 0,
     logits_processor=None,
+    prompt_lookup: int = 0,
     **generate_kwargs,
 ) -> tuple[torch.Tensor, dict]:
     """model.generate() with timings. Returns (sequences [B, T + steps], timings dict).
 
     `input_ids` may extend what `cache` already holds (a session): generate() prefills only the uncached tail.
+    prompt_lookup: draft up to this many tokens per forward by n-gram lookup in the context (transformers'
+    ``prompt_lookup_num_tokens``; batch 1). Every draft is verified by the model, so greedy outputs are its own (up
+    to the rounding of a multi-token forward). A routed model must be in `routing(..., drafts=True)`: transformers'
+    first forward holds the prompt and the first drafts, and the routers decide from the prompt's positions only.
     logits_processor: one transformers LogitsProcessor or a list of them (e.g. `constrain.GrammarLogitsProcessor`);
     other generate_kwargs (e.g. ``stopping_criteria``) go to generate() unchanged."""
     device = next(model.parameters()).device
@@ -256,6 +272,10 @@ def run_generate(
         procs = logits_processor if isinstance(logits_processor, list | tuple) else [logits_processor]
         gen_kwargs["logits_processor"] = LogitsProcessorList(procs)
     gen_kwargs.update(generate_kwargs)
+    if prompt_lookup:
+        if input_ids.shape[0] != 1:
+            raise ValueError("prompt_lookup drafts for one row at a time (transformers' assisted generation)")
+        gen_kwargs["prompt_lookup_num_tokens"] = int(prompt_lookup)
     streamer = TimingStreamer(device)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     synchronize(device)
@@ -264,7 +284,9 @@ def run_generate(
     synchronize(device)
     end, cpu_end = time.perf_counter(), time.process_time()
     steps = len(streamer.times)
-    timings = {"steps": steps}
+    # each put after the prompt's is one forward: the prefill's (the first token), then one per decode step or, under
+    # prompt lookup, per verification (which puts every token it accepted)
+    timings = {"steps": steps, "forwards": streamer.forwards}
     for prefix, marks, t0, t1 in (("", streamer.times, start, end), ("cpu_", streamer.cpu_times, cpu_start, cpu_end)):
         marks = marks or [t1]
         timings[f"{prefix}ttft_s"] = marks[0] - t0
@@ -312,6 +334,8 @@ def routed_generate(
     prompt_full_depth: the prompt's prefill runs every block; the decisions apply to the generated tokens only.
     logits_processor: a transformers LogitsProcessor (or list) applied at every step, e.g. the schema constraint
     of `layerroute.constrain.tool_call_processor` (one grammar per row). Single use: build one per call.
+    prompt_lookup=K (batch 1): draft up to K tokens per forward from n-grams of the context, verified by the routed
+    model (`run_generate`); the routers still decide from the prompt alone. Not with prompt_full_depth.
     Other generate_kwargs are passed through to transformers' generate() per call.
     Many steps with their own budgets: `layerroute.batched.generate_batched`.
     """
@@ -324,8 +348,9 @@ def routed_generate(
     with torch.no_grad(), inference_weights(rm, merge_lora) as model:
         device = next(model.parameters()).device
         # the decision reads the prompt's real tokens only: left padding is excluded
+        lookup = int(generate_kwargs.get("prompt_lookup") or 0)
         with routing(rm.model, mode, decision_mask=mask.to(device).float(), forced=forced, threshold=threshold,
-                     kv_policy=kv_policy, prompt_full_depth=prompt_full_depth):
+                     kv_policy=kv_policy, prompt_full_depth=prompt_full_depth, drafts=lookup > 0 and mode == "skip"):
             out, timings = run_generate(
                 model, input_ids, mask, cache=RoutedCache(), max_new_tokens=max_new_tokens, do_sample=do_sample,
                 temperature=temperature, top_p=top_p, top_k=top_k, eos_token_id=eos_token_id, pad_token_id=pad_id,

@@ -63,6 +63,10 @@ class RoutingState:
     prompt_full_depth: bool = False
     # keep per-block running sums of the context states so a session's next step pools over all its context
     session_pooling: bool = False
+    # prompt-lookup generation: transformers' first forward holds the prompt and the first drafted tokens after it;
+    # the decision reads the decision_mask's (prompt) positions only, the drafts counting as masked out. Exact:
+    # under causal attention the prompt positions' states do not depend on the tokens after them
+    drafts: bool = False
     # router pooling last_turn: where the turn-opening token sits in the current forward's input (set by a hook on
     # the input embeddings, so every caller's forward provides it)
     turn_marks: torch.Tensor | None = None
@@ -155,7 +159,9 @@ class RoutedLayer(nn.Module):
             return hidden.float().mean(dim=1)  # no padding, no targets: every position is context (one op, not five)
         if mask is None:
             mask = torch.ones(hidden.shape[:2], device=hidden.device, dtype=hidden.dtype)
-        elif mask.shape != hidden.shape[:2]:
+        else:
+            mask = self._with_drafts(mask, hidden)
+        if mask.shape != hidden.shape[:2]:
             raise ValueError(
                 f"decision_mask has shape {tuple(mask.shape)} but block {self.index} received hidden states of "
                 f"shape {tuple(hidden.shape[:2])}; pass one mask entry per input position"
@@ -165,6 +171,8 @@ class RoutedLayer(nn.Module):
             marks = None
             if self.pooling == "last_turn":
                 marks = st.turn_marks
+                if st.drafts and marks is not None and st.decision_mask is not None:  # a turn opened in a draft
+                    marks = marks * (mask > 0)  # is not the context's
                 if marks is None or marks.shape != mask.shape:
                     raise ValueError("router pooling last_turn needs input_ids in every forward (the turn markers "
                                      "are read from them); inputs_embeds alone cannot be routed this way")
@@ -175,11 +183,18 @@ class RoutedLayer(nn.Module):
             step_sum, step_count = step_sum + self.pool_sum, step_count + self.pool_count
         return step_sum / step_count.clamp_min(1.0)
 
+    def _with_drafts(self, mask: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """The decision mask padded with zeros over the drafted tokens that follow the prompt (RoutingState.drafts)."""
+        if self.state.drafts and mask.shape[0] == hidden.shape[0] and mask.shape[1] < hidden.shape[1]:
+            return torch.nn.functional.pad(mask, (0, hidden.shape[1] - mask.shape[1]))
+        return mask
+
     def _accumulate_session(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> None:
         """Add this forward's states entering the block to the session's running sum (defined whether or not
         the block runs). Decode tokens count: they are the step's output and the next step's context."""
         if mask is None:
             mask = torch.ones(hidden.shape[:2], device=hidden.device)
+        mask = self._with_drafts(mask, hidden)
         part = torch.einsum("bth,bt->bh", hidden.detach().float(), mask.float())
         count = mask.float().sum(dim=1, keepdim=True)
         if self.pool_sum is None:
@@ -385,6 +400,7 @@ def routing(
     keep: torch.Tensor | None = None,
     straight_through: bool = True,
     prompt_full_depth: bool = False,
+    drafts: bool = False,
 ):
     """Set how the routed layers behave for the forwards inside the block; restores the previous state after.
 
@@ -393,16 +409,22 @@ def routing(
     straight_through: mix mode only: False stops the LM loss's gradient at the hard gates.
     prompt_full_depth: the context (decision_mask == 1 in mix mode, the prefill in skip mode) runs every block;
     the decisions apply to the step's own tokens only.
+    drafts: skip mode, prompt-lookup generation: the deciding forward may hold drafted tokens after the
+    decision_mask's positions (see RoutingState.drafts). Not with prompt_full_depth, whose prefill would run the
+    drafts at full depth; under session_pooling the running sums after the deciding forward count rejected drafts
+    too, so only the prompt's checkpoint is exact.
     """
+    if drafts and (mode != "skip" or prompt_full_depth):
+        raise ValueError("drafts (prompt lookup) needs skip mode without prompt_full_depth")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     if kv_policy not in KV_POLICIES:
         raise ValueError(f"kv_policy must be one of {KV_POLICIES}, not {kv_policy!r}")
     st = routing_state(model)
     saved = (st.mode, st.decision_mask, st.forced, st.threshold, st.kv_policy, st.session_pooling, st.keep,
-             st.straight_through, st.prompt_full_depth)
+             st.straight_through, st.prompt_full_depth, st.drafts)
     st.mode, st.decision_mask, st.kv_policy, st.session_pooling = mode, decision_mask, kv_policy, session_pooling
-    st.keep, st.straight_through, st.prompt_full_depth = keep, straight_through, prompt_full_depth
+    st.keep, st.straight_through, st.prompt_full_depth, st.drafts = keep, straight_through, prompt_full_depth, drafts
     st.forced = _as_forced(forced, st.num_layers)
     if threshold is not None:
         st.threshold = threshold
@@ -413,7 +435,7 @@ def routing(
         yield st
     finally:
         (st.mode, st.decision_mask, st.forced, st.threshold, st.kv_policy, st.session_pooling, st.keep,
-         st.straight_through, st.prompt_full_depth) = saved
+         st.straight_through, st.prompt_full_depth, st.drafts) = saved
         st.new_step()
 
 

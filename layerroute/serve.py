@@ -485,6 +485,7 @@ def create_app(
     max_queue: int = 256,
     scripted: Callable[[list[dict], list[dict]], str | None] | None = None,
     constrained: bool = True,
+    prompt_lookup: int = 0,
 ):
     """The FastAPI app serving `rm` (a RoutedModel with a tokenizer) or a ready `engine`.
 
@@ -505,7 +506,7 @@ def create_app(
         if rm is None:
             raise ValueError("create_app needs a routed model or an engine")
         engine = Engine(rm, kv_policy=kv_policy, cache_sessions=cache_sessions, dense=dense, forced=forced,
-                        threshold=threshold)
+                        threshold=threshold, prompt_lookup=prompt_lookup)
     server = Server(engine, model_name=model_name, max_tokens_limit=max_tokens_limit,
                     default_max_tokens=default_max_tokens, max_queue=max_queue, scripted=scripted,
                     constrained=constrained)
@@ -699,6 +700,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="force a gate pattern skipping this fraction of blocks (speed tests without training)")
     parser.add_argument("--threshold", type=float, default=None, help="router threshold (default: the adapter's)")
     parser.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 429")
+    parser.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
+                        help="draft up to K tokens per forward from the prompt's n-grams, verified by the model "
+                             "(outputs unchanged; not under a grammar; 0 = off)")
     parser.add_argument("--no-constrain", action="store_true",
                         help="decode freely: no grammar for tool calls or response_format (malformed calls possible)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -723,7 +727,7 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(rm, model_name=name, max_tokens_limit=args.max_tokens_limit,
                      default_max_tokens=args.default_max_tokens, cache_sessions=args.cache_sessions,
                      kv_policy=args.kv_policy, dense=args.dense, forced=forced, threshold=args.threshold,
-                     max_queue=args.max_queue, constrained=not args.no_constrain)
+                     max_queue=args.max_queue, constrained=not args.no_constrain, prompt_lookup=args.prompt_lookup)
     log.info("serving %r on http://%s:%d/v1 (%s)", name, args.host, args.port,
              "dense" if args.dense else f"routed, {args.kv_policy}")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -211,7 +211,7 @@ def skip_curve(reference_adapter: str, run_cfg, out_dir: Path, *, blocks: list[i
                                              "dtype": run_cfg.model.dtype, "calibration": calibration_steps})
     refs: dict[str, dict] = {}
     ranked = {r: cache.run(f"rank-{r}", [_steps_key(list(data.train)[:max(calibration_steps, cfg.calibration_steps)])],
-                           lambda r=r: rank_blocks(rm, data, r, cfg, calibration_steps)) for r in rankings}
+                           lambda r=r, m=rm: rank_blocks(m, data, r, cfg, calibration_steps)) for r in rankings}
     doc: dict = {"reference_adapter": str(reference_adapter), "n_layers": n_layers, "tolerance_points": tolerance,
                  "eval_config": asdict(cfg), "rankings": ranked, "types": {}}
     for t, steps in draws.items():

@@ -203,3 +203,33 @@ def test_prompt_full_depth_generation_equals_its_teacher_forced_definition(rm, p
     with_full_prompt = routed_generate(rm, PROMPTS, max_new_tokens=NEW, eos_token_id=None, forced=pattern,
                                        prompt_full_depth=True)
     assert skipped_everywhere.tokens != with_full_prompt.tokens  # the option changes what the model computes
+
+
+# -- prompt lookup (issue 23 item 7) ------------------------------------------------------------------------------
+def _copying_prompt(rm, forced, seed):
+    """A prompt whose end repeats its start after the model's own continuation: lookup drafts get accepted."""
+    torch.manual_seed(seed)
+    start = torch.randint(100, 900, (12,)).tolist()
+    cont = routed_generate(rm, [start], max_new_tokens=16, eos_token_id=None, forced=forced).tokens[0]
+    return start + cont + start
+
+
+@pytest.mark.parametrize("forced", [None, [True, False, True, True], "open"])
+def test_prompt_lookup_drafts_are_verified_so_greedy_output_and_gates_do_not_change(forced):
+    rm = lively(tiny_routed("shape:tiny-qwen2"), std=0.02)
+    prompt = _copying_prompt(rm, forced, seed=1)
+    plain = routed_generate(rm, [prompt], max_new_tokens=16, eos_token_id=None, forced=forced)
+    drafted = routed_generate(rm, [prompt], max_new_tokens=16, eos_token_id=None, forced=forced, prompt_lookup=4)
+    assert drafted.tokens == plain.tokens and drafted.gates == plain.gates
+    assert plain.forwards == plain.steps == 16  # one token per forward without drafts
+    assert drafted.forwards < drafted.steps  # some drafts were accepted: several tokens per verification forward
+    assert drafted.tokens_per_forward > 1
+
+
+def test_prompt_lookup_refuses_a_batch_and_prompt_full_depth():
+    rm = tiny_routed("shape:tiny-qwen2")
+    with pytest.raises(ValueError, match="one row"):
+        routed_generate(rm, [[5, 6, 7], [8, 9, 10]], max_new_tokens=2, eos_token_id=None, prompt_lookup=3)
+    with pytest.raises(ValueError, match="prompt_full_depth"):
+        routed_generate(rm, [[5, 6, 7]], max_new_tokens=2, eos_token_id=None, prompt_lookup=3,
+                        prompt_full_depth=True)

@@ -465,3 +465,46 @@ def test_engine_sessions_agree_with_the_session_class():
         assert any(not a and b for a, b in zip(c1.gates, c2.gates, strict=True)), (c1.gates, c2.gates)
     finally:
         engine.close()
+
+
+def test_engine_prompt_lookup_keeps_tokens_and_gates_and_reuses_only_the_prompt_checkpoint():
+    """Prompt-lookup drafting in the server: every request answers as without it (tokens, gates, router logits),
+    and a routed session left by a drafted request continues from its prompt checkpoint only (the sums after the
+    prefill hold rejected drafts)."""
+    from layerroute.engine import Engine, SamplingParams
+
+    rm = routed_model(seed=5, lora=False)
+    gen = torch.Generator().manual_seed(20)
+    with torch.no_grad():  # decisive, input-dependent routers: some blocks skip
+        for r in rm.routers():
+            r.net.weight.copy_(torch.randn(r.net.weight.shape, generator=gen))
+            r.net.bias.zero_()
+    tok = rm.tokenizer
+    convo = [{"role": "user", "content": "Plan a short trip to the coast, the coast, the coast."}]
+    p1 = render_prompt(tok, convo)
+    p2 = None
+    answers = {}
+    # exact policy: no sessions, every request prefills afresh, so drafted and plain answers must be equal
+    for policy in ("exact", "kv_preserving"):
+        for lookup in (0, 3):
+            engine = Engine(rm, cache_sessions=2, prompt_lookup=lookup, kv_policy=policy)
+            try:
+                c1 = engine.generate(p1, SamplingParams(max_new_tokens=8))
+                p2 = p2 or render_prompt(tok, convo + [{"role": "assistant", "content": c1.text},
+                                                       {"role": "user", "content": "And pack what?"}])
+                c2 = engine.generate(p2, SamplingParams(max_new_tokens=8))
+                answers[policy, lookup] = (c1, c2)
+            finally:
+                engine.close()
+    pairs = [(answers["exact", 0], answers["exact", 3]), (answers["kv_preserving", 0][:1], answers["kv_preserving", 3][:1])]
+    for plain, drafted in pairs:
+        for a, b in zip(plain, drafted, strict=True):
+            assert a.tokens == b.tokens and a.gates == b.gates
+            assert a.router_logits == pytest.approx(b.router_logits, abs=1e-4)
+            assert b.timings["forwards"] <= a.timings["forwards"]
+    # kv_preserving keeps the K/V each token got under its own step's gates, so where a session is continued
+    # changes the answer: the plain engine continues after c1's tokens, the drafted one after p1 only
+    assert answers["kv_preserving", 0][1].cache["cached_tokens"] > len(p1)
+    assert answers["kv_preserving", 3][1].cache["cached_tokens"] == len(p1)
+    with pytest.raises(ValueError, match="prompt_lookup"):
+        Engine(rm, prompt_lookup=-1)
