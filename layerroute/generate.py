@@ -217,7 +217,7 @@ class GenerationResult:
         return [1.0 - sum(g) / len(g) if g else 0.0 for g in self.gates]
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "skipped_fraction": self.skipped_fraction}
+        return {**asdict(self), "skipped_fraction": self.skipped_fraction, "tokens_per_forward": self.tokens_per_forward}
 
 
 def _cut(row: list[int], eos: set[int]) -> list[int]:
@@ -438,6 +438,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--constrain", action="store_true",
                         help="decode under the tools' grammar (xgrammar): calls parse and name offered functions")
     parser.add_argument("--no-parallel-calls", action="store_true", help="with --constrain: at most one call per turn")
+    parser.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
+                        help="draft up to K tokens per forward from the prompt's n-grams, verified by the model "
+                             "(same output, fewer forwards when the answer copies the prompt; one prompt, no "
+                             "--constrain; 0 = off)")
 
 
 def _read_tools(path: str) -> list[dict]:
@@ -491,9 +495,12 @@ def run(args: argparse.Namespace) -> int:
                                             stop_ids=sorted(_eos_ids(eos)) or None)
         except GrammarError as e:
             raise ConfigError(f"--tools {args.tools}: {e}") from None
+    if args.prompt_lookup and (len(prompts) > 1 or args.constrain or args.prompt_lookup < 0):
+        raise ConfigError("--prompt-lookup K (K > 0) drafts for one --prompt at a time and not under --constrain")
     res = routed_generate(
         rm, prompts, max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
         top_p=args.top_p, forced=forced, kv_policy=args.kv_policy, seed=args.seed, logits_processor=processor,
+        prompt_lookup=max(args.prompt_lookup, 0),
     )
     for row, toks in enumerate(res.tokens):
         gates = "".join("1" if g else "." for g in res.gates[row])
