@@ -383,6 +383,7 @@ def run(args: argparse.Namespace) -> int:
     unknown = [r for r in rankings if r not in RANKINGS]
     if unknown or not rankings:
         raise ConfigError(f"--rankings: unknown {unknown or rankings}; expected some of {', '.join(RANKINGS)}")
+    blocks = _int_list(args.blocks, "--blocks")
     if args.tool_calls < 1:
         raise ConfigError("--tool-calls must be >= 1")
     if args.planning < 0 or args.calibration_steps < 1:
@@ -394,7 +395,7 @@ def run(args: argparse.Namespace) -> int:
         raw["model"] = {k: v for k, v in (raw.get("model") or {}).items() if k != "chat_template"}
     raw = apply_overrides(raw, args.set)
     run_cfg = RunConfig.from_dict({k: raw.get(k) for k in ("model", "router", "lora", "data", "train", "eval")})
-    doc = skip_curve(args.adapter, run_cfg, Path(args.output_dir), blocks=_int_list(args.blocks, "--blocks"),
+    doc = skip_curve(args.adapter, run_cfg, Path(args.output_dir), blocks=blocks,
                      rankings=rankings, routed=args.routed, tool_calls=args.tool_calls, planning=args.planning,
                      calibration_steps=args.calibration_steps, tolerance=args.tolerance)
     print(json.dumps({"largest_k_holding": doc["largest_k_holding"],

@@ -96,3 +96,15 @@ def test_curve_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
                        routed=[str(adapter)], tool_calls=3, planning=2, calibration_steps=2)
     assert again["types"] == doc["types"]
     assert "reused" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rankings", "shortgpt,nope"], "--rankings"),
+    (["--blocks", "0,x"], "--blocks"),
+    (["--tool-calls", "0"], "--tool-calls"),
+])
+def test_curve_cli_rejects_bad_flags_naming_them(tmp_path, flags, message, capsys):
+    from layerroute.cli import main
+
+    rc = main(["curve", "--adapter", str(tmp_path / "none"), "--output-dir", str(tmp_path / "o"), *flags])
+    assert rc != 0 and message in capsys.readouterr().err
