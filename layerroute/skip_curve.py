@@ -254,13 +254,20 @@ def skip_curve(reference_adapter: str, run_cfg, out_dir: Path, *, blocks: list[i
                 continue
             idx, key = list(range(len(steps))), _steps_key(steps)
             t0 = time.perf_counter()
+            name = f"{t}-fulldepth-{digest}"  # the same adapter with every block: what its LoRA alone costs
+            own = cache.run(name, [key, digest], lambda rm2=rm2, steps=steps, idx=idx:
+                            accuracy(rm2, steps, idx, "lora_full_depth", cfg))
+            timings[name] = round(time.perf_counter() - t0, 1)
+            t0 = time.perf_counter()
             name = f"{t}-routed-{digest}"
-            res = cache.run(name, [key, digest], lambda rm2=rm2, steps=steps, idx=idx:
-                            accuracy(rm2, steps, idx, "routed", cfg))
+            res = cache.run(name, [key, digest], lambda rm2=rm2, steps=steps, idx=idx, own=own:
+                            accuracy(rm2, steps, idx, "routed", cfg, reference=own))
             timings[name] = round(time.perf_counter() - t0, 1)
             skipped = [n_layers - sum(s["gates"]) for s in res["samples"]]
             point = {"adapter": str(path), "blocks_skipped_mean": float(np.mean(skipped)),
-                     "block_flops_skipped": float(np.mean(skipped)) / n_layers, **_summary(res, refs[t], cfg)}
+                     "block_flops_skipped": float(np.mean(skipped)) / n_layers, **_summary(res, refs[t], cfg),
+                     "own_full_depth": _summary(own, refs[t], cfg),
+                     "vs_own_full_depth": _summary(res, own, cfg)["vs_reference"]}
             point["verdict"] = _verdict(point, tolerance)
             doc["types"][t]["routed"].append(point)
         del rm2
@@ -303,6 +310,15 @@ def curve_markdown(doc: dict) -> str:
             lines.append(f"| trained routers `{p['adapter']}` | {p['blocks_skipped_mean']:.1f} (mean) | per step | "
                          f"{100 * p['accuracy']:.1f}% | {vs['diff_points']:+.1f} [{vs['diff_ci95'][0]:+.1f}, "
                          f"{vs['diff_ci95'][1]:+.1f}] | {p['verdict']} |")
+        if e["routed"]:
+            lines += ["", "Each trained adapter at full depth (its LoRA without skipping), and routed minus that:", "",
+                      "| adapter | full depth | minus reference [95% CI] | routed minus own full depth [95% CI] |",
+                      "|---|---:|---|---|"]
+            for p in e["routed"]:
+                own, vs, vo = p["own_full_depth"], p["own_full_depth"]["vs_reference"], p["vs_own_full_depth"]
+                lines.append(f"| `{p['adapter']}` | {100 * own['accuracy']:.1f}% | {vs['diff_points']:+.1f} "
+                             f"[{vs['diff_ci95'][0]:+.1f}, {vs['diff_ci95'][1]:+.1f}] | {vo['diff_points']:+.1f} "
+                             f"[{vo['diff_ci95'][0]:+.1f}, {vo['diff_ci95'][1]:+.1f}] |")
         lines.append("")
     return "\n".join(lines) + "\n"
 

@@ -87,6 +87,9 @@ def test_curve_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
         # the routers of this adapter start open: routed is the reference's generation, step for step
         (routed,) = e["routed"]
         assert routed["blocks_skipped_mean"] == 0 and routed["vs_reference"]["diff_points"] == 0
+        # the same adapter as the reference: its own full depth is the reference, step for step
+        assert routed["own_full_depth"]["vs_reference"]["diff_points"] == 0
+        assert routed["vs_own_full_depth"]["n"] == n
     assert sorted(doc["rankings"]["arg_errors"]["order"]) == list(range(4))
     assert (out / "curve.png").stat().st_size > 1000
     assert "static, arg_errors" in (out / "curve.md").read_text()
