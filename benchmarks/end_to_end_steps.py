@@ -35,7 +35,13 @@ from layerroute.config import RunConfig
 from layerroute.data.build import load_steps
 from layerroute.eval_accuracy import score_generation
 from layerroute.evaluate import _accuracy_steps, _eos_ids
-from layerroute.generate import inference_weights, load_for_inference, plain_blocks, routed_generate, run_generate
+from layerroute.generate import (
+    inference_weights,
+    load_for_inference,
+    plain_blocks,
+    routed_generate,
+    run_generate,
+)
 
 CONFIGS = ("dense", "dense_lookup", "routed", "routed_lookup")
 
