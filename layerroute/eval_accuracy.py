@@ -31,6 +31,7 @@ ACCURACY_SUFFIX = {"full": "", "length_matched": "_length_matched"}
 
 REASON_CONTEXT = "prompt exceeds the model's context"
 REASON_LENGTH = "hit max_new_tokens"
+REASON_SPEC = "BFCL spec not checkable"
 
 
 def step_id(sample_or_step) -> str:
@@ -43,6 +44,7 @@ def step_id(sample_or_step) -> str:
 def score_generation(step, text: str) -> tuple[bool, str | None]:
     """(correct, reason) for one generated assistant turn. Malformed output is wrong, never an exception."""
     from .data.toolcalls import parse_tool_calls
+    from .errors import DataError
     from .scoring import check_tool_calls, gsm8k_exact_match
 
     if step.step_type == "tool_call":
@@ -54,7 +56,11 @@ def score_generation(step, text: str) -> tuple[bool, str | None]:
         calls, _, error = parse_tool_calls(text, bare_json=True)
         if error or not calls:
             return False, f"unparsable tool call: {error or 'no call'}"
-        result = check_tool_calls(calls, functions, answer, step.category or "simple_python")
+        try:
+            result = check_tool_calls(calls, functions, answer, step.category or "simple_python")
+        except DataError as err:  # a spec BFCL's checker cannot read (e.g. a parameter without a type: one
+            # live_multiple function has one): wrong in every configuration alike, counted under its own reason
+            return False, f"{REASON_SPEC}: {err}"
         return result.valid, result.error
     reference = step.meta.get("answer")
     if reference is None:

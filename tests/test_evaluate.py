@@ -107,6 +107,17 @@ def test_malformed_generation_is_scored_wrong(setup):
     bare = "\n".join(json.dumps(c) for c in parse_tool_calls(gold)[0])
     assert score_generation(tool, bare)[0] is score_generation(tool, gold)[0] is True
     assert score_generation(tool, "Here: " + bare)[0] is False  # text around it: not a call
+    # a spec BFCL's checker cannot read (a parameter without a type, as one live_multiple function has) is a
+    # counted wrong verdict, not a crash that loses the evaluation's generations
+    import copy
+    import dataclasses
+
+    broken_tools = copy.deepcopy(tool.tools)
+    fn = broken_tools[0].get("function", broken_tools[0])
+    for spec in fn["parameters"]["properties"].values():
+        spec.pop("type", None)
+    ok, reason = score_generation(dataclasses.replace(tool, tools=broken_tools), gold)
+    assert ok is False and reason.startswith("BFCL spec not checkable")
 
 
 def test_run_eval_writes_json_report_and_plots(setup, tmp_path):
