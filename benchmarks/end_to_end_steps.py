@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter", required=True, help="adapter directory (its routers decide)")
     parser.add_argument("--steps", type=int, default=16, help="eval tool-call steps")
     parser.add_argument("--lookup", type=int, default=10, help="prompt_lookup_num_tokens (transformers' default 10)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="tool-call budget (default: the adapter's eval.max_new_tokens_tool)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=None, help="also write the JSON line here (atomically)")
     args = parser.parse_args(argv)
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = _accuracy_steps([], {"tool_call": [], "planning": []}, list(data.eval), ecfg)["tool_call"]
     eos = _eos_ids(rm.tokenizer)
     eos_set = set(eos)
-    budget = ecfg.max_new_tokens_tool
+    budget = args.max_new_tokens or ecfg.max_new_tokens_tool
     pad = rm.tokenizer.pad_token_id if rm.tokenizer.pad_token_id is not None else eos[0]
 
     rows = {c: [] for c in CONFIGS}
