@@ -20,7 +20,7 @@ or as ordinary pieces. After the last call the end-of-turn token is the only cho
   ``"auto"`` and tools: that value or calls).
 
 BFCL's non-standard parameter types ("dict", "float", "tuple", "any", Java/JavaScript names) are mapped to JSON
-Schema with the data pipeline's own table (`layerroute.data.sources.BFCL_TYPE_MAP`).
+Schema with the data pipeline's own table (`layerroute.tasks.bfcl.BFCL_TYPE_MAP`).
 
 Cost: compiling a tool set takes milliseconds to a few hundred (the token masks are precomputed per grammar),
 cached per (tool set, choice) in an LRU keyed by the hash of its canonical JSON; a decode step then costs one
@@ -42,8 +42,8 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor
 
-from .data.sources import BFCL_TYPE_MAP
 from .data.toolcalls import TOOL_CALL_OPEN, render_tool_call, render_tool_calls
+from .tasks.bfcl import BFCL_TYPE_MAP
 
 log = logging.getLogger(__name__)
 

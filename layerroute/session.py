@@ -19,7 +19,6 @@ BFCL's multi_turn_base conversations with the data module's renderer.
 
 from __future__ import annotations
 
-import ast
 import copy
 import json
 import statistics
@@ -249,27 +248,6 @@ def turns_from_steps(steps) -> list[SessionTurn]:
     return turns
 
 
-def _bfcl_calls(call_strings: list[str], docs: dict) -> list[dict]:
-    """BFCL multi-turn ground truth ("cd(folder='x')") -> [{"name", "arguments"}] (positional args named from
-    the function doc's parameter order)."""
-    calls = []
-    for text in call_strings:
-        node = ast.parse(text, mode="eval").body
-        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
-            raise DataError(f"not a function call: {text!r}")
-        name = node.func.id
-        params = list(((docs.get(name) or {}).get("parameters") or {}).get("properties") or {})
-        args = {}
-        for i, arg in enumerate(node.args):
-            if i >= len(params):
-                raise DataError(f"{text!r}: more positional arguments than {name} has parameters")
-            args[params[i]] = ast.literal_eval(arg)
-        for kw in node.keywords:
-            args[kw.arg] = ast.literal_eval(kw.value)
-        calls.append({"name": name, "arguments": args})
-    return calls
-
-
 def bfcl_multi_turn(tokenizer, limit: int = 8, *, max_length: int = 4096, used_tools_only: bool = True,
                     category: str = "multi_turn_base") -> list[list[SessionTurn]]:
     """BFCL multi-turn conversations as session turns, rendered with the data module's renderer.
@@ -282,9 +260,11 @@ def bfcl_multi_turn(tokenizer, limit: int = 8, *, max_length: int = 4096, used_t
     import glob
     import os
 
+    from .data.records import Conversation
     from .data.render import render_steps
-    from .data.sources import Conversation, bfcl_data_dir, bfcl_tool
     from .data.toolcalls import to_openai_tool_calls
+    from .tasks.bfcl import bfcl_data_dir, bfcl_tool
+    from .tasks.bfcl_multi_turn import _bfcl_calls
 
     folder = bfcl_data_dir()
     docs = {}

@@ -110,6 +110,27 @@ def test_bfcl_types_become_json_schema():
     assert json_schema({"type": ["string", "null"]}) == {"type": ["string", "null"]}
 
 
+def test_bfcl_schema_and_json_schema_agree_on_bfcl_functions():
+    """Two converters on purpose (layerroute.tasks.bfcl's docstring): the data's `bfcl_schema` is strict (an unknown
+    type makes the row a BadRow), the grammar's `json_schema` lenient (any client schema); on BFCL's docs they agree."""
+    import json
+
+    from layerroute.tasks.bfcl import bfcl_schema
+
+    path = os.path.join(HERE, "fixtures", "data", "bfcl", "BFCL_v4_simple_python.json")
+    with open(path, encoding="utf-8") as f:
+        functions = [fn for line in f if line.strip() for fn in json.loads(line)["function"]]
+    raw = {"type": "dict", "properties": {"x": {"type": "float", "optional": True},
+                                          "t": {"type": "tuple", "items": {"type": "any"}},
+                                          "l": {"type": "ArrayList", "items": {"type": "HashMap", "properties": {}}}}}
+    assert functions
+    for params in [fn["parameters"] for fn in functions] + [raw]:
+        assert bfcl_schema(params) == json_schema(params)
+    with pytest.raises(ValueError, match="unknown BFCL type"):
+        bfcl_schema({"type": "strange"})
+    assert json_schema({"type": "strange"}) == {"type": "strange"}  # left for xgrammar to judge
+
+
 def test_tool_choice_semantics(tok):
     g = grammars_for(tok, 49152, [EOS])
     tools = [WEATHER, GCD]

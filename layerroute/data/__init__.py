@@ -2,7 +2,9 @@
 
 Pipeline (each stage is its own module):
 
-  sources.py    one function per dataset -> `Conversation` records (OpenAI messages + tools) or `BadRow`s
+  records.py    the `Conversation` record (OpenAI messages + tools) / `BadRow`, its checks, the row readers
+  sources.py    the source registry and the generic loaders -> `Conversation`s or `BadRow`s (each
+                benchmark's own loader is in `layerroute.tasks`)
   toolcalls.py  parse / render tool calls in assistant text (Hermes <tool_call>, Glaive <functioncall>)
   render.py     every assistant turn -> one `Step` (input_ids, labels, decision_mask, step_type, ...)
                 with the tokenizer's own chat template (tools passed natively, or in Hermes text form)
@@ -13,13 +15,18 @@ Pipeline (each stage is its own module):
   cli.py        `layerroute data --config <yaml> --stats | --show N`
   tokenizer.py  `load_tokenizer(name)` (offline SmolLM2 GGUF, .gguf path, folder, hub id)
 
+`build` and `sources` are not imported here (import `layerroute.data.build.load_steps` and
+`layerroute.data.sources.iter_source` from their modules): the task loaders in `layerroute.tasks` import
+`records`, `toolcalls` and `config` from this package, and `sources` imports the task loaders, so an import of
+them from here would close a cycle (tests/test_import_graph.py).
+
 Import cost: `datasets` and `reasoning_gym` are imported only when a source that needs them is read; torch
 comes in through `collate`.
 """
 
-from layerroute.data.build import DataReport, StepData, load_steps
 from layerroute.data.collate import collate_steps, length_grouped_batches
 from layerroute.data.config import DataConfig, SourceConfig
+from layerroute.data.records import BadRow, Conversation
 from layerroute.data.render import (
     IGNORE_INDEX,
     PLANNING,
@@ -29,7 +36,6 @@ from layerroute.data.render import (
     render_steps,
     template_supports_tools,
 )
-from layerroute.data.sources import BadRow, Conversation, iter_source
 from layerroute.data.splits import assign_split, length_matched_subset
 from layerroute.data.toolcalls import parse_tool_calls, render_tool_calls
 
@@ -37,20 +43,16 @@ __all__ = [
     "BadRow",
     "Conversation",
     "DataConfig",
-    "DataReport",
     "IGNORE_INDEX",
     "PLANNING",
     "RenderError",
     "SourceConfig",
     "Step",
-    "StepData",
     "TOOL_CALL",
     "assign_split",
     "collate_steps",
-    "iter_source",
     "length_grouped_batches",
     "length_matched_subset",
-    "load_steps",
     "parse_tool_calls",
     "render_steps",
     "render_tool_calls",

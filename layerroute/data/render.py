@@ -32,7 +32,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from layerroute import chat_template
-from layerroute.data.sources import Conversation
+from layerroute.data.records import Conversation
 from layerroute.data.toolcalls import render_tool_calls
 from layerroute.errors import DataError
 

@@ -1,90 +1,61 @@
-"""One small function per dataset, all yielding the same record: a `Conversation` (or a `BadRow`).
+"""The source registry (`SOURCES`, `iter_source`) and the generic loaders, all yielding `Conversation`s or `BadRow`s.
 
-A conversation holds chat `messages` in OpenAI format (roles system / user / assistant / tool; assistant tool
-calls as structured ``tool_calls=[{"type": "function", "function": {"name": ..., "arguments": {...}}}]`` with
-``arguments`` a dict), `tools` as OpenAI function specs (``{"type": "function", "function": {name,
-description, parameters (JSON schema)}}``), the source name and a stable id. Ids are content hashes where a
-dataset has none, so an exact duplicate always lands in the same train/eval split and is read only once.
-
-Rows that cannot be parsed are yielded as `BadRow(reason, detail)`, never raised: the builder counts them by
-source and reason and stops only when too many of a source's rows are bad.
-
-Math targets (GSM8K, gsm_symbolic, Turing): the assistant answer is the worked solution, GSM8K calculator
-annotations ``<<48/2=24>>`` removed, and its ``#### N`` line replaced by a final line ``The answer is N.``
-(commas dropped from N). Evaluators extract the number after the last "The answer is".
+The record and its checks are in `layerroute.data.records`; the benchmark loaders in `layerroute.tasks` (BFCL,
+GSM8K / gsm_symbolic, Turing), one module per benchmark. What stays here reads formats that are not one
+benchmark's: Hermes and Glaive function-calling chats, and any local JSONL of OpenAI `messages`. The names that
+moved are imported back below, so ``from layerroute.data.sources import bfcl_tool`` (and the rest) keeps working.
 """
 
 from __future__ import annotations
 
-import glob
-import hashlib
-import importlib.util
 import json
-import os
 import re
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
 from layerroute.data.config import DataConfig, SourceConfig
+from layerroute.data.records import (  # noqa: F401 - ROLES, Record, check_conversation, _first_assistant re-exported
+    ROLES,
+    BadRow,
+    Conversation,
+    Record,
+    _bad,
+    _finish,
+    _first_assistant,
+    _hash,
+    _hub_rows,
+    _jsonl_rows,
+    _short,
+    check_conversation,
+)
 from layerroute.data.toolcalls import loads_lenient, parse_tool_calls_detailed, to_openai_tool_calls
-from layerroute.errors import DataError
-
-ROLES = ("system", "user", "assistant", "tool")
-
-
-@dataclass
-class Conversation:
-    """One chat with its tools; every assistant turn in it becomes one step."""
-
-    id: str
-    """Stable id, prefixed by the source kind (e.g. 'bfcl:live_simple_0-0-0', 'gsm8k:<hash>')."""
-    source: str
-    """Source label (SourceConfig.source_label)."""
-    messages: list[dict]
-    """OpenAI chat messages; assistant tool calls structured in `tool_calls` with dict arguments."""
-    tools: list[dict] = field(default_factory=list)
-    """OpenAI function specs: {"type": "function", "function": {"name", "description", "parameters"}}."""
-    category: str | None = None
-    """Finer grouping for evaluation: the BFCL category, 'gsm8k', 'gsm_symbolic', a Turing domain, ..."""
-    meta: dict = field(default_factory=dict)
-    """Extra gold data for evaluators, e.g. {"answer": "72"} or BFCL's {"possible_answer": [...]}."""
-    repairs: list[str] = field(default_factory=list)
-    """Non-standard forms accepted while parsing (single-quoted calls, string-encoded arguments, ...)."""
-
-
-@dataclass
-class BadRow:
-    """A row that could not be turned into a conversation, with why."""
-
-    source: str
-    reason: str
-    """Short key counted in reports, e.g. 'unknown_role', 'tool_call_invalid_json', 'no_assistant_turn'."""
-    detail: str
-    """One line showing the offending text."""
-    row_id: str
-
-
-Record = Conversation | BadRow
-
-
-def _hash(*parts: str) -> str:
-    h = hashlib.sha1()
-    for p in parts:
-        h.update(p.encode("utf-8", "surrogatepass"))
-        h.update(b"\x00")
-    return h.hexdigest()[:16]
-
-
-def _short(text: Any, n: int = 160) -> str:
-    text = str(text).replace("\n", "\\n")
-    return text if len(text) <= n else text[: n - 3] + "..."
-
-
-def _bad(source: str, row_id: str, err: str) -> BadRow:
-    reason, _, detail = err.partition(": ")
-    return BadRow(source=source, reason=reason, detail=detail, row_id=row_id)
-
+from layerroute.tasks.bfcl import (  # noqa: F401 - re-exported from their old home
+    BFCL_TYPE_MAP,
+    _bfcl_file,
+    _concrete_args,
+    _concrete_value,
+    _first_acceptable,
+    bfcl_data_dir,
+    bfcl_gold_calls,
+    bfcl_row,
+    bfcl_schema,
+    bfcl_tool,
+    load_bfcl,
+)
+from layerroute.tasks.gsm8k import (  # noqa: F401 - re-exported from their old home
+    gsm8k_row,
+    load_gsm8k_hub,
+    load_gsm8k_jsonl,
+    load_gsm_symbolic,
+    math_target,
+)
+from layerroute.tasks.turing import (  # noqa: F401 - re-exported from their old home
+    TURING_ANSWER_COLUMNS,
+    TURING_QUESTION_COLUMNS,
+    TURING_REASONING_COLUMNS,
+    load_turing,
+    turing_row,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # shared normalisation
@@ -136,134 +107,6 @@ def _normalize_json_text(text: str, repairs: list[str]) -> str:
             repairs.append("python_literal_tool_response")
         return json.dumps(obj, ensure_ascii=False)
     return s
-
-
-def check_conversation(conv: Conversation) -> str | None:
-    """None when `conv` can be rendered into steps, else 'reason: detail'."""
-    if not conv.messages:
-        return "empty_conversation: no messages"
-    n_assistant = 0
-    for i, m in enumerate(conv.messages):
-        role = m.get("role")
-        if role not in ROLES:
-            return f"unknown_role: message {i} has role {role!r}"
-        content = m.get("content")
-        if content is not None and not isinstance(content, str):
-            return f"non_text_content: message {i} content is {type(content).__name__}"
-        if role == "assistant":
-            n_assistant += 1
-            if not (content or "").strip() and not m.get("tool_calls"):
-                return f"empty_assistant_turn: message {i}"
-            for tc in m.get("tool_calls") or []:
-                f = tc.get("function") if isinstance(tc, dict) else None
-                if (
-                    not isinstance(f, dict)
-                    or not isinstance(f.get("name"), str)
-                    or not isinstance(f.get("arguments"), dict)
-                ):
-                    return f"tool_call_malformed: message {i}: {_short(tc, 80)}"
-        elif not (content or "").strip() and role != "system":
-            return f"empty_turn: message {i} ({role}) is empty"
-    if n_assistant == 0:
-        return "no_assistant_turn: the conversation has no assistant turn to learn"
-    if conv.messages[0]["role"] == "assistant" or all(
-        m["role"] == "system" for m in conv.messages[: _first_assistant(conv)]
-    ):
-        return "no_context: the first assistant turn has no user turn before it"
-    return None
-
-
-def _first_assistant(conv: Conversation) -> int:
-    return next(i for i, m in enumerate(conv.messages) if m["role"] == "assistant")
-
-
-def _finish(conv: Conversation) -> Record:
-    err = check_conversation(conv)
-    return _bad(conv.source, conv.id, err) if err else conv
-
-
-def math_target(solution: str, final: str | None = None) -> str | None:
-    """GSM8K-style worked solution -> assistant text ending with 'The answer is N.' (None: no '#### N' line)."""
-    lines = solution.strip().split("\n")
-    m = re.match(r"^\s*####\s*(.+?)\s*$", lines[-1]) if lines else None
-    if final is None:
-        if m is None:
-            return None
-        final = m.group(1)
-    if m is not None:
-        lines = lines[:-1]
-    final = final.strip().replace(",", "").rstrip(".")
-    body = re.sub(r"<<[^<>]*>>", "", "\n".join(lines)).strip()
-    return (body + "\n" if body else "") + f"The answer is {final}."
-
-
-# ---------------------------------------------------------------------------------------------------------
-# row readers
-
-
-def _hub_rows(src: SourceConfig) -> Iterable[dict]:
-    """Rows of a hub dataset, or of a local json/jsonl/parquet/csv file or folder, through `datasets`."""
-    import datasets  # heavy import, only for the sources that need it
-
-    path = src.resolved_path
-    try:
-        if os.path.exists(path):
-            if os.path.isdir(path):
-                ds = datasets.load_dataset(path, src.hub_config, split=src.split)
-            else:
-                ext = path.rsplit(".", 1)[-1].lower()
-                builder = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}.get(ext)
-                if builder is None:
-                    raise DataError(
-                        f"{src.source_label}: cannot read {path!r}: use a .json, .jsonl, .parquet or .csv file"
-                    )
-                ds = datasets.load_dataset(builder, data_files={src.split: path}, split=src.split)
-        else:
-            ds = datasets.load_dataset(path, src.resolved_hub_config, split=src.split)
-    except DataError:
-        raise
-    except Exception as e:  # noqa: BLE001 - datasets raises many types; say what to do
-        raise DataError(
-            f"{src.source_label}: could not load {path!r} (config {src.resolved_hub_config!r}, split {src.split!r}): "
-            f"{type(e).__name__}: {e}. Without access to the hub, download the dataset elsewhere and set "
-            f"`path` to the local file (HF_HUB_OFFLINE=1 makes this fail at once instead of retrying)."
-        ) from e
-    if src.limit is not None:
-        ds = ds.select(range(min(src.limit, len(ds))))
-    return ds
-
-
-def _jsonl_rows(path: str, source: str, limit: int | None) -> Iterator[tuple[int, dict | BadRow]]:
-    if not os.path.exists(path):
-        raise DataError(f"{source}: file not found: {path!r}")
-    n = 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if limit is not None and n >= limit:
-                return
-            n += 1
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield (
-                    lineno,
-                    BadRow(
-                        source,
-                        "invalid_json_line",
-                        f"line {lineno}: {e}: {_short(line, 80)}",
-                        f"line{lineno}",
-                    ),
-                )
-                continue
-            if not isinstance(row, dict):
-                yield (
-                    lineno,
-                    BadRow(source, "invalid_json_line", f"line {lineno} is not an object", f"line{lineno}"),
-                )
-                continue
-            yield lineno, row
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -410,270 +253,6 @@ def load_glaive(src: SourceConfig, cfg: DataConfig) -> Iterator[Record]:
     """glaiveai/glaive-function-calling-v2."""
     for row in _hub_rows(src):
         yield glaive_row(row, src.source_label)
-
-
-def gsm8k_row(row: dict, source: str, category: str = "gsm8k") -> Record:
-    """{"question", "answer": "...worked solution...\\n#### N"} -> one planning step."""
-    q, a = row.get("question"), row.get("answer")
-    row_id = f"gsm8k:{_hash(str(q))}"
-    if not isinstance(q, str) or not q.strip() or not isinstance(a, str) or not a.strip():
-        return BadRow(source, "missing_field", "needs non-empty `question` and `answer` strings", row_id)
-    target = math_target(a)
-    if target is None:
-        return BadRow(source, "no_final_answer", f"answer has no '#### N' line: {_short(a, 80)}", row_id)
-    final = target.rsplit("The answer is ", 1)[1][:-1]
-    msgs = [{"role": "user", "content": q.strip()}, {"role": "assistant", "content": target}]
-    return _finish(Conversation(row_id, source, msgs, [], category=category, meta={"answer": final}))
-
-
-def load_gsm8k_hub(src: SourceConfig, cfg: DataConfig) -> Iterator[Record]:
-    """openai/gsm8k, config main (train for training; set split: test and role: eval for evaluation)."""
-    for row in _hub_rows(src):
-        yield gsm8k_row(row, src.source_label)
-
-
-TURING_QUESTION_COLUMNS = ("question", "prompt", "problem")
-TURING_ANSWER_COLUMNS = ("answer", "final_answer", "solution")
-TURING_REASONING_COLUMNS = ("reasoning", "rationale", "cot", "chain_of_thought", "explanation", "thinking")
-
-
-def turing_row(row: dict, source: str) -> Record:
-    """A question/answer reasoning row: target = reasoning (if a reasoning column exists) + 'The answer is X.'."""
-    qcol = next((c for c in TURING_QUESTION_COLUMNS if c in row), None)
-    acol = next((c for c in TURING_ANSWER_COLUMNS if c in row), None)
-    if qcol is None or acol is None:
-        raise DataError(
-            f"{source}: expected a question column ({', '.join(TURING_QUESTION_COLUMNS)}) and an answer column "
-            f"({', '.join(TURING_ANSWER_COLUMNS)}), optionally a reasoning column ({', '.join(TURING_REASONING_COLUMNS)}); "
-            f"the rows have columns {sorted(row)}"
-        )
-    q, a = row[qcol], row[acol]
-    rid = row.get("conversation_id") or row.get("id")
-    row_id = f"turing:{rid if rid not in (None, '') else _hash(str(q))}"
-    if not isinstance(q, str) or not q.strip() or a is None or not str(a).strip():
-        return BadRow(source, "missing_field", f"empty `{qcol}` or `{acol}`", row_id)
-    rcol = next((c for c in TURING_REASONING_COLUMNS if c in row and c != acol), None)
-    reasoning = str(row[rcol]).strip() if rcol and row[rcol] else ""
-    answer = str(a).strip()
-    target = (
-        (reasoning + "\n" if reasoning else "")
-        + f"The answer is {answer}"
-        + ("" if answer.endswith(".") else ".")
-    )
-    domain = row.get("domain")
-    msgs = [{"role": "user", "content": q.strip()}, {"role": "assistant", "content": target}]
-    meta = {"answer": answer, "domain": domain, "sub_domain": row.get("sub_domain") or row.get("sub-domain")}
-    return _finish(
-        Conversation(row_id, source, msgs, [], category=f"turing:{domain}" if domain else "turing", meta=meta)
-    )
-
-
-def load_turing(src: SourceConfig, cfg: DataConfig) -> Iterator[Record]:
-    """TuringEnterprises/Turing-Open-Reasoning.
-
-    Its card (as mirrored publicly) documents rows {"conversation_id", "domain", "sub-domain", "question",
-    "answer"}, the answer being a short final answer (LaTeX) without a worked solution, so these planning
-    steps are short. A reasoning column is used when present.
-    """
-    for row in _hub_rows(src):
-        yield turing_row(row, src.source_label)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# offline sources
-
-
-def bfcl_data_dir() -> str:
-    """The `data/` folder of the installed bfcl-eval package, found without importing it."""
-    spec = importlib.util.find_spec("bfcl_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("the bfcl source needs the bfcl-eval package: pip install --no-deps bfcl-eval")
-    return os.path.join(list(spec.submodule_search_locations)[0], "data")
-
-
-#: BFCL parameter types (Python, Java and JavaScript flavours) -> JSON schema types (None: any type).
-BFCL_TYPE_MAP = {
-    "string": "string",
-    "integer": "integer",
-    "float": "number",
-    "number": "number",
-    "boolean": "boolean",
-    "array": "array",
-    "tuple": "array",
-    "dict": "object",
-    "object": "object",
-    "any": None,
-    "": None,
-    "String": "string",
-    "char": "string",
-    "long": "integer",
-    "double": "number",
-    "Boolean": "boolean",
-    "Array": "array",
-    "ArrayList": "array",
-    "HashMap": "object",
-}
-
-
-def bfcl_schema(schema: Any) -> Any:
-    """BFCL's parameter schema -> JSON schema (types mapped, BFCL's non-standard `optional` key dropped)."""
-    if not isinstance(schema, dict):
-        return schema
-    out = {}
-    for k, v in schema.items():
-        if k == "optional":
-            continue
-        if k == "type":
-            if v not in BFCL_TYPE_MAP:
-                raise ValueError(f"unknown BFCL type {v!r}")
-            if BFCL_TYPE_MAP[v] is not None:
-                out["type"] = BFCL_TYPE_MAP[v]
-        elif k == "properties" and isinstance(v, dict):
-            out[k] = {name: bfcl_schema(p) for name, p in v.items()}
-        elif k in ("items", "additionalProperties") and isinstance(v, dict):
-            out[k] = bfcl_schema(v)
-        else:
-            out[k] = v
-    return out
-
-
-def bfcl_tool(fn: dict) -> dict:
-    """A BFCL function doc -> an OpenAI tool spec."""
-    spec = {"name": fn["name"], "description": fn.get("description", "")}
-    spec["parameters"] = bfcl_schema(fn.get("parameters") or {"type": "dict", "properties": {}})
-    return {"type": "function", "function": spec}
-
-
-def _first_acceptable(choices: Any) -> tuple[bool, Any]:
-    """BFCL lists acceptable values per argument; '' means 'may be omitted'. (present?, first real value)."""
-    if not isinstance(choices, list):
-        return True, choices
-    for c in choices:
-        if c != "":
-            return True, c
-    return False, None
-
-
-def _concrete_value(value: Any, schema: dict | None) -> Any:
-    schema = schema or {}
-    t = schema.get("type")
-    if t in ("dict", "object", "HashMap") and isinstance(value, dict):
-        return _concrete_args(value, schema.get("properties") or {})
-    if t in ("array", "tuple", "Array", "ArrayList") and isinstance(value, list):
-        items = schema.get("items") or {}
-        if items.get("type") in ("dict", "object") and all(isinstance(v, dict) for v in value):
-            return [_concrete_args(v, items.get("properties") or {}) for v in value]
-    return value
-
-
-def _concrete_args(possible: dict, props: dict) -> dict:
-    """{arg: [acceptable values]} -> {arg: value}: the first non-empty acceptable value; optional-only args omitted."""
-    out = {}
-    for arg, choices in possible.items():
-        present, v = _first_acceptable(choices)
-        if present:
-            out[arg] = _concrete_value(v, props.get(arg))
-    return out
-
-
-def bfcl_gold_calls(ground_truth: list[dict], functions: list[dict]) -> list[dict]:
-    """BFCL possible_answer ground truth -> one concrete call per entry, [{"name", "arguments"}]."""
-    docs = {f["name"]: f for f in functions}
-    calls = []
-    for entry in ground_truth:
-        if not isinstance(entry, dict) or len(entry) != 1:
-            raise ValueError(f"ground truth entry is not {{function: args}}: {_short(entry, 80)}")
-        ((name, possible),) = entry.items()
-        if not isinstance(possible, dict):
-            raise ValueError(f"ground truth for {name} is not an argument map")
-        props = ((docs.get(name) or {}).get("parameters") or {}).get("properties") or {}
-        calls.append({"name": name, "arguments": _concrete_args(possible, props)})
-    return calls
-
-
-def _bfcl_file(folder: str, category: str) -> str | None:
-    """The newest `BFCL_v<N>_<category>.json` (exact category: 'multiple' must not match 'live_multiple')."""
-    pat = re.compile(rf"BFCL_v(\d+)_{re.escape(category)}\.json")
-    found = [
-        (int(m.group(1)), f)
-        for f in glob.glob(os.path.join(folder, "BFCL_v*.json"))
-        if (m := pat.fullmatch(os.path.basename(f)))
-    ]
-    return max(found)[1] if found else None
-
-
-def load_bfcl(src: SourceConfig, cfg: DataConfig) -> Iterator[Record]:
-    """BFCL single-turn categories: the question (+ its system turn), the functions as tools, and one gold
-    assistant turn with the ground-truth calls. `limit` applies per category."""
-    folder = src.path or bfcl_data_dir()
-    for cat in src.resolved_categories:
-        qfile = _bfcl_file(folder, cat)
-        afile = _bfcl_file(os.path.join(folder, "possible_answer"), cat)
-        if qfile is None or afile is None:
-            raise DataError(f"{src.source_label}: BFCL category {cat!r} not found under {folder!r}")
-        answers: dict[str, Any] = {}
-        with open(afile, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    a = json.loads(line)
-                    answers[a["id"]] = a.get("ground_truth")
-        for _, row in _jsonl_rows(qfile, src.source_label, src.limit):
-            if isinstance(row, BadRow):
-                yield row
-                continue
-            yield bfcl_row(row, answers.get(row.get("id")), cat, src.source_label)
-
-
-def bfcl_row(row: dict, ground_truth: Any, category: str, source: str) -> Record:
-    bid = row.get("id", "?")
-    row_id = f"bfcl:{bid}"
-    question = row.get("question")
-    if not isinstance(question, list) or len(question) != 1 or not isinstance(question[0], list):
-        return BadRow(
-            source, "bfcl_not_single_turn", f"{bid}: question has {len(question or [])} turns", row_id
-        )
-    if ground_truth is None:
-        return BadRow(source, "bfcl_missing_ground_truth", f"{bid}: no possible_answer entry", row_id)
-    functions = row.get("function") or []
-    try:
-        tools = [bfcl_tool(fn) for fn in functions]
-        calls = bfcl_gold_calls(ground_truth, functions)
-    except (ValueError, KeyError, TypeError) as e:
-        return BadRow(source, "bfcl_unconvertible", f"{bid}: {e}", row_id)
-    messages = [{"role": m.get("role"), "content": m.get("content")} for m in question[0]]
-    messages.append({"role": "assistant", "content": "", "tool_calls": to_openai_tool_calls(calls)})
-    meta = {"bfcl_id": bid, "possible_answer": ground_truth}
-    return _finish(Conversation(row_id, source, messages, tools, category=category, meta=meta))
-
-
-def load_gsm_symbolic(src: SourceConfig, cfg: DataConfig) -> Iterator[Record]:
-    """reasoning-gym's `gsm_symbolic`: `limit` generated problems; target = metadata.answer_cot (ends '#### N')."""
-    import reasoning_gym
-
-    seed = cfg.seed if src.seed is None else src.seed
-    ds = reasoning_gym.create_dataset("gsm_symbolic", size=src.limit, seed=seed)
-    for i in range(len(ds)):
-        x = ds[i]
-        q = x.get("question")
-        cot = (x.get("metadata") or {}).get("answer_cot")
-        row_id = f"gsm_symbolic:{_hash(str(q))}"
-        if not isinstance(q, str) or not isinstance(cot, str):
-            yield BadRow(
-                src.source_label, "missing_field", f"item {i} lacks question or metadata.answer_cot", row_id
-            )
-            continue
-        target = math_target(cot, None if "####" in cot else str(x.get("answer")))
-        final = target.rsplit("The answer is ", 1)[1][:-1]
-        msgs = [{"role": "user", "content": q.strip()}, {"role": "assistant", "content": target}]
-        yield _finish(
-            Conversation(row_id, src.source_label, msgs, [], category="gsm_symbolic", meta={"answer": final})
-        )
-
-
-def load_gsm8k_jsonl(src: SourceConfig, cfg: DataConfig) -> Iterator[Record]:
-    """A local GSM8K JSONL ({"question", "answer"} per line), e.g. ../shared/data/gsm8k/train.jsonl."""
-    for _, row in _jsonl_rows(src.path, src.source_label, src.limit):
-        yield row if isinstance(row, BadRow) else gsm8k_row(row, src.source_label)
 
 
 def messages_row(row: dict, source: str, lineno: int) -> Record:
