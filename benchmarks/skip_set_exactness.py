@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ecfg = EvalConfig(batch_size=args.batch_size, seed=args.seed)
 
     costs = drop_costs(rm, calibration, ecfg, pad)
-    # the trainer's own selection (Trainer._static_oracle_targets)
+    # the trainer's own selection (layerroute.train.calibrate.static_oracle_targets)
     idx = list(range(len(steps)))
     points, scored, greedy_paths = [], {}, {}
     for name in args.rankings:

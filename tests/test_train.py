@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import layerroute.train as train_mod
+import layerroute.train.objective as objective_mod
 from layerroute.adapters import load_adapter
 from layerroute.config import ModelConfig, RunConfig
 from layerroute.errors import ConfigError, TrainingError
@@ -144,7 +146,7 @@ def test_resume_refuses_a_changed_config(tmp_path, smoke_data):
 
 def test_poisoned_loss_stops_naming_step_and_checkpoint(tmp_path, smoke_data, monkeypatch):
     calls = {"n": 0}
-    real = train_mod.sliced_lm_loss
+    real = objective_mod.sliced_lm_loss  # looked up by RoutedStepLoss.forward in its own module
 
     def poisoned(*args, **kwargs):
         row_sum, *rest = real(*args, **kwargs)
@@ -153,7 +155,7 @@ def test_poisoned_loss_stops_naming_step_and_checkpoint(tmp_path, smoke_data, mo
             row_sum = row_sum * float("nan")
         return (row_sum, *rest)
 
-    monkeypatch.setattr(train_mod, "sliced_lm_loss", poisoned)
+    monkeypatch.setattr(objective_mod, "sliced_lm_loss", poisoned)
     trainer = Trainer(smoke_cfg("train.checkpoint_every=1", "train.eval_every=0"), tmp_path, data=smoke_data)
     trainer.setup()
     with pytest.raises(TrainingError) as err:
@@ -162,7 +164,7 @@ def test_poisoned_loss_stops_naming_step_and_checkpoint(tmp_path, smoke_data, mo
     assert "non-finite loss at step 2" in message
     assert str(tmp_path / "checkpoints" / "step-000001") in message
     # the poisoned step did not reach the parameters
-    saved = train_mod.load_file(str(tmp_path / "checkpoints" / "step-000001" / "trainable.safetensors"))
+    saved = load_file(str(tmp_path / "checkpoints" / "step-000001" / "trainable.safetensors"))
     now = trainable_state(trainer)
     assert all(torch.equal(now[n], saved[n]) for n in saved)
 
