@@ -4,7 +4,7 @@
                         --recipe "plus=runs/ablation/plus-s*/eval/eval.json" --output-dir runs/ablation
 
 Reads finished evaluations (no model is loaded), aggregates each recipe's seeds exactly as `layerroute eval --adapter A --adapter B` does
-(`evaluate.seed_metrics`, `evaluate.aggregate_metrics`), optionally on top of an earlier table's per-seed rows
+(`eval.seeds.seed_metrics`, `eval.seeds.aggregate_metrics`), optionally on top of an earlier table's per-seed rows
 (`--include`: the runs themselves need not be kept), and writes `ablation.json`,
 `ablation.md` (skip / quality / accuracy tables, full and length-matched splits), `ablation.png`
 (the differential of every seed per recipe), `ablation_tradeoff.png` (differential vs tool-call quality) and, when
@@ -23,7 +23,9 @@ from pathlib import Path
 
 from .atomic import write_text_atomic
 from .errors import ConfigError
-from .evaluate import STEP_TYPES, _write_json, aggregate_metrics, read_json, read_per_adapter, seed_metrics
+from .eval.configurations import STEP_TYPES
+from .eval.io import read_json, read_per_adapter, write_json
+from .eval.seeds import aggregate_metrics, seed_metrics
 
 SPLITS = ("full", "length_matched")
 # quality columns: the four configurations of the evaluation plus the equal-FLOP baselines
@@ -336,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
     agg = aggregate_recipes(recipes, read_included(args.include) if args.include else None)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "ablation.json", agg)
+    write_json(out / "ablation.json", agg)
     write_text_atomic(out / "ablation.md", markdown(agg))
     plot(agg, out / "ablation.png")
     plot_tradeoff(agg, out / "ablation_tradeoff.png")

@@ -20,7 +20,7 @@ COMMANDS = {
     "data": ("layerroute.data.cli", "build the step data and print stats or rendered examples"),
     "train": ("layerroute.train", "train routers + LoRA from a YAML config"),
     "sweep": ("layerroute.sweep", "train and evaluate several seeds, one table"),
-    "eval": ("layerroute.evaluate", "skip rates, perplexity in four configurations, task accuracy, plots"),
+    "eval": ("layerroute.eval.cli", "skip rates, perplexity in four configurations, task accuracy, plots"),
     "ablation": ("layerroute.ablation", "compare training recipes over seeds from finished evaluations (one table)"),
     "curve": ("layerroute.skip_curve", "tool-call accuracy against blocks skipped: static removals and trained routers"),
     "bench": ("layerroute.bench", "wall-clock latency of routed vs dense generation (a table; --json / --output: JSON)"),

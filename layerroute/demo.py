@@ -69,7 +69,7 @@ def stages(config: str, out: Path, bench_steps: int = BENCH_STEPS, bench_reps: i
           "--bridge-rank", str(cfg.router.bridge_rank)]),
         ("data stats", "layerroute.data.cli", ["data", "--config", config, "--stats"]),
         ("training", "layerroute.train", ["train", "--config", config, "--output-dir", str(out / "train")]),
-        ("evaluation", "layerroute.evaluate",
+        ("evaluation", "layerroute.eval.cli",
          ["eval", "--config", config, "--adapter", str(adapter), "--output-dir", str(out / "eval")]),
         # real eval tool calls (their own contexts and gold lengths), the trained routers deciding, against the
         # dense LoRA-merged model: what a tool call gains on this machine (synthetic prompts do not route like them)

@@ -1,190 +1,26 @@
-"""Free-running accuracy of one configuration: every step generated in batches through the real-skip path
-(`layerroute.batched`), scored (BFCL AST for tool calls, final-number match for GSM8K), failures counted by reason.
-
-`evaluate.accuracy` calls `generate_and_score`, which scores each generation with `score_generation`;
-`paired_accuracy` compares two configurations step by step, `paired_by_config` every scored configuration with its
-reference. `ACCURACY_SUFFIX` names each split's accuracy keys in eval.json. A step is never dropped: a prompt longer than the model's context and a generation that
-hits its budget without closing its tool call are scored wrong with their own reasons.
-
-Configurations that cannot differ are not generated twice: a step whose gates open every block (a forced pattern
-that removes nothing, or routers that skip nothing on it) is its reference's generation (`lora_full_depth` for the
-LoRA-on configurations, `base` for `routed_no_lora`), reused and marked ``reused_from`` (routers still pay one
-prefill to decide; a forced pattern pays nothing).
-"""
+"""The old home of free-running accuracy: now `layerroute.eval.accuracy`. Re-exports its names so that
+`from layerroute.eval_accuracy import ...` keeps working."""
 
 from __future__ import annotations
 
-import numpy as np
+from .eval.accuracy import (
+    ACCURACY_SUFFIX,
+    PAIRS,
+    REASON_CONTEXT,
+    REASON_LENGTH,
+    REASON_SPEC,
+    REFERENCE,
+    generate_and_score,
+    paired_accuracy,
+    paired_by_config,
+    reuse_counts,
+    score,
+    score_generation,
+    step_id,
+)
+from .eval.accuracy import _reused as _reused
 
-from .batched import FINISH_CONTEXT, FINISH_LENGTH, Request, generate_batched
-
-# the configuration a config's step equals when its gates open every block
-REFERENCE = {"routed": "lora_full_depth", "shortgpt": "lora_full_depth", "random": "lora_full_depth",
-             "routed_no_lora": "base"}
-# pairs reported by `paired_by_config`: (reference, configuration)
-PAIRS = (("lora_full_depth", "routed"), ("lora_full_depth", "shortgpt"), ("lora_full_depth", "random"),
-         ("base", "routed_no_lora"), ("base", "lora_full_depth"))
-
-# the eval.json key suffix of each split's free-running accuracy ("accuracy", "accuracy_paired_routed_vs_lora" are
-# the full split's, as before session 9)
-ACCURACY_SUFFIX = {"full": "", "length_matched": "_length_matched"}
-
-REASON_CONTEXT = "prompt exceeds the model's context"
-REASON_LENGTH = "hit max_new_tokens"
-REASON_SPEC = "BFCL spec not checkable"
-
-
-def step_id(sample_or_step) -> str:
-    """'conversation#step', the id eval.json lists steps by."""
-    if isinstance(sample_or_step, dict):
-        return f"{sample_or_step['conversation_id']}#{sample_or_step.get('step_index', 0)}"
-    return f"{sample_or_step.conversation_id}#{sample_or_step.step_index}"
-
-
-def score_generation(step, text: str) -> tuple[bool, str | None]:
-    """(correct, reason) for one generated assistant turn. Malformed output is wrong, never an exception."""
-    from .data.toolcalls import parse_tool_calls
-    from .errors import DataError
-    from .scoring import check_tool_calls, gsm8k_exact_match
-
-    if step.step_type == "tool_call":
-        answer = step.meta.get("possible_answer")
-        functions = [t.get("function", t) for t in step.tools]  # OpenAI specs -> function docs
-        if answer is None or not functions:
-            return False, "no BFCL ground truth for this step"
-        # bare_json: a call written without its <tool_call> wrapper (Qwen2.5-Coder's native form) still counts
-        calls, _, error = parse_tool_calls(text, bare_json=True)
-        if error or not calls:
-            return False, f"unparsable tool call: {error or 'no call'}"
-        try:
-            result = check_tool_calls(calls, functions, answer, step.category or "simple_python")
-        except DataError as err:  # a spec BFCL's checker cannot read (e.g. a parameter without a type: one
-            # live_multiple function has one): wrong in every configuration alike, counted under its own reason
-            return False, f"{REASON_SPEC}: {err}"
-        return result.valid, result.error
-    reference = step.meta.get("answer")
-    if reference is None:
-        return False, "no reference answer for this step"
-    ok = gsm8k_exact_match(text, str(reference))
-    return ok, None if ok else "wrong final number"
-
-
-def score(step, text: str, finish: str, extra: dict | None = None) -> tuple[bool, str | None]:
-    """(correct, reason) of one generated step: `score_generation`'s verdict, with the reason saying when
-    the prompt did not fit or the output was cut at its budget."""
-    if finish == FINISH_CONTEXT:
-        extra = extra or {}
-        return False, f"{REASON_CONTEXT}: {extra.get('prompt_tokens')} tokens, context {extra.get('context')}"
-    ok, reason = score_generation(step, text)
-    if not ok and finish == FINISH_LENGTH:  # a call left open (or an answer cut off) by the budget
-        return False, f"{REASON_LENGTH}: {reason}"
-    return ok, reason
-
-
-def generate_and_score(rm, steps, config: str, cfg, *, stop: list[int], threshold=None, gates=None,
-                       reference: dict | None = None, logits_processor_for=None) -> list[dict]:
-    """One sample per step (in order): correct, reason, text, tokens, finish, gates, and ``reused_from`` when the
-    step was its reference's generation.
-
-    gates: None (the routers decide; 'open' for base / lora_full_depth) or one [L] pattern per step (forced).
-    reference: the reference configuration's `accuracy` result on the same steps (reused where gates are open).
-    logits_processor_for(step): an optional per-step processor (e.g. a schema constraint), None for none."""
-    n_layers = rm.num_layers
-    if config in ("base", "lora_full_depth"):
-        gates = [[True] * n_layers] * len(steps)
-    if gates is not None and len(gates) != len(steps):
-        raise ValueError(f"accuracy: {len(gates)} gate patterns for {len(steps)} steps")
-    ref = None
-    if reference is not None:
-        ref = reference["samples"]
-        if [step_id(s) for s in ref] != [step_id(s) for s in steps]:
-            raise ValueError(f"{config}: the reference generations are not of the same steps")
-    budget = {"tool_call": cfg.max_new_tokens_tool}
-    stop_set = frozenset(stop)
-    samples: list[dict | None] = [None] * len(steps)
-    todo = []
-    for i, step in enumerate(steps):
-        if ref is not None and gates is not None and all(gates[i]) and "tokens" in ref[i]:
-            samples[i] = _reused(step, ref[i], rm, REFERENCE.get(config, "reference"))
-        else:
-            todo.append(i)
-    reqs = [Request(list(steps[i].input_ids[: steps[i].context_length]),
-                    budget.get(steps[i].step_type, cfg.max_new_tokens_planning), stop=stop_set,
-                    forced=None if gates is None or config in ("base", "lora_full_depth") else gates[i],
-                    logits_processor=None if logits_processor_for is None else logits_processor_for(steps[i]))
-            for i in todo]
-    on_decided = None
-    if ref is not None and gates is None:  # routers: a step they open fully is its reference's generation
-        def on_decided(j, g):
-            r = ref[todo[j]]
-            return r["tokens"] if all(g) and "tokens" in r else None
-
-    # base and lora_full_depth run every block: forced "open" (a router is still evaluated, as before)
-    if config in ("base", "lora_full_depth"):
-        reqs = [Request(r.prompt, r.max_new_tokens, r.stop, forced=[True] * n_layers,
-                        logits_processor=r.logits_processor) for r in reqs]
-    results = generate_batched(rm, reqs, batch_size=cfg.accuracy_batch_size, threshold=threshold,
-                               kv_policy=cfg.kv_policy, prompt_full_depth=cfg.prompt_full_depth,
-                               lora=config not in ("base", "routed_no_lora"), on_decided=on_decided,
-                               desc=f"generate {config}")
-    for i, res in zip(todo, results, strict=True):
-        step = steps[i]
-        if res.finish == "reused":
-            samples[i] = {**_reused(step, ref[i], rm, REFERENCE.get(config, "reference")), "gates": res.gates}
-            continue
-        text = rm.tokenizer.decode(res.tokens, skip_special_tokens=True)
-        ok, reason = score(step, text, res.finish, res.extra)
-        # kept so that a failure can be read, not only counted (a few hundred characters per step)
-        samples[i] = {"conversation_id": step.conversation_id, "step_index": step.step_index,
-                      "category": step.category, "correct": bool(ok), "reason": reason, "text": text[:2000],
-                      "tokens": res.tokens, "finish": res.finish, "gates": res.gates}
-    return samples  # type: ignore[return-value]
-
-
-def _reused(step, ref_sample: dict, rm, ref_name: str) -> dict:
-    out = {k: v for k, v in ref_sample.items() if k != "teacher_forced_errors"}
-    out.update(conversation_id=step.conversation_id, step_index=step.step_index, reused_from=ref_name,
-               gates=[True] * rm.num_layers)
-    return out
-
-
-def paired_accuracy(a: dict, b: dict, resamples: int, seed: int) -> dict:
-    """b minus a on the same steps: counts of steps only one of them gets right, the accuracy difference in
-    points and its 95% bootstrap interval over steps (paired: a step's two verdicts are resampled together)."""
-    pa = np.array([s["correct"] for s in a["samples"]], dtype=float)
-    pb = np.array([s["correct"] for s in b["samples"]], dtype=float)
-    if len(pa) != len(pb) or [s["conversation_id"] for s in a["samples"]] != [s["conversation_id"]
-                                                                               for s in b["samples"]]:
-        raise ValueError("paired_accuracy needs both configurations scored on the same steps in the same order")
-    out = {"n": len(pa), "both_correct": int((pa * pb).sum()), "only_a": int((pa * (1 - pb)).sum()),
-           "only_b": int(((1 - pa) * pb).sum()), "diff_points": float("nan"), "diff_ci95": [float("nan")] * 2,
-           # the steps behind the difference, by id, so that each can be read
-           "only_a_ids": [step_id(s) for s, x, y in zip(a["samples"], pa, pb, strict=True) if x and not y],
-           "only_b_ids": [step_id(s) for s, x, y in zip(a["samples"], pa, pb, strict=True) if y and not x]}
-    if len(pa):
-        d = pb - pa
-        out["diff_points"] = 100 * float(d.mean())
-    if len(pa) and resamples > 0:  # eval.bootstrap: 0 means no interval (as bootstrap_differential), not a crash
-        rows = np.random.default_rng(seed).integers(0, len(d), size=(resamples, len(d)))
-        means = 100 * d[rows].mean(axis=1)
-        out["diff_ci95"] = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
-    return out
-
-
-def paired_by_config(by_config: dict[str, dict], resamples: int, seed: int) -> dict:
-    """Per configuration pair present (reference, configuration): the paired difference (configuration minus
-    reference) with its bootstrap interval and the ids of the steps only one side got right."""
-    out = {}
-    for ref, c in PAIRS:
-        if ref in by_config and c in by_config:
-            out[f"{c}_vs_{ref}"] = paired_accuracy(by_config[ref], by_config[c], resamples, seed)
-    return out
-
-
-def reuse_counts(result: dict) -> dict:
-    """How many of a configuration's steps were reused from its reference, and from which."""
-    counts: dict[str, int] = {}
-    for s in result["samples"]:
-        if s.get("reused_from"):
-            counts[s["reused_from"]] = counts.get(s["reused_from"], 0) + 1
-    return counts
+__all__ = [
+    "ACCURACY_SUFFIX", "PAIRS", "REASON_CONTEXT", "REASON_LENGTH", "REASON_SPEC", "REFERENCE", "generate_and_score",
+    "paired_accuracy", "paired_by_config", "reuse_counts", "score", "score_generation", "step_id",
+]

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .data.collate import collate_steps, length_grouped_batches
 from .data.tokenizer import pad_token_id
-from .eval_teacher_forced import teacher_forced
+from .eval.teacher_forced import teacher_forced
 from .routed import find_routed_layers, routing
 
 

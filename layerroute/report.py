@@ -193,7 +193,7 @@ def _honest_table(doc: dict) -> list[str]:
                              f"{_f(entry[t]['total_flops_skipped'], pct=True)} |")
                 for name, b in entry[t].get("baselines", {}).items():
                     lines.append(f"| {split} | {t} | {name} | {_f(b['ppl'])} | {_f(b['total_flops_skipped'], pct=True)} |")
-    from .eval_accuracy import ACCURACY_SUFFIX  # here: eval_accuracy imports torch, report.py does not
+    from .eval.accuracy import ACCURACY_SUFFIX  # here: eval.accuracy imports torch, report.py does not
 
     for split, key in ACCURACY_SUFFIX.items():
         split = split.replace("_", "-")

@@ -155,7 +155,7 @@ def rank_blocks(rm, data, ranking: str, cfg, calibration_steps: int) -> dict:
 
 
 def _summary(result: dict, reference: dict | None, cfg) -> dict:
-    from .eval_accuracy import paired_accuracy
+    from .eval.accuracy import paired_accuracy
 
     out = {k: result[k] for k in ("accuracy", "n", "failures") if k in result}
     for k in ("accuracy_unseen", "n_unseen"):
@@ -188,7 +188,8 @@ def skip_curve(reference_adapter: str, run_cfg, out_dir: Path, *, blocks: list[i
     from .adapters import adapter_base_name, load_adapter, read_adapter_meta
     from .config import ModelConfig
     from .data.build import load_steps
-    from .evaluate import _accuracy_steps, _steps_key, accuracy
+    from .eval.accuracy import accuracy
+    from .eval.sampling import _accuracy_steps, _steps_key
     from .identity import same_tokenizer, tokenizer_identity
     from .stage_cache import StageCache, directory_digest
 

@@ -15,7 +15,7 @@ from .config import RunConfig
 
 
 def sweep(cfg: RunConfig, seeds: list[int], out: Path, overrides: list[str] | None = None) -> dict:
-    from .evaluate import run_eval
+    from .eval.runner import run_eval
     from .train import train
 
     out.mkdir(parents=True, exist_ok=True)

@@ -173,7 +173,7 @@ def test_fp32_adapter_loads_on_a_bf16_base_and_generates_with_a_forced_skip(tmp_
 
 
 def test_eval_loads_adapters_in_the_configs_dtype(tmp_path, monkeypatch):
-    import layerroute.evaluate as evaluate
+    import layerroute.eval.runner as runner  # run_eval looks load_adapter up in its own module
     from layerroute.config import EvalConfig
 
     adapter = save_adapter(tiny_routed("shape:tiny-qwen2"), tmp_path / "adapter")
@@ -183,9 +183,9 @@ def test_eval_loads_adapters_in_the_configs_dtype(tmp_path, monkeypatch):
         seen.append(cfg)
         raise RuntimeError("stop")
 
-    monkeypatch.setattr(evaluate, "load_adapter", stop)
+    monkeypatch.setattr(runner, "load_adapter", stop)
     with pytest.raises(RuntimeError, match="stop"):
-        evaluate.run_eval([str(adapter)], None, EvalConfig(), None, tmp_path / "eval", dtype="bfloat16")
+        runner.run_eval([str(adapter)], None, EvalConfig(), None, tmp_path / "eval", dtype="bfloat16")
     assert seen[0].name == "shape:tiny-qwen2" and seen[0].dtype == "bfloat16"
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-import layerroute.evaluate as evaluate
+import layerroute.eval.adapter as adapter_mod
 from layerroute.data.build import load_steps
 from layerroute.evaluate import EvalConfig, evaluate_adapter
 from layerroute.stage_cache import StageCache, directory_digest
@@ -75,7 +75,7 @@ def test_an_interrupted_evaluation_resumes_from_its_finished_stages_to_the_same_
                      accuracy_configs=["lora_full_depth", "routed", "shortgpt", "random"])
     plain = evaluate_adapter(rm, data, cfg, {})
 
-    real = evaluate.accuracy
+    real = adapter_mod.accuracy  # looked up by evaluate_adapter in its own module
     generated: list[str] = []
 
     def accuracy(*args, **kwargs):
@@ -84,7 +84,7 @@ def test_an_interrupted_evaluation_resumes_from_its_finished_stages_to_the_same_
         generated.append(args[3])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "accuracy", accuracy)
+    monkeypatch.setattr(adapter_mod, "accuracy", accuracy)
     identity = {"adapter": "tiny"}
     stop_after = 1  # the process dies while generating the second configuration
     with pytest.raises(Interrupt):
