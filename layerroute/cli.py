@@ -24,7 +24,7 @@ COMMANDS = {
     "ablation": ("layerroute.ablation", "compare training recipes over seeds from finished evaluations (one table)"),
     "curve": ("layerroute.skip_curve", "tool-call accuracy against blocks skipped: static removals and trained routers"),
     "bench": ("layerroute.bench", "wall-clock latency of routed vs dense generation (a table; --json / --output: JSON)"),
-    "generate": ("layerroute.generate", "routed generation for one prompt"),
+    "generate": ("layerroute.generate_cli", "routed generation for one prompt"),
     "serve": ("layerroute.serve", "OpenAI-compatible chat endpoint with tools"),
     "agent": ("layerroute.agent", "BFCL multi-turn agent loop against a serve endpoint (success + routing per step)"),
 }

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import layerroute.generate as generate_mod
+import layerroute.generate_cli as generate_cli
 import layerroute.train as train_mod
 from layerroute import chat_template
 from layerroute.adapters import META_FILE, adapter_base_name, check_base_matches, load_adapter
@@ -220,8 +221,8 @@ def test_generate_with_an_adapter_uses_its_tokenizer_and_template_not_the_bases(
         assert render_prompt(rm.tokenizer, step.context_messages, step.tools) == step.context_ids
 
     seen = []
-    real = generate_mod.routed_generate
-    monkeypatch.setattr(generate_mod, "routed_generate", lambda rm, prompts, **kw: seen.append(prompts) or real(
+    real = generate_cli.routed_generate  # looked up by `layerroute generate` in its own module
+    monkeypatch.setattr(generate_cli, "routed_generate", lambda rm, prompts, **kw: seen.append(prompts) or real(
         rm, prompts, **kw))
     rc = cli_main(["generate", "--adapter", str(world["adapter"]), "--prompt", "What is 2+2?", "--skip-fraction",
                    "0.25", "--max-new-tokens", "2", "--device", "cpu", "--system", "Be brief."])

@@ -259,18 +259,18 @@ def test_generate_cli_constrain(rm, tmp_path, monkeypatch, capsys):
     import argparse
     import json
 
-    from layerroute import generate
+    from layerroute import generate_cli  # the command's run looks load_for_inference up here
     from layerroute.errors import ConfigError
 
-    monkeypatch.setattr(generate, "load_for_inference", lambda *a, **k: rm)
+    monkeypatch.setattr(generate_cli, "load_for_inference", lambda *a, **k: rm)
     monkeypatch.setattr(rm.base_model.generation_config, "eos_token_id", EOS)
     path = tmp_path / "tools.json"
     path.write_text(json.dumps([WEATHER["function"], GCD]))  # a bare function doc is accepted too
     parser = argparse.ArgumentParser()
-    generate.add_arguments(parser)
+    generate_cli.add_arguments(parser)
     argv = ["--prompt", "gcd?", "--prompt", "weather?", "--tools", str(path), "--constrain", "--tool-choice",
             "math.gcd", "--no-parallel-calls", "--skip-fraction", "0.25", "--max-new-tokens", "64"]
-    assert generate.run(parser.parse_args(argv)) == 0
+    assert generate_cli.run(parser.parse_args(argv)) == 0
     out = capsys.readouterr().out
     texts = [block.split("\n", 1)[1].rsplit("\n", 1)[0] for block in out.split("--- ")[1:]]
     texts[-1] = texts[-1].rsplit("\n", 1)[0]  # the summary line follows the last row
@@ -278,4 +278,4 @@ def test_generate_cli_constrain(rm, tmp_path, monkeypatch, capsys):
     for text in texts:
         assert [c["name"] for c in assert_valid_calls(text, [GCD])] == ["math.gcd"]
     with pytest.raises(ConfigError, match="--constrain needs --tools"):
-        generate.run(parser.parse_args(["--prompt", "x", "--constrain"]))
+        generate_cli.run(parser.parse_args(["--prompt", "x", "--constrain"]))
