@@ -231,6 +231,7 @@ class Completion:
     timings: dict
     flops: dict
     cache: dict
+    token_times: list[float] = field(default_factory=list)  # perf_counter when each token came (inter-token latency)
 
 
 class Engine:
@@ -441,6 +442,7 @@ class Engine:
         return Completion(
             tokens=tokens, text=text, finish_reason=finish, prompt_tokens=n_prompt, cached_tokens=cached,
             gates=gates, router_probs=probs, router_logits=logits, timings=timings, flops=flops, cache=cache_info,
+            token_times=list(streamer.times),
         )
 
 
