@@ -32,8 +32,10 @@ session-cache hits).
 * Errors use the API's shape, ``{"error": {"message", "type", "param", "code"}}``, with a 4xx status for
   the client's mistakes; anything unexpected is logged and answered 500 in the same shape; the server keeps
   running.
-* One model, one worker thread: requests queue (FIFO) in front of it and are all answered; more than
-  ``--max-queue`` waiting requests get 429.
+* Continuous batching (`layerroute.scheduler`): up to ``--max-batch`` requests decode together, each with its own
+  routing decisions, stop conditions, sampling settings and stream; a newcomer joins at the next token (its prompt
+  prefilled alone, then decoded with the others) and a finished or disconnected request leaves at once. Requests
+  wait FIFO for a place; with ``--max-queue`` requests already waiting, a new one gets 429 with ``Retry-After``.
 
 Deviations from the OpenAI API: no ``temperature`` means greedy decoding (deterministic agent steps), not 1.0;
 ``n`` must be 1; ``logprobs`` and penalties are not supported (rejected or ignored as noted in
@@ -42,7 +44,6 @@ Deviations from the OpenAI API: no ``temperature`` means greedy decoding (determ
 
 import argparse
 import asyncio
-import concurrent.futures
 import json
 import logging
 import math
@@ -56,6 +57,8 @@ from typing import Any
 from .data.render import RenderError
 from .data.toolcalls import FUNCTIONCALL, TOOL_CALL_OPEN, parse_tool_calls
 from .engine import Completion, Engine, SamplingParams
+from .scheduler import Job as _Job
+from .scheduler import Scheduler
 
 log = logging.getLogger("layerroute.serve")
 
@@ -237,22 +240,7 @@ def _reject_unsupported(payload: dict) -> None:
     # frequency/presence penalties, logit_bias, user, metadata... are accepted and ignored
 
 
-class ClientGone(Exception):
-    """A queued request whose client disconnected before it ran (not generated)."""
-
-
 # -- the app -------------------------------------------------------------------------------------------------
-class _Job:
-    """A request's place in the queue: validated inputs, and where its tokens go."""
-
-    def __init__(self, prompt, params, reuse, scripted_text, on_token=None):
-        self.prompt, self.params, self.reuse, self.scripted_text = prompt, params, reuse, scripted_text
-        self.on_token = on_token
-        self.cancel = threading.Event()
-        self.enqueued = time.perf_counter()
-        self.queue_s = 0.0
-
-
 class Server:
     """Validation, the generation queue and response formatting around one `Engine`."""
 
@@ -266,10 +254,9 @@ class Server:
         self.max_tokens_limit, self.default_max_tokens, self.max_queue = max_tokens_limit, default_max_tokens, max_queue
         self.scripted = scripted
         self.created = int(time.time())
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerroute-gen")
         self.max_batch = max_batch
+        self.scheduler = Scheduler(engine, max_batch=max_batch)  # continuous batching (layerroute.scheduler)
         self.pending = 0  # waiting or running (touched from the event loop only)
-        self.running = 0  # rows generating now
         self.served = 0
         self.failed = 0
         self.service_s: float | None = None  # moving average of a request's time in the engine (Retry-After)
@@ -285,8 +272,13 @@ class Server:
             self.metrics.queue_time.observe(job.queue_s)
             self.metrics.latency.observe(total_s)
 
+    @property
+    def running(self) -> int:
+        """Requests decoding in the running batch now."""
+        return self.scheduler.running
+
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.scheduler.close()
         self.engine.close()
 
     # -- validation -------------------------------------------------------------------------------------
@@ -378,31 +370,20 @@ class Server:
             raise _bad(f"{param}: {e}", param=param, code="invalid_schema") from None
 
     # -- the queue --------------------------------------------------------------------------------------
-    def _run(self, job: _Job) -> Completion:
-        with self.engine.lock:
-            job.queue_s = time.perf_counter() - job.enqueued
-            if job.cancel.is_set():
-                raise ClientGone("the client went away before its request was run")
-            self.running = 1
-            try:
-                return self.engine.generate(job.prompt, job.params, on_token=job.on_token, cancel=job.cancel,
-                                            reuse=job.reuse, scripted_text=job.scripted_text)
-            finally:
-                self.running = 0
-
     def retry_after(self) -> int:
         """Seconds a refused client should wait: the queue ahead of it served at the recent pace (1 to 60)."""
         per_request = self.service_s if self.service_s is not None else 1.0
-        return int(min(60, max(1, math.ceil(per_request * self.pending / max(1, self.max_batch)))))
+        return int(min(60, max(1, math.ceil(per_request * self.pending / self.max_batch))))
 
     def submit(self, job: _Job) -> asyncio.Future:
-        if self.pending >= self.max_queue:
+        waiting = self.pending - self.running
+        if waiting >= self.max_queue:
             if self.metrics is not None:
                 self.metrics.rejected.inc()
-            raise ApiError(429, f"the server has {self.pending} requests waiting (limit {self.max_queue}); retry later",
+            raise ApiError(429, f"the server has {waiting} requests waiting (limit {self.max_queue}); retry later",
                            type="rate_limit_error", code="queue_full", headers={"Retry-After": str(self.retry_after())})
         self.pending += 1
-        fut = asyncio.get_running_loop().run_in_executor(self.pool, self._run, job)
+        fut = asyncio.wrap_future(self.scheduler.submit(job))
 
         def done(_):
             self.pending -= 1
@@ -562,7 +543,7 @@ def create_app(
     if metrics:
         from .metrics import ServerMetrics, StatusMiddleware
 
-        server.metrics = ServerMetrics(queue_length=lambda: max(0, server.pending - server.running),
+        server.metrics = ServerMetrics(queue_length=lambda: len(server.scheduler.waiting),
                                        batch_size=lambda: server.running)
         app.add_middleware(StatusMiddleware, metrics=server.metrics)
 

@@ -306,7 +306,8 @@ def test_internal_error_is_500_and_the_server_survives(served, client, monkeypat
     def boom(*args, **kwargs):
         raise RuntimeError("simulated failure")
 
-    monkeypatch.setattr(engine, "generate", boom)
+    monkeypatch.setattr(engine, "generate", boom)  # a lone request's path
+    monkeypatch.setattr(app.state.server.scheduler, "_prefill", boom)  # a batched one's
     status, body, _ = raw(srv, "POST", "/v1/chat/completions", {"model": MODEL, "messages": MSG, "max_tokens": 2})
     assert status == 500 and body["error"]["type"] == "server_error" and "simulated failure" in body["error"]["message"]
     status, body, _ = raw(srv, "POST", "/v1/chat/completions",
