@@ -243,3 +243,31 @@ def test_failed_prefill_fails_that_request_only(rm, monkeypatch):
     finally:
         sched.close()
         engine.close()
+
+
+@pytest.mark.slow
+def test_real_model_batched_equals_lone_with_forced_skips():
+    """SmolLM2-135M-Instruct, four BFCL tool-call prompts, rows with different forced skip patterns decoded together:
+    each equals its lone run (float32; a near-tie flip would show here first)."""
+    import json
+    from pathlib import Path
+
+    from layerroute.data.render import render_prompt
+    from layerroute.data.sources import bfcl_data_dir, bfcl_tool
+    from layerroute.generate import load_for_inference
+
+    rm = load_for_inference("smollm2-135m-instruct", None, "float32", "cpu")
+    lines = (Path(bfcl_data_dir()) / "BFCL_v4_simple_python.json").read_text(encoding="utf-8").splitlines()[:4]
+    rows = [json.loads(line) for line in lines]
+    prompts = [render_prompt(rm.tokenizer, [{"role": m["role"], "content": m["content"]} for m in r["question"][0]],
+                             [bfcl_tool(fn) for fn in r["function"]]) for r in rows]
+    for forced in (None, [i not in (12, 17, 20) for i in range(rm.num_layers)]):
+        engine = Engine(rm, cache_sessions=0, forced=forced)
+        try:
+            jobs = [Job(p, SamplingParams(max_new_tokens=24), reuse=False) for p in prompts]
+            got, biggest = run_batched(engine, jobs, max_batch=4, late={3: 0})
+            assert biggest >= 3
+            for job, c in zip(jobs, got, strict=True):
+                assert c.tokens == engine.generate(job.prompt, job.params, reuse=False).tokens
+        finally:
+            engine.close()
