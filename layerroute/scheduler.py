@@ -26,6 +26,13 @@ What costs: the merge copies the batch's cache once per newcomer (``O(B * T)`` p
 gathers it once; both are per request, not per token. A newcomer's prefill runs while the batch waits (no chunked
 prefill), so a long prompt delays the running rows' next token by its prefill time.
 
+Admission order (``schedule``): ``fcfs`` takes the oldest waiting request. ``pattern`` (skip-pattern-aware)
+prefills up to ``lookahead`` waiting requests ahead (each is prefilled once either way; only its place in line
+changes, and its time to first token counts the wait), then admits the one whose routing decisions add the fewest
+blocks to those some running row runs: in memory-bound decode a block saves time only when every row skips it, so
+tool-call steps batch best with tool-call steps. A request that has waited ``max_wait_s`` since it arrived is
+admitted first, oldest first (a bound on starvation). Prefilled requests hold their KV cache while they wait.
+
 Prompt-lookup drafting (``Engine.prompt_lookup``) needs a batch of one: a request that arrives while nothing else
 runs or waits goes through `Engine.generate` alone, with drafts; a batched row decodes without drafts.
 """
@@ -68,6 +75,7 @@ class Job:
     enqueued: float = field(default_factory=time.perf_counter)
     queue_s: float = 0.0
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    order: int = 0  # 1 + how many requests took a row before this one (0: not batched)
 
 
 @dataclass
@@ -89,19 +97,38 @@ class _Row:
     times: list[float] = field(default_factory=list)
     forwards: int = 1
     finish: str | None = None
+    error: Exception | None = None  # this row failed alone (its logits processor or stream callback raised)
+
+
+SCHEDULES = ("fcfs", "pattern")
+
+
+def added_blocks(gates: list[bool], runs: list[bool]) -> int:
+    """Blocks a request would run that no row of the batch runs now (each costs the whole batch a block)."""
+    return sum(1 for g, r in zip(gates, runs, strict=True) if g and not r)
 
 
 class Scheduler:
     """The continuous-batching loop around one `Engine` (see the module doc). `submit` is thread-safe."""
 
-    def __init__(self, engine: Engine, max_batch: int = 8):
+    def __init__(self, engine: Engine, max_batch: int = 8, *, schedule: str = "fcfs", max_wait_s: float = 2.0,
+                 lookahead: int | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.engine, self.max_batch = engine, max_batch
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, not {schedule!r}")
+        if max_wait_s < 0:
+            raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
+        self.engine, self.max_batch, self.schedule, self.max_wait_s = engine, max_batch, schedule, max_wait_s
+        # pattern schedule: requests prefilled ahead (their decisions known), waiting for a place in the batch
+        self.lookahead = max(1, lookahead if lookahead is not None else max_batch)
+        self.ready: list[tuple] = []  # (row, cache, first logits, decisions, running sums) from `_prefill`
+        self.admitted = 0  # requests that took a row so far (Job.order)
         self.waiting: deque[Job] = deque()
         self.rows: list[_Row] = []
         self._wake = threading.Condition()
         self._stop = False
+        self._admitting: Job | None = None  # popped from the queue, not yet a row (answered if the turn fails)
         self._reset_batch()
         cfg = engine.rm.config
         attn = next(m for m in engine.model.modules() if hasattr(m, "head_dim") and hasattr(m, "k_proj"))
@@ -115,6 +142,11 @@ class Scheduler:
     def running(self) -> int:
         return len(self.rows)
 
+    @property
+    def queued(self) -> int:
+        """Requests without a row: waiting, or prefilled ahead by the pattern schedule."""
+        return len(self.waiting) + len(self.ready)
+
     def submit(self, job: Job) -> concurrent.futures.Future:
         with self._wake:
             self.waiting.append(job)
@@ -126,7 +158,7 @@ class Scheduler:
             self._stop = True
             self._wake.notify()
         self.thread.join(timeout)
-        for job in [*self.waiting, *(r.job for r in self.rows)]:
+        for job in [*self.waiting, *(r.job for r in self.rows), *(c[0].job for c in self.ready)]:
             if not job.future.done():
                 job.future.set_exception(RuntimeError("the server is shutting down"))
 
@@ -134,7 +166,7 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._stop and not self.waiting and not self.rows:
+                while not self._stop and not self.waiting and not self.rows and not self.ready:
                     self._wake.wait()
                 if self._stop:
                     return
@@ -143,43 +175,85 @@ class Scheduler:
                     self._turn()
                 except Exception as exc:  # noqa: BLE001 - a failed decode fails its rows; the loop goes on
                     log.exception("batched decode failed; %d rows answered with the error", len(self.rows))
-                    for row in self.rows:
-                        if not row.job.future.done():
-                            row.job.future.set_exception(exc)
+                    jobs = [r.job for r in self.rows] + ([self._admitting] if self._admitting is not None else [])
+                    for job in jobs:
+                        if not job.future.done():
+                            job.future.set_exception(exc)
                     self.rows = []
                     self._reset_batch()
+                finally:
+                    self._admitting = None
 
     def _next_job(self) -> Job | None:
         with self._wake:
-            return self.waiting.popleft() if self.waiting else None
+            self._admitting = self.waiting.popleft() if self.waiting else None
+            return self._admitting
 
     def _turn(self) -> None:
-        lone = self.max_batch == 1 or (self.engine.prompt_lookup > 0 and not self.rows and len(self.waiting) == 1)
+        lone = self.max_batch == 1 or (self.engine.prompt_lookup > 0 and not self.rows and not self.ready
+                                       and len(self.waiting) == 1)
         if lone:  # one request, the engine's own path (prompt-lookup drafts when configured)
             job = self._next_job()
             if job is not None:
                 self._run_alone(job)
             return
         while len(self.rows) < self.max_batch:
-            job = self._next_job()
-            if job is None:
+            cand = self._candidate()
+            if cand is None:
                 break
-            job.queue_s = time.perf_counter() - job.enqueued
-            if job.cancel.is_set():
-                job.future.set_exception(ClientGone("the client went away before its request was run"))
-                continue
-            try:
-                row, cache, first_logits, decisions, pools = self._prefill(job)
-            except Exception as exc:  # noqa: BLE001 - this request fails alone
-                log.exception("prefill failed")
-                job.future.set_exception(exc)
-                continue
+            row, cache, first_logits, decisions, pools = cand
+            self._admitting = row.job
+            self.admitted += 1
+            row.job.order = self.admitted
             self._join(row, cache, decisions, pools)
             self._choose([row], first_logits)
             self._leave()
         if self.rows:
             self._decode()
             self._leave()
+
+    def _prefill_next(self):
+        """Pop and prefill the oldest waiting request: `_prefill`'s tuple, or None when nothing waits."""
+        while True:
+            job = self._next_job()
+            if job is None:
+                return None
+            job.queue_s = time.perf_counter() - job.enqueued
+            if job.cancel.is_set():
+                job.future.set_exception(ClientGone("the client went away before its request was run"))
+                continue
+            try:
+                return self._prefill(job)
+            except Exception as exc:  # noqa: BLE001 - this request fails alone
+                log.exception("prefill failed")
+                job.future.set_exception(exc)
+
+    def _candidate(self):
+        """The next request to join the batch, prefilled. fcfs: the oldest waiting one. pattern: among up to
+        `lookahead` prefilled ones, the one whose gates add the fewest blocks to those the batch runs (a block
+        saves batch decode time only when every row skips it), oldest first on ties; a request that has waited
+        `max_wait_s` since it arrived goes first (no starvation)."""
+        if self.schedule == "fcfs":
+            return self._prefill_next()
+        while len(self.ready) < self.lookahead:
+            cand = self._prefill_next()
+            if cand is None:
+                break
+            self.ready.append(cand)
+        for cand in [c for c in self.ready if c[0].job.cancel.is_set()]:
+            self.ready.remove(cand)
+            cand[0].job.future.set_exception(ClientGone("the client went away before its request was run"))
+        if not self.ready:
+            return None
+        now = time.perf_counter()
+        overdue = [c for c in self.ready if now - c[0].job.enqueued >= self.max_wait_s]
+        if overdue or not self.rows or self.ready[0][0].gates is None:
+            pick = min(overdue or self.ready, key=lambda c: c[0].job.enqueued)
+        else:
+            runs = [any(r.gates[i] for r in self.rows) for i in range(len(self.rows[0].gates))]
+            pick = min(self.ready, key=lambda c: (added_blocks(c[0].gates, runs), c[0].job.enqueued))
+        self.ready.remove(pick)
+        return pick
 
     def _run_alone(self, job: Job) -> None:
         job.queue_s = time.perf_counter() - job.enqueued
@@ -354,22 +428,17 @@ class Scheduler:
         for j, row in enumerate(rows):
             b = offset + j
             p = row.job.params
-            scores = scores_all[j : j + 1]
-            if row.processor is not None:
-                ctx = torch.tensor([row.job.prompt + row.new], device=eng.device)
-                scores = row.processor(ctx, scores)
-            if row.generator is None:
-                tok = int(scores.argmax(dim=-1))
-            else:
-                scores = scores / p.temperature
-                if p.top_p < 1.0:
-                    scores = TopPLogitsWarper(p.top_p)(None, scores)
-                tok = int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=row.generator))
+            try:
+                tok = self._pick(row, scores_all[j : j + 1])
+                if row.job.on_token is not None:
+                    row.job.on_token(tok)
+            except Exception as exc:  # noqa: BLE001 - a row's processor or stream failing fails that row only
+                log.exception("choosing a token failed for one row")
+                row.error, row.finish = exc, "error"
+                continue
             row.new.append(tok)
             row.times.append(now)
             self.last[b] = tok
-            if row.job.on_token is not None:
-                row.job.on_token(tok)
             if row.job.cancel.is_set():
                 row.finish = "cancelled"
             elif not p.ignore_eos and tok in eng.eos_ids:
@@ -378,6 +447,19 @@ class Scheduler:
                 row.finish = "stop"
             elif len(row.new) >= p.max_new_tokens:
                 row.finish = "length"
+
+    def _pick(self, row: _Row, scores: torch.Tensor) -> int:
+        """The row's next token from its scores [1, V]: its logits processor, then greedy or seeded sampling."""
+        p = row.job.params
+        if row.processor is not None:
+            ctx = torch.tensor([row.job.prompt + row.new], device=scores.device)
+            scores = row.processor(ctx, scores)
+        if row.generator is None:
+            return int(scores.argmax(dim=-1))
+        scores = scores / p.temperature
+        if p.top_p < 1.0:
+            scores = TopPLogitsWarper(p.top_p)(None, scores)
+        return int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=row.generator))
 
     def _leave(self) -> None:
         """Answer the finished rows and drop them from the batch (cache rows, decisions, running sums)."""
@@ -390,6 +472,9 @@ class Scheduler:
                 row.finish = "cancelled"
             if row.finish is None:
                 keep.append(b)
+                continue
+            if row.error is not None:
+                row.job.future.set_exception(row.error)
                 continue
             try:
                 if eng.sessions.capacity and row.finish != "cancelled":
@@ -445,4 +530,4 @@ class Scheduler:
                                       logits=row.logits, timings=timings, token_times=times)
 
 
-__all__ = ["ClientGone", "Job", "Scheduler"]
+__all__ = ["SCHEDULES", "ClientGone", "Job", "Scheduler", "added_blocks"]

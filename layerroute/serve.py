@@ -246,7 +246,7 @@ class Server:
 
     def __init__(self, engine: Engine, *, model_name: str, max_tokens_limit: int = 4096, default_max_tokens: int = 512,
                  max_queue: int = 256, scripted: Callable[[list[dict], list[dict]], str | None] | None = None,
-                 constrained: bool = True, max_batch: int = 8):
+                 constrained: bool = True, max_batch: int = 8, schedule: str = "fcfs", max_wait_s: float = 2.0):
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
         self.engine, self.model_name = engine, model_name
@@ -255,7 +255,8 @@ class Server:
         self.scripted = scripted
         self.created = int(time.time())
         self.max_batch = max_batch
-        self.scheduler = Scheduler(engine, max_batch=max_batch)  # continuous batching (layerroute.scheduler)
+        # continuous batching (layerroute.scheduler)
+        self.scheduler = Scheduler(engine, max_batch=max_batch, schedule=schedule, max_wait_s=max_wait_s)
         self.pending = 0  # waiting or running (touched from the event loop only)
         self.served = 0
         self.failed = 0
@@ -506,6 +507,8 @@ def create_app(
     constrained: bool = True,
     prompt_lookup: int = 0,
     max_batch: int = 8,
+    schedule: str = "fcfs",
+    max_wait_s: float = 2.0,
     metrics: bool = True,
 ):
     """The FastAPI app serving `rm` (a RoutedModel with a tokenizer) or a ready `engine`.
@@ -530,7 +533,7 @@ def create_app(
                         threshold=threshold, prompt_lookup=prompt_lookup)
     server = Server(engine, model_name=model_name, max_tokens_limit=max_tokens_limit,
                     default_max_tokens=default_max_tokens, max_queue=max_queue, scripted=scripted,
-                    constrained=constrained, max_batch=max_batch)
+                    constrained=constrained, max_batch=max_batch, schedule=schedule, max_wait_s=max_wait_s)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -543,7 +546,7 @@ def create_app(
     if metrics:
         from .metrics import ServerMetrics, StatusMiddleware
 
-        server.metrics = ServerMetrics(queue_length=lambda: len(server.scheduler.waiting),
+        server.metrics = ServerMetrics(queue_length=lambda: server.scheduler.queued,
                                        batch_size=lambda: server.running)
         app.add_middleware(StatusMiddleware, metrics=server.metrics)
 
@@ -571,7 +574,8 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "pending": server.pending, "served": server.served,
+        return {"status": "ok", "model": model_name, "pending": server.pending, "running": server.running,
+                "max_batch": server.max_batch, "schedule": server.scheduler.schedule, "served": server.served,
                 "failed": server.failed, "cache": engine.sessions.stats(), "kv_policy": engine.kv_policy,
                 "dense": engine.dense}
 
@@ -737,6 +741,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests waiting or running beyond this get 429 with Retry-After")
     parser.add_argument("--max-batch", type=int, default=8,
                         help="requests decoded together (continuous batching); 1 = one request at a time")
+    parser.add_argument("--schedule", default="fcfs", choices=["fcfs", "pattern"],
+                        help="which waiting request joins the batch: the oldest, or (pattern) the one whose skip "
+                             "pattern adds the fewest blocks to the batch's (prefilled ahead; bounded by --max-wait)")
+    parser.add_argument("--max-wait", type=float, default=2.0, metavar="S",
+                        help="pattern schedule: a request waiting this long joins first (no starvation)")
     parser.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
                         help="draft up to K tokens per forward from the prompt's n-grams, verified by the model "
                              "(outputs unchanged; not under a grammar; 0 = off)")
@@ -765,7 +774,7 @@ def run(args: argparse.Namespace) -> int:
                      default_max_tokens=args.default_max_tokens, cache_sessions=args.cache_sessions,
                      kv_policy=args.kv_policy, dense=args.dense, forced=forced, threshold=args.threshold,
                      max_queue=args.max_queue, constrained=not args.no_constrain, prompt_lookup=args.prompt_lookup,
-                     max_batch=args.max_batch)
+                     max_batch=args.max_batch, schedule=args.schedule, max_wait_s=args.max_wait)
     log.info("serving %r on http://%s:%d/v1 (%s)", name, args.host, args.port,
              "dense" if args.dense else f"routed, {args.kv_policy}")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -271,3 +271,60 @@ def test_real_model_batched_equals_lone_with_forced_skips():
                 assert c.tokens == engine.generate(job.prompt, job.params, reuse=False).tokens
         finally:
             engine.close()
+
+
+def test_failing_row_processor_fails_that_row_only(rm):
+    engine = Engine(rm, cache_sessions=0)
+    try:
+        def bad(ids, scores):
+            raise ValueError("processor broke")
+
+        jobs = [Job(p, SamplingParams(max_new_tokens=5, ignore_eos=True), reuse=False) for p in PROMPTS[:3]]
+        sched = Scheduler(engine, max_batch=3)
+        real = sched._processor
+        sched._processor = lambda job: bad if job is jobs[1] else real(job)
+        for job in jobs:
+            sched.submit(job)
+        with pytest.raises(ValueError, match="processor broke"):
+            jobs[1].future.result(timeout=60)
+        for i in (0, 2):
+            assert jobs[i].future.result(timeout=60).tokens == engine.generate(jobs[i].prompt, jobs[i].params,
+                                                                                reuse=False).tokens
+        sched.close()
+    finally:
+        engine.close()
+
+
+def _two_patterns(engine):
+    """Two prompts whose lone gates differ so that the second runs a block the first skips."""
+    gates = {i: engine.generate(p, SamplingParams(max_new_tokens=1), reuse=False).gates for i, p in enumerate(PROMPTS)}
+    for a in gates:
+        for b in gates:
+            if any(gb and not ga for ga, gb in zip(gates[a], gates[b], strict=True)):
+                return PROMPTS[a], PROMPTS[b]
+    pytest.skip("no two prompts with such gates for these routers")
+
+
+@pytest.mark.parametrize("schedule, max_wait, expect_match", [("pattern", 60.0, True), ("pattern", 0.0, False),
+                                                             ("fcfs", 60.0, False)])
+def test_pattern_schedule_batches_matching_gates_within_the_wait_bound(rm, schedule, max_wait, expect_match):
+    """Waiting A, B, A', B' (A' has A's prompt, so its gates) and room for two: the pattern schedule admits A with A'
+    (B runs a block A skips); with no wait allowed, or first-come-first-served, B comes second. Outputs equal lone
+    runs whatever the order."""
+    engine = Engine(rm, cache_sessions=0)
+    try:
+        a, b = _two_patterns(engine)
+        jobs = [Job(p, SamplingParams(max_new_tokens=4, ignore_eos=True), reuse=False) for p in (a, b, a, b)]
+        sched = Scheduler(engine, max_batch=2, schedule=schedule, max_wait_s=max_wait)
+        with engine.lock:  # the four wait together before the first turn
+            for job in jobs:
+                sched.submit(job)
+        out = [job.future.result(timeout=60) for job in jobs]
+        sched.close()
+        order = [job.order for job in jobs]
+        assert sorted(order) == [1, 2, 3, 4] and order[0] == 1
+        assert (order[2] == 2) == expect_match, order
+        for job, c in zip(jobs, out, strict=True):
+            assert c.tokens == engine.generate(job.prompt, job.params, reuse=False).tokens
+    finally:
+        engine.close()
