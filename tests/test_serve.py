@@ -615,3 +615,24 @@ def test_full_queue_is_429_with_retry_after():
         assert int(headers["retry-after"]) >= 1
         assert results and results[0][0] == 200  # the queued one is answered
         assert _metric(raw(srv, "GET", "/metrics")[1], "layerroute_queue_rejected_total") == 1
+
+
+def test_pattern_schedule_server_answers_a_burst():
+    app = create_app(routed_model(seed=3, lora=False), model_name=MODEL, default_max_tokens=4, max_batch=2,
+                     schedule="pattern", max_wait_s=0.5)
+    with BackgroundServer(app) as srv:
+        got = [None] * 6
+
+        def one(i):
+            got[i] = raw(srv, "POST", "/v1/chat/completions", _good(i + 1))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert all(g is not None and g[0] == 200 for g in got), got
+        health = raw(srv, "GET", "/health")[1]
+        assert health["schedule"] == "pattern" and health["max_batch"] == 2 and health["pending"] == 0
+    with pytest.raises(ValueError, match="schedule"):
+        create_app(routed_model(seed=3, lora=False), model_name=MODEL, schedule="sjf")
