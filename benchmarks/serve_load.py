@@ -1,23 +1,30 @@
-"""Load test of `layerroute serve`: requests/s and p50/p95 latency at 1 and 4 concurrent clients, routed vs dense.
+"""Load test of `layerroute serve` (continuous batching): generated tokens/s, p50/p95/p99 latency and time to first
+token at 1, 4 and 8 concurrent clients, dense vs routed, in one run.
 
-    PYTHONPATH=. python benchmarks/serve_load.py --model smollm2-135m-instruct --requests 8 --max-tokens 32
+    PYTHONPATH=. python benchmarks/serve_load.py --model smollm2-135m-instruct --requests-per-client 3 --max-tokens 32
 
 One server process per configuration, all started first and kept running (idle ones cost nothing); then, for
-each concurrency level and repetition, every configuration takes a burst of `--requests` requests in turn
-(interleaved, so load from other processes on a shared machine hits them alike; compare within a run only).
+each concurrency level and repetition, every configuration takes a burst in turn (interleaved, so load from other
+processes on a shared machine hits them alike; compare within a run only). A burst is `--requests-per-client`
+requests from each of `c` client threads, each client sending its next request when the last is answered.
 Configurations:
 
 - ``dense``: ``--dense``, the plain model (routed layers swapped out, LoRA merged): the baseline.
 - ``routed``: the routers decide (without ``--adapter`` they are at init and run every block, so this measures
-  the router overhead; with ``--adapter`` the trained routers decide).
+  the router overhead; with ``--adapter`` the trained routers decide, and rows of one batch may differ).
 - ``skip<F>``: a forced pattern skipping round(F * L) blocks (real skipping; without a trained adapter the text
-  is not meaningful, the speed is).
+  is not meaningful, the speed is). Every row skips the same blocks, so the batch skips them too.
+- ``dense_serial`` (``--serial``): the dense server with ``--max-batch 1``, one request at a time (the engine
+  before continuous batching): what batching buys at the same concurrency.
 
 Requests are BFCL simple_python questions with their tool specs (a realistic tool-call prompt), sent with the
 official openai client, ``temperature=0``, and ``"layerroute": {"ignore_eos": true, "cache": false}`` so every
 configuration generates exactly ``--max-tokens`` tokens per request and re-prefills (no session reuse between
-unrelated requests). The server has one worker: at 4 clients requests queue, so requests/s stays near the
-1-client figure while latency grows; that is the design being measured.
+unrelated requests). Time to first token = the server's queue wait + its prefill-to-first-token time (from the
+response's ``layerroute.timings``). Per configuration and concurrency: generated tokens/s over the burst's wall
+time (median of the repetitions), latency p50/p95/p99 over every request, TTFT p50/p95; and per configuration the
+issue's two checks: tokens/s at the highest concurrency over 1 client, and p95 latency there over the median
+latency of a lone request (1 client) of the same length.
 
 Prints one JSON line last (also written to ``--output``).
 """
@@ -67,9 +74,11 @@ class ServerProc:
         self.name, self.port = name, free_port()
         cmd = [sys.executable, "-m", "layerroute.serve", "--model", model, "--served-model-name", "bench",
                "--port", str(self.port), "--cache-sessions", "0", "--log-level", "warning", *extra]
+        env_threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # one thread per server
         if adapter:
             cmd += ["--adapter", adapter]
-        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        env = {**os.environ, **env_threads,
+               "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"serve_load_{name}_{self.port}.log", "w")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
 
@@ -122,7 +131,8 @@ def burst(client, reqs, n: int, concurrency: int, max_tokens: int) -> dict:
                 continue
             ext = r.model_extra["layerroute"]
             with lock:
-                records.append({"latency": time.perf_counter() - t0, "ttft": ext["timings"]["ttft_s"],
+                records.append({"latency": time.perf_counter() - t0,
+                                "ttft": ext["timings"]["queue_s"] + ext["timings"]["ttft_s"],
                                 "decode": ext["timings"]["decode_s_per_token"], "queue": ext["timings"]["queue_s"],
                                 "tokens": r.usage.completion_tokens, "prompt": r.usage.prompt_tokens,
                                 "skipped": len(ext["blocks_skipped"]), "tfs": ext["total_flops_skipped"]})
@@ -145,12 +155,14 @@ def pct(values: list[float], q: float) -> float:
 def summarize(bursts: list[dict]) -> dict:
     recs = [r for b in bursts for r in b["records"]]
     lat = [r["latency"] for r in recs]
-    rps = [len(b["records"]) / b["wall"] for b in bursts]
+    ttft = [r["ttft"] for r in recs]
+    tps = [sum(r["tokens"] for r in b["records"]) / b["wall"] for b in bursts]
     return {
         "requests": len(recs), "errors": sum(len(b["errors"]) for b in bursts),
-        "rps_median": statistics.median(rps), "rps_per_rep": rps,
-        "p50_s": statistics.median(lat), "p95_s": pct(lat, 95),
-        "server_ttft_s_median": statistics.median(r["ttft"] for r in recs),
+        "tokens_per_s_median": statistics.median(tps), "tokens_per_s_per_rep": tps,
+        "rps_median": statistics.median(len(b["records"]) / b["wall"] for b in bursts),
+        "p50_s": statistics.median(lat), "p95_s": pct(lat, 95), "p99_s": pct(lat, 99),
+        "ttft_p50_s": statistics.median(ttft), "ttft_p95_s": pct(ttft, 95),
         "server_decode_ms_per_token_median": 1000 * statistics.median(r["decode"] for r in recs if r["decode"]),
         "queue_s_median": statistics.median(r["queue"] for r in recs),
         "completion_tokens_mean": statistics.fmean(r["tokens"] for r in recs),
@@ -165,20 +177,26 @@ def main() -> int:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--adapter", default=None, help="adapter for the routed configuration")
     p.add_argument("--skip-fraction", type=float, nargs="*", default=[0.25], help="forced-skip configurations")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--requests", type=int, default=8, help="requests per burst")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
+    p.add_argument("--requests-per-client", type=int, default=3, help="requests each client sends per burst")
     p.add_argument("--reps", type=int, default=2, help="bursts per configuration and concurrency")
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-batch", type=int, default=8, help="the servers' --max-batch")
+    p.add_argument("--serial", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run dense_serial: the dense server one request at a time (--max-batch 1)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--output", default=None)
     args = p.parse_args()
 
     import openai
 
-    configs = {"dense": ["--dense"], "routed": []}
+    batch = ["--max-batch", str(args.max_batch)]
+    configs = {"dense": ["--dense", *batch], "routed": batch}
     for f in args.skip_fraction:
-        configs[f"skip{f:g}"] = ["--skip-fraction", str(f)]
-    reqs = bfcl_requests(max(args.requests, 8))
+        configs[f"skip{f:g}"] = ["--skip-fraction", str(f), *batch]
+    if args.serial:
+        configs["dense_serial"] = ["--dense", "--max-batch", "1"]
+    reqs = bfcl_requests(max(args.requests_per_client * max(args.concurrency), 8))
     servers = {name: ServerProc(name, args.model, extra, args.adapter if name == "routed" else None)
                for name, extra in configs.items()}
     try:
@@ -193,30 +211,37 @@ def main() -> int:
             runs = {name: [] for name in configs}
             for rep in range(args.reps):
                 for name, cl in clients.items():
-                    b = burst(cl, reqs, args.requests, c, args.max_tokens)
+                    b = burst(cl, reqs, args.requests_per_client * c, c, args.max_tokens)
                     runs[name].append(b)
+                    tokens = sum(r["tokens"] for r in b["records"])
                     print(f"c={c} rep={rep} {name}: {len(b['records'])} ok, {len(b['errors'])} errors, "
-                          f"{len(b['records']) / b['wall']:.2f} req/s", file=sys.stderr)
+                          f"{tokens / b['wall']:.1f} tokens/s", file=sys.stderr, flush=True)
             for name in configs:
                 results[name][f"c{c}"] = summarize(runs[name])
     finally:
         for s in servers.values():
             s.stop()
     ratios = {}
+    lo, hi = f"c{min(args.concurrency)}", f"c{max(args.concurrency)}"
     for name in configs:
+        r = results[name]
+        ratios[f"{name}_{hi}_vs_{lo}"] = {"tokens_per_s": r[hi]["tokens_per_s_median"] / r[lo]["tokens_per_s_median"],
+                                         "p95_vs_lone_p50": r[hi]["p95_s"] / r[lo]["p50_s"]}
         if name == "dense":
             continue
         for c in args.concurrency:
-            d, x = results["dense"][f"c{c}"], results[name][f"c{c}"]
-            ratios[f"{name}_vs_dense_c{c}"] = {"rps": x["rps_median"] / d["rps_median"],
+            d, x = results["dense"][f"c{c}"], r[f"c{c}"]
+            ratios[f"{name}_vs_dense_c{c}"] = {"tokens_per_s": x["tokens_per_s_median"] / d["tokens_per_s_median"],
                                                "p50": x["p50_s"] / d["p50_s"], "p95": x["p95_s"] / d["p95_s"]}
     out = {
         "benchmark": "serve_load", "model": args.model, "adapter": args.adapter, "max_tokens": args.max_tokens,
-        "requests_per_burst": args.requests, "reps": args.reps, "concurrency": args.concurrency,
+        "requests_per_client": args.requests_per_client, "reps": args.reps, "concurrency": args.concurrency,
+        "max_batch": args.max_batch,
         "prompts": "BFCL simple_python questions + tools", "results": results, "ratios": ratios,
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                     "loadavg_at_end": os.getloadavg()},
-        "note": "one worker per server (requests queue); shared CPU machine, timings noisy: compare within a run",
+        "note": "continuous batching up to max_batch rows per server, one thread each; shared CPU machine, timings "
+                "noisy: compare within a run",
     }
     if args.output:
         from layerroute.atomic import write_text_atomic

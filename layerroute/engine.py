@@ -231,6 +231,7 @@ class Completion:
     timings: dict
     flops: dict
     cache: dict
+    token_times: list[float] = field(default_factory=list)  # perf_counter when each token came (inter-token latency)
 
 
 class Engine:
@@ -384,36 +385,11 @@ class Engine:
                     layer.pool_sum = layer.pool_count = None
 
         new = out[0, n_prompt:].tolist()
-        eos = set(self.eos_ids)
-        cut = next((i for i, t in enumerate(new) if t in eos), None)
-        tokens = new if cut is None or params.ignore_eos else new[:cut]
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        stopped_on = next((s for s in params.stop if s in text), None)
-        if cancel is not None and cancel.is_set():
-            finish = "cancelled"
-        elif (cut is not None and not params.ignore_eos) or stopped_on is not None:
-            finish = "stop"
-        else:
-            finish = "length"
-        if stopped_on is not None:
-            text = text[: text.index(stopped_on)]
-
-        # the cache now holds the prompt and every generated token but the last (never fed back)
-        cached_ids = prompt + new[:-1] if new else list(prompt)
-        if self.sessions.capacity and cache.get_seq_length() == len(cached_ids):
-            if self.dense:
-                checkpoints = {n_prompt: None, len(cached_ids): None}
-            else:
-                at_prompt = [snapshots[i] for i in range(len(self.routed_layers))]
-                checkpoints = {n_prompt: at_prompt}
-                if not lookup:  # under drafts the final sums also hold rejected drafts' states
-                    checkpoints[len(cached_ids)] = final_pools
-            self.sessions.put(Session(cached_ids, cache, checkpoints))
-        elif self.sessions.capacity:
-            log.warning("cache length %d != %d tokens seen; session dropped", cache.get_seq_length(), len(cached_ids))
-
+        if self.sessions.capacity:  # under drafts the final running sums also hold rejected drafts' states
+            at_prompt = None if self.dense else [snapshots[i] for i in range(len(self.routed_layers))]
+            final = None if self.dense else final_pools
+            self.keep_session(prompt, new, cache, at_prompt, final, final_checkpoint=self.dense or not lookup)
         times = streamer.times or [end]
-        n_gen = len(new)
         timings = {
             "ttft_s": times[0] - start,
             "decode_s_per_token": (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None,
@@ -421,6 +397,44 @@ class Engine:
             "engine_s": time.perf_counter() - t0,
             "forwards": streamer.forwards,  # < generated tokens when prompt-lookup drafts were accepted
         }
+        return self.completion(prompt, new, params, cancelled=cancel is not None and cancel.is_set(), cached=cached,
+                               reused=session is not None, gates=gates, probs=probs, logits=logits, timings=timings,
+                               token_times=streamer.times)
+
+    # -- shared by the lone path above and the batch scheduler (`layerroute.scheduler`) ---------------------
+    def keep_session(self, prompt: list[int], new: list[int], cache: RoutedCache, at_prompt: Pools | None,
+                     final: Pools | None, final_checkpoint: bool = True) -> None:
+        """Store a finished request's cache (prompt + generated tokens but the last, never fed back) as a session,
+        with its routing running sums at the prompt's end and (final_checkpoint) at the cache's end."""
+        cached_ids = prompt + new[:-1] if new else list(prompt)
+        if cache.get_seq_length() != len(cached_ids):
+            log.warning("cache length %d != %d tokens seen; session dropped", cache.get_seq_length(), len(cached_ids))
+            return
+        checkpoints = {len(prompt): at_prompt}
+        if final_checkpoint:
+            checkpoints[len(cached_ids)] = final
+        self.sessions.put(Session(cached_ids, cache, checkpoints))
+
+    def completion(self, prompt: list[int], new: list[int], params: SamplingParams, *, cancelled: bool, cached: int,
+                   reused: bool, gates: list[bool] | None, probs: list[float], logits: list[float], timings: dict,
+                   token_times: list[float]) -> Completion:
+        """The `Completion` of a request that generated `new` (raw ids, end-of-turn token included)."""
+        gates = [True] * self.rm.num_layers if gates is None else gates
+        n_prompt, n_new = len(prompt), len(prompt) - cached
+        eos = set(self.eos_ids)
+        cut = next((i for i, t in enumerate(new) if t in eos), None)
+        tokens = new if cut is None or params.ignore_eos else new[:cut]
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        stopped_on = next((s for s in params.stop if s in text), None)
+        if cancelled:
+            finish = "cancelled"
+        elif (cut is not None and not params.ignore_eos) or stopped_on is not None:
+            finish = "stop"
+        else:
+            finish = "length"
+        if stopped_on is not None:
+            text = text[: text.index(stopped_on)]
+        n_gen = len(new)
         processed = n_new + max(n_gen - 1, 0)  # tokens that went through the blocks in this request
         fl = step_flops(
             self.rm.config, cached, processed, gates, kv_preserving=self.kv_policy == "kv_preserving",
@@ -435,14 +449,13 @@ class Engine:
             "policy": fl["policy"],
         }
         cache_info = {
-            "reused": session is not None, "cached_tokens": cached, "prefilled_tokens": n_new,
-            "sessions": len(self.sessions),
+            "reused": reused, "cached_tokens": cached, "prefilled_tokens": n_new, "sessions": len(self.sessions),
         }
         return Completion(
             tokens=tokens, text=text, finish_reason=finish, prompt_tokens=n_prompt, cached_tokens=cached,
             gates=gates, router_probs=probs, router_logits=logits, timings=timings, flops=flops, cache=cache_info,
+            token_times=list(token_times),
         )
-
 
 __all__ = [
     "Completion", "Engine", "SamplingParams", "Session", "SessionStore", "common_prefix", "token_key",

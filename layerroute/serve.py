@@ -3,7 +3,10 @@
     layerroute serve --model smollm2-135m-instruct [--adapter DIR] [--host 127.0.0.1 --port 8000]
 
 Endpoints: ``POST /v1/chat/completions`` (messages, tools, tool_choice, max_tokens / max_completion_tokens,
-temperature, top_p, stop, seed, stream with stream_options.include_usage), ``GET /v1/models``, ``GET /health``.
+temperature, top_p, stop, seed, stream with stream_options.include_usage), ``GET /v1/models``, ``GET /health``,
+``GET /metrics`` (Prometheus text format, `layerroute.metrics`: requests by status, queue length, running batch
+size, time to first token and inter-token latency histograms, prompt / generated tokens, blocks run and skipped,
+session-cache hits).
 
 * Tool calls the model writes (Hermes/Qwen ``<tool_call>{json}</tool_call>``) come back in ``tool_calls``
   (``call_...`` ids, type function, arguments as a JSON string) with finish_reason ``tool_calls``. A call that
@@ -29,8 +32,10 @@ temperature, top_p, stop, seed, stream with stream_options.include_usage), ``GET
 * Errors use the API's shape, ``{"error": {"message", "type", "param", "code"}}``, with a 4xx status for
   the client's mistakes; anything unexpected is logged and answered 500 in the same shape; the server keeps
   running.
-* One model, one worker thread: requests queue (FIFO) in front of it and are all answered; more than
-  ``--max-queue`` waiting requests get 429.
+* Continuous batching (`layerroute.scheduler`): up to ``--max-batch`` requests decode together, each with its own
+  routing decisions, stop conditions, sampling settings and stream; a newcomer joins at the next token (its prompt
+  prefilled alone, then decoded with the others) and a finished or disconnected request leaves at once. Requests
+  wait FIFO for a place; with ``--max-queue`` requests already waiting, a new one gets 429 with ``Retry-After``.
 
 Deviations from the OpenAI API: no ``temperature`` means greedy decoding (deterministic agent steps), not 1.0;
 ``n`` must be 1; ``logprobs`` and penalties are not supported (rejected or ignored as noted in
@@ -39,9 +44,9 @@ Deviations from the OpenAI API: no ``temperature`` means greedy decoding (determ
 
 import argparse
 import asyncio
-import concurrent.futures
 import json
 import logging
+import math
 import socket
 import threading
 import time
@@ -52,6 +57,8 @@ from typing import Any
 from .data.render import RenderError
 from .data.toolcalls import FUNCTIONCALL, TOOL_CALL_OPEN, parse_tool_calls
 from .engine import Completion, Engine, SamplingParams
+from .scheduler import Job as _Job
+from .scheduler import Scheduler
 
 log = logging.getLogger("layerroute.serve")
 
@@ -65,9 +72,10 @@ class ApiError(Exception):
     """A request the server refuses, answered in the OpenAI error shape."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers  # e.g. Retry-After on a 429
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -169,8 +177,14 @@ def parse_messages(raw: Any) -> list[dict]:
                 structured.append({"type": "function",
                                    "function": {"name": fn["name"], "arguments": _arguments(fn.get("arguments"), w)}})
             msg["tool_calls"] = structured
-        elif role == "tool" and m.get("tool_call_id") is not None and not isinstance(m.get("tool_call_id"), str):
-            raise _bad(f"{where}.tool_call_id must be a string", param=f"{where}.tool_call_id", code="invalid_type")
+        elif role == "tool":  # the OpenAI API requires the id of the call a tool result answers
+            tid = m.get("tool_call_id")
+            if tid is None:
+                raise _bad(f"{where}.tool_call_id is required for a message with role 'tool'",
+                           param=f"{where}.tool_call_id", code="missing_required_parameter")
+            if not isinstance(tid, str) or not tid:
+                raise _bad(f"{where}.tool_call_id must be a non-empty string", param=f"{where}.tool_call_id",
+                           code="invalid_type")
         out.append(msg)
     return out
 
@@ -226,40 +240,46 @@ def _reject_unsupported(payload: dict) -> None:
     # frequency/presence penalties, logit_bias, user, metadata... are accepted and ignored
 
 
-class ClientGone(Exception):
-    """A queued request whose client disconnected before it ran (not generated)."""
-
-
 # -- the app -------------------------------------------------------------------------------------------------
-class _Job:
-    """A request's place in the queue: validated inputs, and where its tokens go."""
-
-    def __init__(self, prompt, params, reuse, scripted_text, on_token=None):
-        self.prompt, self.params, self.reuse, self.scripted_text = prompt, params, reuse, scripted_text
-        self.on_token = on_token
-        self.cancel = threading.Event()
-        self.enqueued = time.perf_counter()
-        self.queue_s = 0.0
-
-
 class Server:
     """Validation, the generation queue and response formatting around one `Engine`."""
 
     def __init__(self, engine: Engine, *, model_name: str, max_tokens_limit: int = 4096, default_max_tokens: int = 512,
                  max_queue: int = 256, scripted: Callable[[list[dict], list[dict]], str | None] | None = None,
-                 constrained: bool = True):
+                 constrained: bool = True, max_batch: int = 8, schedule: str = "fcfs", max_wait_s: float = 2.0):
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
         self.engine, self.model_name = engine, model_name
         self.constrained = constrained
         self.max_tokens_limit, self.default_max_tokens, self.max_queue = max_tokens_limit, default_max_tokens, max_queue
         self.scripted = scripted
         self.created = int(time.time())
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerroute-gen")
+        self.max_batch = max_batch
+        # continuous batching (layerroute.scheduler)
+        self.scheduler = Scheduler(engine, max_batch=max_batch, schedule=schedule, max_wait_s=max_wait_s)
         self.pending = 0  # waiting or running (touched from the event loop only)
         self.served = 0
         self.failed = 0
+        self.service_s: float | None = None  # moving average of a request's time in the engine (Retry-After)
+        self.metrics = None  # a metrics.ServerMetrics when the app exposes /metrics
+
+    def record(self, job: _Job, c: Completion, total_s: float) -> None:
+        """A request answered: counts, metrics and the pace used for Retry-After."""
+        self.served += 1
+        engine_s = c.timings.get("engine_s", total_s)
+        self.service_s = engine_s if self.service_s is None else 0.8 * self.service_s + 0.2 * engine_s
+        if self.metrics is not None:
+            self.metrics.observe_completion(c)
+            self.metrics.queue_time.observe(job.queue_s)
+            self.metrics.latency.observe(total_s)
+
+    @property
+    def running(self) -> int:
+        """Requests decoding in the running batch now."""
+        return self.scheduler.running
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.scheduler.close()
         self.engine.close()
 
     # -- validation -------------------------------------------------------------------------------------
@@ -351,20 +371,20 @@ class Server:
             raise _bad(f"{param}: {e}", param=param, code="invalid_schema") from None
 
     # -- the queue --------------------------------------------------------------------------------------
-    def _run(self, job: _Job) -> Completion:
-        with self.engine.lock:
-            job.queue_s = time.perf_counter() - job.enqueued
-            if job.cancel.is_set():
-                raise ClientGone("the client went away before its request was run")
-            return self.engine.generate(job.prompt, job.params, on_token=job.on_token, cancel=job.cancel,
-                                        reuse=job.reuse, scripted_text=job.scripted_text)
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait: the queue ahead of it served at the recent pace (1 to 60)."""
+        per_request = self.service_s if self.service_s is not None else 1.0
+        return int(min(60, max(1, math.ceil(per_request * self.pending / self.max_batch))))
 
     def submit(self, job: _Job) -> asyncio.Future:
-        if self.pending >= self.max_queue:
-            raise ApiError(429, f"the server has {self.pending} requests waiting (limit {self.max_queue}); retry later",
-                           type="rate_limit_error", code="queue_full")
+        waiting = self.pending - self.running
+        if waiting >= self.max_queue:
+            if self.metrics is not None:
+                self.metrics.rejected.inc()
+            raise ApiError(429, f"the server has {waiting} requests waiting (limit {self.max_queue}); retry later",
+                           type="rate_limit_error", code="queue_full", headers={"Retry-After": str(self.retry_after())})
         self.pending += 1
-        fut = asyncio.get_running_loop().run_in_executor(self.pool, self._run, job)
+        fut = asyncio.wrap_future(self.scheduler.submit(job))
 
         def done(_):
             self.pending -= 1
@@ -416,7 +436,7 @@ class Server:
 def _error_response(err: ApiError):
     from fastapi.responses import JSONResponse
 
-    return JSONResponse(err.body(), status_code=err.status)
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
 def _internal_error_body(exc: BaseException) -> dict:
@@ -486,6 +506,10 @@ def create_app(
     scripted: Callable[[list[dict], list[dict]], str | None] | None = None,
     constrained: bool = True,
     prompt_lookup: int = 0,
+    max_batch: int = 8,
+    schedule: str = "fcfs",
+    max_wait_s: float = 2.0,
+    metrics: bool = True,
 ):
     """The FastAPI app serving `rm` (a RoutedModel with a tokenizer) or a ready `engine`.
 
@@ -509,7 +533,7 @@ def create_app(
                         threshold=threshold, prompt_lookup=prompt_lookup)
     server = Server(engine, model_name=model_name, max_tokens_limit=max_tokens_limit,
                     default_max_tokens=default_max_tokens, max_queue=max_queue, scripted=scripted,
-                    constrained=constrained)
+                    constrained=constrained, max_batch=max_batch, schedule=schedule, max_wait_s=max_wait_s)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -519,6 +543,19 @@ def create_app(
     app = FastAPI(title="layerroute", lifespan=lifespan)
     app.state.server = server
     app.state.engine = engine
+    if metrics:
+        from .metrics import ServerMetrics, StatusMiddleware
+
+        server.metrics = ServerMetrics(queue_length=lambda: server.scheduler.queued,
+                                       batch_size=lambda: server.running)
+        app.add_middleware(StatusMiddleware, metrics=server.metrics)
+
+        @app.get("/metrics")
+        async def prometheus_metrics():
+            from fastapi.responses import Response
+
+            body, content_type = server.metrics.render()
+            return Response(body, media_type=content_type)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):
@@ -537,7 +574,8 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "pending": server.pending, "served": server.served,
+        return {"status": "ok", "model": model_name, "pending": server.pending, "running": server.running,
+                "max_batch": server.max_batch, "schedule": server.scheduler.schedule, "served": server.served,
                 "failed": server.failed, "cache": engine.sessions.stats(), "kv_policy": engine.kv_policy,
                 "dense": engine.dense}
 
@@ -565,7 +603,7 @@ def create_app(
                 job.cancel.set()
                 raise
             message, tool_calls, finish = server.finish(job, info, c)
-            server.served += 1
+            server.record(job, c, time.perf_counter() - t0)
             return JSONResponse({
                 "id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", "created": int(time.time()),
                 "model": model_name,
@@ -624,7 +662,7 @@ def create_app(
                     rest = message["content"] if info["prefix"] else message["content"][text.emitted:]
                 if rest:
                     yield chunk({"content": rest})
-                server.served += 1
+                server.record(job, c, time.perf_counter() - t0)
                 ext = server.extension(job, c, tool_calls, time.perf_counter() - t0)
                 yield chunk({}, finish, layerroute=ext)
                 if info["include_usage"]:
@@ -699,7 +737,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-fraction", type=float, default=None,
                         help="force a gate pattern skipping this fraction of blocks (speed tests without training)")
     parser.add_argument("--threshold", type=float, default=None, help="router threshold (default: the adapter's)")
-    parser.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 429")
+    parser.add_argument("--max-queue", type=int, default=256,
+                        help="requests waiting or running beyond this get 429 with Retry-After")
+    parser.add_argument("--max-batch", type=int, default=8,
+                        help="requests decoded together (continuous batching); 1 = one request at a time")
+    parser.add_argument("--schedule", default="fcfs", choices=["fcfs", "pattern"],
+                        help="which waiting request joins the batch: the oldest, or (pattern) the one whose skip "
+                             "pattern adds the fewest blocks to the batch's (prefilled ahead; bounded by --max-wait)")
+    parser.add_argument("--max-wait", type=float, default=2.0, metavar="S",
+                        help="pattern schedule: a request waiting this long joins first (no starvation)")
     parser.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
                         help="draft up to K tokens per forward from the prompt's n-grams, verified by the model "
                              "(outputs unchanged; not under a grammar; 0 = off)")
@@ -727,7 +773,8 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(rm, model_name=name, max_tokens_limit=args.max_tokens_limit,
                      default_max_tokens=args.default_max_tokens, cache_sessions=args.cache_sessions,
                      kv_policy=args.kv_policy, dense=args.dense, forced=forced, threshold=args.threshold,
-                     max_queue=args.max_queue, constrained=not args.no_constrain, prompt_lookup=args.prompt_lookup)
+                     max_queue=args.max_queue, constrained=not args.no_constrain, prompt_lookup=args.prompt_lookup,
+                     max_batch=args.max_batch, schedule=args.schedule, max_wait_s=args.max_wait)
     log.info("serving %r on http://%s:%d/v1 (%s)", name, args.host, args.port,
              "dense" if args.dense else f"routed, {args.kv_policy}")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -258,6 +258,13 @@ INVALID = {
     "tool_choice_unknown": ({"model": MODEL, "messages": MSG, "tools": TOOLS, "tool_choice": {
         "type": "function", "function": {"name": "nope"}}}, 400, "tool_choice", "invalid_value"),
     "n_two": ({"model": MODEL, "messages": MSG, "n": 2}, 400, "n", "unsupported_value"),
+    "tool_without_id": ({"model": MODEL, "messages": MSG + [
+        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                                              "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "tool", "content": "sunny"}], "tools": TOOLS}, 400, "messages[2].tool_call_id",
+        "missing_required_parameter"),
+    "tool_id_not_string": ({"model": MODEL, "messages": MSG + [{"role": "tool", "tool_call_id": 7, "content": "x"}]},
+                           400, "messages[1].tool_call_id", "invalid_type"),
 }
 
 
@@ -299,7 +306,8 @@ def test_internal_error_is_500_and_the_server_survives(served, client, monkeypat
     def boom(*args, **kwargs):
         raise RuntimeError("simulated failure")
 
-    monkeypatch.setattr(engine, "generate", boom)
+    monkeypatch.setattr(engine, "generate", boom)  # a lone request's path
+    monkeypatch.setattr(app.state.server.scheduler, "_prefill", boom)  # a batched one's
     status, body, _ = raw(srv, "POST", "/v1/chat/completions", {"model": MODEL, "messages": MSG, "max_tokens": 2})
     assert status == 500 and body["error"]["type"] == "server_error" and "simulated failure" in body["error"]["message"]
     status, body, _ = raw(srv, "POST", "/v1/chat/completions",
@@ -508,3 +516,123 @@ def test_engine_prompt_lookup_keeps_tokens_and_gates_and_reuses_only_the_prompt_
     assert answers["kv_preserving", 3][1].cache["cached_tokens"] == len(p1)
     with pytest.raises(ValueError, match="prompt_lookup"):
         Engine(rm, prompt_lookup=-1)
+
+
+# -- operators: burst with malformed requests, queue limit, metrics -------------------------------------------
+def _good(i: int) -> dict:
+    if i % 3 == 0:  # a tool-call step (scripted: the tiny model writes the call), the others free text
+        return {"model": MODEL, "messages": [{"role": "user", "content": f"Weather {i}? SCRIPT:" + CALL}],
+                "tools": TOOLS, "max_tokens": 40}
+    return {"model": MODEL, "messages": [{"role": "user", "content": f"Say something, number {i}."}],
+            "max_tokens": 3 + i % 4, "temperature": 0 if i % 2 else 0.7, "seed": i}
+
+
+def test_burst_with_malformed_requests_no_5xx_and_the_server_answers_after(served):
+    """32 concurrent requests, a third malformed (each a different mistake): every well-formed one is a 200 with a
+    complete answer, every malformed one a 4xx in the API's error shape, none a 5xx; the server answers after."""
+    srv = served[0]
+    malformed = [INVALID[k][0] for k in sorted(INVALID) if k != "prompt_over_context"]
+    plan = [("bad", malformed[i % len(malformed)]) if i % 3 == 1 else ("good", {**_good(i), "stream": i % 4 == 0})
+            for i in range(32)]
+    got: list = [None] * len(plan)
+
+    def one(i):
+        got[i] = raw(srv, "POST", "/v1/chat/completions", plan[i][1])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(plan))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert all(g is not None for g in got)
+    for (kind, body), (status, payload, _) in zip(plan, got, strict=True):
+        assert status < 500, payload
+        if kind == "bad":
+            assert 400 <= status < 500, payload
+            assert set(payload) == {"error"} and set(payload["error"]) == {"message", "type", "param", "code"}
+        elif body.get("stream"):
+            assert status == 200 and payload.rstrip().endswith("data: [DONE]") and '"error"' not in payload
+        else:
+            assert status == 200 and payload["choices"][0]["finish_reason"] in ("stop", "length", "tool_calls")
+    assert raw(srv, "GET", "/health")[1]["status"] == "ok"
+    status, payload, _ = raw(srv, "POST", "/v1/chat/completions", _good(5))
+    assert status == 200 and payload["usage"]["completion_tokens"] >= 1
+
+
+def _metric(text: str, name: str, labels: str = "") -> float:
+    """The value of one sample line of the text exposition format (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(name + (("{" + labels + "}") if labels else " ")):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_metrics_prometheus_text(served, client):
+    srv = served[0]
+    before = raw(srv, "GET", "/metrics")[1]
+    r = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=5, temperature=0,
+                                       extra_body={"layerroute": {"ignore_eos": True}})
+    raw(srv, "POST", "/v1/chat/completions", {"model": MODEL})  # a 400
+    status, text, headers = raw(srv, "GET", "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    for name in ("layerroute_queue_length", "layerroute_running_batch_size",
+                 "layerroute_time_to_first_token_seconds_bucket", "layerroute_inter_token_latency_seconds_bucket",
+                 "layerroute_prompt_tokens_total", "layerroute_generation_tokens_total", "layerroute_blocks_run_total",
+                 "layerroute_blocks_skipped_total", "layerroute_session_cache_total"):
+        assert f"\n{name}" in text, name
+
+    def grew(name, labels=""):
+        return _metric(text, name, labels) - _metric(before, name, labels)
+
+    assert grew("layerroute_generation_tokens_total") == r.usage.completion_tokens == 5
+    assert grew("layerroute_prompt_tokens_total") == r.usage.prompt_tokens
+    assert grew("layerroute_blocks_run_total") == 4 and grew("layerroute_blocks_skipped_total") == 0
+    assert grew("layerroute_requests_total", 'endpoint="/v1/chat/completions",status="200"') == 1
+    assert grew("layerroute_requests_total", 'endpoint="/v1/chat/completions",status="400"') == 1
+    assert grew("layerroute_inter_token_latency_seconds_count") == 4  # 5 tokens, 4 gaps
+    assert grew("layerroute_time_to_first_token_seconds_count") == 1
+    assert _metric(text, "layerroute_queue_length") == 0
+
+
+def test_full_queue_is_429_with_retry_after():
+    rm = routed_model(seed=2, lora=False)
+    app = create_app(rm, model_name=MODEL, default_max_tokens=2, max_queue=1, max_batch=1)
+    engine = app.state.engine
+    with BackgroundServer(app) as srv:
+        results = []
+        with engine.lock:  # the engine is busy: the first request waits in the queue
+            t = threading.Thread(target=lambda: results.append(raw(srv, "POST", "/v1/chat/completions",
+                                                                   {"model": MODEL, "messages": MSG})))
+            t.start()
+            for _ in range(200):
+                if raw(srv, "GET", "/health")[1]["pending"] == 1:
+                    break
+                threading.Event().wait(0.02)
+            status, body, headers = raw(srv, "POST", "/v1/chat/completions", {"model": MODEL, "messages": MSG})
+        t.join(60)
+        assert status == 429 and body["error"]["type"] == "rate_limit_error" and body["error"]["code"] == "queue_full"
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+        assert int(headers["retry-after"]) >= 1
+        assert results and results[0][0] == 200  # the queued one is answered
+        assert _metric(raw(srv, "GET", "/metrics")[1], "layerroute_queue_rejected_total") == 1
+
+
+def test_pattern_schedule_server_answers_a_burst():
+    app = create_app(routed_model(seed=3, lora=False), model_name=MODEL, default_max_tokens=4, max_batch=2,
+                     schedule="pattern", max_wait_s=0.5)
+    with BackgroundServer(app) as srv:
+        got = [None] * 6
+
+        def one(i):
+            got[i] = raw(srv, "POST", "/v1/chat/completions", _good(i + 1))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert all(g is not None and g[0] == 200 for g in got), got
+        health = raw(srv, "GET", "/health")[1]
+        assert health["schedule"] == "pattern" and health["max_batch"] == 2 and health["pending"] == 0
+    with pytest.raises(ValueError, match="schedule"):
+        create_app(routed_model(seed=3, lora=False), model_name=MODEL, schedule="sjf")
