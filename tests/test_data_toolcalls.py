@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from layerroute.data.toolcalls import parse_tool_calls, parse_tool_calls_detailed, render_tool_calls
+from layerroute.data.toolcalls import parse_tool_calls, parse_tool_calls_detailed, render_tool_call, render_tool_calls
 
 
 @pytest.mark.parametrize(
@@ -139,3 +139,18 @@ def test_bare_json_refuses_anything_but_the_call_shape(text):
 def test_wrapped_calls_win_over_bare_json():
     text = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
     assert parse_tool_calls_detailed(text, bare_json=True).repairs == []
+
+
+def test_a_closing_tag_inside_a_json_string_does_not_cut_the_call():
+    """A schema-constrained call may write any text in a string, the closing tag too (seen on Qwen2.5-Coder, routed,
+    constrained): the call is the whole JSON object, not the text up to the first tag."""
+    value = 'not here.}}</tool_call><tool_call> {"'
+    text = "<tool_call>\n" + json.dumps({"name": "answer", "arguments": {"answer": value}}) + "\n</tool_call>"
+    calls, rest, error = parse_tool_calls(text)
+    assert error is None and rest == ""
+    assert calls == [{"name": "answer", "arguments": {"answer": value}}]
+    # two calls, the first with the tag in a string
+    calls, _, error = parse_tool_calls(text + "\n" + render_tool_call("f", {"x": 1}))
+    assert error is None and [c["name"] for c in calls] == ["answer", "f"]
+    # a broken body is still an error (nothing to extend to)
+    assert parse_tool_calls('<tool_call>{"name": "a", </tool_call>')[2]

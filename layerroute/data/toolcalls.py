@@ -140,15 +140,39 @@ def _take_calls(text: str, pattern: re.Pattern, out: ParsedCalls) -> tuple[str, 
     Returns (the text between the matches, the text after the last match)."""
     pieces: list[str] = []
     pos = 0
-    for m in pattern.finditer(text):
+    while (m := pattern.search(text, pos)) is not None:
         pieces.append(text[pos : m.start()])
         pos = m.end()
         call, err = _call_from_body(m.group(1), out.repairs)
+        if err is not None and pattern is _TOOL_CALL_RE:
+            # a JSON string may hold the closing tag itself (a schema-constrained call can write any text in a
+            # string): take the whole JSON object that starts the body, if a closing tag follows it
+            longer = _json_body(text, m.start(1))
+            if longer is not None:
+                call2, err2 = _call_from_body(text[m.start(1) : longer[0]], out.repairs)
+                if err2 is None:
+                    call, err, pos = call2, None, longer[1]
         if err is not None:
             out.error = out.error or err
             continue
         out.calls.append(call)
     return "".join(pieces), text[pos:]
+
+
+def _json_body(text: str, start: int) -> tuple[int, int] | None:
+    """(end of the body, end of its closing tag) when `text[start:]` opens with one JSON object followed by
+    TOOL_CALL_CLOSE (whitespace around allowed); None otherwise."""
+    i = start
+    while i < len(text) and text[i].isspace():
+        i += 1
+    try:
+        _, end = json.JSONDecoder().raw_decode(text, i)
+    except ValueError:
+        return None
+    j = end
+    while j < len(text) and text[j].isspace():
+        j += 1
+    return (j, j + len(TOOL_CALL_CLOSE)) if text.startswith(TOOL_CALL_CLOSE, j) else None
 
 
 def _bare_json_calls(text: str, out: ParsedCalls) -> bool:
