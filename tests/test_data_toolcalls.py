@@ -4,7 +4,12 @@ import json
 
 import pytest
 
-from layerroute.data.toolcalls import parse_tool_calls, parse_tool_calls_detailed, render_tool_call, render_tool_calls
+from layerroute.data.toolcalls import (
+    parse_tool_calls,
+    parse_tool_calls_detailed,
+    render_tool_call,
+    render_tool_calls,
+)
 
 
 @pytest.mark.parametrize(
