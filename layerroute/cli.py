@@ -25,7 +25,7 @@ COMMANDS = {
     "curve": ("layerroute.skip_curve", "tool-call accuracy against blocks skipped: static removals and trained routers"),
     "bench": ("layerroute.bench", "wall-clock latency of routed vs dense generation (a table; --json / --output: JSON)"),
     "generate": ("layerroute.generate_cli", "routed generation for one prompt"),
-    "serve": ("layerroute.serve", "OpenAI-compatible chat endpoint with tools"),
+    "serve": ("layerroute.serve.cli", "OpenAI-compatible chat endpoint with tools"),
     "agent": ("layerroute.agent", "BFCL multi-turn agent loop against a serve endpoint (success + routing per step)"),
 }
 

@@ -12,8 +12,8 @@ had (tokenizer chat template; Hermes/Qwen2.5 text convention for templates witho
 
 Sessions (the ``kv_preserving`` policy)
 ---------------------------------------
-An agent resends its whole conversation every request. Each finished request leaves a `Session`: its KV cache
-(prompt + generated tokens, the last generated one excepted: it was never fed back) and, per routed block, the
+An agent resends its whole conversation every request. Each finished request leaves a `CachedSession`: its KV
+cache (prompt + generated tokens, the last generated one excepted: it was never fed back) and, per routed block, the
 running sum and count of the hidden states that entered the block (`RoutedLayer.pool_sum` / `pool_count`)
 at two checkpoints: the end of the prompt and the end of the cache.
 A new request whose prompt extends a session's tokens past a checkpoint reuses it: the cache is cropped to
@@ -29,8 +29,8 @@ nothing is reused (each request re-prefills its context with its own decisions).
 order, at most `cache_sessions` of them; a reused session is taken out of the store (its cache grows in
 place) and put back under its new tokens, so memory stays bounded by the count times the context length.
 
-There was no `Session` class on the inference branch when this was written; this module is the minimum a
-server needs (single-row sessions), not a general batched session API.
+A `CachedSession` is one finished request's cache, not a conversation (that is `layerroute.session.Session`);
+this module is the minimum a server needs (single-row sessions), not a general batched session API.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ Pools = list  # per routed block: (sum [1, H] float32, count [1, 1]) or None
 
 
 @dataclass
-class Session:
+class CachedSession:
     """A finished request's KV cache and routing running sums, reusable by a request that extends its tokens."""
 
     ids: list[int]  # the tokens in the cache (prompt + generated, the last generated token excepted)
@@ -79,6 +79,9 @@ class Session:
                 if isinstance(t, torch.Tensor):
                     total += t.numel() * t.element_size()
         return total
+
+
+Session = CachedSession  # its name before issue 25 (it clashed with layerroute.session.Session); kept for imports
 
 
 def token_key(ids: list[int]) -> str:
@@ -100,7 +103,7 @@ class SessionStore:
     def __init__(self, capacity: int, any_prefix: bool):
         self.capacity = max(0, int(capacity))
         self.any_prefix = any_prefix  # dense model: every prefix is a checkpoint
-        self._items: OrderedDict[str, Session] = OrderedDict()
+        self._items: OrderedDict[str, CachedSession] = OrderedDict()
         self.hits = self.misses = self.evictions = 0
 
     def __len__(self) -> int:
@@ -110,14 +113,14 @@ class SessionStore:
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self._items.values())
 
-    def usable(self, session: Session, prompt: list[int]) -> int:
+    def usable(self, session: CachedSession, prompt: list[int]) -> int:
         """The longest prefix of `prompt` this session can serve (0: none). At least one token must be new."""
         c = min(common_prefix(session.ids, prompt), len(prompt) - 1)
         if self.any_prefix:
             return c
         return max((k for k in session.checkpoints if k <= c), default=0)
 
-    def take(self, prompt: list[int]) -> tuple[Session | None, int]:
+    def take(self, prompt: list[int]) -> tuple[CachedSession | None, int]:
         """Remove and return the session serving the longest prefix of `prompt`, with that prefix length."""
         best, best_len = None, 0
         for key, s in self._items.items():
@@ -130,7 +133,7 @@ class SessionStore:
         self.hits += 1
         return self._items.pop(best), best_len
 
-    def put(self, session: Session) -> None:
+    def put(self, session: CachedSession) -> None:
         if self.capacity == 0:
             return
         session.key = token_key(session.ids)
@@ -413,7 +416,7 @@ class Engine:
         checkpoints = {len(prompt): at_prompt}
         if final_checkpoint:
             checkpoints[len(cached_ids)] = final
-        self.sessions.put(Session(cached_ids, cache, checkpoints))
+        self.sessions.put(CachedSession(cached_ids, cache, checkpoints))
 
     def completion(self, prompt: list[int], new: list[int], params: SamplingParams, *, cancelled: bool, cached: int,
                    reused: bool, gates: list[bool] | None, probs: list[float], logits: list[float], timings: dict,
@@ -458,5 +461,6 @@ class Engine:
         )
 
 __all__ = [
-    "Completion", "Engine", "SamplingParams", "Session", "SessionStore", "common_prefix", "token_key",
+    "CachedSession", "Completion", "Engine", "SamplingParams", "Session", "SessionStore", "common_prefix",
+    "token_key",
 ]

@@ -35,6 +35,8 @@ admitted first, oldest first (a bound on starvation). Prefilled requests hold th
 
 Prompt-lookup drafting (``Engine.prompt_lookup``) needs a batch of one: a request that arrives while nothing else
 runs or waits goes through `Engine.generate` alone, with drafts; a batched row decodes without drafts.
+
+A request's records, `Job` (waiting) and `_Row` (in the batch), live in `layerroute.batch_jobs`.
 """
 
 from __future__ import annotations
@@ -45,59 +47,17 @@ import threading
 import time
 from collections import deque
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessorList, TopPLogitsWarper
 
-from .engine import GREEDY_BELOW, Completion, Engine, SamplingParams, _Scripted
+from .batch_jobs import ClientGone, Job, _Row
+from .engine import GREEDY_BELOW, Completion, Engine, _Scripted
 from .generate import synchronize
 from .routed import RoutedCache, _row_plan, gate_records, routing
 
 log = logging.getLogger(__name__)
-
-
-class ClientGone(Exception):
-    """A queued request whose client disconnected before it ran (not generated)."""
-
-
-@dataclass
-class Job:
-    """A validated request waiting for, or holding, a row: its inputs and where its tokens go."""
-
-    prompt: list[int]
-    params: SamplingParams
-    reuse: bool = True
-    scripted_text: str | None = None
-    on_token: object | None = None  # callable(int) per generated token (streaming)
-    cancel: threading.Event = field(default_factory=threading.Event)
-    enqueued: float = field(default_factory=time.perf_counter)
-    queue_s: float = 0.0
-    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
-    order: int = 0  # 1 + how many requests took a row before this one (0: not batched)
-
-
-@dataclass
-class _Row:
-    """A request in the running batch."""
-
-    job: Job
-    processor: object | None  # LogitsProcessorList for this row, or None
-    generator: torch.Generator | None  # sampling with a seed
-    cached: int  # prompt tokens served from a session
-    reused: bool
-    length: int  # tokens in this row's cache (the real, right-aligned columns of the batch cache)
-    gates: list[bool] | None
-    probs: list[float]
-    logits: list[float]
-    at_prompt: list | None  # running sums after the prefill (session checkpoint)
-    start: float
-    new: list[int] = field(default_factory=list)
-    times: list[float] = field(default_factory=list)
-    forwards: int = 1
-    finish: str | None = None
-    error: Exception | None = None  # this row failed alone (its logits processor or stream callback raised)
 
 
 SCHEDULES = ("fcfs", "pattern")

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 
 from layerroute.data.render import render_prompt, render_steps
 from layerroute.data.sources import Conversation
-from layerroute.engine import Session, SessionStore
+from layerroute.engine import CachedSession, SessionStore
 from layerroute.generate import routed_generate
 from layerroute.routed import RoutedCache
 from layerroute.serve import BackgroundServer, create_app
@@ -372,7 +372,7 @@ def test_cache_reuse_on_resent_prefix(client):
 
 
 def _session(ids, checkpoints):
-    return Session(list(ids), RoutedCache(), {k: None for k in checkpoints})
+    return CachedSession(list(ids), RoutedCache(), {k: None for k in checkpoints})
 
 
 def test_session_store_lru_and_checkpoints():

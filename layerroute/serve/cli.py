@@ -1,0 +1,70 @@
+"""`layerroute serve` / `python -m layerroute.serve`: flags and entry point."""
+
+import argparse
+import logging
+
+from .app import create_app
+
+log = logging.getLogger("layerroute.serve")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..chat_template import add_chat_template_argument
+
+    parser.add_argument("--model", default=None, help="model name (default: the adapter's base, else the offline one)")
+    parser.add_argument("--adapter", default=None, help="adapter directory (routers + LoRA)")
+    add_chat_template_argument(parser)
+    parser.add_argument("--served-model-name", default=None, help="the id clients send as `model` (default: --model)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
+    parser.add_argument("--default-max-tokens", type=int, default=512, help="max_tokens when a request gives none")
+    parser.add_argument("--cache-sessions", type=int, default=16, help="conversations whose KV cache is kept (LRU)")
+    parser.add_argument("--kv-policy", default="kv_preserving", choices=["kv_preserving", "exact"],
+                        help="kv_preserving: reuse caches across requests; exact: re-prefill every request")
+    parser.add_argument("--dense", action="store_true", help="serve the plain model (no routers): the baseline")
+    parser.add_argument("--skip-fraction", type=float, default=None,
+                        help="force a gate pattern skipping this fraction of blocks (speed tests without training)")
+    parser.add_argument("--threshold", type=float, default=None, help="router threshold (default: the adapter's)")
+    parser.add_argument("--max-queue", type=int, default=256,
+                        help="requests waiting or running beyond this get 429 with Retry-After")
+    parser.add_argument("--max-batch", type=int, default=8,
+                        help="requests decoded together (continuous batching); 1 = one request at a time")
+    parser.add_argument("--schedule", default="fcfs", choices=["fcfs", "pattern"],
+                        help="which waiting request joins the batch: the oldest, or (pattern) the one whose skip "
+                             "pattern adds the fewest blocks to the batch's (prefilled ahead; bounded by --max-wait)")
+    parser.add_argument("--max-wait", type=float, default=2.0, metavar="S",
+                        help="pattern schedule: a request waiting this long joins first (no starvation)")
+    parser.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
+                        help="draft up to K tokens per forward from the prompt's n-grams, verified by the model "
+                             "(outputs unchanged; not under a grammar; 0 = off)")
+    parser.add_argument("--no-constrain", action="store_true",
+                        help="decode freely: no grammar for tool calls or response_format (malformed calls possible)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--log-level", default="info")
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..errors import ConfigError
+    from ..generate import load_for_inference, skip_pattern
+
+    if args.dense and args.skip_fraction is not None:
+        raise ConfigError("--dense and --skip-fraction exclude each other")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rm = load_for_inference(args.model, args.adapter, args.dtype, args.device, chat_template=args.chat_template)
+    if rm.tokenizer is None:
+        raise ConfigError("this model has no tokenizer; serving needs one")
+    forced = skip_pattern(rm.num_layers, args.skip_fraction) if args.skip_fraction is not None else None
+    name = args.served_model_name or args.model or rm.identity.get("name") or "layerroute"
+    app = create_app(rm, model_name=name, max_tokens_limit=args.max_tokens_limit,
+                     default_max_tokens=args.default_max_tokens, cache_sessions=args.cache_sessions,
+                     kv_policy=args.kv_policy, dense=args.dense, forced=forced, threshold=args.threshold,
+                     max_queue=args.max_queue, constrained=not args.no_constrain, prompt_lookup=args.prompt_lookup,
+                     max_batch=args.max_batch, schedule=args.schedule, max_wait_s=args.max_wait)
+    log.info("serving %r on http://%s:%d/v1 (%s)", name, args.host, args.port,
+             "dense" if args.dense else f"routed, {args.kv_policy}")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
