@@ -302,20 +302,24 @@ class Engine:
         self.sessions.clear()
         self._stack.close()
 
+    def take_session(self, prompt: list[int], reuse: bool = True):
+        """(session or None, cached tokens, its cache cropped to them or a fresh RoutedCache, the running sums at
+        that checkpoint or None): the best stored session for `prompt`, taken out of the store."""
+        session, cached = self.sessions.take(prompt) if reuse and self.sessions.capacity else (None, 0)
+        if session is None:
+            return None, 0, RoutedCache(), None
+        cache = session.cache
+        if cache.get_seq_length() > cached:
+            cache.crop(cached - cache.get_seq_length())
+        return session, cached, cache, session.checkpoints.get(cached)
+
     # -- one request --------------------------------------------------------------------------------------
     def generate(self, prompt: list[int], params: SamplingParams, *, on_token: Callable[[int], None] | None = None,
                  cancel: threading.Event | None = None, reuse: bool = True, scripted_text: str | None = None
                  ) -> Completion:
         """Generate one assistant turn for `prompt` (token ids). Not thread-safe: hold `self.lock`."""
         t0 = time.perf_counter()
-        session, cached = self.sessions.take(prompt) if reuse and self.sessions.capacity else (None, 0)
-        if session is not None:
-            cache = session.cache
-            if cache.get_seq_length() > cached:
-                cache.crop(cached - cache.get_seq_length())
-            pools = session.checkpoints.get(cached)
-        else:
-            cache, pools = RoutedCache(), None
+        session, cached, cache, pools = self.take_session(prompt, reuse)
         n_prompt, n_new = len(prompt), len(prompt) - cached
         ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
         mask = torch.ones_like(ids)

@@ -245,14 +245,7 @@ class Scheduler:
         eng = self.engine
         start = time.perf_counter()
         prompt = job.prompt
-        session, cached = eng.sessions.take(prompt) if job.reuse and eng.sessions.capacity else (None, 0)
-        if session is not None:
-            cache = session.cache
-            if cache.get_seq_length() > cached:
-                cache.crop(cached - cache.get_seq_length())
-            pools = session.checkpoints.get(cached)
-        else:
-            cache, pools = RoutedCache(), None
+        session, cached, cache, pools = eng.take_session(prompt, job.reuse)
         n_new = len(prompt) - cached
         ids = torch.tensor([prompt[cached:]], dtype=torch.long, device=eng.device)
         mask = torch.ones(1, len(prompt), dtype=torch.long, device=eng.device)
