@@ -114,6 +114,22 @@ def test_offline_hub_id_fails_fast_naming_the_default(tmp_path):
     assert "smollm2-135m-instruct" in proc.stderr and "HF_HUB_OFFLINE" in proc.stderr
 
 
+def test_unreachable_hub_reads_the_local_cache_only_and_says_why(tmp_path):
+    """Without network huggingface_hub retries ~47 s before failing; an unreachable endpoint is detected first and
+    the load goes straight to the local cache (here: empty), naming the reason."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")  # port 9 (discard): refused
+    code = (
+        "from layerroute.model import load_base, load_tokenizer; from layerroute.config import ModelConfig\n"
+        "import sys\n"
+        "try:\n    load_tokenizer('Qwen/Qwen2.5-0.5B-Instruct')\nexcept Exception as e:\n    print(e, file=sys.stderr)\n"
+        "load_base(ModelConfig(name='Qwen/Qwen2.5-0.5B-Instruct'))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count("is not reachable") == 2 and "smollm2-135m-instruct" in proc.stderr
+
+
 def test_unknown_shape_and_missing_gguf():
     with pytest.raises(ModelLoadError, match="unknown shape preset"):
         load_base(ModelConfig(name="shape:nope"), tokenizer=False)
