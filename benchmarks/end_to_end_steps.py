@@ -29,13 +29,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from layerroute.adapters import read_adapter_meta
+from layerroute.adapters import training_config
 from layerroute.bench import emit_json_line
 from layerroute.config import RunConfig
 from layerroute.data.build import load_steps
 from layerroute.eval_accuracy import score_generation
 from layerroute.evaluate import _accuracy_steps, _eos_ids
 from layerroute.generate import (
+    _cut,
     inference_weights,
     load_for_inference,
     plain_blocks,
@@ -44,13 +45,6 @@ from layerroute.generate import (
 )
 
 CONFIGS = ("dense", "dense_lookup", "routed", "routed_lookup")
-
-
-def _cut(tokens: list[int], eos: set[int]) -> list[int]:
-    for i, t in enumerate(tokens):
-        if t in eos:
-            return tokens[: i + 1]
-    return tokens
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps and --lookup must be >= 1")
     torch.set_num_threads(args.threads)
 
-    raw = dict(read_adapter_meta(args.adapter).get("training", {}).get("config", {}))
-    raw["model"] = {k: v for k, v in (raw.get("model") or {}).items() if k != "chat_template"}
+    raw = training_config(args.adapter)
     cfg = RunConfig.from_dict({k: raw.get(k) for k in ("model", "router", "lora", "data", "train", "eval")})
     ecfg = dataclasses.replace(cfg.eval, accuracy_steps_per_type={"tool_call": args.steps, "planning": 0})
     rm = load_for_inference(None, args.adapter, dtype=cfg.model.dtype, device=cfg.model.device)

@@ -16,7 +16,7 @@ import json
 
 import torch
 
-from layerroute.adapters import read_adapter_meta
+from layerroute.adapters import training_config
 from layerroute.config import RunConfig
 from layerroute.data.build import load_steps
 from layerroute.evaluate import _accuracy_steps, _eos_ids
@@ -33,8 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=160)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    raw = dict(read_adapter_meta(args.adapter)["training"]["config"])
-    raw["model"] = {k: v for k, v in (raw.get("model") or {}).items() if k != "chat_template"}
+    raw = training_config(args.adapter)
     cfg = RunConfig.from_dict({k: raw.get(k) for k in ("model", "router", "lora", "data", "train", "eval")})
     ecfg = dataclasses.replace(cfg.eval, accuracy_steps_per_type={"tool_call": args.steps, "planning": 0})
     dtype = args.dtype or cfg.model.dtype

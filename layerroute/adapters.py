@@ -235,6 +235,14 @@ def save_adapter(rm: RoutedModel, directory: str | Path, extra: dict | None = No
     return write_atomically(Path(directory), fill)
 
 
+def training_config(directory: str | Path) -> dict:
+    """The run config (a raw dict, before overrides) an adapter was trained with, without its model.chat_template:
+    the adapter carries its template, and a Jinja file named at training time need not exist any more."""
+    raw = dict(read_adapter_meta(directory).get("training", {}).get("config", {}))
+    raw["model"] = {k: v for k, v in (raw.get("model") or {}).items() if k != "chat_template"}
+    return raw
+
+
 def read_adapter_meta(directory: str | Path) -> dict:
     directory = Path(directory)
     if not (directory / META_FILE).is_file():

@@ -161,9 +161,11 @@ def _hub_offline() -> bool:
     """HF_HUB_OFFLINE is set, or the hub cannot be reached. Without network, huggingface_hub retries with backoff for
     ~47 s before failing (measured 2026-12-05 with DNS failing at once); a TCP connect with a 3 s timeout (2 ms
     when DNS fails, one round trip when online) tells first, and the load then reads the local cache only."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        return True
-    return not _hub_reachable()
+    return _offline_by_env() or not _hub_reachable()
+
+
+def _offline_by_env() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
 _HUB_REACHABLE: dict[str, bool] = {}
@@ -187,7 +189,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _offline_reason() -> str:
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+    if _offline_by_env():
         return "HF_HUB_OFFLINE=1"
     return f"the hub ({os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}) is not reachable"
 

@@ -38,6 +38,7 @@ import numpy as np
 
 from .atomic import write_text_atomic
 from .errors import ConfigError
+from .eval.io import write_json
 
 RANKINGS = ("shortgpt", "drop_nll", "arg_errors")
 DEFAULT_BLOCKS = (0, 2, 4, 6, 8)
@@ -154,16 +155,18 @@ def rank_blocks(rm, data, ranking: str, cfg, calibration_steps: int) -> dict:
 # The curve
 
 
-def _summary(result: dict, reference: dict | None, cfg) -> dict:
+def _paired(reference: dict, result: dict, cfg) -> dict:
+    """result minus reference on the same steps: counts, points and the bootstrap interval."""
     from .eval.accuracy import paired_accuracy
 
-    out = {k: result[k] for k in ("accuracy", "n", "failures") if k in result}
-    for k in ("accuracy_unseen", "n_unseen"):
-        if k in result:
-            out[k] = result[k]
+    p = paired_accuracy(reference, result, cfg.bootstrap, cfg.seed)
+    return {k: p[k] for k in ("n", "diff_points", "diff_ci95", "only_a", "only_b")}
+
+
+def _summary(result: dict, reference: dict | None, cfg) -> dict:
+    out = {k: result[k] for k in ("accuracy", "n", "failures", "accuracy_unseen", "n_unseen") if k in result}
     if reference is not None:
-        p = paired_accuracy(reference, result, cfg.bootstrap, cfg.seed)
-        out["vs_reference"] = {k: p[k] for k in ("n", "diff_points", "diff_ci95", "only_a", "only_b")}
+        out["vs_reference"] = _paired(reference, result, cfg)
     return out
 
 
@@ -273,7 +276,7 @@ def skip_curve(reference_adapter: str, run_cfg, out_dir: Path, *, blocks: list[i
             point = {"adapter": str(path), "blocks_skipped_mean": float(np.mean(skipped)),
                      "block_flops_skipped": float(np.mean(skipped)) / n_layers, **_summary(res, refs[t], cfg),
                      "own_full_depth": _summary(own, refs[t], cfg),
-                     "vs_own_full_depth": _summary(res, own, cfg)["vs_reference"]}
+                     "vs_own_full_depth": _paired(own, res, cfg)}
             point["verdict"] = _verdict(point, tolerance)
             doc["types"][t]["routed"].append(point)
         del rm2
@@ -283,16 +286,10 @@ def skip_curve(reference_adapter: str, run_cfg, out_dir: Path, *, blocks: list[i
         t: {r: max([0] + [p["k"] for p in pts if p["vs_reference"]["diff_points"] >= -tolerance])
             for r, pts in e["static"].items()} for t, e in doc["types"].items()}
     doc["seconds_per_stage"] = timings
-    write_text_atomic(out_dir / "curve.json", json.dumps(doc, indent=2, default=_json_default))
+    write_json(out_dir / "curve.json", doc)
     write_text_atomic(out_dir / "curve.md", curve_markdown(doc))
     plot_curve(doc, out_dir / "curve.png")
     return doc
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(f"not JSON-able: {type(o)}")
 
 
 def curve_markdown(doc: dict) -> str:
@@ -398,7 +395,7 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .adapters import read_adapter_meta
+    from .adapters import training_config
     from .config import RunConfig, apply_overrides, load_yaml
 
     rankings = [r.strip() for r in args.rankings.split(",") if r.strip()]
@@ -413,8 +410,7 @@ def run(args: argparse.Namespace) -> int:
     if args.config:
         raw = load_yaml(args.config)
     else:
-        raw = dict(read_adapter_meta(args.adapter).get("training", {}).get("config", {}))
-        raw["model"] = {k: v for k, v in (raw.get("model") or {}).items() if k != "chat_template"}
+        raw = training_config(args.adapter)
     raw = apply_overrides(raw, args.set)
     run_cfg = RunConfig.from_dict({k: raw.get(k) for k in ("model", "router", "lora", "data", "train", "eval")})
     doc = skip_curve(args.adapter, run_cfg, Path(args.output_dir), blocks=blocks,

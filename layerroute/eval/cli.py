@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..adapters import read_adapter_meta
+from ..adapters import training_config
 from ..errors import ConfigError
 from .io import _json_default
 from .runner import combine, run_eval
@@ -42,9 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if args.config:
         raw = load_yaml(args.config)
     else:  # the run config the first adapter was trained with
-        raw = dict(read_adapter_meta(args.adapter[0]).get("training", {}).get("config", {}))
-        # the adapter carries its template: a Jinja file named at training time need not exist any more
-        raw["model"] = {k: v for k, v in (raw.get("model") or {}).items() if k != "chat_template"}
+        raw = training_config(args.adapter[0])
     for path in args.overlay:
         raw = apply_eval_overlay(raw, load_yaml(path), path)
     raw = apply_overrides(raw, args.set)
