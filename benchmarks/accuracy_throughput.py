@@ -30,8 +30,8 @@ from layerroute.bench import emit_json_line
 from layerroute.config import RunConfig
 from layerroute.data.build import load_steps
 from layerroute.eval_accuracy import score_generation
-from layerroute.evaluate import _accuracy_steps, _eos_ids
-from layerroute.generate import load_for_inference, routed_generate, skip_pattern
+from layerroute.evaluate import _accuracy_steps
+from layerroute.generate import load_for_inference, routed_generate, skip_pattern, stop_ids
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     data = load_steps(cfg.data, rm.tokenizer)
     steps = _accuracy_steps([], {"tool_call": [], "planning": []}, list(data.eval), ecfg)[args.step_type]
     forced = None if args.adapter else skip_pattern(rm.num_layers, args.skip_fraction)
-    eos = _eos_ids(rm.tokenizer)
+    eos = stop_ids(rm)
     budget = ecfg.max_new_tokens_tool if args.step_type == "tool_call" else ecfg.max_new_tokens_planning
     prompts = [s.input_ids[: s.context_length] for s in steps]
     print(f"[accuracy-throughput] {len(steps)} steps, contexts {min(map(len, prompts))}-{max(map(len, prompts))} "

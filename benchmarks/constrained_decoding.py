@@ -5,7 +5,8 @@ data, eval seed and count), every configuration generates greedily, one after th
 step to step, so machine noise falls on all of them alike):
 
 * ``full_depth`` / ``skip_F``: every block, or a forced pattern skipping the fraction F (`skip_pattern`) of the
-  model with the adapter's LoRA (a fresh one, i.e. the base model, without --adapter);
+  model with the adapter's LoRA (a fresh one, i.e. the base model, without --adapter); ``routed`` (--routed): the
+  adapter's own routers decide, as `layerroute eval`'s routed configuration;
 * each ``free`` and ``constrained`` (`layerroute.constrain`: calls of the step's own tools with schema-valid
   arguments, several only in BFCL's parallel categories, then end of turn: what `eval.constrained` does,
   `evaluate.step_constraint`).
@@ -45,8 +46,8 @@ from layerroute.data.build import load_steps
 from layerroute.data.config import DataConfig
 from layerroute.data.toolcalls import parse_tool_calls
 from layerroute.eval_accuracy import score_generation
-from layerroute.evaluate import _accuracy_steps, _eos_ids, step_constraint
-from layerroute.generate import inference_weights, load_for_inference, routed_generate, skip_pattern
+from layerroute.evaluate import _accuracy_steps, step_constraint
+from layerroute.generate import inference_weights, load_for_inference, routed_generate, skip_pattern, stop_ids
 
 
 def bfcl_data(config: str) -> DataConfig:
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=32, help="eval tool-call steps")
     parser.add_argument("--skip-fraction", type=float, nargs="*", default=[0.25],
                         help="forced-skip configurations (fractions of the blocks)")
+    parser.add_argument("--routed", action="store_true",
+                        help="also the adapter's own routers deciding (real skipping), free and constrained")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: eval.max_new_tokens_tool")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=None, help="also write the JSON line here (atomically)")
@@ -113,9 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     tok = rm.tokenizer
     data = load_steps(bfcl_data(args.config), tok)
     steps = _accuracy_steps([], {"tool_call": [], "planning": []}, list(data.eval), ecfg)["tool_call"]
-    eos = _eos_ids(tok)
+    eos = stop_ids(rm)
     L = rm.num_layers
     depths = [("full_depth", "open")] + [(f"skip_{f:g}", skip_pattern(L, f)) for f in args.skip_fraction]
+    if args.routed:
+        depths.append(("routed", None))  # forced=None: the trained routers decide per step
     configs = [(f"{d}_{mode}", gates, mode == "constrained") for d, gates in depths for mode in ("free", "constrained")]
     print(f"[constrained] {len(steps)} tool-call steps, {len(configs)} configurations, budget {budget}", flush=True)
 

@@ -34,7 +34,7 @@ from layerroute.bench import emit_json_line
 from layerroute.config import RunConfig
 from layerroute.data.build import load_steps
 from layerroute.eval_accuracy import score_generation
-from layerroute.evaluate import _accuracy_steps, _eos_ids
+from layerroute.evaluate import _accuracy_steps
 from layerroute.generate import (
     _cut,
     inference_weights,
@@ -42,6 +42,7 @@ from layerroute.generate import (
     plain_blocks,
     routed_generate,
     run_generate,
+    stop_ids,
 )
 
 CONFIGS = ("dense", "dense_lookup", "routed", "routed_lookup")
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     rm.model.eval()
     data = load_steps(cfg.data, rm.tokenizer)
     steps = _accuracy_steps([], {"tool_call": [], "planning": []}, list(data.eval), ecfg)["tool_call"]
-    eos = _eos_ids(rm.tokenizer)
+    eos = stop_ids(rm)
     eos_set = set(eos)
     budget = args.max_new_tokens or ecfg.max_new_tokens_tool
     pad = rm.tokenizer.pad_token_id if rm.tokenizer.pad_token_id is not None else eos[0]

@@ -19,8 +19,8 @@ import torch
 from layerroute.adapters import training_config
 from layerroute.config import RunConfig
 from layerroute.data.build import load_steps
-from layerroute.evaluate import _accuracy_steps, _eos_ids
-from layerroute.generate import inference_weights, load_for_inference, routed_generate
+from layerroute.evaluate import _accuracy_steps
+from layerroute.generate import inference_weights, load_for_inference, routed_generate, stop_ids
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     data = load_steps(cfg.data, rm.tokenizer)
     steps = _accuracy_steps([], {"tool_call": [], "planning": []}, list(data.eval), ecfg)["tool_call"]
     steps = [s for s in steps if not args.only or any(o in s.conversation_id for o in args.only)]
-    eos = _eos_ids(rm.tokenizer)
+    eos = stop_ids(rm)
     rows = []
     with torch.no_grad(), inference_weights(rm):
         for s in steps:

@@ -17,8 +17,7 @@ from layerroute.config import ModelConfig, RunConfig
 from layerroute.data.build import load_steps
 from layerroute.data.toolcalls import parse_tool_calls
 from layerroute.eval_accuracy import score_generation
-from layerroute.evaluate import _eos_ids
-from layerroute.generate import inference_weights, routed_generate
+from layerroute.generate import inference_weights, routed_generate, stop_ids
 
 torch.set_num_threads(1)
 adapter, n, out_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -30,7 +29,7 @@ tools = [s for s in data.eval if s.step_type == "tool_call"]
 print("eval tool-call steps (bfcl only):", len(tools), "of which live_*:", sum((s.category or "").startswith("live") for s in tools), flush=True)
 random.Random(0).shuffle(tools)
 steps = tools[:n]
-eos = _eos_ids(rm.tokenizer)
+eos = stop_ids(rm)
 res = {}
 for config in ("base", "lora_full_depth"):
     weights = rm.lora_disabled() if config == "base" else inference_weights(rm)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .generate import _pad_id, inference_weights, pad_left
+from .generate import inference_weights, model_pad_id, pad_left
 from .routed import RoutedCache, _row_plan, find_routed_layers, gate_records, routing
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CONTEXT, FINISH_REUSED = "stop", "length", "context", "reused"
@@ -180,7 +180,7 @@ def generate_batched(
         part = [i for i in todo if (requests[i].forced is not None) == forced_kind]
         groups += [[part[j] for j in b] for b in length_sorted_batches([len(requests[i].prompt) for i in part],
                                                                        batch_size)]
-    pad_id = _pad_id(rm, None)
+    pad_id = model_pad_id(rm)
     weights = inference_weights(rm) if lora else rm.lora_disabled()
     with weights as model, tqdm(total=len(todo), desc=desc, leave=False, disable=not progress or not todo) as bar:
         model = model if lora else rm.model

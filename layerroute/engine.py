@@ -47,10 +47,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from .data.render import PromptRenderer, end_of_turn_ids
+from .data.render import PromptRenderer
 from .flops import step_flops
 from .generate import inference_weights, plain_blocks, synchronize
 from .routed import RoutedCache, find_routed_layers, gate_records, routing
+from .special_tokens import pad_token_id, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -278,11 +279,9 @@ class Engine:
         # token); without them the decision pools over the prompt at once (same mean)
         self._pooling = not dense and self.sessions.capacity > 0
         self.device = next(self.model.parameters()).device
-        cfg = rm.base_model.generation_config
-        eos = cfg.eos_token_id
-        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        self.eos_ids = sorted(set(eos) | end_of_turn_ids(self.tokenizer))
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        # the one stop and pad rules (layerroute.special_tokens): evaluation scores the steps the server would end
+        self.eos_ids = stop_token_ids(self.tokenizer, rm.base_model.generation_config)
+        self.pad_id = pad_token_id(self.tokenizer, rm.base_model.generation_config)
         self.context_length = int(getattr(rm.config, "max_position_embeddings", 0) or 0) or None
         self._grammars = None
         rc = rm.router_cfg

@@ -16,7 +16,6 @@ from .eval.accuracy import (
     step_constraint,
 )
 from .eval.accuracy import _accuracy_summary as _accuracy_summary
-from .eval.accuracy import _eos_ids as _eos_ids
 from .eval.adapter import _staged as _staged
 from .eval.adapter import evaluate_adapter
 from .eval.baselines import flop_summary, random_patterns, shortgpt_pattern

@@ -31,8 +31,9 @@ from torch import nn
 
 from .blocks import decoder_layers
 from .routed import RoutedCache, RoutedLayer, gate_records, routing
+from .special_tokens import pad_token_id, stop_token_ids
 
-DEFAULT = "default"  # eos_token_id sentinel: the model's own generation config
+DEFAULT = "default"  # eos_token_id sentinel: the one stop rule (layerroute.special_tokens.stop_token_ids)
 
 
 # -- timing --------------------------------------------------------------------------------------------------
@@ -166,17 +167,18 @@ def as_batch(prompts, tokenizer=None, pad_id: int = 0, attention_mask=None) -> t
     return pad_left([list(map(int, p)) for p in prompts], pad_id)
 
 
-def _pad_id(rm, eos) -> int:
-    tok = rm.tokenizer
-    if tok is not None and tok.pad_token_id is not None:
-        return int(tok.pad_token_id)
-    cfg = rm.base_model.generation_config
-    for candidate in (cfg.pad_token_id, eos, cfg.eos_token_id, 0):
-        if isinstance(candidate, list | tuple):
-            candidate = candidate[0] if candidate else None
-        if candidate is not None:
-            return int(candidate)
-    return 0
+def stop_ids(rm, eos_token_id=DEFAULT) -> list[int] | None:
+    """The ids a routed generation stops on: DEFAULT = the one stop rule (the generation config's eos, the
+    tokenizer's eos and its end-of-turn tokens: what evaluation and the server stop on); None = never stop before
+    max_new_tokens; else the given id(s)."""
+    if eos_token_id == DEFAULT:
+        return stop_token_ids(rm.tokenizer, rm.base_model.generation_config) or None
+    return sorted(_eos_ids(eos_token_id)) or None
+
+
+def model_pad_id(rm) -> int:
+    """The one pad-id rule (layerroute.special_tokens.pad_token_id) for a loaded RoutedModel."""
+    return pad_token_id(rm.tokenizer, rm.base_model.generation_config)
 
 
 def _eos_ids(eos) -> set[int]:
@@ -329,7 +331,8 @@ def routed_generate(
     forced: None (the routers decide), 'open', 'closed', a bool pattern [L] or per row [B, L] (True = run).
     kv_policy: 'exact' (skipped blocks write no K/V) or 'kv_preserving' (they write their K/V: a session that
     continues from this cache finds every block complete).
-    eos_token_id: DEFAULT = the model's generation config; None = never stop before `max_new_tokens`.
+    eos_token_id: DEFAULT = the one stop rule (`stop_ids`: what evaluation and the server stop on); None = never
+    stop before `max_new_tokens`.
     mode: 'skip' (real skipping) or 'off' (routers bypassed: every block runs, no router evaluated).
     prompt_full_depth: the prompt's prefill runs every block; the decisions apply to the generated tokens only.
     logits_processor: a transformers LogitsProcessor (or list) applied at every step, e.g. the schema constraint
@@ -339,11 +342,11 @@ def routed_generate(
     Other generate_kwargs are passed through to transformers' generate() per call.
     Many steps with their own budgets: `layerroute.batched.generate_batched`.
     """
-    pad_id = _pad_id(rm, None if eos_token_id == DEFAULT else eos_token_id)
+    pad_id = model_pad_id(rm)
     input_ids, mask = as_batch(prompts, rm.tokenizer, pad_id, attention_mask)
     if seed is not None:
         torch.manual_seed(seed)
-    eos = rm.base_model.generation_config.eos_token_id if eos_token_id == DEFAULT else eos_token_id
+    eos = stop_ids(rm, eos_token_id)
     batch = input_ids.shape[0]
     with torch.no_grad(), inference_weights(rm, merge_lora) as model:
         device = next(model.parameters()).device
@@ -353,7 +356,7 @@ def routed_generate(
                      kv_policy=kv_policy, prompt_full_depth=prompt_full_depth, drafts=lookup > 0 and mode == "skip"):
             out, timings = run_generate(
                 model, input_ids, mask, cache=RoutedCache(), max_new_tokens=max_new_tokens, do_sample=do_sample,
-                temperature=temperature, top_p=top_p, top_k=top_k, eos_token_id=eos_token_id, pad_token_id=pad_id,
+                temperature=temperature, top_p=top_p, top_k=top_k, eos_token_id=eos, pad_token_id=pad_id,
                 logits_processor=logits_processor, **generate_kwargs,
             )
             gates = _row_gates(rm.model, batch) if mode == "skip" else [[True] * rm.num_layers] * batch

@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from .generate import _eos_ids, load_for_inference, routed_generate, skip_pattern
+from .generate import load_for_inference, routed_generate, skip_pattern, stop_ids
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,10 +90,9 @@ def run(args: argparse.Namespace) -> int:
 
         choice = args.tool_choice if args.tool_choice in ("auto", "required", "none") else {
             "type": "function", "function": {"name": args.tool_choice}}
-        eos = rm.base_model.generation_config.eos_token_id
         try:
             processor = tool_call_processor(rm, [tools] * len(prompts), choice, parallel=not args.no_parallel_calls,
-                                            stop_ids=sorted(_eos_ids(eos)) or None)
+                                            stop_ids=stop_ids(rm))
         except GrammarError as e:
             raise ConfigError(f"--tools {args.tools}: {e}") from None
     if args.prompt_lookup and (len(prompts) > 1 or args.constrain or args.prompt_lookup < 0):

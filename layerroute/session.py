@@ -34,11 +34,12 @@ from .generate import (
     DEFAULT,
     _cut,
     _eos_ids,
-    _pad_id,
     _row_gates,
     inference_weights,
+    model_pad_id,
     run_generate,
     skip_pattern,
+    stop_ids,
     synchronize,
 )
 from .routed import KV_POLICIES, RoutedCache, find_routed_layers, routing
@@ -168,14 +169,13 @@ class Session:
             torch.manual_seed(seed)
         snap = self._snapshot()
         prefill = len(self.pending) if self.policy == "kv_preserving" else len(self.tokens)
-        eos = self.rm.base_model.generation_config.eos_token_id if eos_token_id == DEFAULT else eos_token_id
+        eos = stop_ids(self.rm, eos_token_id)
         ids = torch.tensor([self.tokens], dtype=torch.long)
         with self._step(forced, threshold) as model:
             cache = self.cache if self.policy == "kv_preserving" else RoutedCache()
             out, t = run_generate(
                 model, ids, torch.ones_like(ids), cache=cache, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                temperature=temperature, top_p=top_p, eos_token_id=eos_token_id,
-                pad_token_id=_pad_id(self.rm, None if eos_token_id == DEFAULT else eos_token_id),
+                temperature=temperature, top_p=top_p, eos_token_id=eos, pad_token_id=model_pad_id(self.rm),
             )
             gates, logits = self._gates_and_logits()
         new = _cut(out[0, ids.shape[1] :].tolist(), _eos_ids(eos))

@@ -35,21 +35,11 @@ from layerroute import chat_template
 from layerroute.data.records import Conversation
 from layerroute.data.toolcalls import render_tool_calls
 from layerroute.errors import DataError
+from layerroute.special_tokens import end_of_turn_ids
 
 IGNORE_INDEX = -100
 TOOL_CALL = "tool_call"
 PLANNING = "planning"
-
-#: Tokens that end an assistant turn in common chat templates (besides the tokenizer's eos token).
-END_OF_TURN_TOKENS = (
-    "<|im_end|>",
-    "<|eot_id|>",
-    "<|end|>",
-    "<end_of_turn>",
-    "<|endoftext|>",
-    "</s>",
-    "<|eom_id|>",
-)
 
 DEFAULT_TOOL_SYSTEM = "You are a helpful assistant."
 
@@ -168,17 +158,6 @@ def hermes_text_messages(messages: list[dict], tools: list[dict]) -> list[dict]:
     for m in out:
         m.pop("_tool_group", None)
     return out
-
-
-def end_of_turn_ids(tokenizer) -> set[int]:
-    ids = set()
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.add(tokenizer.eos_token_id)
-    vocab = tokenizer.get_vocab()
-    for t in END_OF_TURN_TOKENS:
-        if t in vocab:
-            ids.add(vocab[t])
-    return ids
 
 
 class StepRenderer:

@@ -25,6 +25,7 @@ import torch
 from ..adapters import RoutedModel
 from ..batched import FINISH_CONTEXT, FINISH_LENGTH, Request, generate_batched
 from ..config import EvalConfig
+from ..generate import stop_ids
 from .teacher_forced import teacher_forced
 
 # the configuration a config's step equals when its gates open every block
@@ -230,7 +231,7 @@ def accuracy(rm: RoutedModel, steps, idx: list[int], config: str, cfg: EvalConfi
     (`paired_accuracy`) and any subset re-summarised (`accuracy_subset`)."""
     if patterns is not None and len(patterns) != len(idx):
         raise ValueError(f"accuracy: {len(patterns)} gate patterns for {len(idx)} steps")
-    eos = _eos_ids(rm.tokenizer)
+    eos = stop_ids(rm)  # the one stop rule, the same as the server's
     gates = [list(p) for p in patterns] if patterns is not None else (
         [list(forced)] * len(idx) if forced is not None else None)
     samples = generate_and_score(rm, [steps[i] for i in idx], config, cfg, stop=eos,
@@ -282,12 +283,3 @@ def accuracy_subset(result: dict, keys: list[tuple[str, int]], unseen_categories
     if missing:
         raise ValueError(f"accuracy_subset: step {missing[0]} was not scored")
     return _accuracy_summary([by_key[k] for k in keys], unseen_categories)
-
-
-def _eos_ids(tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
-            ids.add(tid)
-    return sorted(i for i in ids if i is not None)

@@ -22,6 +22,7 @@ import torch
 from ..atomic import write_text_atomic
 from ..config import STATIC_ORACLES, RunConfig
 from ..errors import ConfigError, TrainingError
+from ..special_tokens import pad_token_id
 from .batches import BatchOrder, eval_subset, target_count
 from .calibrate import INFLUENCE_STEPS, fit_skip_bridges, spread_router_biases, static_oracle_targets
 from .checkpoint import (
@@ -140,7 +141,7 @@ class Trainer:
         if not self.train_steps:
             raise ConfigError("the data section produced no training steps (check data.sources)")
         self.eval_steps = eval_subset(list(getattr(self.data, "eval", [])), tc.eval_examples)
-        self.pad_id = self._pad_token_id()
+        self.pad_id = pad_token_id(self.rm.tokenizer, self.rm.config)  # the one pad rule (special_tokens)
         self.n_targets = [target_count(s) for s in self.train_steps]
         self.order = BatchOrder(self.train_steps, tc.batch_size, tc.seed)
         n_tool = sum(s.step_type == "tool_call" for s in self.train_steps)
@@ -196,18 +197,6 @@ class Trainer:
                                 main_process=acc.is_main_process)
         self.setup_s = time.perf_counter() - t0
         self._print(f"[setup] done in {self.setup_s:.1f} s")
-
-    def _pad_token_id(self) -> int:
-        tok = self.rm.tokenizer
-        for value in (
-            getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None),
-            getattr(self.rm.config, "pad_token_id", None), getattr(self.rm.config, "eos_token_id", None),
-        ):
-            if isinstance(value, list):
-                value = value[0] if value else None
-            if value is not None:
-                return int(value)
-        return 0
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def _trainable_state(self) -> dict[str, torch.Tensor]:
