@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .atomic import write_text_atomic
 from .errors import ConfigError
+from .eval.accuracy import paired_accuracy
 from .eval.configurations import STEP_TYPES
 from .eval.io import read_json, read_per_adapter, write_json
 from .eval.seeds import aggregate_metrics, seed_metrics
@@ -47,7 +48,56 @@ def parse_recipe(spec: str) -> tuple[str, list[str]]:
     return name.strip(), paths
 
 
-def aggregate_recipes(recipes: dict[str, list[str]], include: dict | None = None) -> dict:
+def train_seed(res: dict):
+    """The training seed of an evaluated adapter (its run config travels in the eval.json), or None."""
+    return (((res.get("meta") or {}).get("training") or {}).get("config") or {}).get("train", {}).get("seed")
+
+
+def vs_reference(ref: dict, res: dict, resamples: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Each free-running configuration of `res` minus the reference adapter's LoRA at full depth, paired step by
+    step on the steps both scored (full split's draw): flat keys "tool_call.vs_reference.routed.diff_points", ...
+    The issue's comparison: a routed figure against a LoRA trained at full depth with the same seed and data."""
+    out: dict[str, float] = {}
+    for t in STEP_TYPES:
+        base = ((ref.get("accuracy") or {}).get(t) or {}).get("lora_full_depth")
+        if not base:
+            continue
+        by_key = {(s["conversation_id"], s["step_index"]): s for s in base["samples"]}
+        for c, v in ((res.get("accuracy") or {}).get(t) or {}).items():
+            mine = {(s["conversation_id"], s["step_index"]): s for s in v["samples"]}
+            keys = [k for k in by_key if k in mine]
+            if not keys:
+                continue
+            p = paired_accuracy({"samples": [by_key[k] for k in keys]}, {"samples": [mine[k] for k in keys]},
+                                resamples, seed)
+            prefix = f"{t}.vs_reference.{c}"
+            out[f"{prefix}.n"] = p["n"]
+            out[f"{prefix}.diff_points"] = p["diff_points"]
+            out[f"{prefix}.ci95_low"], out[f"{prefix}.ci95_high"] = p["diff_ci95"]
+    return out
+
+
+def _pair_rows(fresh: dict[str, list[tuple[dict, dict]]], reference: str) -> None:
+    """Adds `vs_reference` figures to every fresh row of every recipe but the reference, matched by training seed
+    (by position when a seed is unknown)."""
+    if reference not in fresh:
+        raise ConfigError(f"--reference {reference}: not among the --recipe names ({', '.join(fresh)})")
+    refs = fresh[reference]
+    by_seed = {train_seed(res): res for _, res in refs}
+    for name, rows in fresh.items():
+        if name == reference:
+            continue
+        for i, (row, res) in enumerate(rows):
+            ref = by_seed.get(train_seed(res)) if train_seed(res) is not None else None
+            if ref is None and train_seed(res) is None and i < len(refs):
+                ref = refs[i][1]
+            if ref is not None:
+                row["full"].update(vs_reference(ref, res))
+                row["reference_adapter"] = ref.get("adapter")
+
+
+def aggregate_recipes(recipes: dict[str, list[str]], include: dict | None = None,
+                      reference: str | None = None) -> dict:
     """{recipe: {"seeds": n, "adapters": [...], "eval_json": [...], split: {metric: {mean, std, values}},
     "per_seed": [{"adapter", "eval_json", split: {metric: value}}]}}
 
@@ -56,13 +106,16 @@ def aggregate_recipes(recipes: dict[str, list[str]], include: dict | None = None
     was built from (they are not kept between machines) and grows seed by seed.
     """
     out = dict(include or {})
-    for name, paths in recipes.items():
-        fresh = [{"adapter": res.get("adapter"), "eval_json": path,
-                  **{split: seed_metrics(res, split) for split in SPLITS}}
-                 for path in paths for res in read_per_adapter([path])]
-        again = {f["adapter"] for f in fresh}
+    fresh = {name: [({"adapter": res.get("adapter"), "eval_json": path,
+                      **{split: seed_metrics(res, split) for split in SPLITS}}, res)
+                    for path in paths for res in read_per_adapter([path])]
+             for name, paths in recipes.items()}
+    if reference:
+        _pair_rows(fresh, reference)
+    for name, rows in fresh.items():
+        again = {row["adapter"] for row, _ in rows}
         kept = [row for row in out.get(name, {}).get("per_seed", []) if row["adapter"] not in again]
-        out[name] = _entry(kept + fresh)
+        out[name] = _entry(kept + [row for row, _ in rows])
     return out
 
 
@@ -183,7 +236,25 @@ def markdown(agg: dict) -> str:
                   "(paired: a step's two verdicts are resampled together); seeds evaluated before session 10 are "
                   "not listed (their rows kept no interval).", "",
                   "| recipe | adapter (seed) | full split | length-matched |", "|---|---|---|---|"] + paired_rows
+    ref_rows = [f"| {name} | {r['adapter']} | {r.get('reference_adapter', 'n/a')} | {t} | "
+                + " | ".join(_ref_cell(r["full"], t, c) for c in ("lora_full_depth", "routed")) + " |"
+                for name, e in agg.items() for r in e.get("per_seed", []) for t in STEP_TYPES
+                if any(f"{t}.vs_reference.{c}.diff_points" in r["full"] for c in ("lora_full_depth", "routed"))]
+    if ref_rows:
+        lines += ["", "## Minus the reference recipe's LoRA at full depth, paired per seed", "",
+                  "Points against the --reference recipe's full-depth accuracy of the same training seed, on the "
+                  "steps both scored (full split's draw), with the 95% bootstrap interval over steps; n steps.", "",
+                  "| recipe | adapter | reference | step type | its own full depth | routed |",
+                  "|---|---|---|---|---|---|"] + ref_rows
     return "\n".join(lines) + "\n"
+
+
+def _ref_cell(row: dict, t: str, c: str) -> str:
+    d = row.get(f"{t}.vs_reference.{c}.diff_points")
+    if d is None or math.isnan(d):
+        return "n/a"
+    return (f"{d:+.1f} ({_num(row[f'{t}.vs_reference.{c}.ci95_low'], 1)} to "
+            f"{_num(row[f'{t}.vs_reference.{c}.ci95_high'], 1)}; n {row[f'{t}.vs_reference.{c}.n']})")
 
 
 def _diff(m: dict, prefix: str) -> str:
@@ -323,6 +394,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--include", metavar="ABLATION_JSON",
                         help="an earlier ablation.json whose recipes and seeds the table keeps (a seed of a --recipe "
                              "evaluated again replaces its row): the figures outlive the runs they came from")
+    parser.add_argument("--reference", metavar="NAME",
+                        help="a --recipe (e.g. a LoRA trained at full depth) whose full-depth accuracy every other "
+                             "recipe's configurations are paired against, seed by seed, step by step")
     parser.add_argument("--output-dir", required=True)
 
 
@@ -335,7 +409,8 @@ def run(args: argparse.Namespace) -> int:
         recipes[name] = paths
     if not recipes and not args.include:
         raise ConfigError("give at least one --recipe NAME=EVAL_JSON or --include ABLATION_JSON")
-    agg = aggregate_recipes(recipes, read_included(args.include) if args.include else None)
+    agg = aggregate_recipes(recipes, read_included(args.include) if args.include else None,
+                            reference=getattr(args, "reference", None))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "ablation.json", agg)

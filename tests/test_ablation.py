@@ -238,3 +238,33 @@ def test_prompt_full_depth_counts_only_the_steps_own_tokens_as_skipped(setup, on
         assert 0 < steps_only["block_flops_skipped"] < 0.25  # the context still runs block 1
     lo, hi = res["splits"]["full"]["differential_ci95"]
     assert lo <= res["splits"]["full"]["skip_differential_points"] <= hi  # the interval is about the same measure
+
+
+def _seeded(res, seed: int, correct: dict[str, bool]):
+    """`res` trained with `seed` (as the eval.json's run config says), each configuration's steps all right or all
+    wrong as `correct` says."""
+    res = copy.deepcopy(res)
+    res["meta"] = {**(res.get("meta") or {}), "training": {"config": {"train": {"seed": seed}}}}
+    for c, ok in correct.items():
+        for s in res["accuracy"]["tool_call"][c]["samples"]:
+            s["correct"] = ok
+    return res
+
+
+def test_reference_recipe_pairs_every_routed_figure_with_the_same_seeds_full_depth_lora(one_eval, tmp_path, capsys):
+    ref = [_write(tmp_path, f"ref-s{s}", _seeded(one_eval, s, {"lora_full_depth": s == 0}), 0.0) for s in (0, 1)]
+    # the other recipe's seeds listed in the other order: pairing follows the training seed, not the position
+    rec = [_write(tmp_path, f"r-s{s}", _seeded(one_eval, s, {"routed": False, "lora_full_depth": True}), 5.0)
+           for s in (1, 0)]
+    agg = aggregate_recipes({"ref": [str(p) for p in ref], "r": [str(p) for p in rec]}, reference="ref")
+    rows = {r["adapter"]: r for r in agg["r"]["per_seed"]}
+    s0, s1 = rows["runs/r-s0/adapter"]["full"], rows["runs/r-s1/adapter"]["full"]
+    assert rows["runs/r-s0/adapter"]["reference_adapter"] == "runs/ref-s0/adapter"
+    assert s0["tool_call.vs_reference.routed.diff_points"] == pytest.approx(-100.0)  # reference right, routed wrong
+    assert s1["tool_call.vs_reference.routed.diff_points"] == pytest.approx(0.0)  # both wrong
+    assert s1["tool_call.vs_reference.lora_full_depth.diff_points"] == pytest.approx(100.0)
+    assert s0["tool_call.vs_reference.routed.n"] == one_eval["accuracy"]["tool_call"]["routed"]["n"]
+    assert "tool_call.vs_reference.routed.diff_points" not in agg["ref"]["per_seed"][0]["full"]
+    assert "## Minus the reference recipe's LoRA at full depth" in markdown(agg)
+    with pytest.raises(ConfigError, match="--reference nope"):
+        aggregate_recipes({"ref": [str(ref[0])]}, reference="nope")
