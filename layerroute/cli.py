@@ -17,6 +17,8 @@ from .errors import LayerRouteError
 # name -> (module, one-line help). Modules expose add_arguments(parser) and run(args) -> int.
 COMMANDS = {
     "params": ("layerroute.cli", "count backbone / LoRA / router parameters (no weights are allocated)"),
+    "config": ("layerroute.config.cli", "validate a run config without loading a model; print it resolved (--describe: "
+                                        "every setting with its default and help)"),
     "data": ("layerroute.data.cli", "build the step data and print stats or rendered examples"),
     "train": ("layerroute.train", "train routers + LoRA from a YAML config"),
     "sweep": ("layerroute.sweep", "train and evaluate several seeds, one table"),
@@ -32,7 +34,10 @@ COMMANDS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:  # `layerroute params`
     parser.add_argument("--model", default="smollm2-135m-instruct", help="model name (see README)")
-    parser.add_argument("--router-kind", default="linear", choices=["linear", "mlp"])
+    from .config import choices
+    from .config.sections import RouterKind
+
+    parser.add_argument("--router-kind", default="linear", choices=list(choices(RouterKind)))
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--no-lora", action="store_true", help="count routers only")
     parser.add_argument("--bridge-rank", type=int, default=0, help="skip bridges of this rank on every block (0 = none)")

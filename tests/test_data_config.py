@@ -61,11 +61,13 @@ def test_defaults():
 
 
 def test_apply_override():
+    from layerroute.config import apply_override  # the data CLI's --set parser is the run config's
+
     d = {"data": {"sources": [{"name": "bfcl"}]}, "model": {"name": "m"}}
-    cli.apply_override(d, "data.max_length=512")
-    cli.apply_override(d, "data.sources[0].limit=3")
-    cli.apply_override(d, "data.sources.0.categories=[parallel, live_simple]")
-    cli.apply_override(d, "model.name=other")
+    apply_override(d, "data.max_length=512")
+    apply_override(d, "data.sources[0].limit=3")
+    apply_override(d, "data.sources.0.categories=[parallel, live_simple]")
+    apply_override(d, "model.name=other")
     assert d == {
         "data": {
             "max_length": 512,
@@ -74,9 +76,9 @@ def test_apply_override():
         "model": {"name": "other"},
     }
     with pytest.raises(ConfigError):
-        cli.apply_override(d, "data.sources[5].limit=1")
+        apply_override(d, "data.sources[5].limit=1")
     with pytest.raises(ConfigError):
-        cli.apply_override(d, "data.max_length")
+        apply_override(d, "data.max_length")
 
 
 @pytest.fixture()

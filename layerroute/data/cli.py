@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
-from typing import Any
 
 from layerroute.atomic import write_text_atomic
+from layerroute.config.overrides import apply_overrides, load_yaml
 from layerroute.errors import ConfigError
 
 SHOW_OPEN, SHOW_CLOSE = "⟦", "⟧"
@@ -45,69 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="--stats: print the whole statistics JSON, not tables")
     parser.add_argument("--out", default=None, help="--stats: also write the JSON to this file")
-
-
-_PATH_TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
-
-
-def _split_key(key: str) -> list[str | int]:
-    parts: list[str | int] = []
-    for name, idx in _PATH_TOKEN.findall(key):
-        parts.append(int(idx) if idx else (int(name) if name.isdigit() else name))
-    if not parts:
-        raise ConfigError(f"--set: empty key in {key!r}")
-    return parts
-
-
-def apply_override(cfg: dict, assignment: str) -> None:
-    """Apply one `a.b[0].c=value` assignment (value parsed as YAML) to a nested dict, in place."""
-    import yaml
-
-    if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE")
-    key, raw = assignment.split("=", 1)
-    value = yaml.safe_load(raw)
-    parts = _split_key(key.strip())
-    node: Any = cfg
-    for i, p in enumerate(parts[:-1]):
-        nxt = parts[i + 1]
-        if isinstance(p, int):
-            if not isinstance(node, list) or p >= len(node):
-                raise ConfigError(f"--set {key}: index [{p}] does not exist")
-            node = node[p]
-        else:
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {p!r} is not inside a mapping")
-            if node.get(p) is None:
-                node[p] = [] if isinstance(nxt, int) else {}
-            node = node[p]
-    last = parts[-1]
-    if isinstance(last, int):
-        if not isinstance(node, list) or last > len(node):
-            raise ConfigError(f"--set {key}: index [{last}] does not exist")
-        if last == len(node):
-            node.append(value)
-        else:
-            node[last] = value
-    else:
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {key}: {last!r} is not inside a mapping")
-        node[last] = value
-
-
-def load_config_dict(path: str, overrides: list[str]) -> dict:
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"--config: file not found: {path!r}") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"--config {path!r}: the top level must be a mapping with a `data:` section")
-    for a in overrides:
-        apply_override(cfg, a)
-    return cfg
 
 
 def _pick_show(steps: list, n: int) -> list:
@@ -189,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     from layerroute.data.config import DataConfig
     from layerroute.data.tokenizer import load_tokenizer
 
-    raw = load_config_dict(args.config, args.set)
+    raw = apply_overrides(load_yaml(args.config), args.set)  # the --set rules of every command
     cfg = DataConfig.from_dict(raw.get("data"))
     model = raw.get("model") or {}
     name = args.tokenizer or model.get("tokenizer") or model.get("name")  # the tokenizer training renders with

@@ -1,0 +1,31 @@
+"""Typed, validated settings for every run, loaded from commented YAML plus overlays and `--set key=value`.
+
+    fields.py     what a setting is: setting(), range and Literal-choice checks, from_dict's type checks
+    overrides.py  raw dicts: YAML reading, the one `--set` parser, overlay files (run and eval)
+    sections.py   the model, router, lora and eval sections
+    train.py      the train section
+    run.py        RunConfig: every section of one file (the data section is layerroute.data.config.DataConfig)
+    cli.py        `layerroute config`: validate a config and print it resolved (--describe: every setting)
+
+Every name is importable from here: `from layerroute.config import RunConfig, apply_overrides`.
+"""
+
+from .fields import check_choices, check_range, choices, describe, from_dict, setting
+from .overrides import (
+    apply_eval_overlay,
+    apply_overlay,
+    apply_override,
+    apply_overrides,
+    load_yaml,
+    parse_yaml,
+)
+from .run import RUN_SECTIONS, RunConfig, resolve_raw
+from .sections import EvalConfig, LoraSettings, ModelConfig, RouterConfig
+from .train import GREEDY_ORACLES, ORACLE_SOURCES, REGULARIZERS, ROUTER_LOSSES, STATIC_ORACLES, TrainConfig
+
+__all__ = [
+    "GREEDY_ORACLES", "ORACLE_SOURCES", "REGULARIZERS", "ROUTER_LOSSES", "RUN_SECTIONS", "STATIC_ORACLES",
+    "EvalConfig", "LoraSettings", "ModelConfig", "RouterConfig", "RunConfig", "TrainConfig",
+    "apply_eval_overlay", "apply_overlay", "apply_override", "apply_overrides", "check_choices", "check_range",
+    "choices", "describe", "from_dict", "load_yaml", "parse_yaml", "resolve_raw", "setting",
+]

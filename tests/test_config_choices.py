@@ -1,0 +1,91 @@
+"""Choices typed with Literal: one check names the key and the allowed values, from YAML or built in code."""
+
+import re
+import typing
+from pathlib import Path
+
+import pytest
+
+from layerroute.config import (
+    EvalConfig,
+    ModelConfig,
+    RouterConfig,
+    RunConfig,
+    TrainConfig,
+    choices,
+    describe,
+    from_dict,
+)
+from layerroute.config.sections import Pooling
+from layerroute.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CASES = [  # (section class, section, key, a bad value, its allowed values)
+    (ModelConfig, "model", "dtype", "fp8", ["float32", "bfloat16", "float16"]),
+    (ModelConfig, "model", "attn_implementation", "flash", ["sdpa", "eager"]),
+    (RouterConfig, "router", "kind", "conv", ["linear", "mlp"]),
+    (RouterConfig, "router", "pooling", "first_turn", ["mean", "last", "last_turn"]),
+    (TrainConfig, "train", "schedule", "linear", ["cosine", "constant"]),
+    (TrainConfig, "train", "regularizer", "l1", ["soft_mean", "hard_ste", "budget", "none"]),
+    (TrainConfig, "train", "router_loss", "mse", ["none", "bce", "oracle", "influence"]),
+    (TrainConfig, "train", "oracle_source", "greedy",
+     ["influence", "drop_nll", "drop_errors", "greedy_nll", "greedy_errors", "fixed"]),
+    (TrainConfig, "train", "precision", "fp16", ["fp32", "bf16"]),
+    (TrainConfig, "train", "block_drop_on", "planning", ["all", "tool_call"]),
+    (EvalConfig, "eval", "kv_policy", "paged", ["exact", "kv_preserving"]),
+]
+
+
+@pytest.mark.parametrize("cls, section, key, bad, allowed", CASES, ids=lambda c: c if isinstance(c, str) else None)
+def test_a_bad_choice_names_the_key_and_the_allowed_values(cls, section, key, bad, allowed):
+    want = re.escape(f"{section}.{key} must be one of {allowed}, got {bad!r}")
+    with pytest.raises(ConfigError, match=want):  # read from YAML
+        from_dict(cls, {key: bad}, section)
+    with pytest.raises(ConfigError, match=want):  # built in code
+        cls(**{key: bad})
+    with pytest.raises(ConfigError, match=want):  # through a whole run config and --set
+        RunConfig.from_yaml(ROOT / "configs" / "smoke.yaml", [f"{section}.{key}={bad}"])
+    assert list(choices(typing.get_type_hints(cls)[key])) == allowed
+
+
+def test_a_list_of_choices_checks_each_item():
+    allowed = ["base", "lora_full_depth", "routed", "routed_no_lora", "shortgpt", "random"]
+    for make in (lambda v: EvalConfig(accuracy_configs=v), lambda v: from_dict(EvalConfig, {"accuracy_configs": v}, "eval")):
+        with pytest.raises(ConfigError, match=re.escape(f"eval.accuracy_configs must be one of {allowed}, got 'lora'")):
+            make(["routed", "lora"])
+    with pytest.raises(ConfigError, match="eval.accuracy_configs must be of type list, got str 'routed'"):
+        from_dict(EvalConfig, {"accuracy_configs": "routed"}, "eval")
+    assert EvalConfig(accuracy_configs=["routed", "random"]).accuracy_configs == ["routed", "random"]
+
+
+def test_a_choice_is_still_a_typed_value():
+    with pytest.raises(ConfigError, match=r"router.pooling must be one of \['mean', 'last', 'last_turn'\], got 3"):
+        from_dict(RouterConfig, {"pooling": 3}, "router")
+    assert choices(Pooling) == ("mean", "last", "last_turn") and choices(int) is None
+
+
+def test_describe_lists_the_choices_and_the_rejected_block():
+    rows = {key: (default, help_text) for key, default, help_text in describe(TrainConfig, "train")}
+    assert rows["train.schedule"][0] == "cosine" and "[choices: cosine, constant]" in rows["train.schedule"][1]
+    keys = list(rows)
+    rejected = ["train.target_run_rate", "train.oracle_epsilon", "train.block_drop_rate", "train.block_drop_on",
+                "train.distill_weight", "train.distill_temperature", "train.oracle_greedy_candidates",
+                "train.prompt_full_depth", "train.init_lora"]
+    assert keys[-len(rejected):] == rejected  # the rejected recipes' options close the section ...
+    assert all("rejected by the ablation" in rows[k][1] for k in rejected)  # ... and say so
+    router = [key for key, _, _ in describe(RouterConfig, "router")]
+    assert router[-2:] == ["router.bottleneck", "router.turn_token"]
+
+
+def test_a_stored_config_with_every_rejected_option_still_loads():
+    """An old adapter's config (every key, the rejected recipes' ones set) validates as before."""
+    raw = RunConfig().to_dict()
+    raw["router"].update(kind="mlp", bottleneck=32, pooling="last_turn", turn_token="<|im_start|>")
+    raw["train"].update(regularizer="budget", target_run_rate=0.7, block_drop_rate=0.3, block_drop_on="tool_call",
+                        distill_weight=1.0, distill_temperature=2.0, router_loss="oracle", oracle_epsilon=0.02,
+                        oracle_greedy_candidates=4, prompt_full_depth=True, init_lora="runs/x/adapter")
+    raw["data"] = {"sources": [{"name": "bfcl", "limit": 4}]}
+    cfg = RunConfig.from_dict(raw)
+    assert cfg.router.kind == "mlp" and cfg.train.block_drop_on == "tool_call" and cfg.train.init_lora == "runs/x/adapter"
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
