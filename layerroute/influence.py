@@ -2,7 +2,7 @@
 
 - `block_influence`: the mean over a set of steps at full depth: the equal-FLOP ShortGPT baseline (evaluate)
   and the influence-ordered router initialisation (train, `router.init_bias_spread`).
-- `RowInfluence`: per batch row, during a training forward: the per-step targets of `router_loss=influence`.
+- `RowInfluence`: per batch row, during a training forward: the per-step targets of `router_loss=targets` with `oracle_source=influence`.
 - `influence_targets`: the k least influential blocks of each row as skip targets.
 
 The hook sits on each routed layer's inner block, so it sees the block's own output whatever its gate: a hook on

@@ -28,7 +28,7 @@ CASES = [  # (section class, section, key, a bad value, its allowed values)
     (RouterConfig, "router", "pooling", "first_turn", ["mean", "last", "last_turn"]),
     (TrainConfig, "train", "schedule", "linear", ["cosine", "constant"]),
     (TrainConfig, "train", "regularizer", "l1", ["soft_mean", "hard_ste", "budget", "none"]),
-    (TrainConfig, "train", "router_loss", "mse", ["none", "bce", "oracle", "influence"]),
+    (TrainConfig, "train", "router_loss", "mse", ["none", "bce", "oracle", "targets"]),
     (TrainConfig, "train", "oracle_source", "greedy",
      ["influence", "drop_nll", "drop_errors", "greedy_nll", "greedy_errors", "fixed"]),
     (TrainConfig, "train", "precision", "fp16", ["fp32", "bf16"]),
@@ -89,3 +89,14 @@ def test_a_stored_config_with_every_rejected_option_still_loads():
     cfg = RunConfig.from_dict(raw)
     assert cfg.router.kind == "mlp" and cfg.train.block_drop_on == "tool_call" and cfg.train.init_lora == "runs/x/adapter"
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_a_renamed_choice_is_read_under_its_old_name_and_written_under_the_new():
+    """router_loss=influence (the name before session 16, in old configs and adapters) means router_loss=targets."""
+    from layerroute.config import RunConfig
+
+    old = RunConfig.from_dict({"train": {"router_loss": "influence", "oracle_source": "drop_nll"}})
+    assert old.train.router_loss == "targets" and old.train.oracle_source == "drop_nll"  # oracle_source keeps its name
+    assert old.to_dict()["train"]["router_loss"] == "targets"
+    assert TrainConfig(router_loss="influence").router_loss == "targets"  # built in code too
+    assert RunConfig.from_dict(old.to_dict()).train == old.train

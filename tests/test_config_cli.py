@@ -1,5 +1,6 @@
 """`layerroute config`: a config validated and printed resolved, without loading a model; --describe."""
 
+import dataclasses
 from pathlib import Path
 
 import yaml
@@ -21,7 +22,7 @@ def test_prints_the_resolved_config_which_reads_back_the_same(capsys, monkeypatc
     assert out.splitlines()[0].endswith("valid (no model loaded)")
     printed = yaml.safe_load(out)
     assert list(printed) == ["model", "router", "lora", "data", "train", "eval"]
-    assert set(printed["train"]) == set(TrainConfig.__dataclass_fields__)  # every setting, defaults filled in
+    assert set(printed["train"]) == {f.name for f in dataclasses.fields(TrainConfig)}  # every setting, defaults filled in
     assert RunConfig.from_dict(printed) == RunConfig.from_yaml(SMOKE, ["train.lr=2e-4"], [overlay])
     assert printed["router"]["kind"] == "mlp" and printed["train"]["lr"] == 2e-4
 
@@ -41,6 +42,6 @@ def test_describe_lists_every_setting_with_default_and_help(capsys):
     assert any(line.startswith("data.max_length: 1024  # Longest step") for line in settings)
     assert any(line.startswith("train.block_drop_rate: 0.0  # rejected by the ablation") for line in settings)
     defaults = RunConfig()
-    count = sum(len(type(getattr(defaults, s)).__dataclass_fields__) for s in ("model", "router", "lora", "data",
-                                                                              "train", "eval"))
+    count = sum(len(dataclasses.fields(getattr(defaults, s))) for s in ("model", "router", "lora", "data", "train",
+                                                                     "eval"))
     assert len(settings) == count

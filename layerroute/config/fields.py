@@ -84,7 +84,11 @@ def _hints(cls) -> dict:
 def check_choices(obj, section: str) -> None:
     """Every Literal-typed setting of dataclass `obj` holds one of its values (run by each section's
     `__post_init__`, so a section built in code is checked as one read from YAML)."""
+    renamed = getattr(type(obj), "RENAMED_VALUES", {})
     for name, annotation in _hints(type(obj)).items():
+        value = getattr(obj, name)
+        if isinstance(value, str) and (name, value) in renamed:
+            setattr(obj, name, renamed[(name, value)])
         error = _choice_error(f"{section}.{name}", getattr(obj, name), annotation)
         if error:
             raise ConfigError(error)
@@ -144,8 +148,11 @@ def from_dict(cls, data: dict | None, section: str):
     if unknown:
         raise ConfigError(f"unknown key {section}.{unknown[0]} (known: {', '.join(sorted(fields))})")
     kwargs = {}
+    renamed = getattr(cls, "RENAMED_VALUES", {})
     for name, value in data.items():
         annotation = hints[name]
+        if isinstance(value, str) and (name, value) in renamed:
+            value = renamed[(name, value)]  # an old name for a choice (configs and adapters written before it)
         if dataclasses.is_dataclass(annotation):
             kwargs[name] = from_dict(annotation, value, f"{section}.{name}")
             continue

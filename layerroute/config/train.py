@@ -11,8 +11,8 @@ from .fields import check_choices, check_range, setting
 
 Schedule = Literal["cosine", "constant"]
 Regularizer = Literal["soft_mean", "hard_ste", "budget", "none"]
-RouterLoss = Literal["none", "bce", "oracle", "influence"]
-# router_loss=influence's sources of skip targets; the drop_* ones are static per step type (measured before training)
+RouterLoss = Literal["none", "bce", "oracle", "targets"]
+# router_loss=targets' sources of skip targets; the drop_* ones are static per step type (measured before training)
 OracleSource = Literal["influence", "drop_nll", "drop_errors", "greedy_nll", "greedy_errors", "fixed"]
 Precision = Literal["fp32", "bf16"]
 BlockDropOn = Literal["all", "tool_call"]
@@ -29,6 +29,11 @@ REJECTED = "rejected by the ablation (RESULTS.md / docs/results/ablation.md)"
 @dataclass
 class TrainConfig:
     """The optimisation run: what the loss is, how long, how fast, how often to log and save."""
+
+    # old names of choices, still read (configs and adapters written before the rename), written as the new name.
+    # router_loss=influence meant "a BCE towards skip targets", whatever oracle_source chose them (the default's
+    # targets come from measured removal costs, not influence), so it is called targets now.
+    RENAMED_VALUES: typing.ClassVar[dict] = {("router_loss", "influence"): "targets"}
 
     # ---- optimisation ----
     steps: int = setting(3000, "optimizer steps (each = batch_size x grad_accum x processes steps of data)")
@@ -65,17 +70,18 @@ class TrainConfig:
     # ---- objective: losses on the routers' probabilities ----
     router_loss: RouterLoss = setting(
         "none", "none; bce (LayerRoute-BCE: skip tool calls, run planning); oracle (first-order per-block skip "
-        f"costs; {REJECTED}); influence (per step: skip the oracle_skip_tool / oracle_skip_planning fraction of "
-        "blocks chosen by oracle_source; with the default oracle_source=influence, the blocks of lowest "
-        "ShortGPT influence 1 - cos(h_in, block(h_in)) in that step's own forward)",
+        f"costs; {REJECTED}); targets (a BCE towards skip targets: the oracle_skip_tool / oracle_skip_planning "
+        "fraction of blocks chosen by oracle_source, e.g. the blocks of lowest ShortGPT influence 1 - cos(h_in, "
+        "block(h_in)) in that step's own forward, or the blocks of least measured removal cost; 'influence' is its "
+        "old name, still read)",
     )
     bce_weight: float = setting(1.0, "weight of the bce router loss")
     oracle_skip_tool: float = setting(
-        0.3, "router_loss=influence: fraction of blocks that are skip targets on tool-call rows (rounded per row)"
+        0.3, "router_loss=targets: fraction of blocks that are skip targets on tool-call rows (rounded per row)"
     )
-    oracle_skip_planning: float = setting(0.0, "router_loss=influence: the same on planning rows")
+    oracle_skip_planning: float = setting(0.0, "router_loss=targets: the same on planning rows")
     oracle_source: OracleSource = setting(
-        "influence", "router_loss=influence: which blocks are the skip targets: influence (per step, the lowest "
+        "influence", "router_loss=targets: which blocks are the skip targets: influence (per step, the lowest "
         "1 - cos(h_in, block(h_in)) in the training forward) or drop_nll (static per step type: the blocks whose "
         "single removal raises the target NLL least on oracle_calibration_steps steps of that type, measured once "
         "before training) or drop_errors (the same, ranked by the greedy token errors a removal adds, NLL breaking "
@@ -91,7 +97,7 @@ class TrainConfig:
     )
     router_lm_grad: bool = setting(
         True, "the LM (and distillation) loss reaches the routers through the straight-through gate; false = the "
-        "routers learn only from the losses on their probabilities (soft_mean, bce, oracle, influence)",
+        "routers learn only from the losses on their probabilities (soft_mean, bce, oracle, targets)",
     )
     bridge_calibration_steps: int = setting(
         32, "router.bridge_rank > 0: tool-call training steps the skip bridges are fitted on (reduced-rank least "

@@ -50,7 +50,7 @@ class RoutedStepLoss(nn.Module):
         distill = self.cfg.distill_weight > 0 and self.training
         keep = self.drop_mask(input_ids.shape[0], routing_state(self.model).num_layers, is_tool_call,
                               input_ids.device)
-        influence = self.cfg.router_loss == "influence" and self.training
+        influence = self.cfg.router_loss == "targets" and self.training
         per_step = influence and self.static_targets is None  # targets measured in this forward (oracle_source)
         probe = RowInfluence(self.model, attention_mask) if per_step else nullcontext()
         with probe, routing(self.model, "mix", decision_mask=decision_mask, keep=keep,

@@ -177,7 +177,7 @@ class Trainer:
         self.trainable_names = [n for n, p in rm.model.named_parameters() if p.requires_grad]
 
         self.step_module = RoutedStepLoss(rm.model, self.cfg.train)
-        if tc.router_loss == "influence" and tc.oracle_source in STATIC_ORACLES:
+        if tc.router_loss == "targets" and tc.oracle_source in STATIC_ORACLES:
             self.step_module.static_targets, self.oracle_record = static_oracle_targets(
                 rm, self.train_steps, tc, self.pad_id, main_process=acc.is_main_process, log=self._print
             )
