@@ -108,6 +108,10 @@ class Scheduler:
         return len(self.waiting) + len(self.ready)
 
     def submit(self, job: Job) -> concurrent.futures.Future:
+        # Running from here on: `future.cancel()` (what asyncio does to a wrapped future when the task awaiting it
+        # is cancelled) returns False instead of cancelling, else the loop's later set_result / set_exception would
+        # raise InvalidStateError and fail every row of the batch. A caller stops a job with `job.cancel`.
+        job.future.set_running_or_notify_cancel()
         with self._wake:
             self.waiting.append(job)
             self._wake.notify()

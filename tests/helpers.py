@@ -1,12 +1,22 @@
-"""Tiny models built in code for tests (no downloads, no tokenizer)."""
+"""Tiny models built in code for tests (no downloads, no tokenizer), and the smoke config's training fixtures."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
 import torch
 
 from layerroute.adapters import RoutedModel, build_routed_model
-from layerroute.config import LoraSettings, ModelConfig, RouterConfig
+from layerroute.config import LoraSettings, ModelConfig, RouterConfig, RunConfig
 from layerroute.model import load_base
+
+if TYPE_CHECKING:
+    from layerroute.train import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
 
 TINY_SHAPES = ["shape:tiny-qwen2", "shape:tiny-llama"]
 
@@ -87,3 +97,42 @@ class TurnTokenizer:
 
     def convert_tokens_to_ids(self, token: str) -> int:
         return self.TURN if token == "<|im_start|>" else self.unk_token_id
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Training on configs/smoke.yaml (tiny-qwen2 shape, fixture tokenizer, the fixture conversations): shared by the
+# tests/test_train*.py files. A test module that trains imports `smoke_data` (a module-scoped fixture) and the two
+# autouse fixtures `one_thread` and `in_repo_root` by name: pytest registers an imported fixture as the module's own.
+
+
+def smoke_cfg(*overrides: str) -> RunConfig:
+    return RunConfig.from_yaml(SMOKE, list(overrides))
+
+
+@pytest.fixture(scope="module")
+def smoke_data():
+    """The smoke config's step data, loaded once (the tests that load it themselves exercise that path)."""
+    from transformers import AutoTokenizer
+
+    from layerroute.data.build import load_steps
+
+    cfg = smoke_cfg()
+    return load_steps(cfg.data, AutoTokenizer.from_pretrained(str(ROOT / cfg.model.tokenizer)))
+
+
+def trainable_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.rm.model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and two threads on a shared 2-core machine thrash (10x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def in_repo_root(monkeypatch):
+    monkeypatch.chdir(ROOT)  # the smoke config's tokenizer path is relative to the repository root

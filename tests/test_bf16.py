@@ -191,7 +191,7 @@ def test_eval_loads_adapters_in_the_configs_dtype(tmp_path, monkeypatch):
 
 def test_bf16_training_moves_fp32_trainables_with_fp32_optimizer_state_and_leaves_frozen_bf16(tmp_path, monkeypatch):
     from layerroute.train import Trainer
-    from tests.test_train import ROOT, smoke_cfg
+    from tests.helpers import ROOT, smoke_cfg
 
     monkeypatch.chdir(ROOT)  # the smoke config's tokenizer path is relative to the repository root
     cfg = smoke_cfg("model.dtype=bfloat16", "router.bridge_rank=4", "train.steps=2", "train.checkpoint_every=2",

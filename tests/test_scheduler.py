@@ -191,6 +191,31 @@ def test_cancelled_row_leaves_and_the_others_finish(rm):
         engine.close()
 
 
+def test_a_future_cancelled_by_its_waiter_does_not_fail_the_batch(rm):
+    """asyncio cancels a wrapped future when the task awaiting it is cancelled (a request handler at shutdown): a
+    submitted job's future refuses (it is running), the job stops through `job.cancel`, the other rows finish."""
+    engine = Engine(rm, cache_sessions=0)
+    try:
+        jobs = [Job(p, SamplingParams(max_new_tokens=8, ignore_eos=True), reuse=False) for p in PROMPTS[:3]]
+        sched = Scheduler(engine, max_batch=3)
+        refused = []
+
+        def on_token(tok):
+            if not refused:
+                refused.append(not jobs[1].future.cancel())
+                jobs[1].cancel.set()
+
+        jobs[1].on_token = on_token
+        for job in jobs:
+            sched.submit(job)
+        out = [job.future.result(timeout=120) for job in jobs]
+        sched.close()
+        assert refused == [True] and out[1].finish_reason == "cancelled" and len(out[1].tokens) == 1
+        assert [(c.finish_reason, len(c.tokens)) for c in (out[0], out[2])] == [("length", 8), ("length", 8)]
+    finally:
+        engine.close()
+
+
 def test_seeded_sampling_reproduces_across_batch_compositions(rm):
     engine = Engine(rm, cache_sessions=0)
     try:

@@ -34,7 +34,8 @@ session-cache hits).
   running.
 * Continuous batching (`layerroute.scheduler`): up to ``--max-batch`` requests decode together, each with its own
   routing decisions, stop conditions, sampling settings and stream; a newcomer joins at the next token (its prompt
-  prefilled alone, then decoded with the others) and a finished or disconnected request leaves at once. Requests
+  prefilled alone, then decoded with the others) and a finished request leaves at once; so does one whose client
+  hangs up (streamed or not: the handler listens for the disconnect; an unstreamed one is counted as 499). Requests
   wait FIFO for a place; with ``--max-queue`` requests already waiting, a new one gets 429 with ``Retry-After``.
 
 Deviations from the OpenAI API: no ``temperature`` means greedy decoding (deterministic agent steps), not 1.0;

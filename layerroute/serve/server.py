@@ -171,8 +171,14 @@ class Server:
         self.pending += 1
         fut = asyncio.wrap_future(self.scheduler.submit(job))
 
-        def done(_):
+        def done(f: asyncio.Future):
             self.pending -= 1
+            # Mark the outcome read. A handler whose client is still there reads it itself; when the client hung
+            # up first (a stream cancelled, a request dropped while it waited: ClientGone), nobody does, and
+            # asyncio would log "Future exception was never retrieved" as an ERROR when the future is collected.
+            # Real failures are logged where they happen (the scheduler, the handlers).
+            if not f.cancelled():
+                f.exception()
 
         fut.add_done_callback(done)
         return fut
