@@ -129,7 +129,7 @@ def loss_parts(
     if kind in ("soft_mean", "hard_ste"):
         # soft_mean (the paper's) penalises the mean sigmoid prob; hard_ste the hard decision with the sigmoid's
         # gradient (straight-through). The gradients are identical (d gate / d prob = 1): only the logged value
-        # differs. Measured: the two train bit-identical adapters (tests/test_train.py, RESULTS.md).
+        # differs. Measured: the two train bit-identical adapters (tests/test_train_objective.py, RESULTS.md).
         per_row = (prob if kind == "soft_mean" else gate).mean(dim=0)  # [B] run-rate of each row
         reg = per_row.sum() / rows_total
         if cfg.reg_weight_planning is not None:
