@@ -237,15 +237,16 @@ def markdown(agg: dict) -> str:
                   "not listed (their rows kept no interval).", "",
                   "| recipe | adapter (seed) | full split | length-matched |", "|---|---|---|---|"] + paired_rows
     ref_rows = [f"| {name} | {r['adapter']} | {r.get('reference_adapter', 'n/a')} | {t} | "
-                + " | ".join(_ref_cell(r["full"], t, c) for c in ("lora_full_depth", "routed")) + " |"
+                + " | ".join(_ref_cell(r["full"], t, c) for c in ACCURACY) + " |"
                 for name, e in agg.items() for r in e.get("per_seed", []) for t in STEP_TYPES
-                if any(f"{t}.vs_reference.{c}.diff_points" in r["full"] for c in ("lora_full_depth", "routed"))]
+                if any(f"{t}.vs_reference.{c}.diff_points" in r["full"] for c in ACCURACY)]
     if ref_rows:
         lines += ["", "## Minus the reference recipe's LoRA at full depth, paired per seed", "",
                   "Points against the --reference recipe's full-depth accuracy of the same training seed, on the "
-                  "steps both scored (full split's draw), with the 95% bootstrap interval over steps; n steps.", "",
-                  "| recipe | adapter | reference | step type | its own full depth | routed |",
-                  "|---|---|---|---|---|---|"] + ref_rows
+                  "steps both scored (full split's draw), with the 95% bootstrap interval over steps; n steps. "
+                  "lora_full_depth = the recipe's own adapter at full depth.", "",
+                  "| recipe | adapter | reference | step type | " + " | ".join(ACCURACY) + " |",
+                  "|---|---|---|---|" + "---|" * len(ACCURACY)] + ref_rows
     return "\n".join(lines) + "\n"
 
 
