@@ -17,7 +17,13 @@ Configurations:
 - ``dense_serial`` (``--serial``): the dense server with ``--max-batch 1``, one request at a time (the engine
   before continuous batching): what batching buys at the same concurrency.
 
-Requests are BFCL simple_python questions with their tool specs (a realistic tool-call prompt), sent with the
+- ``routed_pattern`` (``--pattern``): the routed server with ``--schedule pattern``: a waiting request whose
+  routing decisions match the running batch's is admitted first (bounded wait), so tool-call rows decode with
+  tool-call rows and a block they all skip is really not run; against ``routed`` (first come, first served) on a
+  mixed workload (``--planning-share``) with a trained ``--adapter``.
+
+Requests are BFCL simple_python questions with their tool specs (a realistic tool-call prompt), and with
+``--planning-share F`` that fraction of GSM8K train problems without tools (planning steps), sent with the
 official openai client, ``temperature=0``, and ``"layerroute": {"ignore_eos": true, "cache": false}`` so every
 configuration generates exactly ``--max-tokens`` tokens per request and re-prefills (no session reuse between
 unrelated requests). Time to first token = the server's queue wait + its prefill-to-first-token time (from the
@@ -66,6 +72,32 @@ def bfcl_requests(n: int) -> list[tuple[list[dict], list[dict]]]:
             out.append((messages, [bfcl_tool(fn) for fn in row["function"]]))
             if len(out) == n:
                 break
+    return out
+
+
+def gsm8k_requests(n: int) -> list[tuple[list[dict], None]]:
+    """Planning requests: GSM8K train problems, no tools (the shared data folder beside the repository)."""
+    path = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            out.append(([{"role": "user", "content": json.loads(line)["question"]}], None))
+            if len(out) == n:
+                break
+    return out
+
+
+def mixed(tool: list, planning: list, share: float) -> list:
+    """`tool` with a `share` of its places given to `planning` requests, spread evenly (deterministic)."""
+    out, acc = [], 0.0
+    t, p = iter(tool), iter(planning)
+    for _ in range(len(tool)):
+        acc += share
+        if acc >= 1.0:
+            acc -= 1.0
+            out.append(next(p))
+        else:
+            out.append(next(t))
     return out
 
 
@@ -124,14 +156,14 @@ def burst(client, reqs, n: int, concurrency: int, max_tokens: int) -> dict:
             t0 = time.perf_counter()
             try:
                 r = client.chat.completions.create(
-                    model="bench", messages=messages, tools=tools, max_tokens=max_tokens, temperature=0,
-                    extra_body={"layerroute": {"ignore_eos": True, "cache": False}})
+                    model="bench", messages=messages, max_tokens=max_tokens, temperature=0,
+                    extra_body={"layerroute": {"ignore_eos": True, "cache": False}}, **({"tools": tools} if tools else {}))
             except Exception as e:  # noqa: BLE001 - counted
                 errors.append(repr(e))
                 continue
             ext = r.model_extra["layerroute"]
             with lock:
-                records.append({"latency": time.perf_counter() - t0,
+                records.append({"latency": time.perf_counter() - t0, "kind": "tool_call" if tools else "planning",
                                 "ttft": ext["timings"]["queue_s"] + ext["timings"]["ttft_s"],
                                 "decode": ext["timings"]["decode_s_per_token"], "queue": ext["timings"]["queue_s"],
                                 "tokens": r.usage.completion_tokens, "prompt": r.usage.prompt_tokens,
@@ -169,6 +201,10 @@ def summarize(bursts: list[dict]) -> dict:
         "prompt_tokens_mean": statistics.fmean(r["prompt"] for r in recs),
         "blocks_skipped_mean": statistics.fmean(r["skipped"] for r in recs),
         "total_flops_skipped_mean": statistics.fmean(r["tfs"] for r in recs),
+        "by_kind": {k: {"requests": len(rs), "p50_s": statistics.median(r["latency"] for r in rs),
+                        "p95_s": pct([r["latency"] for r in rs], 95),
+                        "blocks_skipped_mean": statistics.fmean(r["skipped"] for r in rs)}
+                    for k in ("tool_call", "planning") if (rs := [r for r in recs if r["kind"] == k])},
     }
 
 
@@ -185,6 +221,11 @@ def main() -> int:
     p.add_argument("--serial", action=argparse.BooleanOptionalAction, default=True,
                    help="also run dense_serial: the dense server one request at a time (--max-batch 1)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--planning-share", type=float, default=0.0,
+                   help="fraction of requests that are planning steps (GSM8K problems, no tools), spread evenly")
+    p.add_argument("--pattern", action="store_true",
+                   help="also routed_pattern: the routed server with --schedule pattern (skip-pattern-aware "
+                        "admission) beside routed (fcfs); meaningful with a trained --adapter and --planning-share")
     p.add_argument("--output", default=None)
     args = p.parse_args()
 
@@ -194,10 +235,17 @@ def main() -> int:
     configs = {"dense": ["--dense", *batch], "routed": batch}
     for f in args.skip_fraction:
         configs[f"skip{f:g}"] = ["--skip-fraction", str(f), *batch]
+    if args.pattern:
+        configs["routed_pattern"] = [*batch, "--schedule", "pattern"]
     if args.serial:
         configs["dense_serial"] = ["--dense", "--max-batch", "1"]
-    reqs = bfcl_requests(max(args.requests_per_client * max(args.concurrency), 8))
-    servers = {name: ServerProc(name, args.model, extra, args.adapter if name == "routed" else None)
+    n_req = max(args.requests_per_client * max(args.concurrency), 8)
+    reqs = bfcl_requests(n_req)
+    if not 0.0 <= args.planning_share < 1.0:
+        p.error("--planning-share must be in [0, 1)")
+    if args.planning_share:
+        reqs = mixed(reqs, gsm8k_requests(n_req), args.planning_share)
+    servers = {name: ServerProc(name, args.model, extra, args.adapter if name.startswith("routed") else None)
                for name, extra in configs.items()}
     try:
         for s in servers.values():
@@ -237,7 +285,8 @@ def main() -> int:
         "benchmark": "serve_load", "model": args.model, "adapter": args.adapter, "max_tokens": args.max_tokens,
         "requests_per_client": args.requests_per_client, "reps": args.reps, "concurrency": args.concurrency,
         "max_batch": args.max_batch,
-        "prompts": "BFCL simple_python questions + tools", "results": results, "ratios": ratios,
+        "prompts": "BFCL simple_python questions + tools"
+                   + (f", {args.planning_share:.0%} GSM8K train problems (no tools)" if args.planning_share else ""), "results": results, "ratios": ratios,
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                     "loadavg_at_end": os.getloadavg()},
         "note": "continuous batching up to max_batch rows per server, one thread each; shared CPU machine, timings "
