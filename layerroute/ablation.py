@@ -251,11 +251,7 @@ def markdown(agg: dict) -> str:
 
 
 def _ref_cell(row: dict, t: str, c: str) -> str:
-    d = row.get(f"{t}.vs_reference.{c}.diff_points")
-    if d is None or math.isnan(d):
-        return "n/a"
-    return (f"{d:+.1f} ({_num(row[f'{t}.vs_reference.{c}.ci95_low'], 1)} to "
-            f"{_num(row[f'{t}.vs_reference.{c}.ci95_high'], 1)}; n {row[f'{t}.vs_reference.{c}.n']})")
+    return _interval_cell(row, f"{t}.vs_reference.{c}", signed=True, with_n=True)
 
 
 def _diff(m: dict, prefix: str) -> str:
@@ -266,10 +262,17 @@ def _diff(m: dict, prefix: str) -> str:
 
 
 def _paired_cell(row: dict, t: str) -> str:
-    d = row.get(f"{t}.accuracy_paired.diff_points")
+    return _interval_cell(row, f"{t}.accuracy_paired")
+
+
+def _interval_cell(row: dict, prefix: str, signed: bool = False, with_n: bool = False) -> str:
+    """'d (low to high)' of a paired difference stored flat under `prefix` (diff_points, ci95_low/high, n)."""
+    d = row.get(f"{prefix}.diff_points")
     if d is None or math.isnan(d):
         return "n/a"
-    return f"{d:.1f} ({_num(row[f'{t}.accuracy_paired.ci95_low'], 1)} to {_num(row[f'{t}.accuracy_paired.ci95_high'], 1)})"
+    n = f"; n {row[f'{prefix}.n']}" if with_n else ""
+    return (f"{d:+.1f}" if signed else f"{d:.1f}") + \
+        f" ({_num(row[f'{prefix}.ci95_low'], 1)} to {_num(row[f'{prefix}.ci95_high'], 1)}{n})"
 
 
 def _style(i: int, plt) -> tuple:
