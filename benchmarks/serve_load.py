@@ -275,6 +275,12 @@ def main() -> int:
         r = results[name]
         ratios[f"{name}_{hi}_vs_{lo}"] = {"tokens_per_s": r[hi]["tokens_per_s_median"] / r[lo]["tokens_per_s_median"],
                                          "p95_vs_lone_p50": r[hi]["p95_s"] / r[lo]["p50_s"]}
+        if lo == "c1":
+            # Little's law for a closed loop (each client sends its next request when answered): mean latency at c
+            # clients = c / requests per s, so mean latency / lone latency = c / (tokens/s ratio) at equal lengths.
+            # A p95 target of k x the lone latency therefore needs the tokens/s ratio to reach at least c / k.
+            ratios[f"{name}_{hi}_vs_{lo}"]["mean_latency_bound_littles_law"] = (
+                int(hi[1:]) / ratios[f"{name}_{hi}_vs_{lo}"]["tokens_per_s"])
         if name == "dense":
             continue
         for c in args.concurrency:
