@@ -17,6 +17,10 @@ Configurations:
 - ``dense_serial`` (``--serial``): the dense server with ``--max-batch 1``, one request at a time (the engine
   before continuous batching): what batching buys at the same concurrency.
 
+- ``--dtypes float32 bfloat16``: every configuration in each dtype (the servers' ``--dtype``); names of the
+  non-float32 ones end in ``_bf16`` / ``_fp16``. On a CPU with native bf16 (AVX-512 BF16, AMX) a batch-8 linear
+  costs about what a batch-1 one does in bf16 and 2-4x in float32, so batching gains far more in bf16.
+
 - ``routed_pattern`` (``--pattern``): the routed server with ``--schedule pattern``: a waiting request whose
   routing decisions match the running batch's is admitted first (bounded wait), so tool-call rows decode with
   tool-call rows and a block they all skip is really not run; against ``routed`` (first come, first served) on a
@@ -99,6 +103,9 @@ def mixed(tool: list, planning: list, share: float) -> list:
         else:
             out.append(next(t))
     return out
+
+
+DTYPE_SUFFIX = {"float32": "", "bfloat16": "_bf16", "float16": "_fp16"}
 
 
 class ServerProc:
@@ -226,6 +233,8 @@ def main() -> int:
     p.add_argument("--pattern", action="store_true",
                    help="also routed_pattern: the routed server with --schedule pattern (skip-pattern-aware "
                         "admission) beside routed (fcfs); meaningful with a trained --adapter and --planning-share")
+    p.add_argument("--dtypes", nargs="+", default=["float32"], choices=list(DTYPE_SUFFIX),
+                   help="run every configuration in each of these dtypes (the servers' --dtype)")
     p.add_argument("--output", default=None)
     args = p.parse_args()
 
@@ -239,6 +248,7 @@ def main() -> int:
         configs["routed_pattern"] = [*batch, "--schedule", "pattern"]
     if args.serial:
         configs["dense_serial"] = ["--dense", "--max-batch", "1"]
+    configs = {name + DTYPE_SUFFIX[dt]: [*extra, "--dtype", dt] for dt in args.dtypes for name, extra in configs.items()}
     n_req = max(args.requests_per_client * max(args.concurrency), 8)
     reqs = bfcl_requests(n_req)
     if not 0.0 <= args.planning_share < 1.0:
@@ -281,16 +291,17 @@ def main() -> int:
             # A p95 target of k x the lone latency therefore needs the tokens/s ratio to reach at least c / k.
             ratios[f"{name}_{hi}_vs_{lo}"]["mean_latency_bound_littles_law"] = (
                 int(hi[1:]) / ratios[f"{name}_{hi}_vs_{lo}"]["tokens_per_s"])
-        if name == "dense":
+        base = "dense" + next((sfx for sfx in DTYPE_SUFFIX.values() if sfx and name.endswith(sfx)), "")
+        if name == base or base not in results:
             continue
         for c in args.concurrency:
-            d, x = results["dense"][f"c{c}"], r[f"c{c}"]
-            ratios[f"{name}_vs_dense_c{c}"] = {"tokens_per_s": x["tokens_per_s_median"] / d["tokens_per_s_median"],
+            d, x = results[base][f"c{c}"], r[f"c{c}"]
+            ratios[f"{name}_vs_{base}_c{c}"] = {"tokens_per_s": x["tokens_per_s_median"] / d["tokens_per_s_median"],
                                                "p50": x["p50_s"] / d["p50_s"], "p95": x["p95_s"] / d["p95_s"]}
     out = {
         "benchmark": "serve_load", "model": args.model, "adapter": args.adapter, "max_tokens": args.max_tokens,
         "requests_per_client": args.requests_per_client, "reps": args.reps, "concurrency": args.concurrency,
-        "max_batch": args.max_batch,
+        "max_batch": args.max_batch, "dtypes": args.dtypes,
         "prompts": "BFCL simple_python questions + tools"
                    + (f", {args.planning_share:.0%} GSM8K train problems (no tools)" if args.planning_share else ""), "results": results, "ratios": ratios,
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
