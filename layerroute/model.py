@@ -91,6 +91,27 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively here: a CUDA device that supports bf16, or a CPU with AVX-512 BF16 or AMX
+    (oneDNN's check). Where they do, a small-batch bf16 linear costs about what a batch of one does, while float32
+    costs 2-4x (docs/results/serving_concurrency.md); where they do not, bf16 is emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:  # a private torch op (stable since 1.x); any failure means "do not assume bf16"
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_dtype(dtype: str, device: str = "auto") -> str:
+    """'auto' -> 'bfloat16' where bf16 is native on the device (`native_bf16`), else 'float32'; others unchanged."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if native_bf16(resolve_device(device)) else "float32"
+
+
 def packaged_gguf(name: str = OFFLINE_DEFAULT) -> Path:
     """The GGUF file of a packaged model (layerroute.packaged: in its package, or assembled into the cache)."""
     model = packaged_model(name)

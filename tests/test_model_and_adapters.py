@@ -165,3 +165,37 @@ def test_demo_counts_the_parameters_its_config_trains():
     params = stages("configs/offline-smollm2.yaml", Path("runs/x"))[0][2]
     assert params[:3] == ["params", "--model", "smollm2-135m-instruct"]
     assert params[params.index("--bridge-rank") + 1] == "16" and params[params.index("--lora-r") + 1] == "8"
+
+
+def test_resolve_dtype_auto_follows_native_bf16(monkeypatch):
+    """`--dtype auto` (the server's default) is bf16 exactly where bf16 matmuls are native, float32 elsewhere; an
+    explicit dtype is never changed."""
+    import layerroute.model as model_mod
+
+    monkeypatch.setattr(model_mod, "native_bf16", lambda device: True)
+    assert model_mod.resolve_dtype("auto", "cpu") == "bfloat16"
+    monkeypatch.setattr(model_mod, "native_bf16", lambda device: False)
+    assert model_mod.resolve_dtype("auto", "cpu") == "float32"
+    for explicit in ("float32", "bfloat16", "float16"):
+        assert model_mod.resolve_dtype(explicit, "cpu") == explicit
+
+
+def test_native_bf16_answers_without_raising():
+    """The probe returns a bool on this machine's CPU and False for a device kind it does not know."""
+    import torch
+
+    from layerroute.model import native_bf16
+
+    assert isinstance(native_bf16(torch.device("cpu")), bool)
+    assert native_bf16(torch.device("meta")) is False
+
+
+def test_serve_cli_defaults_to_auto_dtype():
+    import argparse
+
+    from layerroute.serve.cli import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args([]).dtype == "auto"
+    assert parser.parse_args(["--dtype", "float32"]).dtype == "float32"

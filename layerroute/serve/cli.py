@@ -40,7 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(outputs unchanged; not under a grammar; 0 = off)")
     parser.add_argument("--no-constrain", action="store_true",
                         help="decode freely: no grammar for tool calls or response_format (malformed calls possible)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="frozen weights' dtype; auto (default): bfloat16 where the device runs bf16 natively "
+                             "(CUDA with bf16, a CPU with AVX-512 BF16 or AMX), else float32. In bf16 a batch of 8 "
+                             "decodes at about the cost of one on such CPUs (3.8x the tokens/s at 8 clients, against "
+                             "2.6x in float32, SmolLM2); outputs differ from float32 by bf16 rounding")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--log-level", default="info")
 
@@ -50,11 +54,13 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import ConfigError
     from ..generate import load_for_inference, skip_pattern
+    from ..model import resolve_dtype
 
     if args.dense and args.skip_fraction is not None:
         raise ConfigError("--dense and --skip-fraction exclude each other")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    rm = load_for_inference(args.model, args.adapter, args.dtype, args.device, chat_template=args.chat_template)
+    dtype = resolve_dtype(args.dtype, args.device)
+    rm = load_for_inference(args.model, args.adapter, dtype, args.device, chat_template=args.chat_template)
     if rm.tokenizer is None:
         raise ConfigError("this model has no tokenizer; serving needs one")
     forced = skip_pattern(rm.num_layers, args.skip_fraction) if args.skip_fraction is not None else None
@@ -64,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                      kv_policy=args.kv_policy, dense=args.dense, forced=forced, threshold=args.threshold,
                      max_queue=args.max_queue, constrained=not args.no_constrain, prompt_lookup=args.prompt_lookup,
                      max_batch=args.max_batch, schedule=args.schedule, max_wait_s=args.max_wait)
-    log.info("serving %r on http://%s:%d/v1 (%s)", name, args.host, args.port,
-             "dense" if args.dense else f"routed, {args.kv_policy}")
+    log.info("serving %r on http://%s:%d/v1 (%s, %s)", name, args.host, args.port,
+             "dense" if args.dense else f"routed, {args.kv_policy}", dtype)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
