@@ -248,6 +248,7 @@ def main() -> int:
         configs["routed_pattern"] = [*batch, "--schedule", "pattern"]
     if args.serial:
         configs["dense_serial"] = ["--dense", "--max-batch", "1"]
+    dtype_of = {name + DTYPE_SUFFIX[dt]: dt for dt in args.dtypes for name in configs}
     configs = {name + DTYPE_SUFFIX[dt]: [*extra, "--dtype", dt] for dt in args.dtypes for name, extra in configs.items()}
     n_req = max(args.requests_per_client * max(args.concurrency), 8)
     reqs = bfcl_requests(n_req)
@@ -290,8 +291,8 @@ def main() -> int:
             # clients = c / requests per s, so mean latency / lone latency = c / (tokens/s ratio) at equal lengths.
             # A p95 target of k x the lone latency therefore needs the tokens/s ratio to reach at least c / k.
             ratios[f"{name}_{hi}_vs_{lo}"]["mean_latency_bound_littles_law"] = (
-                int(hi[1:]) / ratios[f"{name}_{hi}_vs_{lo}"]["tokens_per_s"])
-        base = "dense" + next((sfx for sfx in DTYPE_SUFFIX.values() if sfx and name.endswith(sfx)), "")
+                max(args.concurrency) / ratios[f"{name}_{hi}_vs_{lo}"]["tokens_per_s"])
+        base = "dense" + DTYPE_SUFFIX[dtype_of[name]]  # each configuration against dense in its own dtype
         if name == base or base not in results:
             continue
         for c in args.concurrency:
