@@ -29,7 +29,8 @@ import torch
 
 from layerroute.bench import emit_json_line
 from layerroute.generate import inference_weights, load_for_inference, plain_blocks
-from layerroute.routed import RoutedCache, RoutedLayer, RoutingState, find_routed_layers, routing
+from layerroute.kv_cache import RoutedCache
+from layerroute.routed import RoutedLayer, RoutingState, find_routed_layers, routing
 
 
 def _timed(fn) -> tuple[float, float]:

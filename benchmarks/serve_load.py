@@ -109,11 +109,11 @@ DTYPE_SUFFIX = {"float32": "", "bfloat16": "_bf16", "float16": "_fp16"}
 
 
 class ServerProc:
-    def __init__(self, name: str, model: str, extra: list[str], adapter: str | None):
+    def __init__(self, name: str, model: str, extra: list[str], adapter: str | None, threads: int):
         self.name, self.port = name, free_port()
         cmd = [sys.executable, "-m", "layerroute.serve", "--model", model, "--served-model-name", "bench",
                "--port", str(self.port), "--cache-sessions", "0", "--log-level", "warning", *extra]
-        env_threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # one thread per server
+        env_threads = {"OMP_NUM_THREADS": str(threads)}  # torch's intra-op threads in the server
         if adapter:
             cmd += ["--adapter", adapter]
         env = {**os.environ, **env_threads,
@@ -235,8 +235,14 @@ def main() -> int:
                         "admission) beside routed (fcfs); meaningful with a trained --adapter and --planning-share")
     p.add_argument("--dtypes", nargs="+", default=["float32"], choices=list(DTYPE_SUFFIX),
                    help="run every configuration in each of these dtypes (the servers' --dtype)")
+    p.add_argument("--server-threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
+                   help="torch threads per server (OMP_NUM_THREADS in its environment; default: this process's "
+                        "OMP_NUM_THREADS, else 1). One server is busy at a time, so a quiet machine can give it "
+                        "every core")
     p.add_argument("--output", default=None)
     args = p.parse_args()
+    if args.server_threads < 1:
+        p.error("--server-threads must be >= 1")
 
     import openai
 
@@ -256,7 +262,8 @@ def main() -> int:
         p.error("--planning-share must be in [0, 1)")
     if args.planning_share:
         reqs = mixed(reqs, gsm8k_requests(n_req), args.planning_share)
-    servers = {name: ServerProc(name, args.model, extra, args.adapter if name.startswith("routed") else None)
+    servers = {name: ServerProc(name, args.model, extra, args.adapter if name.startswith("routed") else None,
+                                 args.server_threads)
                for name, extra in configs.items()}
     try:
         for s in servers.values():
@@ -307,8 +314,9 @@ def main() -> int:
                    + (f", {args.planning_share:.0%} GSM8K train problems (no tools)" if args.planning_share else ""), "results": results, "ratios": ratios,
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                     "loadavg_at_end": os.getloadavg()},
-        "note": "continuous batching up to max_batch rows per server, one thread each; shared CPU machine, timings "
-                "noisy: compare within a run",
+        "server_threads": args.server_threads,
+        "note": "continuous batching up to max_batch rows per server; one server busy at a time; timings noisy on a "
+                "shared machine: compare within a run",
     }
     if args.output:
         from layerroute.atomic import write_text_atomic

@@ -28,7 +28,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .generate import inference_weights, model_pad_id, pad_left
-from .routed import RoutedCache, _row_plan, find_routed_layers, gate_records, routing
+from .kv_cache import RoutedCache
+from .routed import _row_plan, find_routed_layers, gate_records, routing
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CONTEXT, FINISH_REUSED = "stop", "length", "context", "reused"
 

@@ -50,7 +50,8 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from .data.render import PromptRenderer
 from .flops import step_flops
 from .generate import inference_weights, plain_blocks, synchronize
-from .routed import RoutedCache, find_routed_layers, gate_records, routing
+from .kv_cache import RoutedCache
+from .routed import find_routed_layers, gate_records, routing
 from .special_tokens import pad_token_id, stop_token_ids
 
 log = logging.getLogger(__name__)

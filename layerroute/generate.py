@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from .blocks import decoder_layers
-from .routed import RoutedCache, RoutedLayer, gate_records, routing
+from .kv_cache import RoutedCache
+from .routed import RoutedLayer, gate_records, routing
 from .special_tokens import pad_token_id, stop_token_ids
 
 DEFAULT = "default"  # eos_token_id sentinel: the one stop rule (layerroute.special_tokens.stop_token_ids)

@@ -14,7 +14,7 @@ manager. Modes:
 - ``skip`` (inference): a block whose gate is closed is not called. The decision is taken once per *step*, at the
   first forward after ``new_step()`` (the prefill), and reused by every later forward of the step (decode).
   With the ``kv_preserving`` policy a skipped block still writes K/V for the step's tokens into the cache, so a
-  later step that runs the block finds a complete cache. With ``exact`` it writes nothing (use `RoutedCache`).
+  later step that runs the block finds a complete cache. With ``exact`` it writes nothing (use `layerroute.kv_cache.RoutedCache`).
   When the rows of a batch disagree, the block runs on the rows that run it only (gathered; `_RowsCache` keeps
   the cache layer one entry per row), so each row gets exactly its own decisions.
 - With a skip bridge (``layer.bridge``, `layerroute.bridge`) a closed gate returns ``h + bridge(norm(h))`` instead
@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 from .blocks import decoder_layers  # blocks.py knows where each family keeps its blocks
 from .router import Router, hard_gate, masked_pool
@@ -96,24 +95,6 @@ class GateRecord:
     prob: torch.Tensor  # [B] sigmoid(logit); carries gradient in mix mode (soft regulariser)
     gate: torch.Tensor  # [B] applied gate in {0, 1}; carries the straight-through gradient in mix mode
     forced: bool  # True when the gate came from a forced pattern, not the router
-
-
-class RoutedCache(DynamicCache):
-    """A DynamicCache whose length is that of its longest layer.
-
-    Under the ``exact`` policy a skipped block writes no K/V, so its cache layer can be empty (block 0 too);
-    transformers reads the sequence length and mask sizes from layer 0 by default. Every block that runs in a
-    step has the same length, so the longest layer is the true length of what has been processed.
-    """
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return max((layer.get_seq_length() for layer in self.layers), default=0)
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def get_query_offset(self, layer_idx: int = 0) -> int:
-        return self.get_seq_length()
 
 
 class RoutedLayer(nn.Module):

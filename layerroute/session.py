@@ -42,7 +42,8 @@ from .generate import (
     stop_ids,
     synchronize,
 )
-from .routed import KV_POLICIES, RoutedCache, find_routed_layers, routing
+from .kv_cache import RoutedCache
+from .routed import KV_POLICIES, find_routed_layers, routing
 
 
 @dataclass

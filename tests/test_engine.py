@@ -8,7 +8,7 @@ import torch
 
 from layerroute.data.render import render_prompt
 from layerroute.engine import CachedSession, SessionStore
-from layerroute.routed import RoutedCache
+from layerroute.kv_cache import RoutedCache
 from tests.test_serve import routed_model
 
 

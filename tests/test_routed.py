@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from layerroute.blocks import decoder_layers
-from layerroute.routed import RoutedCache, find_routed_layers, gate_records, routing, unwrap_model
+from layerroute.kv_cache import RoutedCache
+from layerroute.routed import find_routed_layers, gate_records, routing, unwrap_model
 from tests.helpers import TINY_SHAPES, TurnTokenizer, lively, random_batch, tiny_routed
 
 

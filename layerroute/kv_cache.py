@@ -1,0 +1,91 @@
+"""The KV cache every generation path here uses: `RoutedCache`, a DynamicCache with two changes.
+
+1. **Its length is that of its longest layer.** Under the ``exact`` policy a skipped block writes no K/V, so its
+   cache layer can be empty (block 0 too); transformers reads the sequence length and mask sizes from layer 0 by
+   default. Every block that runs in a step has the same length, so the longest layer is the true length.
+2. **Decode writes in place.** transformers' `DynamicLayer.update` concatenates, so each decode step copies the
+   whole cache of every layer (O(T) per token per layer): 22% of a batch-8 SmolLM2 decode step's CPU time in the
+   profiler (bf16, 264-token prompts). Removing it took that step from 75-77 ms to 69-72 ms and left batch 1 at
+   ~56 ms (`benchmarks/scheduler_decode.py`, one thread; docs/results/serving_concurrency.md).
+   `GrowingLayer` keeps K/V in a buffer with spare time columns and hands out the filled prefix as a view; a step
+   writes its tokens into the spare columns. Costs up to `SPARE_COLUMNS` + 1/8 of the length in unused memory per layer
+   and one copy each time the buffer fills.
+
+Safety rule: a buffer is only ever written past its high-water mark, and only while the layer's ``keys`` is still
+the exact prefix view it handed out. Anything that replaced or cropped ``keys`` (the scheduler's row gathers, a
+session's checkpoint slices, `crop`, `batch_select_indices`) makes the next update copy into a fresh buffer, so a
+tensor returned earlier is never changed under its holder, as with concatenation.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+SPARE_COLUMNS = 128  # time columns allocated beyond what is needed (plus 1/8 of the length); ~1 copy per 128 steps
+
+
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer whose K/V live in a buffer with spare time columns (module doc)."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._buf_k = self._buf_v = None
+        self._filled = 0  # columns of the buffers ever written (the high-water mark)
+
+    def _writable(self, n_new: int) -> bool:
+        """True when ``keys`` / ``values`` are still the prefix views of the buffers, at the high-water mark,
+        with room for `n_new` columns."""
+        bk, k, v = self._buf_k, self.keys, self.values
+        if bk is None or k.dim() != 4 or self._filled + n_new > bk.shape[2]:
+            return False
+        bv = self._buf_v
+        return all(t.data_ptr() == b.data_ptr() and t.stride() == b.stride() and t.shape[2] == self._filled
+                   and t.shape[:2] == b.shape[:2] and t.shape[3] == b.shape[3] for t, b in ((k, bk), (v, bv)))
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n_new = key_states.shape[-2]
+        if not self._writable(n_new):
+            old = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+            need = old + n_new
+            shape = (*key_states.shape[:2], need + SPARE_COLUMNS + need // 8, key_states.shape[-1])
+            self._buf_k = key_states.new_empty(shape)
+            self._buf_v = value_states.new_empty((*shape[:3], value_states.shape[-1]))
+            if old:
+                self._buf_k[:, :, :old] = self.keys
+                self._buf_v[:, :, :old] = self.values
+            self._filled = old
+        end = self._filled + n_new
+        self._buf_k[:, :, self._filled:end] = key_states
+        self._buf_v[:, :, self._filled:end] = value_states
+        self._filled = end
+        self.keys, self.values = self._buf_k[:, :, :end], self._buf_v[:, :, :end]
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        super().reset()
+        self._buf_k = self._buf_v = None
+        self._filled = 0
+
+
+class RoutedCache(DynamicCache):
+    """A DynamicCache of `GrowingLayer`s whose length is that of its longest layer (module doc)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer_class_to_replicate = GrowingLayer
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max((layer.get_seq_length() for layer in self.layers), default=0)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.get_seq_length()
+
+
+__all__ = ["SPARE_COLUMNS", "GrowingLayer", "RoutedCache"]
