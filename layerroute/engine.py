@@ -417,6 +417,7 @@ class Engine:
         if cache.get_seq_length() != len(cached_ids):
             log.warning("cache length %d != %d tokens seen; session dropped", cache.get_seq_length(), len(cached_ids))
             return
+        cache.compact()  # no spare decode columns in the store (layerroute.kv_cache)
         checkpoints = {len(prompt): at_prompt}
         if final_checkpoint:
             checkpoints[len(cached_ids)] = final

@@ -9,7 +9,8 @@
    ~56 ms (`benchmarks/scheduler_decode.py`, one thread; docs/results/serving_concurrency.md).
    `GrowingLayer` keeps K/V in a buffer with spare time columns and hands out the filled prefix as a view; a step
    writes its tokens into the spare columns. Costs up to `SPARE_COLUMNS` + 1/8 of the length in unused memory per layer
-   and one copy each time the buffer fills.
+   and one copy each time the buffer fills; `RoutedCache.compact` drops the spare columns (the engine does before
+   it stores a session, so the session store's byte count is what it holds).
 
 Safety rule: a buffer is only ever written past its high-water mark, and only while the layer's ``keys`` is still
 the exact prefix view it handed out. Anything that replaced or cropped ``keys`` (the scheduler's row gathers, a
@@ -70,6 +71,12 @@ class GrowingLayer(DynamicLayer):
         self._buf_k = self._buf_v = None
         self._filled = 0
 
+    def compact(self) -> None:
+        """Keep only the filled columns (a stored session should not hold spare ones); the next update copies."""
+        if getattr(self, "_buf_k", None) is not None and self._buf_k.shape[2] > self.keys.shape[2]:
+            self.keys, self.values = self.keys.clone(), self.values.clone()
+        self._buf_k = self._buf_v = None
+
 
 class RoutedCache(DynamicCache):
     """A DynamicCache of `GrowingLayer`s whose length is that of its longest layer (module doc)."""
@@ -77,6 +84,12 @@ class RoutedCache(DynamicCache):
     def __init__(self) -> None:
         super().__init__()
         self.layer_class_to_replicate = GrowingLayer
+
+    def compact(self) -> None:
+        """Drop every layer's spare columns (`GrowingLayer.compact`): what a kept session stores."""
+        for layer in self.layers:
+            if isinstance(layer, GrowingLayer) and layer.is_initialized:
+                layer.compact()
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return max((layer.get_seq_length() for layer in self.layers), default=0)

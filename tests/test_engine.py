@@ -55,6 +55,9 @@ def test_engine_sessions_agree_with_the_session_class():
         convo = [{"role": "user", "content": "Plan a short trip to the coast."}]
         p1 = render_prompt(tok, convo)
         c1 = engine.generate(p1, SamplingParams(max_new_tokens=6))
+        stored = next(iter(engine.sessions._items.values()))  # kept without spare decode columns (kv_cache.compact)
+        assert stored.nbytes == sum(t.untyped_storage().nbytes() for layer in stored.cache.layers
+                                    for t in (layer.keys, layer.values))
         convo += [{"role": "assistant", "content": c1.text}, {"role": "user", "content": "And pack what?"}]
         p2 = render_prompt(tok, convo)
         c2 = engine.generate(p2, SamplingParams(max_new_tokens=6))

@@ -74,3 +74,21 @@ def test_routed_cache_builds_growing_layers_and_reads_its_longest_layer():
     cache.update(*_kv(1, 7, 0), layer_idx=1)  # block 0 skipped under the exact policy: its layer stays empty
     assert all(isinstance(layer, GrowingLayer) for layer in cache.layers) and len(cache.layers) == 2
     assert cache.get_seq_length() == 7 and cache.get_mask_sizes(1, 0) == (8, 0)
+
+
+def test_compact_keeps_the_filled_columns_only_and_later_updates_still_append():
+    cache, cat = RoutedCache(), DynamicLayer()
+    for i, n in enumerate((9, 1, 1)):
+        k, v = _kv(2, n, i)
+        cache.update(k, v, layer_idx=0)
+        cat.update(k, v)
+    layer = cache.layers[0]
+    assert layer._buf_k.shape[2] > 11  # spare columns before
+    cache.compact()
+    assert layer._buf_k is None and layer.keys.is_contiguous() and layer.keys.untyped_storage().nbytes() == \
+        layer.keys.numel() * layer.keys.element_size()
+    assert torch.equal(layer.keys, cat.keys) and torch.equal(layer.values, cat.values)
+    k, v = _kv(2, 1, 7)
+    out_k, out_v = cache.update(k, v, layer_idx=0)
+    ck, cv = cat.update(k, v)
+    assert torch.equal(out_k, ck) and torch.equal(out_v, cv)
