@@ -21,6 +21,9 @@ Configurations:
   non-float32 ones end in ``_bf16`` / ``_fp16``. On a CPU with native bf16 (AVX-512 BF16, AMX) a batch-8 linear
   costs about what a batch-1 one does in bf16 and 2-4x in float32, so batching gains far more in bf16.
 
+- ``<config>_pt`` (``--prefill-thread``): the same server with ``--prefill-thread``: newcomers are prefilled on
+  a second thread (its own module tree, shared weights) while the batch decodes, instead of stalling it.
+
 - ``routed_pattern`` (``--pattern``): the routed server with ``--schedule pattern``: a waiting request whose
   routing decisions match the running batch's is admitted first (bounded wait), so tool-call rows decode with
   tool-call rows and a block they all skip is really not run; against ``routed`` (first come, first served) on a
@@ -233,6 +236,9 @@ def main() -> int:
     p.add_argument("--pattern", action="store_true",
                    help="also routed_pattern: the routed server with --schedule pattern (skip-pattern-aware "
                         "admission) beside routed (fcfs); meaningful with a trained --adapter and --planning-share")
+    p.add_argument("--prefill-thread", action="store_true",
+                   help="also every batched configuration with `serve --prefill-thread` (name suffix _pt): "
+                        "newcomers prefilled on a second thread while the batch decodes")
     p.add_argument("--dtypes", nargs="+", default=["float32"], choices=list(DTYPE_SUFFIX),
                    help="run every configuration in each of these dtypes (the servers' --dtype)")
     p.add_argument("--server-threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
@@ -252,6 +258,8 @@ def main() -> int:
         configs[f"skip{f:g}"] = ["--skip-fraction", str(f), *batch]
     if args.pattern:
         configs["routed_pattern"] = [*batch, "--schedule", "pattern"]
+    if args.prefill_thread:  # each batched configuration again with its newcomers prefilled on a second thread
+        configs.update({f"{name}_pt": [*extra, "--prefill-thread"] for name, extra in list(configs.items())})
     if args.serial:
         configs["dense_serial"] = ["--dense", "--max-batch", "1"]
     dtype_of = {name + DTYPE_SUFFIX[dt]: dt for dt in args.dtypes for name in configs}

@@ -107,6 +107,7 @@ class SessionStore:
         self.any_prefix = any_prefix  # dense model: every prefix is a checkpoint
         self._items: OrderedDict[str, CachedSession] = OrderedDict()
         self.hits = self.misses = self.evictions = 0
+        self._lock = threading.Lock()  # a prefill thread takes sessions while the decode thread stores them
 
     def __len__(self) -> int:
         return len(self._items)
@@ -124,36 +125,40 @@ class SessionStore:
 
     def take(self, prompt: list[int]) -> tuple[CachedSession | None, int]:
         """Remove and return the session serving the longest prefix of `prompt`, with that prefix length."""
-        best, best_len = None, 0
-        for key, s in self._items.items():
-            n = self.usable(s, prompt)
-            if n > best_len:
-                best, best_len = key, n
-        if best is None:
-            self.misses += 1
-            return None, 0
-        self.hits += 1
-        return self._items.pop(best), best_len
+        with self._lock:
+            best, best_len = None, 0
+            for key, s in self._items.items():
+                n = self.usable(s, prompt)
+                if n > best_len:
+                    best, best_len = key, n
+            if best is None:
+                self.misses += 1
+                return None, 0
+            self.hits += 1
+            return self._items.pop(best), best_len
 
     def put(self, session: CachedSession) -> None:
         if self.capacity == 0:
             return
         session.key = token_key(session.ids)
         session.last_used = time.monotonic()
-        self._items.pop(session.key, None)
-        self._items[session.key] = session
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-            self.evictions += 1
+        with self._lock:
+            self._items.pop(session.key, None)
+            self._items[session.key] = session
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+                self.evictions += 1
 
     def clear(self) -> None:
-        self._items.clear()
+        with self._lock:
+            self._items.clear()
 
     def stats(self) -> dict:
-        return {
-            "sessions": len(self), "capacity": self.capacity, "bytes": self.nbytes, "hits": self.hits,
-            "misses": self.misses, "evictions": self.evictions,
-        }
+        with self._lock:
+            return {
+                "sessions": len(self), "capacity": self.capacity, "bytes": self.nbytes, "hits": self.hits,
+                "misses": self.misses, "evictions": self.evictions,
+            }
 
 
 # -- generation hooks ----------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ One scheduler thread owns the model (`Engine`). Each turn of its loop, under the
 
 1. **Admit.** While the batch has room (``max_batch``), a waiting request is prefilled *alone* (batch 1: its own
    routing decision per block from its own context, exactly as a lone request, a kept session's cache and running
-   sums reused the same way) and its first token chosen; then its cache is merged into the batch's cache.
+   sums reused the same way; `layerroute.prefill`) and its first token chosen; then its cache is merged into the
+   batch's cache. With ``prefill_thread`` the prefill runs on a second thread, on a module tree that shares the
+   weights (`layerroute.prefill.side_replica`), while this loop keeps decoding; prefilled requests wait in ``ready``.
 2. **Decode.** One forward of every running row's last token. Each block runs on the rows that run it
    (`RoutedLayer._forward_rows`, as `layerroute.batched` does for evaluation): the per-row decisions are held here
    and handed to the routed layers for each forward, so a row keeps its own gates for its whole turn.
@@ -24,8 +26,10 @@ sums at the prompt's end and at the cache's end), so the next request of the con
 
 What costs: the merge copies the batch's cache once per newcomer (``O(B * T)`` per layer) and a row's leaving
 gathers it once; both are per request, not per token. A decode step writes its K/V in place (`layerroute.kv_cache`:
-concatenating copied the whole cache every step: a batch-8 step 7% slower). A newcomer's prefill runs while the batch waits (no chunked
-prefill), so a long prompt delays the running rows' next token by its prefill time.
+concatenating copied the whole cache every step: a batch-8 step 7% slower). Without a prefill thread a newcomer's
+prefill runs while the batch waits, so a long prompt delays the running rows' next token by its prefill time; with
+one, prefill and decode share the CPU instead (on SmolLM2 bf16, a decode step 79 -> 99 ms and a prefill 215 -> 264 ms
+when they overlap; `benchmarks/prefill_decode_overlap.py`).
 
 Admission order (``schedule``): ``fcfs`` takes the oldest waiting request. ``pattern`` (skip-pattern-aware)
 prefills up to ``lookahead`` waiting requests ahead (each is prefilled once either way; only its place in line
@@ -51,13 +55,14 @@ from contextlib import ExitStack
 
 import torch
 import torch.nn.functional as F
-from transformers import LogitsProcessorList, TopPLogitsWarper
+from transformers import TopPLogitsWarper
 
 from .batch_jobs import ClientGone, Job, _Row
-from .engine import GREEDY_BELOW, Completion, Engine, _Scripted
+from .engine import Completion, Engine
 from .generate import synchronize
 from .kv_cache import RoutedCache
-from .routed import _row_plan, gate_records, routing
+from .prefill import own_replica, prefill_alone, side_replica
+from .routed import _row_plan, routing
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +79,7 @@ class Scheduler:
     """The continuous-batching loop around one `Engine` (see the module doc). `submit` is thread-safe."""
 
     def __init__(self, engine: Engine, max_batch: int = 8, *, schedule: str = "fcfs", max_wait_s: float = 2.0,
-                 lookahead: int | None = None):
+                 lookahead: int | None = None, prefill_thread: bool = False):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if schedule not in SCHEDULES:
@@ -97,6 +102,15 @@ class Scheduler:
         self._kv_shape = (int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads), int(attn.head_dim))
         self._dtype = next(engine.model.parameters()).dtype
         self.forwards = 0  # decode forwards run (all rows together)
+        self._own = own_replica(engine)
+        # prefill thread: newcomers are prefilled on a second module tree (shared weights) while the batch decodes
+        self._side = side_replica(engine) if prefill_thread and max_batch > 1 and not engine.prompt_lookup else None
+        if prefill_thread and self._side is None:
+            log.warning("no prefill thread (needs max_batch > 1, no prompt lookup, no last_turn pooling)")
+        self.prefill_thread = None
+        if self._side is not None:
+            self.prefill_thread = threading.Thread(target=self._prefill_loop, name="layerroute-prefill", daemon=True)
+            self.prefill_thread.start()
         self.thread = threading.Thread(target=self._loop, name="layerroute-batch", daemon=True)
         self.thread.start()
 
@@ -116,14 +130,16 @@ class Scheduler:
         job.future.set_running_or_notify_cancel()
         with self._wake:
             self.waiting.append(job)
-            self._wake.notify()
+            self._wake.notify_all()
         return job.future
 
     def close(self, timeout: float = 30.0) -> None:
         with self._wake:
             self._stop = True
-            self._wake.notify()
+            self._wake.notify_all()
         self.thread.join(timeout)
+        if self.prefill_thread is not None:
+            self.prefill_thread.join(timeout)
         for job in [*self.waiting, *(r.job for r in self.rows), *(c[0].job for c in self.ready)]:
             if not job.future.done():
                 job.future.set_exception(RuntimeError("the server is shutting down"))
@@ -131,8 +147,8 @@ class Scheduler:
     # -- the loop -------------------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
-            with self._wake:
-                while not self._stop and not self.waiting and not self.rows and not self.ready:
+            with self._wake:  # with a prefill thread, waiting requests are its work, not this loop's
+                while not self._stop and not self.rows and not self.ready and (self._side or not self.waiting):
                     self._wake.wait()
                 if self._stop:
                     return
@@ -178,47 +194,77 @@ class Scheduler:
             self._decode()
             self._leave()
 
+    def _prefill_job(self, job: Job, replica):
+        """`prefill_alone`'s tuple for a popped job; None when its client went away or its prefill failed (answered)."""
+        job.queue_s = time.perf_counter() - job.enqueued
+        if job.cancel.is_set():
+            job.future.set_exception(ClientGone("the client went away before its request was run"))
+            return None
+        try:
+            return prefill_alone(self.engine, job, replica)
+        except Exception as exc:  # noqa: BLE001 - this request fails alone
+            log.exception("prefill failed")
+            job.future.set_exception(exc)
+            return None
+
     def _prefill_next(self):
-        """Pop and prefill the oldest waiting request: `_prefill`'s tuple, or None when nothing waits."""
+        """Pop and prefill the oldest waiting request (this thread): the tuple, or None when nothing waits."""
         while True:
             job = self._next_job()
             if job is None:
                 return None
-            job.queue_s = time.perf_counter() - job.enqueued
-            if job.cancel.is_set():
-                job.future.set_exception(ClientGone("the client went away before its request was run"))
-                continue
-            try:
-                return self._prefill(job)
-            except Exception as exc:  # noqa: BLE001 - this request fails alone
-                log.exception("prefill failed")
-                job.future.set_exception(exc)
+            cand = self._prefill_job(job, self._own)
+            if cand is not None:
+                return cand
+
+    def _prefill_loop(self) -> None:
+        """The prefill thread: keeps up to `lookahead` requests prefilled in `ready`, oldest first, on its own
+        module tree, while the batch decodes (the two share the CPU's cores, not the modules' state)."""
+        while True:
+            with self._wake:
+                while not self._stop and (not self.waiting or len(self.ready) >= self.lookahead):
+                    self._wake.wait()
+                if self._stop:
+                    return
+                job = self.waiting.popleft()
+            cand = self._prefill_job(job, self._side)
+            if cand is not None:
+                with self._wake:
+                    self.ready.append(cand)
+                    self._wake.notify_all()
 
     def _candidate(self):
         """The next request to join the batch, prefilled. fcfs: the oldest waiting one. pattern: among up to
         `lookahead` prefilled ones, the one whose gates add the fewest blocks to those the batch runs (a block
         saves batch decode time only when every row skips it), oldest first on ties; a request that has waited
         `max_wait_s` since it arrived goes first (no starvation)."""
-        if self.schedule == "fcfs":
+        if self._side is not None and self.schedule == "fcfs" and not self.ready and len(self.waiting) > len(self.rows):
+            # more requests waiting than running (a burst, a batch drained): prefill is the bottleneck and the
+            # batch has little to decode, so this thread prefills too
             return self._prefill_next()
-        while len(self.ready) < self.lookahead:
-            cand = self._prefill_next()
-            if cand is None:
-                break
-            self.ready.append(cand)
-        for cand in [c for c in self.ready if c[0].job.cancel.is_set()]:
-            self.ready.remove(cand)
-            cand[0].job.future.set_exception(ClientGone("the client went away before its request was run"))
-        if not self.ready:
-            return None
-        now = time.perf_counter()
-        overdue = [c for c in self.ready if now - c[0].job.enqueued >= self.max_wait_s]
-        if overdue or not self.rows or self.ready[0][0].gates is None:
-            pick = min(overdue or self.ready, key=lambda c: c[0].job.enqueued)
-        else:
-            runs = [any(r.gates[i] for r in self.rows) for i in range(len(self.rows[0].gates))]
-            pick = min(self.ready, key=lambda c: (added_blocks(c[0].gates, runs), c[0].job.enqueued))
-        self.ready.remove(pick)
+        if self._side is None:  # this thread prefills
+            if self.schedule == "fcfs":
+                return self._prefill_next()
+            while len(self.ready) < self.lookahead:
+                cand = self._prefill_next()
+                if cand is None:
+                    break
+                self.ready.append(cand)
+        with self._wake:  # `ready` is shared with the prefill thread, when there is one
+            for cand in [c for c in self.ready if c[0].job.cancel.is_set()]:
+                self.ready.remove(cand)
+                cand[0].job.future.set_exception(ClientGone("the client went away before its request was run"))
+            if not self.ready:
+                return None
+            now = time.perf_counter()
+            overdue = [c for c in self.ready if now - c[0].job.enqueued >= self.max_wait_s]
+            if self.schedule == "fcfs" or overdue or not self.rows or self.ready[0][0].gates is None:
+                pick = min(overdue or self.ready, key=lambda c: c[0].job.enqueued)
+            else:
+                runs = [any(r.gates[i] for r in self.rows) for i in range(len(self.rows[0].gates))]
+                pick = min(self.ready, key=lambda c: (added_blocks(c[0].gates, runs), c[0].job.enqueued))
+            self.ready.remove(pick)
+            self._wake.notify_all()  # room in `ready` for the prefill thread
         return pick
 
     def _run_alone(self, job: Job) -> None:
@@ -232,60 +278,6 @@ class Scheduler:
                                                        scripted_text=job.scripted_text))
         except Exception as exc:  # noqa: BLE001
             job.future.set_exception(exc)
-
-    # -- a newcomer -----------------------------------------------------------------------------------------
-    def _processor(self, job: Job) -> LogitsProcessorList | None:
-        eng = self.engine
-        if job.scripted_text is not None:  # imposes the tokens: a grammar is not applied on top
-            script = eng.tokenizer(job.scripted_text, add_special_tokens=False)["input_ids"]
-            return LogitsProcessorList([_Scripted(script, len(job.prompt), eng.eos_ids[0])])
-        if job.params.grammar is not None:
-            from .constrain import GrammarLogitsProcessor
-
-            return LogitsProcessorList([GrammarLogitsProcessor([job.params.grammar], eng.eos_ids)])
-        return None
-
-    @torch.no_grad()
-    def _prefill(self, job: Job):
-        """Prefill one request alone: (row, its cache, last logits [1, V], per-block decisions, running sums)."""
-        eng = self.engine
-        start = time.perf_counter()
-        prompt = job.prompt
-        session, cached, cache, pools = eng.take_session(prompt, job.reuse)
-        n_new = len(prompt) - cached
-        ids = torch.tensor([prompt[cached:]], dtype=torch.long, device=eng.device)
-        mask = torch.ones(1, len(prompt), dtype=torch.long, device=eng.device)
-        pos = torch.arange(cached, len(prompt), device=eng.device).view(1, -1)
-        gates, probs, logits_r, decisions, at_prompt = None, [], [], None, None
-        with ExitStack() as stack:
-            if not eng.dense:
-                stack.enter_context(routing(eng.rm.model, "skip", decision_mask=torch.ones(1, n_new, device=eng.device),
-                                            forced=eng.forced, threshold=eng.threshold, kv_policy=eng.kv_policy,
-                                            session_pooling=eng._pooling))
-                for i, layer in enumerate(eng.routed_layers if eng._pooling else []):
-                    layer.pool_sum, layer.pool_count = pools[i] if pools else (None, None)
-            try:
-                out = eng.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                                use_cache=True, logits_to_keep=1).logits[:, -1, :]
-                if not eng.dense:
-                    recs = gate_records(eng.rm.model)
-                    gates = [bool(r.gate.reshape(-1)[0] > 0.5) for r in recs]
-                    probs = [float(r.prob.reshape(-1)[0]) for r in recs]
-                    logits_r = [float(r.logit.reshape(-1)[0]) for r in recs]
-                    decisions = [layer.decision.reshape(1).float() for layer in eng.routed_layers]
-                    if eng._pooling:
-                        at_prompt = [(layer.pool_sum, layer.pool_count) for layer in eng.routed_layers]
-            finally:
-                for layer in eng.routed_layers:
-                    layer.pool_sum = layer.pool_count = None
-        gen = None
-        p = job.params
-        if p.temperature is not None and p.temperature > GREEDY_BELOW:
-            gen = torch.Generator(device=eng.device)
-            gen.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,))))
-        row = _Row(job=job, processor=self._processor(job), generator=gen, cached=cached, reused=session is not None,
-                   length=len(prompt), gates=gates, probs=probs, logits=logits_r, at_prompt=at_prompt, start=start)
-        return row, cache, out, decisions, at_prompt
 
     # -- the batch's state ------------------------------------------------------------------------------------
     def _reset_batch(self) -> None:

@@ -5,6 +5,7 @@ early, own budgets / stop strings / grammars, sessions continued inside a batch,
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -34,10 +35,12 @@ def rm():
     return decisive()
 
 
-def run_batched(engine: Engine, jobs: list[Job], *, max_batch: int, late: dict[int, int] | None = None):
+def run_batched(engine: Engine, jobs: list[Job], *, max_batch: int, late: dict[int, int] | None = None,
+                prefill_thread: bool = False):
     """Submit `jobs` (those in `late` only once job late[i] has generated 2 tokens, so they join mid-decode);
     returns (completions, the largest batch seen)."""
-    sched = Scheduler(engine, max_batch=max_batch)
+    sched = Scheduler(engine, max_batch=max_batch, prefill_thread=prefill_thread)
+    assert (sched.prefill_thread is not None) == prefill_thread
     late = late or {}
     biggest = [0]
 
@@ -66,14 +69,15 @@ def run_batched(engine: Engine, jobs: list[Job], *, max_batch: int, late: dict[i
     return out, biggest[0]
 
 
+@pytest.mark.parametrize("prefill_thread", [False, True])
 @pytest.mark.parametrize("policy", ["kv_preserving", "exact"])
-def test_batched_rows_equal_lone_runs(rm, policy):
+def test_batched_rows_equal_lone_runs(rm, policy, prefill_thread):
     late = {5: 0, 6: 2, 7: 0}  # rows 5-7 join a batch already decoding
     jobs = [Job(p, SamplingParams(max_new_tokens=b, ignore_eos=True), reuse=False)
             for p, b in zip(PROMPTS, BUDGETS, strict=True)]
     engine = Engine(rm, kv_policy=policy, cache_sessions=0)
     try:
-        got, biggest = run_batched(engine, jobs, max_batch=4, late=late)
+        got, biggest = run_batched(engine, jobs, max_batch=4, late=late, prefill_thread=prefill_thread)
         assert biggest >= 3, "requests should have shared the batch"
         assert len({tuple(c.gates) for c in got}) > 2, "routers should disagree across rows for this test"
         assert any(not all(c.gates) for c in got)
@@ -87,13 +91,14 @@ def test_batched_rows_equal_lone_runs(rm, policy):
         engine.close()
 
 
-def test_dense_and_forced_batches_equal_lone_runs():
+@pytest.mark.parametrize("prefill_thread", [False, True])
+def test_dense_and_forced_batches_equal_lone_runs(prefill_thread):
     for kw in ({"dense": True}, {"forced": [True, False, True, False]}):
         engine = Engine(decisive(seed=6), cache_sessions=0, **kw)
         try:
             jobs = [Job(p, SamplingParams(max_new_tokens=b, ignore_eos=True), reuse=False)
                     for p, b in zip(PROMPTS[:5], BUDGETS[:5], strict=True)]
-            got, _ = run_batched(engine, jobs, max_batch=3, late={4: 1})
+            got, _ = run_batched(engine, jobs, max_batch=3, late={4: 1}, prefill_thread=prefill_thread)
             for job, c in zip(jobs, got, strict=True):
                 ref = engine.generate(job.prompt, job.params, reuse=False)
                 assert c.tokens == ref.tokens and c.gates == ref.gates
@@ -139,7 +144,8 @@ def test_scripted_rows_and_grammar_rows_in_one_batch(rm):
         engine.close()
 
 
-def test_sessions_continue_inside_a_batch_as_alone(rm):
+@pytest.mark.parametrize("prefill_thread", [False, True])
+def test_sessions_continue_inside_a_batch_as_alone(rm, prefill_thread):
     """Two conversations, two steps each, batched together: the second step reuses each conversation's session
     (its own cache rows and running sums), and every step equals the lone engine's answer."""
     from layerroute.data.render import render_prompt
@@ -151,11 +157,11 @@ def test_sessions_continue_inside_a_batch_as_alone(rm):
     try:
         sp = SamplingParams(max_new_tokens=6, ignore_eos=True)
         first = [render_prompt(tok, c) for c in convos]
-        got1, _ = run_batched(batched, [Job(p, sp) for p in first], max_batch=2)
+        got1, _ = run_batched(batched, [Job(p, sp) for p in first], max_batch=2, prefill_thread=prefill_thread)
         ref1 = [lone.generate(p, sp) for p in first]
         more = tok("<|im_end|>\n<|im_start|>user\nMore?<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
         second = [p + r.tokens + more for p, r in zip(first, got1, strict=True)]  # the agent resends it all
-        got2, _ = run_batched(batched, [Job(p, sp) for p in second], max_batch=2)
+        got2, _ = run_batched(batched, [Job(p, sp) for p in second], max_batch=2, prefill_thread=prefill_thread)
         ref2 = [lone.generate(p, sp) for p in second]
         for c, r in zip(got1 + got2, ref1 + ref2, strict=True):
             assert c.tokens == r.tokens and c.gates == r.gates
@@ -167,11 +173,12 @@ def test_sessions_continue_inside_a_batch_as_alone(rm):
         lone.close()
 
 
-def test_cancelled_row_leaves_and_the_others_finish(rm):
+@pytest.mark.parametrize("prefill_thread", [False, True])
+def test_cancelled_row_leaves_and_the_others_finish(rm, prefill_thread):
     engine = Engine(rm, cache_sessions=0)
     try:
         jobs = [Job(p, SamplingParams(max_new_tokens=12, ignore_eos=True), reuse=False) for p in PROMPTS[:3]]
-        sched = Scheduler(engine, max_batch=3)
+        sched = Scheduler(engine, max_batch=3, prefill_thread=prefill_thread)
         seen = []
 
         def on_token(tok):
@@ -188,6 +195,34 @@ def test_cancelled_row_leaves_and_the_others_finish(rm):
         for job, c in ((jobs[0], out[0]), (jobs[2], out[2])):
             assert c.tokens == engine.generate(job.prompt, job.params, reuse=False).tokens
     finally:
+        engine.close()
+
+
+def test_prefilled_request_whose_client_left_is_answered_and_never_joins(rm):
+    """With a prefill thread, a request prefilled while the batch is full waits in `ready`; if its client goes away
+    there, it is answered ClientGone when a row frees up, and the batch is unharmed."""
+    from layerroute.scheduler import ClientGone
+
+    engine = Engine(rm, cache_sessions=0)
+    sched = Scheduler(engine, max_batch=2, prefill_thread=True)
+    try:
+        started = threading.Event()
+        jobs = [Job(p, SamplingParams(max_new_tokens=30, ignore_eos=True), reuse=False) for p in PROMPTS[:3]]
+        jobs[1].on_token = lambda tok: started.set()
+        for job in jobs[:2]:
+            sched.submit(job)
+        assert started.wait(60)
+        sched.submit(jobs[2])
+        deadline = time.monotonic() + 60
+        while not sched.ready and time.monotonic() < deadline:  # prefilled beside the full batch
+            time.sleep(0.01)
+        assert sched.ready and sched.running == 2
+        jobs[2].cancel.set()
+        assert [len(j.future.result(timeout=120).tokens) for j in jobs[:2]] == [30, 30]
+        with pytest.raises(ClientGone):
+            jobs[2].future.result(timeout=60)
+    finally:
+        sched.close()
         engine.close()
 
 
@@ -244,18 +279,21 @@ def test_prompt_lookup_runs_a_lone_request_with_drafts(rm):
         drafted.close()
 
 
-def test_failed_prefill_fails_that_request_only(rm, monkeypatch):
+@pytest.mark.parametrize("prefill_thread", [False, True])
+def test_failed_prefill_fails_that_request_only(rm, monkeypatch, prefill_thread):
+    import layerroute.scheduler as scheduler_module
+
+    real = scheduler_module.prefill_alone
+
+    def flaky(engine, job, replica):
+        if job.prompt == PROMPTS[1]:
+            raise RuntimeError("boom")
+        return real(engine, job, replica)
+
+    monkeypatch.setattr(scheduler_module, "prefill_alone", flaky)
     engine = Engine(rm, cache_sessions=0)
-    sched = Scheduler(engine, max_batch=4)
+    sched = Scheduler(engine, max_batch=4, prefill_thread=prefill_thread)
     try:
-        real = sched._prefill
-
-        def flaky(job):
-            if job.prompt == PROMPTS[1]:
-                raise RuntimeError("boom")
-            return real(job)
-
-        monkeypatch.setattr(sched, "_prefill", flaky)
         jobs = [Job(p, SamplingParams(max_new_tokens=3, ignore_eos=True), reuse=False) for p in PROMPTS[:3]]
         for job in jobs:
             sched.submit(job)
@@ -265,8 +303,27 @@ def test_failed_prefill_fails_that_request_only(rm, monkeypatch):
         ok = Job(PROMPTS[3], SamplingParams(max_new_tokens=2, ignore_eos=True), reuse=False)
         assert len(sched.submit(ok).result(timeout=60).tokens) == 2
         assert threading.active_count() >= 1 and sched.thread.is_alive()
+        assert sched.prefill_thread is None or sched.prefill_thread.is_alive()
     finally:
         sched.close()
+        engine.close()
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_side_replica_shares_the_weights_not_the_modules(rm, dense):
+    """The prefill thread's module tree reads the engine's weight tensors (no copy) and keeps its own per-step
+    routing state."""
+    engine = Engine(rm, cache_sessions=0, dense=dense)
+    try:
+        from layerroute.prefill import own_replica, side_replica
+
+        own, side = own_replica(engine), side_replica(engine)
+        assert side.model is not own.model
+        pairs = list(zip(own.model.parameters(), side.model.parameters(), strict=True))
+        assert pairs and all(a is b for a, b in pairs)
+        assert len(side.layers) == len(own.layers) == (0 if dense else rm.num_layers)
+        assert all(a is not b and a.state is not b.state for a, b in zip(own.layers, side.layers, strict=True))
+    finally:
         engine.close()
 
 
@@ -298,16 +355,19 @@ def test_real_model_batched_equals_lone_with_forced_skips():
             engine.close()
 
 
-def test_failing_row_processor_fails_that_row_only(rm):
+def test_failing_row_processor_fails_that_row_only(rm, monkeypatch):
+    import layerroute.prefill as prefill_module
+
     engine = Engine(rm, cache_sessions=0)
     try:
         def bad(ids, scores):
             raise ValueError("processor broke")
 
         jobs = [Job(p, SamplingParams(max_new_tokens=5, ignore_eos=True), reuse=False) for p in PROMPTS[:3]]
+        real = prefill_module.logits_processor
+        monkeypatch.setattr(prefill_module, "logits_processor",
+                            lambda eng, job: bad if job is jobs[1] else real(eng, job))
         sched = Scheduler(engine, max_batch=3)
-        real = sched._processor
-        sched._processor = lambda job: bad if job is jobs[1] else real(job)
         for job in jobs:
             sched.submit(job)
         with pytest.raises(ValueError, match="processor broke"):

@@ -305,7 +305,7 @@ def test_internal_error_is_500_and_the_server_survives(served, client, monkeypat
         raise RuntimeError("simulated failure")
 
     monkeypatch.setattr(engine, "generate", boom)  # a lone request's path
-    monkeypatch.setattr(app.state.server.scheduler, "_prefill", boom)  # a batched one's
+    monkeypatch.setattr("layerroute.scheduler.prefill_alone", boom)  # a batched one's
     status, body, _ = raw(srv, "POST", "/v1/chat/completions", {"model": MODEL, "messages": MSG, "max_tokens": 2})
     assert status == 500 and body["error"]["type"] == "server_error" and "simulated failure" in body["error"]["message"]
     status, body, _ = raw(srv, "POST", "/v1/chat/completions",
@@ -512,9 +512,10 @@ def test_full_queue_is_429_with_retry_after():
         assert _metric(raw(srv, "GET", "/metrics")[1], "layerroute_queue_rejected_total") == 1
 
 
-def test_pattern_schedule_server_answers_a_burst():
-    app = create_app(routed_model(seed=3, lora=False), model_name=MODEL, default_max_tokens=4, max_batch=2,
-                     schedule="pattern", max_wait_s=0.5)
+@pytest.mark.parametrize("kw", [{"schedule": "pattern", "max_wait_s": 0.5}, {"prefill_thread": True},
+                                {"schedule": "pattern", "prefill_thread": True}])
+def test_pattern_schedule_and_prefill_thread_servers_answer_a_burst(kw):
+    app = create_app(routed_model(seed=3, lora=False), model_name=MODEL, default_max_tokens=4, max_batch=2, **kw)
     with BackgroundServer(app) as srv:
         got = [None] * 6
 
@@ -528,6 +529,7 @@ def test_pattern_schedule_server_answers_a_burst():
             t.join(120)
         assert all(g is not None and g[0] == 200 for g in got), got
         health = raw(srv, "GET", "/health")[1]
-        assert health["schedule"] == "pattern" and health["max_batch"] == 2 and health["pending"] == 0
+        assert health["schedule"] == kw.get("schedule", "fcfs") and health["max_batch"] == 2
+        assert health["pending"] == 0 and health["prefill_thread"] == kw.get("prefill_thread", False)
     with pytest.raises(ValueError, match="schedule"):
         create_app(routed_model(seed=3, lora=False), model_name=MODEL, schedule="sjf")

@@ -36,6 +36,7 @@ def create_app(
     max_batch: int = 8,
     schedule: str = "fcfs",
     max_wait_s: float = 2.0,
+    prefill_thread: bool = False,
     metrics: bool = True,
 ):
     """The FastAPI app serving `rm` (a RoutedModel with a tokenizer) or a ready `engine`.
@@ -60,7 +61,8 @@ def create_app(
                         threshold=threshold, prompt_lookup=prompt_lookup)
     server = Server(engine, model_name=model_name, max_tokens_limit=max_tokens_limit,
                     default_max_tokens=default_max_tokens, max_queue=max_queue, scripted=scripted,
-                    constrained=constrained, max_batch=max_batch, schedule=schedule, max_wait_s=max_wait_s)
+                    constrained=constrained, max_batch=max_batch, schedule=schedule, max_wait_s=max_wait_s,
+                    prefill_thread=prefill_thread)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -104,7 +106,7 @@ def create_app(
         return {"status": "ok", "model": model_name, "pending": server.pending, "running": server.running,
                 "max_batch": server.max_batch, "schedule": server.scheduler.schedule, "served": server.served,
                 "failed": server.failed, "cache": engine.sessions.stats(), "kv_policy": engine.kv_policy,
-                "dense": engine.dense}
+                "dense": engine.dense, "prefill_thread": server.scheduler.prefill_thread is not None}
 
     @app.get("/v1/models")
     async def models():

@@ -35,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "pattern adds the fewest blocks to the batch's (prefilled ahead; bounded by --max-wait)")
     parser.add_argument("--max-wait", type=float, default=2.0, metavar="S",
                         help="pattern schedule: a request waiting this long joins first (no starvation)")
+    parser.add_argument("--prefill-thread", action=argparse.BooleanOptionalAction, default=False,
+                        help="prefill newcomers on a second thread (its own module tree, shared weights) while the "
+                             "batch decodes, so a prefill stops stalling the running rows; with one torch thread "
+                             "each it uses a second core (set OMP_NUM_THREADS to half the cores)")
     parser.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
                         help="draft up to K tokens per forward from the prompt's n-grams, verified by the model "
                              "(outputs unchanged; not under a grammar; 0 = off)")
@@ -69,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
                      default_max_tokens=args.default_max_tokens, cache_sessions=args.cache_sessions,
                      kv_policy=args.kv_policy, dense=args.dense, forced=forced, threshold=args.threshold,
                      max_queue=args.max_queue, constrained=not args.no_constrain, prompt_lookup=args.prompt_lookup,
-                     max_batch=args.max_batch, schedule=args.schedule, max_wait_s=args.max_wait)
+                     max_batch=args.max_batch, schedule=args.schedule, max_wait_s=args.max_wait,
+                     prefill_thread=args.prefill_thread)
     log.info("serving %r on http://%s:%d/v1 (%s, %s)", name, args.host, args.port,
              "dense" if args.dense else f"routed, {args.kv_policy}", dtype)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

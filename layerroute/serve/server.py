@@ -31,7 +31,8 @@ class Server:
 
     def __init__(self, engine: Engine, *, model_name: str, max_tokens_limit: int = 4096, default_max_tokens: int = 512,
                  max_queue: int = 256, scripted: Callable[[list[dict], list[dict]], str | None] | None = None,
-                 constrained: bool = True, max_batch: int = 8, schedule: str = "fcfs", max_wait_s: float = 2.0):
+                 constrained: bool = True, max_batch: int = 8, schedule: str = "fcfs", max_wait_s: float = 2.0,
+                 prefill_thread: bool = False):
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
         self.engine, self.model_name = engine, model_name
@@ -41,7 +42,8 @@ class Server:
         self.created = int(time.time())
         self.max_batch = max_batch
         # continuous batching (layerroute.scheduler)
-        self.scheduler = Scheduler(engine, max_batch=max_batch, schedule=schedule, max_wait_s=max_wait_s)
+        self.scheduler = Scheduler(engine, max_batch=max_batch, schedule=schedule, max_wait_s=max_wait_s,
+                                   prefill_thread=prefill_thread)
         self.pending = 0  # waiting or running (touched from the event loop only)
         self.served = 0
         self.failed = 0
