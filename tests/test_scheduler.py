@@ -328,9 +328,11 @@ def test_side_replica_shares_the_weights_not_the_modules(rm, dense):
 
 
 @pytest.mark.slow
-def test_real_model_batched_equals_lone_with_forced_skips():
+@pytest.mark.parametrize("prefill_thread", [False, True])
+def test_real_model_batched_equals_lone_with_forced_skips(prefill_thread):
     """SmolLM2-135M-Instruct, four BFCL tool-call prompts, rows with different forced skip patterns decoded together:
-    each equals its lone run (float32; a near-tie flip would show here first)."""
+    each equals its lone run (float32; a near-tie flip would show here first), with and without the prefill thread
+    (its module tree deep-copied from the GGUF-loaded model, weights shared)."""
     import json
     from pathlib import Path
 
@@ -347,7 +349,7 @@ def test_real_model_batched_equals_lone_with_forced_skips():
         engine = Engine(rm, cache_sessions=0, forced=forced)
         try:
             jobs = [Job(p, SamplingParams(max_new_tokens=24), reuse=False) for p in prompts]
-            got, biggest = run_batched(engine, jobs, max_batch=4, late={3: 0})
+            got, biggest = run_batched(engine, jobs, max_batch=4, late={3: 0}, prefill_thread=prefill_thread)
             assert biggest >= 3
             for job, c in zip(jobs, got, strict=True):
                 assert c.tokens == engine.generate(job.prompt, job.params, reuse=False).tokens
