@@ -22,7 +22,8 @@ Configurations:
   costs about what a batch-1 one does in bf16 and 2-4x in float32, so batching gains far more in bf16.
 
 - ``<config>_pt`` (``--prefill-thread``): the same server with ``--prefill-thread``: newcomers are prefilled on
-  a second thread (its own module tree, shared weights) while the batch decodes, instead of stalling it.
+  a second thread (its own module tree, shared weights) while the batch decodes, instead of stalling it. `serve`
+  does that by default; the plain configurations here run ``--no-prefill-thread``.
 
 - ``routed_pattern`` (``--pattern``): the routed server with ``--schedule pattern``: a waiting request whose
   routing decisions match the running batch's is admitted first (bounded wait), so tool-call rows decode with
@@ -258,8 +259,11 @@ def main() -> int:
         configs[f"skip{f:g}"] = ["--skip-fraction", str(f), *batch]
     if args.pattern:
         configs["routed_pattern"] = [*batch, "--schedule", "pattern"]
+    # `serve` prefills on a second thread by default; the plain configurations turn it off, the _pt twins on
+    batched = list(configs.items())
+    configs = {name: [*extra, "--no-prefill-thread"] for name, extra in batched}
     if args.prefill_thread:  # each batched configuration again with its newcomers prefilled on a second thread
-        configs.update({f"{name}_pt": [*extra, "--prefill-thread"] for name, extra in list(configs.items())})
+        configs.update({f"{name}_pt": [*extra, "--prefill-thread"] for name, extra in batched})
     if args.serial:
         configs["dense_serial"] = ["--dense", "--max-batch", "1"]
     dtype_of = {name + DTYPE_SUFFIX[dt]: dt for dt in args.dtypes for name in configs}

@@ -104,9 +104,12 @@ class Scheduler:
         self.forwards = 0  # decode forwards run (all rows together)
         self._own = own_replica(engine)
         # prefill thread: newcomers are prefilled on a second module tree (shared weights) while the batch decodes
-        self._side = side_replica(engine) if prefill_thread and max_batch > 1 and not engine.prompt_lookup else None
-        if prefill_thread and self._side is None:
-            log.warning("no prefill thread (needs max_batch > 1, no prompt lookup, no last_turn pooling)")
+        # (not with max_batch 1 or prompt lookup: those run requests alone, where the prefill has nothing to overlap)
+        self._side = None
+        if prefill_thread and max_batch > 1 and not engine.prompt_lookup:
+            self._side = side_replica(engine)
+            if self._side is None:
+                log.warning("no prefill thread: last_turn pooling's hook writes the engine's own routing state")
         self.prefill_thread = None
         if self._side is not None:
             self.prefill_thread = threading.Thread(target=self._prefill_loop, name="layerroute-prefill", daemon=True)

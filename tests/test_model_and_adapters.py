@@ -190,7 +190,7 @@ def test_native_bf16_answers_without_raising():
     assert native_bf16(torch.device("meta")) is False
 
 
-def test_serve_cli_defaults_to_auto_dtype():
+def test_serve_cli_defaults_to_auto_dtype_and_a_prefill_thread():
     import argparse
 
     from layerroute.serve.cli import add_arguments
@@ -199,3 +199,6 @@ def test_serve_cli_defaults_to_auto_dtype():
     add_arguments(parser)
     assert parser.parse_args([]).dtype == "auto"
     assert parser.parse_args(["--dtype", "float32"]).dtype == "float32"
+    # and prefills on a second thread unless told not to (docs/results/serving_concurrency.md)
+    assert parser.parse_args([]).prefill_thread is True
+    assert parser.parse_args(["--no-prefill-thread"]).prefill_thread is False

@@ -35,10 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "pattern adds the fewest blocks to the batch's (prefilled ahead; bounded by --max-wait)")
     parser.add_argument("--max-wait", type=float, default=2.0, metavar="S",
                         help="pattern schedule: a request waiting this long joins first (no starvation)")
-    parser.add_argument("--prefill-thread", action=argparse.BooleanOptionalAction, default=False,
+    parser.add_argument("--prefill-thread", action=argparse.BooleanOptionalAction, default=True,
                         help="prefill newcomers on a second thread (its own module tree, shared weights) while the "
-                             "batch decodes, so a prefill stops stalling the running rows; with one torch thread "
-                             "each it uses a second core (set OMP_NUM_THREADS to half the cores)")
+                             "batch decodes, so a prefill stops stalling the running rows (default on; SmolLM2 bf16 "
+                             "on 2 CPU cores, 8 clients: 1.16-1.22x the tokens/s, median latency -19 to -26%%; "
+                             "fastest with OMP_NUM_THREADS at half the cores; measured on CPU only)")
     parser.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
                         help="draft up to K tokens per forward from the prompt's n-grams, verified by the model "
                              "(outputs unchanged; not under a grammar; 0 = off)")
