@@ -58,7 +58,7 @@ def routed_model(seed: int = 0, lora: bool = True):
 def served():
     rm = routed_model()
     app = create_app(rm, model_name=MODEL, max_tokens_limit=LIMIT, default_max_tokens=8, cache_sessions=4,
-                     scripted=scripted)
+                     scripted=scripted, prefill_thread=True)  # as `layerroute serve` runs by default
     with BackgroundServer(app) as srv:
         yield srv, app, rm
 
