@@ -5,15 +5,15 @@
    default. Every block that runs in a step has the same length, so the longest layer is the true length.
 2. **Decode writes in place.** transformers' `DynamicLayer.update` concatenates, so each decode step copies the
    whole cache of every layer (O(T) per token per layer): 22% of a batch-8 SmolLM2 decode step's CPU time in the
-   profiler (bf16, 264-token prompts). Removing it took that step from 75-77 ms to 69-72 ms and left batch 1 at
-   ~56 ms (`benchmarks/scheduler_decode.py`, one thread; docs/results/serving_concurrency.md).
+   profiler (bf16, 264-token prompts). Removing it took that step from 77-78 ms to 70-73 ms and left batch 1 at
+   57-58 ms (`benchmarks/scheduler_decode.py`, one thread; docs/results/serving_concurrency.md).
    `GrowingLayer` keeps K/V in a buffer with spare time columns and hands out the filled prefix as a view; a step
    writes its tokens into the spare columns. Costs up to `SPARE_COLUMNS` + 1/8 of the length in unused memory per layer
    and one copy each time the buffer fills; `RoutedCache.compact` drops the spare columns (the engine does before
    it stores a session, so the session store's byte count is what it holds).
 
-Safety rule: a buffer is only ever written past its high-water mark, and only while the layer's ``keys`` is still
-the exact prefix view it handed out. Anything that replaced or cropped ``keys`` (the scheduler's row gathers, a
+Safety rule: a buffer is only ever written past its high-water mark, and only while the layer's ``keys`` and
+``values`` are still the very views it handed out. Anything that replaced or cropped ``keys`` (the scheduler's row gathers, a
 session's checkpoint slices, `crop`, `batch_select_indices`) makes the next update copy into a fresh buffer, so a
 tensor returned earlier is never changed under its holder, as with concatenation.
 """
@@ -34,22 +34,16 @@ class GrowingLayer(DynamicLayer):
         super().lazy_initialization(key_states, value_states)
         self._buf_k = self._buf_v = None
         self._filled = 0  # columns of the buffers ever written (the high-water mark)
-
-    def _writable(self, n_new: int) -> bool:
-        """True when ``keys`` / ``values`` are still the prefix views of the buffers, at the high-water mark,
-        with room for `n_new` columns."""
-        bk, k, v = self._buf_k, self.keys, self.values
-        if bk is None or k.dim() != 4 or self._filled + n_new > bk.shape[2]:
-            return False
-        bv = self._buf_v
-        return all(t.data_ptr() == b.data_ptr() and t.stride() == b.stride() and t.shape[2] == self._filled
-                   and t.shape[:2] == b.shape[:2] and t.shape[3] == b.shape[3] for t, b in ((k, bk), (v, bv)))
+        self._handed = None  # the (keys, values) views last handed out
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n_new = key_states.shape[-2]
-        if not self._writable(n_new):
+        # in place only while keys / values are still the very views handed out (anything that gathered, cropped
+        # or replaced them made new tensors) and the buffer has room
+        handed = self._handed is not None and self.keys is self._handed[0] and self.values is self._handed[1]
+        if not (handed and self._filled + n_new <= self._buf_k.shape[2]):
             old = self.keys.shape[-2] if self.keys.dim() == 4 else 0
             need = old + n_new
             shape = (*key_states.shape[:2], need + SPARE_COLUMNS + need // 8, key_states.shape[-1])
@@ -63,19 +57,19 @@ class GrowingLayer(DynamicLayer):
         self._buf_k[:, :, self._filled:end] = key_states
         self._buf_v[:, :, self._filled:end] = value_states
         self._filled = end
-        self.keys, self.values = self._buf_k[:, :, :end], self._buf_v[:, :, :end]
+        self.keys, self.values = self._handed = (self._buf_k[:, :, :end], self._buf_v[:, :, :end])
         return self.keys, self.values
 
     def reset(self) -> None:
         super().reset()
-        self._buf_k = self._buf_v = None
+        self._buf_k = self._buf_v = self._handed = None
         self._filled = 0
 
     def compact(self) -> None:
         """Keep only the filled columns (a stored session should not hold spare ones); the next update copies."""
         if getattr(self, "_buf_k", None) is not None and self._buf_k.shape[2] > self.keys.shape[2]:
             self.keys, self.values = self.keys.clone(), self.values.clone()
-        self._buf_k = self._buf_v = None
+        self._buf_k = self._buf_v = self._handed = None
 
 
 class RoutedCache(DynamicCache):

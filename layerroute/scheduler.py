@@ -151,7 +151,7 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._wake:  # with a prefill thread, waiting requests are its work, not this loop's
-                while not self._stop and not self.rows and not self.ready and (self._side or not self.waiting):
+                while not self._stop and not self.rows and not self.ready and (self._side is not None or not self.waiting):
                     self._wake.wait()
                 if self._stop:
                     return
