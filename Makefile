@@ -34,7 +34,7 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
 demo: setup
-	$(BIN)/python -m layerroute.demo --config $(CONFIG) --output-dir $(OUT)
+	$(BIN)/python -m layerroute.cli.demo --config $(CONFIG) --output-dir $(OUT)
 
 # the evaluation of record of one trained adapter (every eval tool call, GSM8K test; hours on 2 cores: see
 # docs/results/batched_accuracy.md): make eval-record ADAPTER=runs/x/adapter OUT=runs/x

@@ -1,5 +1,5 @@
 """Free-running accuracy throughput: the same N eval tool-call steps generated one at a time (`routed_generate`, the
-path evaluation used before) and in batches of B (`layerroute.batched.generate_batched`, the path it uses now).
+path evaluation used before) and in batches of B (`layerroute.infer.batched.generate_batched`, the path it uses now).
 
     OMP_NUM_THREADS=1 python benchmarks/accuracy_throughput.py --model smollm2-135m-instruct --steps 32 --batch 8 \\
         [--adapter DIR] [--reps 2] [--output benchmarks/results/accuracy_throughput_smollm2_cpu_t1.json]
@@ -25,13 +25,13 @@ import time
 
 import torch
 
-from layerroute.batched import Request, generate_batched
-from layerroute.bench import emit_json_line
 from layerroute.config import RunConfig
 from layerroute.data.build import load_steps
-from layerroute.eval_accuracy import score_generation
-from layerroute.evaluate import _accuracy_steps
-from layerroute.generate import load_for_inference, routed_generate, skip_pattern, stop_ids
+from layerroute.eval.accuracy import score_generation
+from layerroute.eval.bench import emit_json_line
+from layerroute.eval.sampling import _accuracy_steps
+from layerroute.infer.batched import Request, generate_batched
+from layerroute.infer.generate import load_for_inference, routed_generate, skip_pattern, stop_ids
 
 
 def main(argv: list[str] | None = None) -> int:

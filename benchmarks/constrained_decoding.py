@@ -7,7 +7,7 @@ step to step, so machine noise falls on all of them alike):
 * ``full_depth`` / ``skip_F``: every block, or a forced pattern skipping the fraction F (`skip_pattern`) of the
   model with the adapter's LoRA (a fresh one, i.e. the base model, without --adapter); ``routed`` (--routed): the
   adapter's own routers decide, as `layerroute eval`'s routed configuration;
-* each ``free`` and ``constrained`` (`layerroute.constrain`: calls of the step's own tools with schema-valid
+* each ``free`` and ``constrained`` (`layerroute.infer.constrain`: calls of the step's own tools with schema-valid
   arguments, several only in BFCL's parallel categories, then end of turn: what `eval.constrained` does,
   `evaluate.step_constraint`).
 
@@ -39,15 +39,21 @@ import torch
 import yaml
 
 from layerroute.atomic import write_text_atomic
-from layerroute.bench import emit_json_line
 from layerroute.config import RunConfig
-from layerroute.constrain import model_grammars
 from layerroute.data.build import load_steps
 from layerroute.data.config import DataConfig
 from layerroute.data.toolcalls import parse_tool_calls
-from layerroute.eval_accuracy import score_generation
-from layerroute.evaluate import _accuracy_steps, step_constraint
-from layerroute.generate import inference_weights, load_for_inference, routed_generate, skip_pattern, stop_ids
+from layerroute.eval.accuracy import score_generation, step_constraint
+from layerroute.eval.bench import emit_json_line
+from layerroute.eval.sampling import _accuracy_steps
+from layerroute.infer.constrain import model_grammars
+from layerroute.infer.generate import (
+    inference_weights,
+    load_for_inference,
+    routed_generate,
+    skip_pattern,
+    stop_ids,
+)
 
 
 def bfcl_data(config: str) -> DataConfig:
@@ -178,8 +184,8 @@ def mask_cost(tokenizer_dir: str, reps: int) -> dict:
     """The processor's time per token replaying MASK_CALL (the grammar compiled once, timed apart)."""
     from transformers import AutoTokenizer
 
-    from layerroute.constrain import GrammarLogitsProcessor, grammars_for
     from layerroute.data.toolcalls import render_tool_calls
+    from layerroute.infer.constrain import GrammarLogitsProcessor, grammars_for
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     eos = [tok.convert_tokens_to_ids("<|im_end|>")]

@@ -95,8 +95,8 @@ def pick_steps(steps, n: int, max_context: int, seed_offset: int = 0) -> list:
 @torch.no_grad()
 def step_nll(rm, step) -> tuple[float, float, torch.Tensor]:
     """(mean target NLL, number of targets, argmax ids [N]) of one step, teacher-forced at full depth."""
-    from layerroute.losses import target_logits
-    from layerroute.routed import routing
+    from layerroute.nn.losses import target_logits
+    from layerroute.nn.routed import routing
 
     ids = torch.tensor([step.input_ids])
     labels = torch.tensor([step.labels])
@@ -107,7 +107,7 @@ def step_nll(rm, step) -> tuple[float, float, torch.Tensor]:
 
 
 def quality(rms: dict, steps: list, new_tokens: int) -> dict:
-    from layerroute.generate import routed_generate
+    from layerroute.infer.generate import routed_generate
 
     diffs, agree, total, identical, prefix = [], 0, 0, [], []
     per_type: dict[str, list[float]] = {}
@@ -148,7 +148,7 @@ def quality(rms: dict, steps: list, new_tokens: int) -> dict:
 
 def inference_speed(rms: dict, steps: list, new_tokens: int, reps: int, warmup: int) -> dict:
     """Prefill ms/token (TTFT / prompt tokens) and decode ms/token of routed_generate, summed over `steps`."""
-    from layerroute.generate import routed_generate
+    from layerroute.infer.generate import routed_generate
 
     # wall time, and process CPU time (cpu_*): on a shared machine the CPU time is what the work itself cost (other
     # processes still compete for caches and memory bandwidth, which it does not remove)
@@ -294,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--timing-new-tokens and --quality-steps must be >= 2, --reps and --train-reps >= 1")
     torch.set_num_threads(args.threads)
 
-    from layerroute.bench import emit_json_line
     from layerroute.config import RunConfig
+    from layerroute.eval.bench import emit_json_line
 
     t0 = time.perf_counter()
     run_cfg = RunConfig.from_yaml(args.config, args.overrides)

@@ -30,12 +30,12 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from layerroute.adapters import training_config
-from layerroute.bench import emit_json_line
 from layerroute.config import RunConfig
 from layerroute.data.build import load_steps
-from layerroute.eval_accuracy import score_generation
-from layerroute.evaluate import _accuracy_steps
-from layerroute.generate import (
+from layerroute.eval.accuracy import score_generation
+from layerroute.eval.bench import emit_json_line
+from layerroute.eval.sampling import _accuracy_steps
+from layerroute.infer.generate import (
     _cut,
     inference_weights,
     load_for_inference,

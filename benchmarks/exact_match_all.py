@@ -8,7 +8,7 @@ steps and 75 held-out steps of the seen categories offline), for each side ADAPT
 paired with the first: the difference in points with a 95% bootstrap interval over steps. CONFIG is
 lora_full_depth, routed (the routers decide), or skip=4,10,25 (LoRA on, those blocks removed from every step).
 A `+bridge` suffix (skip=4,10,25+bridge, routed+bridge) first gives every block a skip bridge of rank
---bridge-rank fitted in closed form on the first --bridge-steps tool-call training steps (`layerroute.bridge`):
+--bridge-rank fitted in closed form on the first --bridge-steps tool-call training steps (`layerroute.nn.bridge`):
 what a linear stand-in recovers without any training. `--reference EARLIER.json[:N]` pairs every side with the N-th
 side (default the first) of an earlier result on the same steps instead of scoring a reference again (the step ids
 must match).
@@ -33,14 +33,15 @@ from pathlib import Path
 import torch
 
 from layerroute.adapters import load_adapter
-from layerroute.bench import emit_json_line
-from layerroute.bridge import fit_bridges, install_bridges
+from layerroute.calibrate.bridges import fit_bridges
 from layerroute.config import RunConfig
 from layerroute.data.build import load_steps
-from layerroute.data.tokenizer import pad_token_id
-from layerroute.eval_accuracy import paired_accuracy
-from layerroute.eval_teacher_forced import teacher_forced, teacher_forced_exact
-from layerroute.routed import find_routed_layers
+from layerroute.eval.accuracy import paired_accuracy
+from layerroute.eval.bench import emit_json_line
+from layerroute.eval.teacher_forced import teacher_forced, teacher_forced_exact
+from layerroute.nn.bridge import install_bridges
+from layerroute.nn.routed import find_routed_layers
+from layerroute.special_tokens import pad_token_id
 
 CONFIGS = ("lora_full_depth", "routed", "skip=BLOCKS")
 BRIDGE = "+bridge"

@@ -23,11 +23,11 @@ import time
 import torch
 
 from layerroute.adapters import load_adapter
-from layerroute.bench import emit_json_line
 from layerroute.config import RunConfig
 from layerroute.data.build import load_steps
-from layerroute.eval_accuracy import paired_accuracy
-from layerroute.evaluate import _accuracy_steps, accuracy
+from layerroute.eval.accuracy import accuracy, paired_accuracy
+from layerroute.eval.bench import emit_json_line
+from layerroute.eval.sampling import _accuracy_steps
 
 
 def parse_skip(text: str, n_layers: int) -> list[int]:

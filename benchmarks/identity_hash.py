@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from layerroute.bench import emit_json_line
+    from layerroute.eval.bench import emit_json_line
     from layerroute.identity import file_digest, tokenizer_identity
 
     torch.set_num_threads(1)

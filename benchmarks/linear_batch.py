@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from layerroute.bench import emit_json_line
+from layerroute.eval.bench import emit_json_line
 from layerroute.model import native_bf16
 
 

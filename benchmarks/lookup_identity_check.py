@@ -19,8 +19,8 @@ import torch
 from layerroute.adapters import training_config
 from layerroute.config import RunConfig
 from layerroute.data.build import load_steps
-from layerroute.evaluate import _accuracy_steps
-from layerroute.generate import inference_weights, load_for_inference, routed_generate, stop_ids
+from layerroute.eval.sampling import _accuracy_steps
+from layerroute.infer.generate import inference_weights, load_for_inference, routed_generate, stop_ids
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,10 +27,10 @@ import time
 
 import torch
 
-from layerroute.bench import emit_json_line
-from layerroute.generate import inference_weights, load_for_inference, plain_blocks
-from layerroute.kv_cache import RoutedCache
-from layerroute.routed import RoutedLayer, RoutingState, find_routed_layers, routing
+from layerroute.eval.bench import emit_json_line
+from layerroute.infer.generate import inference_weights, load_for_inference, plain_blocks
+from layerroute.nn.kv_cache import RoutedCache
+from layerroute.nn.routed import RoutedLayer, RoutingState, find_routed_layers, routing
 
 
 def _timed(fn) -> tuple[float, float]:
@@ -68,7 +68,7 @@ def paired(base, other, reps: int, warmup: int = 1) -> dict:
 
 
 def training_overhead(rm, batch: int, seq: int, reps: int) -> dict:
-    from layerroute.routed import gate_records
+    from layerroute.nn.routed import gate_records
 
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 30000, (batch, seq), generator=gen)
@@ -169,7 +169,7 @@ def wrapper_cost(num_layers: int, calls: int = 20000) -> dict:
         def forward(self, hidden_states, **kwargs):
             return hidden_states
 
-    from layerroute.router import Router
+    from layerroute.nn.router import Router
 
     state = RoutingState(num_layers=1, mode="skip")
     block = Identity()
@@ -194,7 +194,7 @@ def decision_cost(rm, prompt: int, iters: int = 50) -> dict:
     """What the routers add to a prefill: every block's decision (pool, router, gate, row plan) on a
     [1, prompt, H] input, timed alone (no block runs), so memory-bandwidth noise from other processes barely
     touches it."""
-    from layerroute.routed import _row_plan
+    from layerroute.nn.routed import _row_plan
 
     layers = find_routed_layers(rm.model)
     hidden = torch.randn(1, prompt, rm.config.hidden_size)

@@ -9,7 +9,7 @@ full-depth LoRA, the stricter reference of issue 8's accuracy target.
         runs/ablation/drop_nll_stopgrad-s0/eval_accuracy/eval.json:routed [--step-type tool_call] \\
         [--split length_matched]
 
-The output is `layerroute.eval_accuracy.paired_accuracy` (B minus A) plus the teacher-forced exact match of each side
+The output is `layerroute.eval.accuracy.paired_accuracy` (B minus A) plus the teacher-forced exact match of each side
 on the same steps, and an error if the two evaluations did not score the same steps. A side can also be a result of
 `benchmarks/exact_match_all.py`, as RESULT.json:N for its N-th side (0 = the first): then the verdicts compared are
 teacher-forced exact match on every eval tool-call step, e.g. two adapters scored in different runs.
@@ -22,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from layerroute.eval_accuracy import ACCURACY_SUFFIX, paired_accuracy
+from layerroute.eval.accuracy import ACCURACY_SUFFIX, paired_accuracy
 
 
 def load_side(spec: str, step_type: str, split: str = "full") -> tuple[str, str, dict]:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from paired_accuracy import load_side  # the sibling script (this script's folder is on sys.path)
 
-from layerroute.bench import emit_json_line
-from layerroute.eval_accuracy import paired_accuracy
+from layerroute.eval.accuracy import paired_accuracy
+from layerroute.eval.bench import emit_json_line
 
 TARGET_POINTS = 1.0  # issue 8: routed tool-call accuracy within 1 point of LoRA full depth
 DIFFERENTIAL_TARGET = 25.0  # issue 8: differential >= 25 points (planning skips 0% in every recipe plotted here)
@@ -58,7 +58,7 @@ def points(reference: str, specs: list[str], resamples: int, seed: int) -> list[
 
 
 def plot(result: list[dict], path: Path) -> None:
-    from layerroute.report import _save, plt
+    from layerroute.eval.report import _save, plt
 
     ref, pts = result[0], result[1:]
     fig, ax = plt.subplots(figsize=(7.5, 4.2))

@@ -19,7 +19,7 @@ import json
 import math
 from pathlib import Path
 
-from layerroute.bench import emit_json_line
+from layerroute.eval.bench import emit_json_line
 from layerroute.train.metrics import METRICS_FILE
 
 RUN_RATES = ("run_rate/tool_call", "run_rate/planning")

@@ -1,6 +1,6 @@
 """Would prefilling on a second core, beside the batch's decode, pay on this CPU? (one JSON line)
 
-The server's scheduler prefills a newcomer while the running batch waits (`layerroute/scheduler.py`); on a 2-core
+The server's scheduler prefills a newcomer while the running batch waits (`layerroute/serve/scheduler.py`); on a 2-core
 machine with one thread per server the other core is nearly idle. This times, in one process with one intra-op thread
 per Python thread (torch releases the GIL inside kernels), a batch-`--batch` decode step of the plain model and a
 batch-1 prefill of `--prompt-tokens` tokens, each alone and then both at once (prefills looping in a second thread
@@ -20,9 +20,9 @@ import time
 
 import torch
 
-from layerroute.bench import emit_json_line
-from layerroute.generate import load_for_inference
-from layerroute.kv_cache import RoutedCache
+from layerroute.eval.bench import emit_json_line
+from layerroute.infer.generate import load_for_inference
+from layerroute.nn.kv_cache import RoutedCache
 
 
 def main() -> int:

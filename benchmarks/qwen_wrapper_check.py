@@ -16,8 +16,8 @@ from layerroute.adapters import load_adapter
 from layerroute.config import ModelConfig, RunConfig
 from layerroute.data.build import load_steps
 from layerroute.data.toolcalls import parse_tool_calls
-from layerroute.eval_accuracy import score_generation
-from layerroute.generate import inference_weights, routed_generate, stop_ids
+from layerroute.eval.accuracy import score_generation
+from layerroute.infer.generate import inference_weights, routed_generate, stop_ids
 
 torch.set_num_threads(1)
 adapter, n, out_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]

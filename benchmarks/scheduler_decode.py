@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from layerroute.bench import emit_json_line
-from layerroute.engine import Engine, SamplingParams
-from layerroute.generate import load_for_inference
-from layerroute.scheduler import Job, Scheduler
+from layerroute.eval.bench import emit_json_line
+from layerroute.infer.generate import load_for_inference
+from layerroute.serve.engine import Engine, SamplingParams
+from layerroute.serve.scheduler import Job, Scheduler
 
 
 def step_ms(engine: Engine, batch: int, prompt_tokens: int, new_tokens: int, rng: random.Random) -> float:

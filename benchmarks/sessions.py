@@ -4,7 +4,7 @@
         --skip-fraction 0.25 --threads 1 --output benchmarks/results/sessions_smollm2.json
 
 Conversations: BFCL multi_turn_base (bfcl-eval's data), rendered with the data module's renderer, one assistant
-step per user turn holding that turn's ground-truth calls (see `layerroute.session.bfcl_multi_turn`). Each step
+step per user turn holding that turn's ground-truth calls (see `layerroute.infer.session.bfcl_multi_turn`). Each step
 both policies generate greedily from the same context, then score the reference reply teacher-forced and
 continue from it. Gate schedules:
 
@@ -26,9 +26,9 @@ import time
 
 import torch
 
-from layerroute.bench import emit_json_line
-from layerroute.generate import load_for_inference, skip_pattern
-from layerroute.session import bfcl_multi_turn, compare_policies, rotating_patterns
+from layerroute.eval.bench import emit_json_line
+from layerroute.infer.generate import load_for_inference, skip_pattern
+from layerroute.infer.session import bfcl_multi_turn, compare_policies, rotating_patterns
 
 
 def main(argv=None) -> int:

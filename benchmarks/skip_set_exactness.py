@@ -30,12 +30,12 @@ import time
 import torch
 
 from layerroute.adapters import build_routed_model, load_adapter
-from layerroute.bench import emit_json_line
+from layerroute.calibrate.influence import drop_costs, greedy_drop_targets, oracle_skip_targets
 from layerroute.config import EvalConfig, RunConfig
 from layerroute.data.build import load_steps
-from layerroute.data.tokenizer import pad_token_id
-from layerroute.eval_teacher_forced import teacher_forced, teacher_forced_exact
-from layerroute.influence import drop_costs, greedy_drop_targets, oracle_skip_targets
+from layerroute.eval.bench import emit_json_line
+from layerroute.eval.teacher_forced import teacher_forced, teacher_forced_exact
+from layerroute.special_tokens import pad_token_id
 
 # ranking name in the output -> the trainer's train.oracle_source
 RANKINGS = {"nll": "drop_nll", "token_errors": "drop_errors", "greedy_errors": "greedy_errors",
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ecfg = EvalConfig(batch_size=args.batch_size, seed=args.seed)
 
     costs = drop_costs(rm, calibration, ecfg, pad)
-    # the trainer's own selection (layerroute.train.calibrate.static_oracle_targets)
+    # the trainer's own selection (layerroute.calibrate.setup.static_oracle_targets)
     idx = list(range(len(steps)))
     points, scored, greedy_paths = [], {}, {}
     for name in args.rankings:

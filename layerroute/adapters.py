@@ -35,12 +35,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__, chat_template
-from .bridge import install_bridges
 from .config import LoraSettings, ModelConfig, RouterConfig, from_dict
 from .errors import AdapterError, ConfigError
 from .identity import describe_base, describe_tokenizer, same_tokenizer, tokenizer_identity
-from .model import LoadedModel, configure_trainable, load_base, load_tokenizer, router_factory
-from .routed import RoutingState, find_routed_layers, wrap_model
+from .model import LoadedModel, configure_trainable, load_base, router_factory
+from .nn.bridge import install_bridges
+from .nn.routed import RoutingState, find_routed_layers, wrap_model
+from .tokenizer import load_tokenizer
 
 ROUTER_FILE = "router.safetensors"
 BRIDGE_PREFIX = "bridge."  # within a block's entries of ROUTER_FILE

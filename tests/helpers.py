@@ -64,7 +64,7 @@ def delete_blocks(model, keep: list[bool]):
     reference a forced skip pattern must reproduce."""
     import copy
 
-    from layerroute.blocks import decoder_layers
+    from layerroute.nn.blocks import decoder_layers
 
     ref = copy.deepcopy(model)
     layers = decoder_layers(ref)

@@ -8,12 +8,14 @@ import json
 import pytest
 import torch
 
-from layerroute.ablation import aggregate_recipes, markdown, parse_recipe, read_included
 from layerroute.cli import main
+from layerroute.config import EvalConfig
 from layerroute.data.build import load_steps
 from layerroute.errors import ConfigError
-from layerroute.evaluate import EvalConfig, assemble, evaluate_adapter
-from layerroute.routed import find_routed_layers
+from layerroute.eval.ablation import aggregate_recipes, markdown, parse_recipe, read_included
+from layerroute.eval.adapter import evaluate_adapter
+from layerroute.eval.runner import assemble
+from layerroute.nn.routed import find_routed_layers
 from tests.test_evaluate import data_cfg, setup  # noqa: F401  (module fixture: tiny routed model + tokenizer)
 
 # length-matching bins 4x wide: the tiny data's few steps then have a length-matched split to score
@@ -141,7 +143,7 @@ def test_a_bad_included_table_is_rejected_naming_the_flag(tmp_path, capsys):
 
 
 def test_accuracy_is_paired_step_by_step_and_the_plot_needs_it(one_eval, tmp_path):
-    from layerroute.ablation import plot_accuracy
+    from layerroute.eval.ablation import plot_accuracy
 
     p = one_eval["accuracy_paired_routed_vs_lora"]["tool_call"]
     acc = one_eval["accuracy"]["tool_call"]
@@ -183,7 +185,7 @@ def test_each_split_is_scored_on_its_own_draw_with_both_equal_flop_baselines(one
     md = markdown(agg)
     assert any(line.startswith("| r | length_matched | planning | 1 |") for line in md.splitlines())
     assert "unseen functions" not in md  # the tiny data has no eval-only BFCL category
-    from layerroute.ablation import plot_accuracy_splits
+    from layerroute.eval.ablation import plot_accuracy_splits
 
     assert plot_accuracy_splits(agg, tmp_path / "splits.png") and (tmp_path / "splits.png").stat().st_size > 1000
     old = copy.deepcopy(one_eval)  # an evaluation from before session 9: no length-matched draw, nothing to plot

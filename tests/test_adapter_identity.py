@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import layerroute.generate as generate_mod
-import layerroute.generate_cli as generate_cli
+import layerroute.cli.generate_cli as generate_cli
+import layerroute.infer.generate as generate_mod
 import layerroute.train as train_mod
 from layerroute import chat_template
 from layerroute.adapters import META_FILE, adapter_base_name, check_base_matches, load_adapter
@@ -186,7 +186,7 @@ def test_generate_and_serve_without_a_template_give_the_same_error(world, capsys
                    "--device", "cpu"])
     assert rc == 2
     assert "has no chat template: set model.chat_template" in capsys.readouterr().err
-    from layerroute.engine import Engine
+    from layerroute.serve.engine import Engine
 
     rm = generate_mod.load_for_inference(str(world["base"]), None, device="cpu")
     with pytest.raises(ChatTemplateMissing, match=r"model\.chat_template"):

@@ -7,7 +7,7 @@ import matplotlib.pyplot as plt
 import pytest
 
 from layerroute.atomic import atomic_path, write_text_atomic
-from layerroute.report import _save
+from layerroute.eval.report import _save
 from layerroute.train import _metrics_up_to
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerroute.batched import (
+from layerroute.infer.batched import (
     FINISH_CONTEXT,
     FINISH_LENGTH,
     FINISH_REUSED,
@@ -15,7 +15,7 @@ from layerroute.batched import (
     Request,
     generate_batched,
 )
-from layerroute.generate import routed_generate
+from layerroute.infer.generate import routed_generate
 from tests.helpers import TINY_SHAPES, lively, tiny_routed
 
 # different lengths (left padding in a batch), different budgets
@@ -130,7 +130,7 @@ def test_prompt_longer_than_the_context_is_not_generated(rm):
     assert got[2].budget == 2 and len(got[2].tokens) == 2  # clipped to what fits in the context
 
 
-# -- scored evaluation (layerroute.eval_accuracy through evaluate.accuracy) on real BFCL / GSM8K steps -----------
+# -- scored evaluation (layerroute.eval.accuracy) on real BFCL / GSM8K steps -----------
 @pytest.fixture(scope="module")
 def scored_setup():
     import os
@@ -156,7 +156,7 @@ def _cfg(**kw):
 
 
 def test_too_long_prompt_and_unclosed_call_are_scored_wrong_and_counted_by_reason(scored_setup, monkeypatch):
-    from layerroute.evaluate import accuracy
+    from layerroute.eval.accuracy import accuracy
 
     rm, steps = scored_setup
     tools = sorted((i for i, s in enumerate(steps) if s.step_type == "tool_call"), key=lambda i: steps[i].context_length)
@@ -175,7 +175,7 @@ def test_too_long_prompt_and_unclosed_call_are_scored_wrong_and_counted_by_reaso
 
 
 def test_batched_accuracy_equals_one_at_a_time(scored_setup):
-    from layerroute.evaluate import accuracy
+    from layerroute.eval.accuracy import accuracy
 
     rm, steps = scored_setup
     idx = list(range(min(len(steps), 6)))
@@ -186,8 +186,7 @@ def test_batched_accuracy_equals_one_at_a_time(scored_setup):
 
 
 def test_configurations_that_cannot_differ_reuse_the_full_depth_generations(scored_setup):
-    from layerroute.eval_accuracy import reuse_counts
-    from layerroute.evaluate import accuracy
+    from layerroute.eval.accuracy import accuracy, reuse_counts
 
     rm, steps = scored_setup
     idx = list(range(min(len(steps), 5)))
@@ -209,7 +208,7 @@ def test_eval_of_record_overlay_scores_every_configuration_paired_with_step_ids(
 
     from layerroute.config import EvalConfig, apply_eval_overlay
     from layerroute.data.build import load_steps
-    from layerroute.evaluate import evaluate_adapter
+    from layerroute.eval.adapter import evaluate_adapter
     from tests.test_evaluate import data_cfg
 
     raw = apply_eval_overlay({"eval": {"max_new_tokens_tool": 3, "seed": 0}},
@@ -239,7 +238,7 @@ def test_eval_of_record_overlay_scores_every_configuration_paired_with_step_ids(
         assert len(p["diff_ci95"]) == 2
     # the routers skip block 1 everywhere, so nothing is reused there
     assert "reused_from" not in acc["routed"]
-    from layerroute.report import write_report
+    from layerroute.eval.report import write_report
 
     doc = {**res, "adapters": ["a"], "seeds": [], "aggregate": None,
            "skip_differential_points": res["splits"]["full"]["skip_differential_points"]}

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from layerroute import flops
-from layerroute.bench import _ideal
 from layerroute.cli import main
+from layerroute.eval.bench import _ideal
 from layerroute.model import shape_config
 
 
@@ -67,8 +67,8 @@ def test_bench_with_an_adapter_lets_its_routers_decide(tmp_path, capsys):
 def test_real_steps_time_each_steps_own_context_with_the_routers_gates():
     from transformers import AutoTokenizer
 
-    from layerroute.bench import bench_real_steps
     from layerroute.data.build import load_steps
+    from layerroute.eval.bench import bench_real_steps
     from tests.helpers import tiny_routed
     from tests.test_evaluate import TOKENIZER, data_cfg
 
@@ -97,7 +97,7 @@ REAL_STEPS = {  # bench_real_steps' result, trimmed to what the table reads
 
 
 def test_real_steps_table_pairs_skip_with_speedup():
-    from layerroute.bench import real_steps_table
+    from layerroute.eval.bench import real_steps_table
 
     lines = real_steps_table(REAL_STEPS).splitlines()
     dense = next(line for line in lines if line.startswith("dense")).split()

@@ -10,7 +10,7 @@ from peft.tuners.lora import LoraLayer
 
 from layerroute.adapters import build_routed_model, save_adapter
 from layerroute.config import LoraSettings, ModelConfig, RouterConfig
-from layerroute.generate import (
+from layerroute.infer.generate import (
     inference_weights,
     load_for_inference,
     pad_left,
@@ -19,7 +19,7 @@ from layerroute.generate import (
     run_generate,
 )
 from layerroute.model import load_base
-from layerroute.routed import find_routed_layers, routing
+from layerroute.nn.routed import find_routed_layers, routing
 from tests.helpers import TINY_SHAPES, delete_blocks, lively, random_batch, tiny_routed
 
 TRAINABLE = (".router.", ".bridge.", "lora_")
@@ -218,7 +218,7 @@ def test_serving_engine_runs_a_bf16_model_with_a_forced_skip_as_routed_generate_
     from transformers import AutoTokenizer
 
     from layerroute.data.render import render_prompt
-    from layerroute.engine import Engine, SamplingParams
+    from layerroute.serve.engine import Engine, SamplingParams
     from tests.test_serve import TOKENIZER
 
     rm16 = bf16_routed("shape:tiny-qwen2", bridge_rank=4)

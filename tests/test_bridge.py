@@ -9,12 +9,13 @@ import torch
 
 from layerroute import flops
 from layerroute.adapters import load_adapter, save_adapter
-from layerroute.bridge import fit_bridges, install_bridges, reduced_rank_solution
+from layerroute.calibrate.bridges import fit_bridges, reduced_rank_solution
 from layerroute.config import RouterConfig
 from layerroute.errors import AdapterError, ConfigError
-from layerroute.generate import routed_generate
-from layerroute.params import parameter_counts
-from layerroute.routed import find_routed_layers, routing
+from layerroute.infer.generate import routed_generate
+from layerroute.model import parameter_counts
+from layerroute.nn.bridge import install_bridges
+from layerroute.nn.routed import find_routed_layers, routing
 from tests.helpers import TINY_SHAPES, random_batch, synthetic_step, tiny_routed
 
 PATTERN = [True, False, True, False]  # blocks 1 and 3 skipped

@@ -16,7 +16,10 @@ import torch
 import xgrammar as xgr
 from transformers import AutoTokenizer
 
-from layerroute.constrain import (
+from layerroute.data.render import render_prompt
+from layerroute.data.sources import bfcl_tool
+from layerroute.data.toolcalls import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, parse_tool_calls, render_tool_calls
+from layerroute.infer.constrain import (
     GrammarError,
     GrammarLogitsProcessor,
     call_separator,
@@ -26,10 +29,7 @@ from layerroute.constrain import (
     model_grammars,
     tool_call_processor,
 )
-from layerroute.data.render import render_prompt
-from layerroute.data.sources import bfcl_tool
-from layerroute.data.toolcalls import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, parse_tool_calls, render_tool_calls
-from layerroute.generate import routed_generate
+from layerroute.infer.generate import routed_generate
 from tests.helpers import lively, tiny_routed
 
 HERE = os.path.dirname(__file__)
@@ -240,7 +240,7 @@ def test_eval_constrained_accuracy_names_offered_functions(tok):
     the name is what the short budget can show)."""
     from layerroute.config import EvalConfig
     from layerroute.data.build import load_steps
-    from layerroute.evaluate import accuracy
+    from layerroute.eval.accuracy import accuracy
     from tests.test_evaluate import data_cfg
 
     m = tiny_routed("shape:tiny-qwen2")
@@ -259,7 +259,7 @@ def test_generate_cli_constrain(rm, tmp_path, monkeypatch, capsys):
     import argparse
     import json
 
-    from layerroute import generate_cli  # the command's run looks load_for_inference up here
+    from layerroute.cli import generate_cli  # the command's run looks load_for_inference up here
     from layerroute.errors import ConfigError
 
     monkeypatch.setattr(generate_cli, "load_for_inference", lambda *a, **k: rm)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from layerroute.demo import resolve_config, stages
+from layerroute.cli.demo import resolve_config, stages
 from layerroute.errors import ConfigError
 
 CONFIG = "configs/offline-smollm2.yaml"

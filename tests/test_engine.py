@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from layerroute.data.render import render_prompt
-from layerroute.engine import CachedSession, SessionStore
-from layerroute.kv_cache import RoutedCache
+from layerroute.nn.kv_cache import RoutedCache
+from layerroute.serve.engine import CachedSession, SessionStore
 from tests.test_serve import routed_model
 
 
@@ -38,10 +38,10 @@ def test_session_store_lru_and_checkpoints():
 
 
 def test_engine_sessions_agree_with_the_session_class():
-    """The server's per-conversation caches follow `layerroute.session.Session` (kv_preserving): same tokens,
+    """The server's per-conversation caches follow `layerroute.infer.session.Session` (kv_preserving): same tokens,
     same gates and router logits at every step, with input-dependent routers that skip different blocks."""
-    from layerroute.engine import Engine, SamplingParams
-    from layerroute.session import Session
+    from layerroute.infer.session import Session
+    from layerroute.serve.engine import Engine, SamplingParams
 
     rm = routed_model(seed=5, lora=False)
     gen = torch.Generator().manual_seed(20)  # seed picked for gates that change between the steps
@@ -81,7 +81,7 @@ def test_engine_prompt_lookup_keeps_tokens_and_gates_and_reuses_only_the_prompt_
     """Prompt-lookup drafting in the server: every request answers as without it (tokens, gates, router logits),
     and a routed session left by a drafted request continues from its prompt checkpoint only (the sums after the
     prefill hold rejected drafts)."""
-    from layerroute.engine import Engine, SamplingParams
+    from layerroute.serve.engine import Engine, SamplingParams
 
     rm = routed_model(seed=5, lora=False)
     gen = torch.Generator().manual_seed(20)

@@ -10,12 +10,13 @@ import torch
 from transformers import AutoTokenizer
 
 from layerroute.adapters import save_adapter
+from layerroute.config import EvalConfig
 from layerroute.data.build import load_steps
 from layerroute.data.config import DataConfig
 from layerroute.errors import ConfigError
-from layerroute.eval_accuracy import score_generation
-from layerroute.eval_teacher_forced import ppl, teacher_forced
-from layerroute.evaluate import EvalConfig, flop_summary, random_patterns, shortgpt_pattern
+from layerroute.eval.accuracy import score_generation
+from layerroute.eval.baselines import flop_summary, random_patterns, shortgpt_pattern
+from layerroute.eval.teacher_forced import ppl, teacher_forced
 from tests.helpers import tiny_routed
 
 HERE = os.path.dirname(__file__)
@@ -126,8 +127,8 @@ def test_run_eval_writes_json_report_and_plots(setup, tmp_path):
     # the adapter must carry its tokenizer's identity: evaluate loads the base model named in the adapter
     cfg = EvalConfig(batch_size=4, max_steps_per_type=4, thresholds=[0.5, 0.9], bootstrap=50,
                      accuracy_steps_per_type=0, calibration_steps=4)
-    from layerroute.evaluate import evaluate_adapter
-    from layerroute.report import write_report
+    from layerroute.eval.adapter import evaluate_adapter
+    from layerroute.eval.report import write_report
 
     data = load_steps(data_cfg(), rm.tokenizer)
     res = evaluate_adapter(rm, data, cfg, {"note": "tiny"})
@@ -151,7 +152,7 @@ def test_run_eval_writes_json_report_and_plots(setup, tmp_path):
 
 
 def test_accuracy_keeps_each_generation_with_its_verdict(setup):
-    from layerroute.evaluate import accuracy
+    from layerroute.eval.accuracy import accuracy
 
     rm, data, _ = setup
     steps = list(data.eval)
@@ -170,7 +171,7 @@ def test_no_teacher_forced_error_means_greedy_generation_reproduces_the_target(s
     own greedy continuation has zero errors under teacher forcing; one changed token is one error."""
     import dataclasses
 
-    from layerroute.generate import routed_generate
+    from layerroute.infer.generate import routed_generate
 
     rm, data, _ = setup
     step = next(s for s in data.eval if s.step_type == "tool_call")
@@ -206,7 +207,7 @@ def _fake_steps(n_tool: int, n_plan: int):
 
 
 def test_accuracy_draw_is_the_historic_one_when_the_ppl_sample_holds_it_and_the_whole_split_otherwise():
-    from layerroute.evaluate import _accuracy_steps, _by_type, _cap
+    from layerroute.eval.sampling import _accuracy_steps, _by_type, _cap
 
     all_steps = _fake_steps(40, 30)
     full = _cap(_by_type(all_steps, range(len(all_steps))), 12, 0)  # the perplexity sample, 12 per type
@@ -232,7 +233,7 @@ def test_accuracy_counts_are_validated_naming_the_flag(bad):
 
 
 def test_accuracy_subset_resummarises_chosen_steps_and_counts_unseen_categories_apart():
-    from layerroute.evaluate import _accuracy_summary, accuracy_subset
+    from layerroute.eval.accuracy import _accuracy_summary, accuracy_subset
 
     def sample(cid, ok, cat, errors):
         return {"conversation_id": cid, "step_index": 0, "category": cat, "correct": ok,
@@ -252,7 +253,7 @@ def test_accuracy_subset_resummarises_chosen_steps_and_counts_unseen_categories_
 
 
 def test_length_matched_accuracy_draw_is_its_own_and_takes_all_when_asked_for_more():
-    from layerroute.evaluate import _length_matched_accuracy_steps
+    from layerroute.eval.sampling import _length_matched_accuracy_steps
 
     class S:
         def __init__(self, i, t):
@@ -270,7 +271,7 @@ def test_length_matched_accuracy_draw_is_its_own_and_takes_all_when_asked_for_mo
 
 
 def test_paired_accuracy_counts_disagreements_and_bounds_the_difference():
-    from layerroute.eval_accuracy import paired_accuracy
+    from layerroute.eval.accuracy import paired_accuracy
 
     def res(verdicts):
         return {"samples": [{"conversation_id": f"c{i}", "correct": v} for i, v in enumerate(verdicts)]}

@@ -23,7 +23,7 @@ def test_exact_match_all_pairs_every_side_with_the_first(tmp_path, smoke_data, c
     import importlib.util
 
     from layerroute.config import EvalConfig
-    from layerroute.eval_teacher_forced import teacher_forced
+    from layerroute.eval.teacher_forced import teacher_forced
 
     spec = importlib.util.spec_from_file_location("exact_match_all", ROOT / "benchmarks" / "exact_match_all.py")
     bench = importlib.util.module_from_spec(spec)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerroute.generate import (
+from layerroute.infer.generate import (
     inference_weights,
     pad_left,
     plain_blocks,
@@ -14,7 +14,7 @@ from layerroute.generate import (
     run_generate,
     skip_pattern,
 )
-from layerroute.routed import find_routed_layers
+from layerroute.nn.routed import find_routed_layers
 from tests.helpers import TINY_SHAPES, delete_blocks, lively, tiny_routed
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [100, 200, 300], [42, 43, 44, 45, 46]]
@@ -175,7 +175,7 @@ def test_skip_pattern_spreads_over_the_middle(layers, fraction, n_skip):
 def _mix_greedy(rm, prompt, pattern, new=NEW):
     """Greedy decoding by re-running the whole sequence in mix mode with prompt_full_depth: the prompt's positions
     at full depth, the generated ones through the pattern (the teacher-forced definition)."""
-    from layerroute.routed import routing
+    from layerroute.nn.routed import routing
 
     seq = list(prompt)
     with torch.no_grad(), inference_weights(rm) as model:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from layerroute.errors import DataError
-from layerroute.scoring import extract_final_number, gsm8k_exact_match, normalize_number
+from layerroute.tasks.gsm8k import extract_final_number, gsm8k_exact_match, normalize_number
 
 # ---------------------------------------------------------------------------------------------------------
 # GSM8K

@@ -1,4 +1,4 @@
-"""The layerroute package's import graph has no cycle (issue 25).
+"""The layerroute package's import graph has no cycle (issue 25), and its parts import only downwards (issue 37).
 
 Every module is parsed with `ast`, and every `import` / `from ... import` counts wherever it sits: at module level,
 inside a function, under `if`: moving an import into a function hides a cycle from Python, it does not remove it.
@@ -6,6 +6,9 @@ Relative imports are resolved against the importing module. Importing `layerrout
 package also runs `layerroute/data/__init__.py`, so that counts as an edge to `layerroute.data` too (a module inside
 a package importing a sibling does not: its package's `__init__` is already running). No model, no torch: a few
 milliseconds. Run as a script to print the whole graph's cycles: `python tests/test_import_graph.py`.
+
+The parts and their allowed arrows (`PARTS`, `MAY_IMPORT`) are the ones docs/architecture.md draws: a module of one
+part may import modules of its own part and of the parts listed for it, nothing else.
 """
 
 from __future__ import annotations
@@ -150,7 +153,7 @@ def test_every_module_is_seen():
     edges = graph()
     assert "layerroute.model" in edges and "layerroute.data.build" in edges
     assert "layerroute.config" in edges["layerroute.model"]  # module level
-    assert {"layerroute.data", "layerroute.data.toolcalls"} <= edges["layerroute.constrain"]  # a package's __init__
+    assert {"layerroute.data", "layerroute.data.toolcalls"} <= edges["layerroute.infer.constrain"]  # a package's __init__
     assert "layerroute.data.render" in edges["layerroute.data.collate"]  # a sibling inside the package
     assert "layerroute.data" not in edges["layerroute.data.collate"]  # its own package: already running
 
@@ -177,6 +180,100 @@ def test_no_import_cycle():
     edges = graph()
     cycles = describe(edges)
     assert not cycles, "import cycles (imports inside functions count):\n" + cycles
+
+
+# -- layering (issue 37) ---------------------------------------------------------------------------------------
+
+#: part -> the modules (dotted prefixes) that belong to it; a module belongs to the part of its longest prefix.
+PARTS = {
+    "foundation": ["layerroute", "layerroute.errors", "layerroute.atomic", "layerroute.identity",
+                   "layerroute.special_tokens", "layerroute.chat_template", "layerroute.flops"],
+    "config": ["layerroute.config"],
+    "nn": ["layerroute.nn"],
+    "files": ["layerroute.packaged", "layerroute.tokenizer"],  # where a model's files and tokenizer come from
+    "loading": ["layerroute.model", "layerroute.adapters"],  # model loading: the base, LoRA, the adapter directory
+    "data": ["layerroute.data", "layerroute.tasks"],
+    "calibrate": ["layerroute.calibrate"],
+    "train": ["layerroute.train"],
+    "infer": ["layerroute.infer"],
+    "eval": ["layerroute.eval"],
+    "serve": ["layerroute.serve"],
+    "cli": ["layerroute.cli"],
+}
+
+#: part -> the other parts it may import (its own part is always allowed).
+MAY_IMPORT = {
+    "foundation": set(),
+    "config": {"foundation", "data"},  # RunConfig holds the data section (layerroute.data.config)
+    "nn": {"foundation"},
+    "files": {"foundation"},
+    "loading": {"foundation", "config", "nn", "files"},
+    "data": {"foundation", "config", "files"},  # the tokenizer, never the model
+    "calibrate": {"foundation", "config", "nn", "files", "loading", "data"},  # its own forwards: no eval, no train
+    "train": {"foundation", "config", "nn", "files", "loading", "data", "calibrate"},
+    "infer": {"foundation", "config", "nn", "files", "loading", "data"},
+    "eval": {"foundation", "config", "nn", "files", "loading", "data", "calibrate", "infer"},
+    "serve": {"foundation", "config", "nn", "files", "loading", "data", "infer"},
+    "cli": set(PARTS) - {"cli"},
+}
+
+MAX_TOP_LEVEL = 12  # modules directly under layerroute/ (its __init__ included)
+
+
+def part_of(module: str) -> str | None:
+    best, found = -1, None
+    for part, prefixes in PARTS.items():
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+                best, found = len(prefix), part
+    return found
+
+
+def forbidden_edges(edges: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for a in sorted(edges):
+        pa = part_of(a)
+        for b in sorted(edges[a]):
+            pb = part_of(b)
+            if pa != pb and pb not in MAY_IMPORT[pa]:
+                bad.append(f"{a} ({pa}) -> {b} ({pb})")
+    return bad
+
+
+def test_every_module_belongs_to_a_part():
+    unplaced = [m for m in graph() if part_of(m) in (None, "foundation") and m.count(".") > 1]
+    assert not unplaced, f"modules in a package no part names (add the package to PARTS): {unplaced}"
+
+
+def test_parts_import_only_what_their_arrows_allow():
+    bad = forbidden_edges(graph())
+    assert not bad, "imports against the layering (tests/test_import_graph.py MAY_IMPORT, docs/architecture.md):\n" \
+        + "\n".join(bad)
+
+
+def test_the_issues_layering_rules():
+    """Issue 37's rules, spelled out: NN imports neither data nor model loading; data does not import model loading;
+    calibration does not import eval; serve, infer and eval do not import train."""
+    edges = graph()
+
+    def imports(part: str, other: str) -> list[str]:
+        return [f"{a} -> {b}" for a in edges if part_of(a) == part for b in edges[a] if part_of(b) == other]
+
+    for part, other in [("nn", "data"), ("nn", "loading"), ("nn", "files"), ("data", "loading"),
+                        ("calibrate", "eval"), ("calibrate", "train"), ("serve", "train"), ("infer", "train"),
+                        ("eval", "train")]:
+        assert not imports(part, other), f"{part} imports {other}: {imports(part, other)}"
+
+
+def test_the_layering_check_sees_a_forbidden_arrow():
+    edges = {"layerroute.nn.x": {"layerroute.data.y"}, "layerroute.data.y": set(),
+             "layerroute.eval.z": {"layerroute.nn.x"}}
+    assert forbidden_edges(edges) == ["layerroute.nn.x (nn) -> layerroute.data.y (data)"]
+
+
+def test_at_most_twelve_top_level_modules():
+    top = sorted(p.name for p in (ROOT / PACKAGE).glob("*.py"))
+    assert len(top) <= MAX_TOP_LEVEL, f"{len(top)} modules directly under layerroute/ (at most {MAX_TOP_LEVEL}): {top}"
 
 
 if __name__ == "__main__":

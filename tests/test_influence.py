@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerroute.influence import RowInfluence, influence_targets
-from layerroute.routed import routing
+from layerroute.calibrate.influence import RowInfluence, influence_targets
+from layerroute.nn.routed import routing
 from tests.helpers import random_batch, tiny_routed
 
 

@@ -1,10 +1,10 @@
-"""`layerroute.kv_cache`: the growing cache layer equals concatenation, writes decode steps in place, and never
+"""`layerroute.nn.kv_cache`: the growing cache layer equals concatenation, writes decode steps in place, and never
 changes a tensor it handed out earlier."""
 
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from layerroute.kv_cache import SPARE_COLUMNS, GrowingLayer, RoutedCache
+from layerroute.nn.kv_cache import SPARE_COLUMNS, GrowingLayer, RoutedCache
 
 
 def _kv(batch: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

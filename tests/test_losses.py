@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerroute.losses import distillation_kl, row_argmax_errors, sliced_lm_loss
-from layerroute.routed import routing
+from layerroute.nn.losses import distillation_kl, row_argmax_errors, sliced_lm_loss
+from layerroute.nn.routed import routing
 from tests.helpers import TINY_SHAPES, random_batch, tiny_routed
 
 

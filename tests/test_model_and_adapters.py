@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from layerroute.adapters import load_adapter, save_adapter
+from layerroute.cli.params import count_parameters
 from layerroute.config import LoraSettings, ModelConfig, RouterConfig
 from layerroute.errors import AdapterError, ModelLoadError
 from layerroute.model import load_base
-from layerroute.params import count_parameters
-from layerroute.routed import routing
+from layerroute.nn.routed import routing
 from tests.helpers import TINY_SHAPES, random_batch, tiny_routed
 
 
@@ -120,7 +120,8 @@ def test_unreachable_hub_reads_the_local_cache_only_and_says_why(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")  # port 9 (discard): refused
     code = (
-        "from layerroute.model import load_base, load_tokenizer; from layerroute.config import ModelConfig\n"
+        "from layerroute.model import load_base; from layerroute.tokenizer import load_tokenizer\n"
+        "from layerroute.config import ModelConfig\n"
         "import sys\n"
         "try:\n    load_tokenizer('Qwen/Qwen2.5-0.5B-Instruct')\nexcept Exception as e:\n    print(e, file=sys.stderr)\n"
         "load_base(ModelConfig(name='Qwen/Qwen2.5-0.5B-Instruct'))"
@@ -141,7 +142,7 @@ def test_unknown_shape_and_missing_gguf():
 def test_real_offline_model_open_gates_reproduce_plain_logits():
     """SmolLM2-135M-Instruct from its package: wrapped with open gates, it gives the unwrapped logits."""
     from layerroute.adapters import build_routed_model
-    from layerroute.routed import unwrap_model
+    from layerroute.nn.routed import unwrap_model
 
     cfg = ModelConfig(name="smollm2-135m-instruct")
     loaded = load_base(cfg)
@@ -160,7 +161,7 @@ def test_real_offline_model_open_gates_reproduce_plain_logits():
 
 
 def test_demo_counts_the_parameters_its_config_trains():
-    from layerroute.demo import stages
+    from layerroute.cli.demo import stages
 
     params = stages("configs/offline-smollm2.yaml", Path("runs/x"))[0][2]
     assert params[:3] == ["params", "--model", "smollm2-135m-instruct"]

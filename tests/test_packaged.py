@@ -141,8 +141,8 @@ def _tiny_gguf(path: Path) -> Path:
 
 
 def test_params_accepts_a_gguf_path_and_reads_only_its_header(tmp_path, monkeypatch):
+    from layerroute.cli.params import count_parameters
     from layerroute.config import LoraSettings, RouterConfig
-    from layerroute.params import count_parameters
 
     monkeypatch.setenv("LAYERROUTE_CACHE", str(tmp_path / "cache"))
     path = _tiny_gguf(tmp_path / "tiny.gguf")

@@ -14,7 +14,7 @@ from layerroute.data.sources import Conversation
 from layerroute.data.toolcalls import parse_tool_calls
 from layerroute.errors import AdapterError, ConfigError, ModelLoadError
 from layerroute.model import load_base
-from layerroute.plain_tokens import plain_text_tokenizer
+from layerroute.tokenizer import plain_text_tokenizer
 
 from .helpers import tiny_routed
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from layerroute.report import cost_table, sweep_coincides, sweep_lines, write_report
+from layerroute.eval.report import cost_table, sweep_coincides, sweep_lines, write_report
 
 
 def _entry(block: float, total: float, ppl: dict, baselines: dict | None = None) -> dict:

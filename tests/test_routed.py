@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerroute.blocks import decoder_layers
-from layerroute.kv_cache import RoutedCache
-from layerroute.routed import find_routed_layers, gate_records, routing, unwrap_model
+from layerroute.nn.blocks import decoder_layers
+from layerroute.nn.kv_cache import RoutedCache
+from layerroute.nn.routed import find_routed_layers, gate_records, routing, unwrap_model
 from tests.helpers import TINY_SHAPES, TurnTokenizer, lively, random_batch, tiny_routed
 
 
@@ -166,7 +166,7 @@ def test_decoder_layers_error_names_the_class():
 
 
 def test_last_turn_mask_keeps_the_last_message_and_the_assistant_header():
-    from layerroute.router import last_turn_mask
+    from layerroute.nn.router import last_turn_mask
 
     mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0, 0],    # system, user, assistant header; then targets
                          [0, 1, 1, 1, 1, 1, 0, 0, 0],    # left padding: a marker under padding does not count
@@ -194,7 +194,7 @@ def _turn_ids(rm):
 
 def test_last_turn_pooling_is_mean_pooling_over_the_last_turn():
     from layerroute.config import RouterConfig
-    from layerroute.router import last_turn_mask
+    from layerroute.nn.router import last_turn_mask
 
     rm = tiny_routed(router=RouterConfig(pooling="last_turn"), tokenizer=TurnTokenizer())
     ids, mask = _turn_ids(rm)
@@ -220,7 +220,7 @@ def test_last_turn_pooling_is_mean_pooling_over_the_last_turn():
 
 def test_last_turn_generation_decides_as_teacher_forcing_does():
     from layerroute.config import RouterConfig
-    from layerroute.generate import routed_generate
+    from layerroute.infer.generate import routed_generate
 
     rm = lively(tiny_routed(router=RouterConfig(pooling="last_turn"), tokenizer=TurnTokenizer()))
     ids, mask = _turn_ids(rm)

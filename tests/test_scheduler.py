@@ -1,4 +1,4 @@
-"""Continuous batching (`layerroute.scheduler`) = each request run alone by `Engine.generate`, token for token (fp32
+"""Continuous batching (`layerroute.serve.scheduler`) = each request run alone by `Engine.generate`, token for token (fp32
 tiny models): rows whose routers decide differently, rows that join a running batch mid-decode and rows that leave
 early, own budgets / stop strings / grammars, sessions continued inside a batch, cancellation, seeded sampling."""
 
@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from layerroute.engine import Engine, SamplingParams
-from layerroute.scheduler import Job, Scheduler
+from layerroute.serve.engine import Engine, SamplingParams
+from layerroute.serve.scheduler import Job, Scheduler
 from tests.test_serve import routed_model
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [100, 200, 300], [42, 43, 44, 45, 46], [7, 7, 8], [300, 301, 302, 303, 304, 305],
@@ -201,7 +201,7 @@ def test_cancelled_row_leaves_and_the_others_finish(rm, prefill_thread):
 def test_prefilled_request_whose_client_left_is_answered_and_never_joins(rm):
     """With a prefill thread, a request prefilled while the batch is full waits in `ready`; if its client goes away
     there, it is answered ClientGone when a row frees up, and the batch is unharmed."""
-    from layerroute.scheduler import ClientGone
+    from layerroute.serve.scheduler import ClientGone
 
     engine = Engine(rm, cache_sessions=0)
     sched = Scheduler(engine, max_batch=2, prefill_thread=True)
@@ -281,7 +281,7 @@ def test_prompt_lookup_runs_a_lone_request_with_drafts(rm):
 
 @pytest.mark.parametrize("prefill_thread", [False, True])
 def test_failed_prefill_fails_that_request_only(rm, monkeypatch, prefill_thread):
-    import layerroute.scheduler as scheduler_module
+    import layerroute.serve.scheduler as scheduler_module
 
     real = scheduler_module.prefill_alone
 
@@ -315,7 +315,7 @@ def test_side_replica_shares_the_weights_not_the_modules(rm, dense):
     routing state."""
     engine = Engine(rm, cache_sessions=0, dense=dense)
     try:
-        from layerroute.prefill import own_replica, side_replica
+        from layerroute.serve.prefill import own_replica, side_replica
 
         own, side = own_replica(engine), side_replica(engine)
         assert side.model is not own.model
@@ -338,7 +338,7 @@ def test_real_model_batched_equals_lone_with_forced_skips(prefill_thread):
 
     from layerroute.data.render import render_prompt
     from layerroute.data.sources import bfcl_data_dir, bfcl_tool
-    from layerroute.generate import load_for_inference
+    from layerroute.infer.generate import load_for_inference
 
     rm = load_for_inference("smollm2-135m-instruct", None, "float32", "cpu")
     lines = (Path(bfcl_data_dir()) / "BFCL_v4_simple_python.json").read_text(encoding="utf-8").splitlines()[:4]
@@ -358,7 +358,7 @@ def test_real_model_batched_equals_lone_with_forced_skips(prefill_thread):
 
 
 def test_failing_row_processor_fails_that_row_only(rm, monkeypatch):
-    import layerroute.prefill as prefill_module
+    import layerroute.serve.prefill as prefill_module
 
     engine = Engine(rm, cache_sessions=0)
     try:

@@ -11,11 +11,8 @@ from pathlib import Path
 import pytest
 
 from layerroute.errors import ConfigError, DataError
-from layerroute.scoring import (
-    CheckResult,
-    answer_to_calls,
-    check_tool_calls,
-)
+from layerroute.tasks.bfcl import answer_to_calls
+from layerroute.tasks.bfcl_ast import CheckResult, check_tool_calls
 
 # ---------------------------------------------------------------------------------------------------------
 # Hand-written cases

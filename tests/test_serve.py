@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 
 from layerroute.data.render import render_prompt, render_steps
 from layerroute.data.sources import Conversation
-from layerroute.generate import routed_generate
+from layerroute.infer.generate import routed_generate
 from layerroute.serve import BackgroundServer, create_app
 from tests.helpers import lively, tiny_routed
 
@@ -305,7 +305,7 @@ def test_internal_error_is_500_and_the_server_survives(served, client, monkeypat
         raise RuntimeError("simulated failure")
 
     monkeypatch.setattr(engine, "generate", boom)  # a lone request's path
-    monkeypatch.setattr("layerroute.scheduler.prefill_alone", boom)  # a batched one's
+    monkeypatch.setattr("layerroute.serve.scheduler.prefill_alone", boom)  # a batched one's
     status, body, _ = raw(srv, "POST", "/v1/chat/completions", {"model": MODEL, "messages": MSG, "max_tokens": 2})
     assert status == 500 and body["error"]["type"] == "server_error" and "simulated failure" in body["error"]["message"]
     status, body, _ = raw(srv, "POST", "/v1/chat/completions",

@@ -11,10 +11,10 @@ import pytest
 
 pytest.importorskip("bfcl_eval.eval_checker.multi_turn_eval.multi_turn_checker")
 
-from layerroute.agent import Backend, bfcl_checkers, load_tasks, parse_call_string, run_task, summarize  # noqa: E402
-from layerroute.constrain import call_wrapper  # noqa: E402
 from layerroute.data.toolcalls import render_tool_calls  # noqa: E402
+from layerroute.infer.constrain import call_wrapper  # noqa: E402
 from layerroute.serve import BackgroundServer, create_app  # noqa: E402
+from layerroute.serve.agent import Backend, bfcl_checkers, load_tasks, parse_call_string, run_task, summarize  # noqa: E402
 from tests.test_serve import routed_model  # noqa: E402
 
 TASK_ID = "multi_turn_base_1"  # GorillaFileSystem only; 4 turns of keyword-argument calls

@@ -10,8 +10,8 @@ import os
 import pytest
 import torch
 
-from layerroute.routed import find_routed_layers, routing
-from layerroute.session import Session, SessionTurn, compare_policies, rotating_patterns
+from layerroute.infer.session import Session, SessionTurn, compare_policies, rotating_patterns
+from layerroute.nn.routed import find_routed_layers, routing
 from tests.helpers import TINY_SHAPES, lively, tiny_routed
 
 TURNS = [[5, 6, 7, 8, 9, 10], [20, 21, 22], [30, 31, 32, 33]]
@@ -127,7 +127,7 @@ def test_rotating_patterns_keep_first_two_and_last():
 def test_bfcl_multi_turn_renders_incremental_turns():
     from transformers import AutoTokenizer
 
-    from layerroute.session import bfcl_multi_turn
+    from layerroute.infer.session import bfcl_multi_turn
 
     tok = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(__file__), "fixtures", "tokenizers", "smollm2"))
     convs = bfcl_multi_turn(tok, limit=3)

@@ -13,7 +13,7 @@ from layerroute.adapters import save_adapter
 from layerroute.config import RunConfig
 from layerroute.data.build import load_steps
 from layerroute.errors import ConfigError
-from layerroute.skip_curve import (
+from layerroute.eval.skip_curve import (
     _call_arguments,
     _verdict,
     argument_value_spans,

@@ -6,7 +6,7 @@ import pytest
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
-from layerroute.generate import model_pad_id, stop_ids
+from layerroute.infer.generate import model_pad_id, stop_ids
 from layerroute.special_tokens import end_of_turn_ids, pad_token_id, stop_token_ids
 from tests.helpers import tiny_routed
 
@@ -51,7 +51,7 @@ def test_pad_rule_order_and_fallback(tok):
 def test_generation_evaluation_and_serving_share_the_rules(tok):
     """The three places that used to disagree (evaluation stopped on 3 ids, serving on 7+, generate on the
     generation config's eos alone) now read the same rule."""
-    from layerroute.engine import Engine
+    from layerroute.serve.engine import Engine
 
     rm = tiny_routed(tokenizer=tok)
     rm.base_model.generation_config.eos_token_id = 1

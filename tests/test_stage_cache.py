@@ -11,9 +11,10 @@ import torch
 from transformers import AutoTokenizer
 
 import layerroute.eval.adapter as adapter_mod
+from layerroute.config import EvalConfig
 from layerroute.data.build import load_steps
-from layerroute.evaluate import EvalConfig, evaluate_adapter
-from layerroute.stage_cache import StageCache, directory_digest
+from layerroute.eval.adapter import evaluate_adapter
+from layerroute.eval.stage_cache import StageCache, directory_digest
 from tests.helpers import tiny_routed
 from tests.test_evaluate import TOKENIZER, data_cfg
 

@@ -23,10 +23,7 @@ MOVED = {
     ("layerroute.data.sources", "layerroute.tasks.turing"): [
         "TURING_QUESTION_COLUMNS", "TURING_ANSWER_COLUMNS", "TURING_REASONING_COLUMNS", "turing_row", "load_turing",
     ],
-    ("layerroute.scoring", "layerroute.tasks.bfcl_ast"): ["CheckResult", "check_tool_calls"],
-    ("layerroute.scoring", "layerroute.tasks.bfcl"): ["answer_to_calls"],
-    ("layerroute.scoring", "layerroute.tasks.gsm8k"): ["normalize_number", "extract_final_number", "gsm8k_exact_match"],
-    ("layerroute.agent", "layerroute.tasks.bfcl_multi_turn"): [
+    ("layerroute.serve.agent", "layerroute.tasks.bfcl_multi_turn"): [
         "CATEGORY_FILE", "_BACKEND", "CLASSES", "STATELESS", "Task", "_jsonl", "load_tasks", "Backend",
         "parse_call_string", "bfcl_checkers",
     ],

@@ -16,7 +16,7 @@ import layerroute.train.objective as objective_mod
 from layerroute.adapters import load_adapter
 from layerroute.config import ModelConfig
 from layerroute.errors import ConfigError, TrainingError
-from layerroute.routed import find_routed_layers, routing
+from layerroute.nn.routed import find_routed_layers, routing
 from layerroute.train import Trainer, list_checkpoints
 from tests.helpers import ROOT, SMOKE, random_batch, smoke_cfg, trainable_state
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from layerroute.errors import ConfigError
-from layerroute.routed import routing
+from layerroute.nn.routed import routing
 from layerroute.train import Trainer, sliced_lm_loss
 
 # `name as name` imports: the smoke-config fixtures shared by the test_train*.py files (pytest registers an imported
@@ -105,7 +105,7 @@ def test_hard_ste_has_the_same_gradient_as_soft_mean():
     """Under the straight-through estimator d(gate)/d(prob) = 1, so penalising the hard decision pushes the routers
     exactly like the paper's soft penalty: only the reported value differs (measured: bit-identical adapters)."""
     from layerroute.config import TrainConfig
-    from layerroute.router import hard_gate
+    from layerroute.nn.router import hard_gate
     from layerroute.train import loss_parts
 
     grads = {}
@@ -178,14 +178,14 @@ def test_prompt_full_depth_training_keeps_the_context_at_full_depth():
 
 
 def _logits_open(rm, ids):
-    from layerroute.routed import routing
+    from layerroute.nn.routed import routing
 
     with routing(rm.model, "mix", forced="open"):
         return rm.model(input_ids=ids).logits
 
 
 def _logits_closed(rm, ids):
-    from layerroute.routed import routing
+    from layerroute.nn.routed import routing
 
     with routing(rm.model, "mix", forced="closed"):
         return rm.model(input_ids=ids).logits

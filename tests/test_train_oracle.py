@@ -1,4 +1,4 @@
-"""Router targets and setup-time calibration (`layerroute.train.calibrate`, `layerroute.influence`): the oracle and
+"""Router targets and setup-time calibration (`layerroute.calibrate.setup`, `layerroute.calibrate.influence`): the oracle and
 influence targets, the static oracles (drop_nll, drop_errors, greedy, a fixed block list) and the router bias
 spread ordered by block influence."""
 
@@ -90,9 +90,9 @@ def _static_oracle_trainer(tmp_path, smoke_data, source: str) -> Trainer:
 
 
 def test_drop_nll_oracle_skips_the_blocks_whose_removal_costs_least(tmp_path, smoke_data):
+    from layerroute.calibrate.influence import drop_costs, static_skip_targets
     from layerroute.config import EvalConfig
-    from layerroute.eval_teacher_forced import teacher_forced
-    from layerroute.influence import drop_costs, static_skip_targets
+    from layerroute.eval.teacher_forced import teacher_forced
 
     assert static_skip_targets([0.3, -0.1, 0.2, 0.05], 2).tolist() == [1.0, 0.0, 1.0, 0.0]
     # token errors are counts: equal costs go to the tie-break (the NLL), then to the lower block index
@@ -143,7 +143,7 @@ def test_drop_errors_oracle_ranks_blocks_by_added_greedy_token_errors(tmp_path, 
 
 
 def test_greedy_skip_set_sees_interactions_that_single_costs_miss():
-    from layerroute.influence import greedy_skip_set
+    from layerroute.calibrate.influence import greedy_skip_set
 
     # blocks 0 and 1 are each the cheapest alone but redundant copies of each other: removing both is expensive
     single = {0: 1.0, 1: 1.1, 2: 2.0, 3: 3.0}
@@ -160,8 +160,8 @@ def test_greedy_skip_set_sees_interactions_that_single_costs_miss():
 
 @pytest.mark.parametrize("source", ["greedy_errors", "greedy_nll"])
 def test_greedy_oracle_grows_the_set_by_the_cheapest_joint_removal(tmp_path, smoke_data, source):
+    from layerroute.calibrate.influence import skip_set_cost
     from layerroute.config import EvalConfig
-    from layerroute.influence import skip_set_cost
 
     trainer = _static_oracle_trainer(tmp_path, smoke_data, source)
     L = trainer.rm.num_layers
@@ -206,7 +206,8 @@ def test_fixed_oracle_teaches_the_listed_blocks_and_rejects_bad_lists(tmp_path, 
 
 
 def test_init_bias_spread_orders_router_biases_by_block_influence(tmp_path, smoke_data):
-    from layerroute.evaluate import EvalConfig, block_influence
+    from layerroute.calibrate.influence import block_influence
+    from layerroute.config import EvalConfig
 
     cfg = smoke_cfg("train.steps=1", "train.warmup_steps=0", "router.init_bias=1.0", "router.init_bias_spread=2.0")
     trainer = Trainer(cfg, tmp_path, data=smoke_data)

@@ -48,7 +48,7 @@ class ModelConfig:
     plain_text_tokens: list = setting(
         [], "added tokens to encode as ordinary text (their BPE pieces) everywhere text becomes ids, e.g. "
         "['<tool_call>', '</tool_call>'] for a model whose rows for those added tokens are untrained; decoded text "
-        "is unchanged (layerroute.plain_tokens)",
+        "is unchanged (layerroute.tokenizer)",
     )
 
     def __post_init__(self):
@@ -86,7 +86,7 @@ class RouterConfig:
     bridge_rank: int = setting(
         0, "0 = a skipped block contributes nothing (the paper); r > 0 = a rank-r linear skip bridge on the block's "
         "normed input stands in for it (fitted in closed form before training, then trained with LoRA; "
-        "layerroute.bridge)",
+        "layerroute.nn.bridge)",
     )
 
     # ---- options of recipes the ablation rejected (RESULTS.md / docs/results/ablation.md) ----
@@ -165,7 +165,7 @@ class EvalConfig:
     )
     constrained: bool = setting(
         False, "free-running accuracy decodes each tool-call step under its tools' grammar (xgrammar: a call of an "
-        "offered function with schema-valid arguments, then end of turn; layerroute/constrain.py)",
+        "offered function with schema-valid arguments, then end of turn; layerroute/infer/constrain.py)",
     )
     seed: int = setting(0, "seed for sampling steps, random-skip patterns and the bootstrap")
 

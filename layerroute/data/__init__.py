@@ -13,7 +13,9 @@ Pipeline (each stage is its own module):
   collate.py    `collate_steps` (right padding) and `length_grouped_batches`
   config.py     `DataConfig` / `SourceConfig` (the YAML `data:` section)
   cli.py        `layerroute data --config <yaml> --stats | --show N`
-  tokenizer.py  `load_tokenizer(name)` (offline SmolLM2 GGUF, .gguf path, folder, hub id)
+
+The tokenizer that renders the data comes from `layerroute.tokenizer.load_tokenizer` (packaged GGUF, .gguf path,
+folder, hub id) and the pad id from `layerroute.special_tokens`: data never imports model loading.
 
 `build` and `sources` are not imported here (import `layerroute.data.build.load_steps` and
 `layerroute.data.sources.iter_source` from their modules): the task loaders in `layerroute.tasks` import

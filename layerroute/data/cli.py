@@ -123,7 +123,7 @@ def format_step(step, tokenizer) -> str:
 def run(args: argparse.Namespace) -> int:
     from layerroute.data.build import load_steps
     from layerroute.data.config import DataConfig
-    from layerroute.data.tokenizer import load_tokenizer
+    from layerroute.tokenizer import load_tokenizer
 
     raw = apply_overrides(load_yaml(args.config), args.set)  # the --set rules of every command
     cfg = DataConfig.from_dict(raw.get("data"))

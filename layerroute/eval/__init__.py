@@ -26,8 +26,11 @@ Modules (one job each):
 - ``io``: read eval.json files with clear errors; write JSON atomically (`write_json`).
 - ``runner``: `run_eval` (load, evaluate, write eval.json + report), `assemble`, `combine`.
 - ``cli``: `layerroute eval` flags and entry point.
+- ``report``: report.md, the tables and plots of one or several evaluations (`cost_table`).
+- ``stage_cache``: `StageCache`: finished stages of an evaluation kept on disk, so a rerun resumes.
+- ``ablation``: `layerroute ablation`: training recipes compared over seeds from finished evaluations.
+- ``skip_curve``: `layerroute curve`: tool-call accuracy against blocks skipped (static removals, trained routers).
+- ``bench``: `layerroute bench`: wall-clock latency of routed vs dense generation.
 
-Nothing is imported here: `influence` imports `teacher_forced`, and `adapter` imports `influence`, so a package
-that imported its modules would close a cycle. The old flat paths (`layerroute.evaluate`, `layerroute.eval_accuracy`,
-`layerroute.eval_teacher_forced`) re-export these modules' names.
+Nothing is imported here, so that importing one module does not import the others (and their dependencies).
 """

@@ -1,5 +1,5 @@
 """Free-running accuracy of one configuration: every step generated in batches through the real-skip path
-(`layerroute.batched`), scored (BFCL AST for tool calls, final-number match for GSM8K), failures counted by reason.
+(`layerroute.infer.batched`), scored (BFCL AST for tool calls, final-number match for GSM8K), failures counted by reason.
 
 `accuracy` (one configuration on some steps, with its teacher-forced cross-check; `accuracy_subset` re-summarises
 part of it) calls `generate_and_score`, which scores each generation with `score_generation`; under eval.constrained
@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from ..adapters import RoutedModel
-from ..batched import FINISH_CONTEXT, FINISH_LENGTH, Request, generate_batched
 from ..config import EvalConfig
-from ..generate import stop_ids
+from ..infer.batched import FINISH_CONTEXT, FINISH_LENGTH, Request, generate_batched
+from ..infer.generate import stop_ids
 from .teacher_forced import teacher_forced
 
 # the configuration a config's step equals when its gates open every block
@@ -55,7 +55,8 @@ def score_generation(step, text: str) -> tuple[bool, str | None]:
     """(correct, reason) for one generated assistant turn. Malformed output is wrong, never an exception."""
     from ..data.toolcalls import parse_tool_calls
     from ..errors import DataError
-    from ..scoring import check_tool_calls, gsm8k_exact_match
+    from ..tasks.bfcl_ast import check_tool_calls
+    from ..tasks.gsm8k import gsm8k_exact_match
 
     if step.step_type == "tool_call":
         answer = step.meta.get("possible_answer")
@@ -211,7 +212,7 @@ def step_constraint(rm: RoutedModel, step, eos: list[int]):
     Several calls only where the step's BFCL category asks for them (parallel, parallel_multiple, live_parallel*;
     a step without a category too): elsewhere one call, then the end of turn, because SmolLM2 measured under a
     grammar that allowed more repeats its correct call until the budget cuts the copy, which then fails to parse."""
-    from ..constrain import tool_call_processor
+    from ..infer.constrain import tool_call_processor
 
     if step.step_type != "tool_call" or not step.tools:
         return None

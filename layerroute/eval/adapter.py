@@ -11,10 +11,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..adapters import RoutedModel
+from ..calibrate.influence import block_influence
 from ..config import EvalConfig
-from ..influence import block_influence
-from ..params import parameter_counts
-from ..stage_cache import StageCache
+from ..model import parameter_counts
 from .accuracy import (
     ACCURACY_SUFFIX,
     REFERENCE,
@@ -28,6 +27,7 @@ from .baselines import flop_summary, random_patterns, shortgpt_pattern
 from .configurations import ACC_CONFIGS, PPL_CONFIGS, STEP_TYPES
 from .diagnostics import bootstrap_differential, input_dependence, length_correlation
 from .sampling import _accuracy_steps, _by_type, _cap, _length_matched_accuracy_steps, _step_key, _steps_key
+from .stage_cache import StageCache
 from .teacher_forced import ppl, teacher_forced, teacher_forced_exact
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..adapters import RoutedModel
-from ..routed import find_routed_layers
+from ..nn.routed import find_routed_layers
 
 
 def bootstrap_differential(block_skips: dict[str, list[float]], reps: int, seed: int) -> list[float]:

@@ -11,10 +11,10 @@ from pathlib import Path
 from ..adapters import load_adapter, read_adapter_meta
 from ..config import EvalConfig, ModelConfig
 from ..errors import ConfigError
-from ..stage_cache import StageCache, directory_digest
 from .adapter import evaluate_adapter
 from .io import read_per_adapter, write_json
 from .seeds import aggregate_seeds
+from .stage_cache import StageCache, directory_digest
 
 
 def run_eval(adapters: list[str], data_cfg, cfg: EvalConfig, model_name: str | None, out_dir: Path, *,
@@ -50,7 +50,7 @@ def run_eval(adapters: list[str], data_cfg, cfg: EvalConfig, model_name: str | N
         per_adapter.append(res)
         del rm
     doc = assemble(per_adapter, asdict(cfg), data.stats() if hasattr(data, "stats") else None)
-    from ..report import write_report
+    from .report import write_report
 
     write_json(out_dir / "eval.json", doc)
     write_report(doc, out_dir)
@@ -85,7 +85,7 @@ def combine(paths: list[str], out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     first = json.loads(Path(paths[0]).read_text())
     doc = assemble(per_adapter, first.get("eval_config", {}), first.get("data_report"))
-    from ..report import write_report
+    from .report import write_report
 
     write_json(out_dir / "eval.json", doc)
     write_report(doc, out_dir)

@@ -8,8 +8,8 @@ import random
 
 from ..config import EvalConfig
 from ..errors import ConfigError
-from ..stage_cache import fingerprint
 from .configurations import STEP_TYPES
+from .stage_cache import fingerprint
 
 
 def _by_type(steps, idx) -> dict[str, list[int]]:

@@ -3,7 +3,7 @@ the gates applied, with LoRA and routing set as the configuration says; `ppl` an
 its results.
 
 Configurations (`evaluate_adapter`'s): base, lora_full_depth (every block runs), routed, routed_no_lora (the routers
-decide), shortgpt and random (LoRA on, forced gates). `evaluate_adapter` and `influence.skip_set_cost` both run it.
+decide), shortgpt and random (LoRA on, forced gates). `evaluate_adapter` runs it (calibration, `layerroute.calibrate.influence.skip_set_cost`, does its own forward).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from tqdm.auto import tqdm
 from ..adapters import RoutedModel
 from ..config import EvalConfig
 from ..data.collate import collate_steps, length_grouped_batches
-from ..data.tokenizer import pad_token_id
-from ..losses import row_argmax_errors, sliced_lm_loss
-from ..routed import gate_records, routing
+from ..nn.losses import row_argmax_errors, sliced_lm_loss
+from ..nn.routed import gate_records, routing
+from ..special_tokens import pad_token_id
 
 
 def _ppl_context(rm: RoutedModel, config: str, decision_mask, *, threshold=None, forced=None,

@@ -4,7 +4,7 @@
 
 Endpoints: ``POST /v1/chat/completions`` (messages, tools, tool_choice, max_tokens / max_completion_tokens,
 temperature, top_p, stop, seed, stream with stream_options.include_usage), ``GET /v1/models``, ``GET /health``,
-``GET /metrics`` (Prometheus text format, `layerroute.metrics`: requests by status, queue length, running batch
+``GET /metrics`` (Prometheus text format, `layerroute.serve.metrics`: requests by status, queue length, running batch
 size, time to first token and inter-token latency histograms, prompt / generated tokens, blocks run and skipped,
 session-cache hits).
 
@@ -14,7 +14,7 @@ session-cache hits).
   ``tool_choice``: ``auto`` (default), ``none`` (the tools are not shown and the output is not parsed),
   ``required`` or a named function; ``parallel_tool_calls: false`` allows one call at most.
 * Constrained decoding (default; ``--no-constrain`` turns it off): every step decodes under a grammar
-  (`layerroute.constrain`, xgrammar) built from the request, so a call always parses, names one of the request's
+  (`layerroute.infer.constrain`, xgrammar) built from the request, so a call always parses, names one of the request's
   tools and has arguments valid under its parameter schema: ``auto`` = free text, and any call it opens is
   well formed; ``required`` = one or more calls and nothing else; a named function = calls of it only;
   ``none`` = text that never opens a call. ``response_format`` ``{"type": "json_object"}`` or ``{"type":
@@ -32,7 +32,7 @@ session-cache hits).
 * Errors use the API's shape, ``{"error": {"message", "type", "param", "code"}}``, with a 4xx status for
   the client's mistakes; anything unexpected is logged and answered 500 in the same shape; the server keeps
   running.
-* Continuous batching (`layerroute.scheduler`): up to ``--max-batch`` requests decode together, each with its own
+* Continuous batching (`layerroute.serve.scheduler`): up to ``--max-batch`` requests decode together, each with its own
   routing decisions, stop conditions, sampling settings and stream; a newcomer joins at the next token (its prompt
   prefilled alone, then decoded with the others) and a finished request leaves at once; so does one whose client
   hangs up (streamed or not: the handler listens for the disconnect; an unstreamed one is counted as 499). Requests
@@ -50,6 +50,12 @@ Modules (one job each; this package re-exports their names, so `from layerroute.
 - ``app``: `create_app`: the FastAPI app and its handlers (chat completions, JSON or streamed; models; health).
 - ``background``: `BackgroundServer`: uvicorn in a thread (tests, the agent's --spawn, benchmarks).
 - ``cli``: `layerroute serve` / `python -m layerroute.serve` flags and entry point.
+- ``engine``: `Engine`: one routed model behind the server (rendering, KV-cache sessions, generation, accounting).
+- ``scheduler``: continuous batching: requests join the running batch at token boundaries and leave when done.
+- ``prefill``: a request's prefill alone (optionally on its own thread and replica), ready to join the batch.
+- ``batch_jobs``: what the scheduler holds per request (`Job`, its row in the batch).
+- ``metrics``: `ServerMetrics`: the Prometheus metrics of ``GET /metrics``.
+- ``agent``: `layerroute agent`: a BFCL multi-turn agent loop against a server (a client of this package).
 """
 
 from .app import create_app

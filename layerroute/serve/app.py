@@ -8,8 +8,8 @@ import time
 import uuid
 from collections.abc import Callable
 
-from ..batch_jobs import Job as _Job
-from ..engine import Engine
+from .batch_jobs import Job as _Job
+from .engine import Engine
 from .schema import ApiError, _bad, _error_response, _internal_error, _internal_error_body
 from .server import Server
 from .stream import _StreamText
@@ -73,7 +73,7 @@ def create_app(
     app.state.server = server
     app.state.engine = engine
     if metrics:
-        from ..metrics import ServerMetrics, StatusMiddleware
+        from .metrics import ServerMetrics, StatusMiddleware
 
         server.metrics = ServerMetrics(queue_length=lambda: server.scheduler.queued,
                                        batch_size=lambda: server.running)

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..errors import ConfigError
-    from ..generate import load_for_inference, skip_pattern
+    from ..infer.generate import load_for_inference, skip_pattern
     from ..model import resolve_dtype
 
     if args.dense and args.skip_fraction is not None:

@@ -9,11 +9,11 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from ..batch_jobs import Job as _Job
 from ..data.render import RenderError
 from ..data.toolcalls import parse_tool_calls
-from ..engine import Completion, Engine, SamplingParams
-from ..scheduler import Scheduler
+from .batch_jobs import Job as _Job
+from .engine import Completion, Engine, SamplingParams
+from .scheduler import Scheduler
 from .schema import (
     ApiError,
     _bad,
@@ -41,7 +41,7 @@ class Server:
         self.scripted = scripted
         self.created = int(time.time())
         self.max_batch = max_batch
-        # continuous batching (layerroute.scheduler)
+        # continuous batching (layerroute.serve.scheduler)
         self.scheduler = Scheduler(engine, max_batch=max_batch, schedule=schedule, max_wait_s=max_wait_s,
                                    prefill_thread=prefill_thread)
         self.pending = 0  # waiting or running (touched from the event loop only)
@@ -142,7 +142,7 @@ class Server:
 
     def _grammar(self, tools: list[dict], choice: Any, parallel: bool, response_format: Any):
         """The request's compiled grammar (cached per tool set); a 400 naming the part that cannot compile."""
-        from ..constrain import GrammarError
+        from ..infer.constrain import GrammarError
 
         grammars = self.engine.grammars
         try:

@@ -11,7 +11,7 @@ Two near-copies that differ, left as they are (unifying either would change the 
 `bfcl_gold_calls` vs `answer_to_calls` (the data's gold turn gives an argument its first real acceptable value,
 optional or not, and leaves it out when it has none; the checker's leaves optional arguments out unless the
 spec requires them, and raises when a needed argument has no acceptable value), and `bfcl_schema` vs
-`layerroute.constrain.json_schema` (this one is strict: an unknown type name makes the row a `BadRow`; the
+`layerroute.infer.constrain.json_schema` (this one is strict: an unknown type name makes the row a `BadRow`; the
 grammar's is lenient: any JSON Schema from an API client passes, with type lists and combinators). On BFCL's
 function docs the two schemas agree (tests/test_constrain.py).
 """

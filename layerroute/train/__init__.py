@@ -35,9 +35,9 @@ Modules (one job each; this package re-exports their public names, so `from laye
 
 from __future__ import annotations
 
-from ..losses import sliced_lm_loss  # imported from here by tests and benchmarks
+from ..calibrate.setup import INFLUENCE_STEPS, spread_router_biases, static_oracle_targets, without_dropout
+from ..nn.losses import sliced_lm_loss  # imported from here by tests and benchmarks
 from .batches import BatchOrder, eval_subset, target_count
-from .calibrate import INFLUENCE_STEPS, spread_router_biases, static_oracle_targets, without_dropout
 from .checkpoint import (
     CHECKPOINT_DIR,
     OPTIMIZER_FILE,

@@ -3,7 +3,7 @@ denominators, and the fixed validation subset."""
 
 from __future__ import annotations
 
-from ..losses import IGNORE_INDEX
+from ..nn.losses import IGNORE_INDEX
 
 
 class BatchOrder:

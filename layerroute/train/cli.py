@@ -1,6 +1,6 @@
 """Train routers + LoRA on agent steps: one loop on `accelerate` (CPU, one GPU, or DDP under `accelerate launch`).
 
-`layerroute train` (registered in layerroute/cli.py) and `python -m layerroute.train` (what `accelerate launch -m
+`layerroute train` (registered in layerroute/cli/main.py) and `python -m layerroute.train` (what `accelerate launch -m
 layerroute.train` runs): parse the flags, load the config, train, print one JSON line of the final metrics.
 """
 

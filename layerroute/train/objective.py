@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..calibrate.influence import RowInfluence, influence_targets
 from ..config import TrainConfig
-from ..influence import RowInfluence, influence_targets
-from ..losses import distillation_kl, per_row_sum, sliced_lm_loss, target_logits
+from ..nn.losses import distillation_kl, per_row_sum, sliced_lm_loss, target_logits
 
 
 class RoutedStepLoss(nn.Module):
@@ -45,7 +45,7 @@ class RoutedStepLoss(nn.Module):
         return keep
 
     def forward(self, input_ids, attention_mask, labels, decision_mask, is_tool_call=None):
-        from ..routed import gate_records, routing, routing_state
+        from ..nn.routed import gate_records, routing, routing_state
 
         distill = self.cfg.distill_weight > 0 and self.training
         keep = self.drop_mask(input_ids.shape[0], routing_state(self.model).num_layers, is_tool_call,

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from ..atomic import write_text_atomic
+from ..calibrate.setup import INFLUENCE_STEPS, fit_skip_bridges, spread_router_biases, static_oracle_targets
 from ..config import STATIC_ORACLES, RunConfig
 from ..errors import ConfigError, TrainingError
 from ..special_tokens import pad_token_id
 from .batches import BatchOrder, eval_subset, target_count
-from .calibrate import INFLUENCE_STEPS, fit_skip_bridges, spread_router_biases, static_oracle_targets
 from .checkpoint import (
     CHECKPOINT_DIR,
     _optimizer_to_files,
@@ -93,8 +93,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from ..adapters import build_routed_model, init_lora_from
-        from ..model import load_base, resolve_device
-        from ..params import parameter_counts
+        from ..model import load_base, parameter_counts, resolve_device
 
         t0 = self._t0 = time.perf_counter()
         tc = self.cfg.train

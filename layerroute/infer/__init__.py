@@ -1,0 +1,11 @@
+"""Inference: one generation core over a routed model.
+
+- ``generate``: routed generation with a KV cache (one prompt or a padded batch), `load_for_inference`, the shared
+  helpers (padding, inference weights, skip patterns).
+- ``batched``: many agent steps, each with its own decision, stop tokens and budget, in batches of similar length.
+- ``session``: multi-step agent sessions: one growing conversation, one decision per step, two cache policies.
+- ``constrain``: schema-constrained decoding (xgrammar): tool calls and JSON that cannot be malformed.
+
+Arrows: above `layerroute.nn`, `layerroute.adapters` and `layerroute.data` (rendering); never imports training or
+serving. Nothing is imported here.
+"""
