@@ -271,6 +271,20 @@ def test_the_layering_check_sees_a_forbidden_arrow():
     assert forbidden_edges(edges) == ["layerroute.nn.x (nn) -> layerroute.data.y (data)"]
 
 
+def test_architecture_page_states_the_same_arrows():
+    """docs/architecture.md's table (part | modules | may import) says what MAY_IMPORT says."""
+    import re
+
+    rows = {}
+    for line in (ROOT / "docs" / "architecture.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0] in PARTS:
+            allowed = re.sub(r"\([^)]*\)", "", cells[2])
+            rows[cells[0]] = set(PARTS) - {cells[0]} if "every part" in allowed else (
+                set() if allowed.strip() == "nothing" else {w.strip() for w in allowed.split(",")})
+    assert rows == MAY_IMPORT
+
+
 def test_at_most_twelve_top_level_modules():
     top = sorted(p.name for p in (ROOT / PACKAGE).glob("*.py"))
     assert len(top) <= MAX_TOP_LEVEL, f"{len(top)} modules directly under layerroute/ (at most {MAX_TOP_LEVEL}): {top}"
