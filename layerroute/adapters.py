@@ -41,6 +41,7 @@ from .identity import describe_base, describe_tokenizer, same_tokenizer, tokeniz
 from .model import LoadedModel, configure_trainable, load_base, router_factory
 from .nn.bridge import install_bridges
 from .nn.routed import RoutingState, find_routed_layers, wrap_model
+from .nn.router import RouterSpec, router_spec
 from .tokenizer import load_tokenizer
 
 ROUTER_FILE = "router.safetensors"
@@ -91,6 +92,11 @@ class RoutedModel:
     @property
     def num_layers(self) -> int:
         return self.state.num_layers
+
+    @property
+    def router_spec(self) -> RouterSpec:
+        """The routers' kind and size: their parameter count and the FLOPs of one decision."""
+        return router_spec(self.router_cfg)
 
     @property
     def device(self) -> torch.device:

@@ -18,7 +18,7 @@ from . import chat_template
 from .config import ModelConfig, RouterConfig
 from .errors import ModelLoadError
 from .identity import file_identity
-from .nn.router import Router
+from .nn.router import Router, router_spec
 from .packaged import (
     OFFLINE_DEFAULT,
     dequantized_gguf_dir,
@@ -207,10 +207,7 @@ def model_identity(name: str, config) -> dict:
 
 def router_factory(hidden_size: int, cfg: RouterConfig):
     def make(index: int) -> Router:
-        return Router(
-            hidden_size, kind=cfg.kind, bottleneck=cfg.bottleneck, init_bias=cfg.init_bias,
-            normalize_input=cfg.normalize_input,
-        )
+        return Router(hidden_size, kind=router_spec(cfg), init_bias=cfg.init_bias, normalize_input=cfg.normalize_input)
 
     return make
 

@@ -23,7 +23,7 @@ from .accuracy import (
     paired_by_config,
     reuse_counts,
 )
-from .baselines import flop_summary, random_patterns, shortgpt_pattern
+from .baselines import model_flop_summary, random_patterns, shortgpt_pattern
 from .configurations import ACC_CONFIGS, PPL_CONFIGS, STEP_TYPES
 from .diagnostics import bootstrap_differential, input_dependence, length_correlation
 from .sampling import _accuracy_steps, _by_type, _cap, _length_matched_accuracy_steps, _step_key, _steps_key
@@ -55,11 +55,9 @@ def evaluate_adapter(rm: RoutedModel, data, cfg: EvalConfig, meta: dict, cache: 
     full = _cap(_by_type(steps, range(len(steps))), cfg.max_steps_per_type, cfg.seed)
     matched = _by_type(steps, [i for i, s in enumerate(steps) if (s.conversation_id, s.step_index) in matched_keys])
     splits = {"full": full, "length_matched": matched}
-    model_config = rm.config
-    # FLOP summary of some steps under this evaluation's cache policy and prompt depth
+    # FLOP summary of some steps under this evaluation's cache policy and prompt depth, routers counted by kind
     # (a skipped block's skip bridge, when the adapter has them, runs in every forced configuration too)
-    flops = partial(flop_summary, model_config, steps, kv_policy=cfg.kv_policy,
-                    prompt_full_depth=cfg.prompt_full_depth, bridge_rank=rm.router_cfg.bridge_rank)
+    flops = model_flop_summary(rm, steps, cfg)
 
     steps_key = _steps_key(steps)
     runs = {c: _staged(cache, f"teacher_forced-{c}", steps_key, partial(teacher_forced, rm, steps, c, cfg))

@@ -188,7 +188,7 @@ def bench_scenario(rm, model, *, name, prompt_len, new_tokens, batch, configs, r
         log(f"  {name} b{batch} rep {rep + 1}/{warmup + reps}: "
             + " ".join(f"{c}={1e3 * runs[c][-1]['total_s']:.0f}ms" for c in configs if runs[c]))
     summary = {c: _summarise(runs[c], batch, new_tokens) for c in configs}
-    router_hidden = rm.router_cfg.bottleneck if rm.router_cfg.kind == "mlp" else None
+    router_hidden = rm.router_spec.flop_width
     result = {
         "scenario": name, "batch": batch, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
         "configs": summary, "speedups": {},
@@ -249,7 +249,7 @@ def bench_real_steps(rm, steps, *, reps: int, warmup: int, new_tokens: int | Non
     repetition; a repetition's time is the sum over its steps. The ideal speedup sums the analytic FLOPs of every
     step with the gates the routers actually chose (prefill of the context, `new` tokens, LM head, routers).
     """
-    router_hidden = rm.router_cfg.bottleneck if rm.router_cfg.kind == "mlp" else None
+    router_hidden = rm.router_spec.flop_width
     runs: dict[str, list[dict]] = {"dense": [], "routed": []}
     gates: list[list[bool]] = []
     plans = [(s.input_ids[: s.context_length], new_tokens or s.length) for s in steps]

@@ -3,12 +3,22 @@
 A router reads the hidden states *entering* its block at the context positions of a step, pools them
 into one vector per row and outputs one logit. The gate is hard (run the block or not); its gradient is the
 sigmoid's (straight-through estimator), so training sees exactly the decisions inference will take.
+
+Router kinds are classes (`RouterSpec`: `LinearRouterSpec`, `MlpRouterSpec`, looked up by name in `ROUTER_KINDS`):
+each builds its network and knows its parameter count and the FLOPs of one decision, so evaluation, the benchmark
+and the serving engine all ask the spec (`router_spec(cfg)`, `RoutedModel.router_spec`) instead of deriving the
+cost from the kind's name. Adding a kind is one class here plus its name in `layerroute.config.sections.RouterKind`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import torch
 from torch import nn
+
+from .. import flops
 
 POOLINGS = ("mean", "last", "last_turn")
 
@@ -60,11 +70,99 @@ def hard_gate(prob: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     return hard + prob - prob.detach()
 
 
+@dataclass(frozen=True)
+class RouterSpec:
+    """One router kind and its size: what `Router` builds, its parameter count, the FLOPs of one decision."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    def from_settings(cls, cfg: Any) -> RouterSpec:
+        """The spec from the router settings (`layerroute.config.RouterConfig` or anything with its fields)."""
+        return cls()
+
+    def build(self, hidden_size: int) -> nn.Module:
+        """The router's network: pooled [B, H] -> [B, 1]."""
+        raise NotImplementedError
+
+    def output_layer(self, net: nn.Module) -> nn.Linear:
+        """The final projection of a network `build` made (its bias is what a bias-only router decides from)."""
+        raise NotImplementedError
+
+    def num_parameters(self, hidden_size: int) -> int:
+        raise NotImplementedError
+
+    @property
+    def flop_width(self) -> int | None:
+        """`router_hidden` of `layerroute.flops.step_flops` / `router_flops`: None for a `Linear(h, 1)` router."""
+        raise NotImplementedError
+
+    def flops(self, model_config: Any, n_context: int) -> int:
+        """FLOPs of one block's router deciding once from `n_context` context positions (pooling included)."""
+        return flops.router_flops(model_config, n_context, self.flop_width)
+
+
+@dataclass(frozen=True)
+class LinearRouterSpec(RouterSpec):
+    """The paper's `Linear(hidden, 1)` (897 parameters at hidden 896)."""
+
+    name: ClassVar[str] = "linear"
+
+    def build(self, hidden_size: int) -> nn.Module:
+        return nn.Linear(hidden_size, 1)
+
+    def output_layer(self, net: nn.Module) -> nn.Linear:
+        return net
+
+    def num_parameters(self, hidden_size: int) -> int:
+        return hidden_size + 1
+
+    @property
+    def flop_width(self) -> int | None:
+        return None
+
+
+@dataclass(frozen=True)
+class MlpRouterSpec(RouterSpec):
+    """A bottleneck MLP, hidden -> bottleneck -> SiLU -> 1 (FlexiDepth found it stronger than a linear router)."""
+
+    bottleneck: int = 64
+    name: ClassVar[str] = "mlp"
+
+    @classmethod
+    def from_settings(cls, cfg: Any) -> RouterSpec:
+        return cls(bottleneck=cfg.bottleneck)
+
+    def build(self, hidden_size: int) -> nn.Module:
+        return nn.Sequential(nn.Linear(hidden_size, self.bottleneck), nn.SiLU(), nn.Linear(self.bottleneck, 1))
+
+    def output_layer(self, net: nn.Module) -> nn.Linear:
+        return net[-1]
+
+    def num_parameters(self, hidden_size: int) -> int:
+        return hidden_size * self.bottleneck + self.bottleneck + self.bottleneck + 1
+
+    @property
+    def flop_width(self) -> int | None:
+        return self.bottleneck
+
+
+#: router.kind -> its spec class (the names `layerroute.config.sections.RouterKind` accepts).
+ROUTER_KINDS: dict[str, type[RouterSpec]] = {spec.name: spec for spec in (LinearRouterSpec, MlpRouterSpec)}
+
+
+def router_spec(cfg: Any) -> RouterSpec:
+    """The spec of the router settings `cfg` (`kind`, and the kind's own fields such as `bottleneck`)."""
+    if cfg.kind not in ROUTER_KINDS:
+        raise ValueError(f"unknown router kind {cfg.kind!r}; expected one of {sorted(ROUTER_KINDS)}")
+    return ROUTER_KINDS[cfg.kind].from_settings(cfg)
+
+
 class Router(nn.Module):
     """One block's router: pooled context state -> one logit (run the block when sigmoid(logit) > threshold).
 
-    kind="linear" is the paper's `Linear(hidden, 1)` (897 parameters at hidden 896). kind="mlp" is a
-    bottleneck MLP (hidden -> bottleneck -> 1), which FlexiDepth found stronger than a linear router.
+    kind: a `RouterSpec` or its name in `ROUTER_KINDS` ("linear": the paper's `Linear(hidden, 1)`; "mlp": a
+    bottleneck MLP of width `bottleneck`).
 
     The pooled vector is RMS-normalised without parameters first: the residual stream's scale grows with depth
     (tens of units in the middle of a 0.5B model), and without this one learning rate is wrong for every block.
@@ -74,24 +172,23 @@ class Router(nn.Module):
     def __init__(
         self,
         hidden_size: int,
-        kind: str = "linear",
+        kind: str | RouterSpec = "linear",
         bottleneck: int = 64,
         init_bias: float = 2.0,
         normalize_input: bool = True,
         eps: float = 1e-6,
     ):
         super().__init__()
-        self.kind = kind
+        if isinstance(kind, str):
+            if kind not in ROUTER_KINDS:
+                raise ValueError(f"unknown router kind {kind!r}; expected one of {sorted(ROUTER_KINDS)}")
+            kind = ROUTER_KINDS[kind].from_settings(_Settings(kind, bottleneck))
+        self.spec = kind
+        self.kind = kind.name
         self.normalize_input = normalize_input
         self.eps = eps
-        if kind == "linear":
-            self.net = nn.Linear(hidden_size, 1)
-            out = self.net
-        elif kind == "mlp":
-            self.net = nn.Sequential(nn.Linear(hidden_size, bottleneck), nn.SiLU(), nn.Linear(bottleneck, 1))
-            out = self.net[-1]
-        else:
-            raise ValueError(f"unknown router kind {kind!r}; expected 'linear' or 'mlp'")
+        self.net = kind.build(hidden_size)
+        out = kind.output_layer(self.net)
         # Start every block open and input-independent: zero weights on the output, a uniform bias
         # (sigmoid(2.0) = 0.88). The router learns input dependence from the straight-through gradient.
         nn.init.zeros_(out.weight)
@@ -100,12 +197,20 @@ class Router(nn.Module):
     @property
     def output_bias(self) -> torch.Tensor:
         """The bias of the final projection: what a bias-only router would decide from."""
-        return (self.net if self.kind == "linear" else self.net[-1]).bias
+        return self.spec.output_layer(self.net).bias
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """pooled [B, H] -> logit [B]."""
         x = pooled.float()
         if self.normalize_input:
             x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        x = x.to(self.net.weight.dtype if self.kind == "linear" else self.net[0].weight.dtype)
+        x = x.to(next(self.net.parameters()).dtype)  # the first layer's weight
         return self.net(x).squeeze(-1).float()
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The fields a spec reads from router settings, for `Router(hidden, kind="mlp", bottleneck=...)`."""
+
+    kind: str
+    bottleneck: int

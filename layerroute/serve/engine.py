@@ -287,8 +287,7 @@ class Engine:
         self.pad_id = pad_token_id(self.tokenizer, rm.base_model.generation_config)
         self.context_length = int(getattr(rm.config, "max_position_embeddings", 0) or 0) or None
         self._grammars = None
-        rc = rm.router_cfg
-        self._router_hidden = rc.bottleneck if rc.kind == "mlp" else None
+        self._router_hidden = rm.router_spec.flop_width
 
     @property
     def grammars(self):
