@@ -122,18 +122,18 @@ def inference_overhead(rm, prompt: int, decode: int, reps: int) -> dict:
         with plain_blocks(model):
             plain_cache = model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
         routed_cache = RoutedCache()
-        with routing(rm.model, "skip"):  # the step's decision (all open) is taken here and kept for decode
+        with routing(rm.model, "skip") as state:  # the step's decision (all open) is taken here and kept for decode
             model(input_ids=ids, past_key_values=routed_cache, use_cache=True, logits_to_keep=1)
-            layers_state = [(layer.decision, layer.plan) for layer in find_routed_layers(rm.model)]
+            decided = state.decisions()
+            decided.plans  # noqa: B018 - derived once here, as the prefill does, not inside the timed decode
 
         def plain_token():
             with plain_blocks(model):
                 return _timed(lambda: model(input_ids=token, past_key_values=plain_cache, use_cache=True))
 
         def routed_token():
-            with routing(rm.model, "skip"):
-                for layer, (decision, plan) in zip(find_routed_layers(rm.model), layers_state, strict=True):
-                    layer.decision, layer.plan = decision, plan  # continue the prefilled step
+            with routing(rm.model, "skip") as state:
+                state.impose(decided)  # continue the prefilled step
                 return _timed(lambda: model(input_ids=token, past_key_values=routed_cache, use_cache=True))
 
         for _ in range(2):  # warm-up
@@ -194,18 +194,18 @@ def decision_cost(rm, prompt: int, iters: int = 50) -> dict:
     """What the routers add to a prefill: every block's decision (pool, router, gate, row plan) on a
     [1, prompt, H] input, timed alone (no block runs), so memory-bandwidth noise from other processes barely
     touches it."""
-    from layerroute.nn.routed import _row_plan
+    from layerroute.nn.routed import row_plan
 
     layers = find_routed_layers(rm.model)
     hidden = torch.randn(1, prompt, rm.config.hidden_size)
     with torch.no_grad(), routing(rm.model, "skip"):
         for layer in layers:  # warm-up
-            _row_plan(layer.decide(hidden))
+            row_plan(layer.decide(hidden))
         times = []
         for _ in range(iters):
             c0 = time.process_time()
             for layer in layers:
-                _row_plan(layer.decide(hidden))
+                row_plan(layer.decide(hidden))
             times.append(time.process_time() - c0)
     return {"prompt": prompt, "cpu_ms_all_blocks_min": 1e3 * min(times),
             "cpu_ms_all_blocks_median": 1e3 * statistics.median(times)}

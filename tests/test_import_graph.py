@@ -285,6 +285,43 @@ def test_architecture_page_states_the_same_arrows():
     assert rows == MAY_IMPORT
 
 
+def private_imports(root: Path = ROOT) -> list[str]:
+    """`from X import _y` where X lies in another package than the importer (a package's own modules may share
+    private names; other packages ask for public ones)."""
+    mods = modules(root)
+    out = []
+    for module, path in mods.items():
+        own = module if _is_package(module, mods) else module.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            base = _resolve(module, node, mods)
+            if not base.startswith(PACKAGE):
+                continue
+            package = base if _is_package(base, mods) else base.rsplit(".", 1)[0]
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__") and package != own:
+                    out.append(f"{module} imports {base}.{alias.name}")
+    return out
+
+
+def test_no_private_name_is_imported_across_packages():
+    bad = private_imports()
+    assert not bad, "private names imported from another package (make them public or ask a public function):\n" \
+        + "\n".join(bad)
+
+
+def test_the_private_import_check_sees_one(tmp_path):
+    pkg = tmp_path / PACKAGE
+    (pkg / "a").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a" / "__init__.py").write_text("")
+    (pkg / "a" / "x.py").write_text("_p = 1\n")
+    (pkg / "a" / "y.py").write_text("from .x import _p\n")  # same package: allowed
+    (pkg / "b.py").write_text("from .a.x import _p\n")
+    assert private_imports(tmp_path) == [f"{PACKAGE}.b imports {PACKAGE}.a.x._p"]
+
+
 def test_at_most_twelve_top_level_modules():
     top = sorted(p.name for p in (ROOT / PACKAGE).glob("*.py"))
     assert len(top) <= MAX_TOP_LEVEL, f"{len(top)} modules directly under layerroute/ (at most {MAX_TOP_LEVEL}): {top}"

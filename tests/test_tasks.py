@@ -10,12 +10,12 @@ import pytest
 # old module -> new module -> names moved between them
 MOVED = {
     ("layerroute.data.sources", "layerroute.data.records"): [
-        "ROLES", "Conversation", "BadRow", "Record", "_hash", "_short", "_bad", "check_conversation",
-        "_first_assistant", "_finish", "_hub_rows", "_jsonl_rows",
+        "ROLES", "Conversation", "BadRow", "Record", "row_hash", "shorten", "_bad", "check_conversation",
+        "_first_assistant", "checked", "hub_rows", "jsonl_rows",
     ],
     ("layerroute.data.sources", "layerroute.tasks.bfcl"): [
-        "bfcl_data_dir", "BFCL_TYPE_MAP", "bfcl_schema", "bfcl_tool", "_first_acceptable", "_concrete_value",
-        "_concrete_args", "bfcl_gold_calls", "_bfcl_file", "load_bfcl", "bfcl_row",
+        "bfcl_data_dir", "BFCL_TYPE_MAP", "bfcl_schema", "bfcl_tool", "bfcl_gold_calls", "load_bfcl",
+        "bfcl_row",
     ],
     ("layerroute.data.sources", "layerroute.tasks.gsm8k"): [
         "math_target", "gsm8k_row", "load_gsm8k_hub", "load_gsm_symbolic", "load_gsm8k_jsonl",
@@ -24,7 +24,7 @@ MOVED = {
         "TURING_QUESTION_COLUMNS", "TURING_ANSWER_COLUMNS", "TURING_REASONING_COLUMNS", "turing_row", "load_turing",
     ],
     ("layerroute.serve.agent", "layerroute.tasks.bfcl_multi_turn"): [
-        "CATEGORY_FILE", "_BACKEND", "CLASSES", "STATELESS", "Task", "_jsonl", "load_tasks", "Backend",
+        "CATEGORY_FILE", "CLASSES", "STATELESS", "Task", "load_tasks", "Backend",
         "parse_call_string", "bfcl_checkers",
     ],
 }
@@ -51,8 +51,8 @@ def test_registry_uses_the_task_loaders():
 
 
 def test_session_reads_bfcl_call_strings_from_the_task_module():
-    from layerroute.tasks.bfcl_multi_turn import _bfcl_calls
+    from layerroute.tasks.bfcl_multi_turn import bfcl_calls
 
     docs = {"cd": {"parameters": {"properties": {"folder": {}}}}}
-    assert _bfcl_calls(["cd('x')", "cd(folder='y')"], docs) == [
+    assert bfcl_calls(["cd('x')", "cd(folder='y')"], docs) == [
         {"name": "cd", "arguments": {"folder": "x"}}, {"name": "cd", "arguments": {"folder": "y"}}]

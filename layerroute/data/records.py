@@ -63,7 +63,7 @@ class BadRow:
 Record = Conversation | BadRow
 
 
-def _hash(*parts: str) -> str:
+def row_hash(*parts: str) -> str:
     h = hashlib.sha1()
     for p in parts:
         h.update(p.encode("utf-8", "surrogatepass"))
@@ -71,7 +71,7 @@ def _hash(*parts: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _short(text: Any, n: int = 160) -> str:
+def shorten(text: Any, n: int = 160) -> str:
     text = str(text).replace("\n", "\\n")
     return text if len(text) <= n else text[: n - 3] + "..."
 
@@ -104,7 +104,7 @@ def check_conversation(conv: Conversation) -> str | None:
                     or not isinstance(f.get("name"), str)
                     or not isinstance(f.get("arguments"), dict)
                 ):
-                    return f"tool_call_malformed: message {i}: {_short(tc, 80)}"
+                    return f"tool_call_malformed: message {i}: {shorten(tc, 80)}"
         elif not (content or "").strip() and role != "system":
             return f"empty_turn: message {i} ({role}) is empty"
     if n_assistant == 0:
@@ -120,7 +120,7 @@ def _first_assistant(conv: Conversation) -> int:
     return next(i for i, m in enumerate(conv.messages) if m["role"] == "assistant")
 
 
-def _finish(conv: Conversation) -> Record:
+def checked(conv: Conversation) -> Record:
     err = check_conversation(conv)
     return _bad(conv.source, conv.id, err) if err else conv
 
@@ -129,7 +129,7 @@ def _finish(conv: Conversation) -> Record:
 # row readers
 
 
-def _hub_rows(src: SourceConfig) -> Iterable[dict]:
+def hub_rows(src: SourceConfig) -> Iterable[dict]:
     """Rows of a hub dataset, or of a local json/jsonl/parquet/csv file or folder, through `datasets`."""
     import datasets  # heavy import, only for the sources that need it
 
@@ -161,7 +161,7 @@ def _hub_rows(src: SourceConfig) -> Iterable[dict]:
     return ds
 
 
-def _jsonl_rows(path: str, source: str, limit: int | None) -> Iterator[tuple[int, dict | BadRow]]:
+def jsonl_rows(path: str, source: str, limit: int | None) -> Iterator[tuple[int, dict | BadRow]]:
     if not os.path.exists(path):
         raise DataError(f"{source}: file not found: {path!r}")
     n = 0
@@ -180,7 +180,7 @@ def _jsonl_rows(path: str, source: str, limit: int | None) -> Iterator[tuple[int
                     BadRow(
                         source,
                         "invalid_json_line",
-                        f"line {lineno}: {e}: {_short(line, 80)}",
+                        f"line {lineno}: {e}: {shorten(line, 80)}",
                         f"line{lineno}",
                     ),
                 )

@@ -20,21 +20,17 @@ from layerroute.data.records import (  # noqa: F401 - ROLES, Record, check_conve
     Conversation,
     Record,
     _bad,
-    _finish,
     _first_assistant,
-    _hash,
-    _hub_rows,
-    _jsonl_rows,
-    _short,
     check_conversation,
+    checked,
+    hub_rows,
+    jsonl_rows,
+    row_hash,
+    shorten,
 )
 from layerroute.data.toolcalls import loads_lenient, parse_tool_calls_detailed, to_openai_tool_calls
 from layerroute.tasks.bfcl import (  # noqa: F401 - re-exported from their old home
     BFCL_TYPE_MAP,
-    _bfcl_file,
-    _concrete_args,
-    _concrete_value,
-    _first_acceptable,
     bfcl_data_dir,
     bfcl_gold_calls,
     bfcl_row,
@@ -72,10 +68,10 @@ def normalize_tools(tools: Any) -> list[dict]:
     out = []
     for t in tools:
         if not isinstance(t, dict):
-            raise ValueError(f"tool spec must be an object, got {_short(t, 60)}")
+            raise ValueError(f"tool spec must be an object, got {shorten(t, 60)}")
         fn = t["function"] if isinstance(t.get("function"), dict) else t
         if not isinstance(fn.get("name"), str):
-            raise ValueError(f"tool spec without a name: {_short(t, 60)}")
+            raise ValueError(f"tool spec without a name: {shorten(t, 60)}")
         out.append({"type": "function", "function": fn})
     return out
 
@@ -145,7 +141,7 @@ def parse_tools_block(text: str) -> list[dict]:
 def hermes_row(row: dict, source: str) -> Record:
     """One NousResearch/hermes-function-calling-v1 row: {"id", "conversations": [{"from", "value"}], ...}."""
     turns = row.get("conversations")
-    row_id = f"hermes:{row.get('id') or _hash(json.dumps(turns, sort_keys=True, default=str))}"
+    row_id = f"hermes:{row.get('id') or row_hash(json.dumps(turns, sort_keys=True, default=str))}"
     if not isinstance(turns, list):
         return BadRow(source, "missing_conversations", f"`conversations` is {type(turns).__name__}", row_id)
     messages: list[dict] = []
@@ -166,7 +162,7 @@ def hermes_row(row: dict, source: str) -> Record:
                 try:
                     tools = parse_tools_block(m.group(1))
                 except ValueError as e:
-                    return BadRow(source, "tools_invalid", f"{e}: {_short(m.group(1), 80)}", row_id)
+                    return BadRow(source, "tools_invalid", f"{e}: {shorten(m.group(1), 80)}", row_id)
                 # Keep the instructions before the block; the renderer writes the tools and the call format itself.
                 value = value[: m.start()].strip()
             messages.append({"role": "system", "content": value})
@@ -184,12 +180,12 @@ def hermes_row(row: dict, source: str) -> Record:
     conv = Conversation(
         row_id, source, messages, tools, category=row.get("category") or "hermes", repairs=repairs
     )
-    return _finish(conv)
+    return checked(conv)
 
 
 def load_hermes(src: SourceConfig, cfg: DataConfig) -> Iterator[Record]:
     """NousResearch/hermes-function-calling-v1 (set `hub_config`, e.g. func_calling_singleturn or func_calling)."""
-    for row in _hub_rows(src):
+    for row in hub_rows(src):
         yield hermes_row(row, src.source_label)
 
 
@@ -211,7 +207,7 @@ def parse_json_objects(text: str) -> list[Any]:
 def glaive_row(row: dict, source: str) -> Record:
     """One glaiveai/glaive-function-calling-v2 row: {"system": "SYSTEM: ...", "chat": "USER: ... ASSISTANT: ..."}."""
     system, chat = row.get("system") or "", row.get("chat")
-    row_id = f"glaive:{_hash(system, str(chat))}"
+    row_id = f"glaive:{row_hash(system, str(chat))}"
     if not isinstance(chat, str) or not chat.strip():
         return BadRow(source, "missing_chat", "empty `chat` column", row_id)
     system = re.sub(r"^\s*SYSTEM:\s*", "", system)
@@ -221,17 +217,17 @@ def glaive_row(row: dict, source: str) -> Record:
         try:
             tools = normalize_tools(parse_json_objects(system[j:]))
         except (json.JSONDecodeError, ValueError) as e:
-            return BadRow(source, "tools_invalid_json", f"{e}: {_short(system[j:], 80)}", row_id)
+            return BadRow(source, "tools_invalid_json", f"{e}: {shorten(system[j:], 80)}", row_id)
         system = system[:j].strip()
     messages: list[dict] = [{"role": "system", "content": system.strip()}] if system.strip() else []
     repairs: list[str] = []
     marks = list(_GLAIVE_TURN.finditer(chat))
     if not marks:
-        return BadRow(source, "no_turn_markers", _short(chat, 80), row_id)
+        return BadRow(source, "no_turn_markers", shorten(chat, 80), row_id)
     lead = chat[: marks[0].start()].strip()
     if lead:
         return BadRow(
-            source, "unknown_role", f"text before the first USER/ASSISTANT marker: {_short(lead, 80)}", row_id
+            source, "unknown_role", f"text before the first USER/ASSISTANT marker: {shorten(lead, 80)}", row_id
         )
     for k, m in enumerate(marks):
         end = marks[k + 1].start() if k + 1 < len(marks) else len(chat)
@@ -246,12 +242,12 @@ def glaive_row(row: dict, source: str) -> Record:
             messages.append(msg)
         else:
             messages.append({"role": "tool", "content": _normalize_json_text(text, repairs)})
-    return _finish(Conversation(row_id, source, messages, tools, category="glaive", repairs=repairs))
+    return checked(Conversation(row_id, source, messages, tools, category="glaive", repairs=repairs))
 
 
 def load_glaive(src: SourceConfig, cfg: DataConfig) -> Iterator[Record]:
     """glaiveai/glaive-function-calling-v2."""
-    for row in _hub_rows(src):
+    for row in hub_rows(src):
         yield glaive_row(row, src.source_label)
 
 
@@ -259,7 +255,7 @@ def messages_row(row: dict, source: str, lineno: int) -> Record:
     """{"id"?, "messages": [...], "tools"?: [...]}: OpenAI messages; assistant text with <tool_call> blocks and
     string-encoded `arguments` are normalised to structured calls."""
     msgs = row.get("messages")
-    row_id = f"jsonl:{row.get('id') or _hash(json.dumps(msgs, sort_keys=True, default=str))}"
+    row_id = f"jsonl:{row.get('id') or row_hash(json.dumps(msgs, sort_keys=True, default=str))}"
     if not isinstance(msgs, list):
         return BadRow(
             source, "missing_messages", f"line {lineno}: `messages` is {type(msgs).__name__}", row_id
@@ -288,7 +284,7 @@ def messages_row(row: dict, source: str, lineno: int) -> Record:
                         return BadRow(
                             source,
                             "tool_call_arguments_invalid_json",
-                            f"line {lineno}: {_short(args, 80)}",
+                            f"line {lineno}: {shorten(args, 80)}",
                             row_id,
                         )
                     repairs.append("string_encoded_arguments")
@@ -297,7 +293,7 @@ def messages_row(row: dict, source: str, lineno: int) -> Record:
                     or not isinstance(f.get("name"), str)
                     or not isinstance(args, dict)
                 ):
-                    return BadRow(source, "tool_call_malformed", f"line {lineno}: {_short(tc, 80)}", row_id)
+                    return BadRow(source, "tool_call_malformed", f"line {lineno}: {shorten(tc, 80)}", row_id)
                 calls.append({"name": f["name"], "arguments": args})
             out.append(
                 {"role": "assistant", "content": content or "", "tool_calls": to_openai_tool_calls(calls)}
@@ -310,12 +306,12 @@ def messages_row(row: dict, source: str, lineno: int) -> Record:
         else:
             out.append({"role": role, "content": content})
     conv = Conversation(row_id, source, out, tools, category=row.get("category") or "jsonl", repairs=repairs)
-    return _finish(conv)
+    return checked(conv)
 
 
 def load_jsonl(src: SourceConfig, cfg: DataConfig) -> Iterator[Record]:
     """Any local JSONL with `messages` (+ optional `tools`, `id`, `category`) per line."""
-    for lineno, row in _jsonl_rows(src.path, src.source_label, src.limit):
+    for lineno, row in jsonl_rows(src.path, src.source_label, src.limit):
         yield row if isinstance(row, BadRow) else messages_row(row, src.source_label, lineno)
 
 
@@ -330,7 +326,7 @@ def chain_conversations(convs: list[Conversation]) -> Conversation:
     meta = {"chained_ids": [c.id for c in convs], "per_step": [c.meta for c in convs]}
     repairs = [r for c in convs for r in c.repairs]
     return Conversation(
-        f"{kind}:chain:{_hash(*meta['chained_ids'])}",
+        f"{kind}:chain:{row_hash(*meta['chained_ids'])}",
         first.source,
         messages,
         [],

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..nn.kv_cache import RoutedCache
-from ..nn.routed import _row_plan, find_routed_layers, gate_records, routing
+from ..nn.routed import RoutingState, gate_records, routing
 from .generate import inference_weights, model_pad_id, pad_left
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CONTEXT, FINISH_REUSED = "stop", "length", "context", "reused"
@@ -67,13 +67,10 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _keep_rows(cache: RoutedCache, layers, keep: torch.Tensor) -> None:
+def _keep_rows(cache: RoutedCache, state: RoutingState, keep: torch.Tensor) -> None:
     """Drop finished rows: the cache's batch rows and every routed layer's per-row decision."""
     cache.batch_select_indices(keep)  # an empty layer (a block skipped by every row, exact policy) stays empty
-    for layer in layers:
-        if layer.decision is not None:
-            layer.decision = layer.decision.index_select(0, keep)
-            layer.plan = _row_plan(layer.decision)  # one host sync per block per drop, not per token
+    state.take_rows(keep)
 
 
 @torch.no_grad()
@@ -84,13 +81,12 @@ def _run_batch(rm, model, reqs: list[Request], budgets: list[int], pad_id: int, 
     ids, mask = ids.to(device), mask.to(device)
     # positions as generate() makes them from a left-padded mask: each row counts from its first real token
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    layers = find_routed_layers(rm.model)
     cache = RoutedCache()
     n = len(reqs)
     out_tokens: list[list[int]] = [[] for _ in range(n)]
     finish: list[str | None] = [None] * n
     with routing(rm.model, "skip", decision_mask=mask.float(), forced=forced, threshold=threshold,
-                 kv_policy=kv_policy, prompt_full_depth=prompt_full_depth):
+                 kv_policy=kv_policy, prompt_full_depth=prompt_full_depth) as state:
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
                        logits_to_keep=1).logits[:, -1, :]
         records = gate_records(rm.model)
@@ -111,7 +107,7 @@ def _run_batch(rm, model, reqs: list[Request], budgets: list[int], pad_id: int, 
                 break
             if len(live) < len(active):  # drop finished rows: they cost no more decode work
                 keep = torch.tensor(live, device=device)
-                _keep_rows(cache, layers, keep)
+                _keep_rows(cache, state, keep)
                 logits, mask, next_pos = logits[keep], mask[keep], next_pos[keep]
                 chosen = None if chosen is None else chosen[keep]
                 active = [active[b] for b in live]

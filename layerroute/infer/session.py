@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, DataError
 from ..nn.kv_cache import RoutedCache
-from ..nn.routed import KV_POLICIES, find_routed_layers, routing
+from ..nn.routed import KV_POLICIES, routing
 from .generate import (
     DEFAULT,
     _cut,
@@ -130,17 +130,14 @@ class Session:
                 with routing(rm.model, "skip", forced=forced, threshold=threshold, kv_policy="exact"):
                     yield model
                 return
-            layers = find_routed_layers(rm.model)
             with routing(rm.model, "skip", forced=forced, threshold=threshold, kv_policy="kv_preserving",
-                         session_pooling=True):
-                for i, layer in enumerate(layers):  # this session's running sums onto the shared layers
-                    layer.pool_sum, layer.pool_count = self._pool[i] if self._pool else (None, None)
+                         session_pooling=True) as state:
+                held = None
                 try:
-                    yield model
+                    with state.request_sums(self._pool) as held:  # this session's running sums on the shared layers
+                        yield model
                 finally:
-                    self._pool = [(layer.pool_sum, layer.pool_count) for layer in layers]
-                    for layer in layers:
-                        layer.pool_sum = layer.pool_count = None
+                    self._pool = held.sums if held is not None else self._pool
 
     def _gates_and_logits(self):
         from ..nn.routed import gate_records
@@ -265,7 +262,7 @@ def bfcl_multi_turn(tokenizer, limit: int = 8, *, max_length: int = 4096, used_t
     from ..data.render import render_steps
     from ..data.toolcalls import to_openai_tool_calls
     from ..tasks.bfcl import bfcl_data_dir, bfcl_tool
-    from ..tasks.bfcl_multi_turn import _bfcl_calls
+    from ..tasks.bfcl_multi_turn import bfcl_calls
 
     folder = bfcl_data_dir()
     docs = {}
@@ -291,7 +288,7 @@ def bfcl_multi_turn(tokenizer, limit: int = 8, *, max_length: int = 4096, used_t
             if truth is None or len(truth) != len(row["question"]):
                 continue
             try:
-                per_turn = [_bfcl_calls(calls, docs) for calls in truth]
+                per_turn = [bfcl_calls(calls, docs) for calls in truth]
             except (DataError, ValueError, SyntaxError):
                 continue
             if any(not calls for calls in per_turn):

@@ -28,6 +28,7 @@ inference.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -73,6 +74,7 @@ class RoutingState:
     num_layers: int = 0
     layers: list = field(default_factory=list, repr=False)
 
+    # -- the verbs: the only code outside RoutedLayer that reads or writes the layers' per-step state ----------
     def new_step(self) -> None:
         """Forget this step's decisions: the next forward decides again (the next agent step's prefill)."""
         for layer in self.layers:
@@ -82,9 +84,78 @@ class RoutingState:
     def reset_session(self) -> None:
         """Forget the running context sums too (a new conversation)."""
         self.new_step()
+        self.set_sums(None)
+
+    def decisions(self) -> Decisions:
+        """This step's decisions, one [B] float gate per block (after the deciding forward, skip mode)."""
+        missing = [layer.index for layer in self.layers if layer.decision is None]
+        if missing:
+            raise RuntimeError(f"routed layers {missing} have not decided this step")
+        return Decisions([layer.decision.reshape(-1).float() for layer in self.layers])
+
+    def impose(self, decisions: Decisions) -> None:
+        """Make `decisions` this step's (skip mode): the next forwards reuse them instead of deciding, each row
+        of the batch with its own gates (e.g. rows prefilled alone, then decoded together)."""
+        for layer, gate, plan in zip(self.layers, decisions.gates, decisions.plans, strict=True):
+            layer.decision, layer.plan = gate, plan
+
+    def take_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows of this step's decisions (finished rows leave a running batch)."""
         for layer in self.layers:
-            layer.pool_sum = None
-            layer.pool_count = None
+            if layer.decision is not None:
+                layer.decision = layer.decision.index_select(0, rows)
+                layer.plan = row_plan(layer.decision)  # one host sync per block per drop, not per token
+
+    def sums(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Each block's running context sum and count (session pooling), None where there is none yet."""
+        return [None if layer.pool_sum is None else (layer.pool_sum, layer.pool_count) for layer in self.layers]
+
+    def set_sums(self, sums: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None) -> None:
+        """Put one request's running context sums on the layers (None: none, a fresh context)."""
+        for i, layer in enumerate(self.layers):
+            pair = sums[i] if sums else None
+            layer.pool_sum, layer.pool_count = pair if pair is not None else (None, None)
+
+    @contextmanager
+    def request_sums(self, sums: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None):
+        """The running sums of one request for the forwards inside: put on the layers at entry, taken back at exit
+        (`.sums` of the yielded holder, also after an error), the layers left without any for the next request."""
+        self.set_sums(sums)
+        held = HeldSums()
+        try:
+            yield held
+        finally:
+            held.sums = self.sums()
+            self.set_sums(None)
+
+
+@dataclass
+class HeldSums:
+    """What `RoutingState.request_sums` took back from the layers: one (sum, count) or None per block."""
+
+    sums: list | None = None
+
+
+class Decisions:
+    """Per-block gates of the rows of a batch ([B] float each), with each block's row plan derived once (one host
+    sync per block, at first use), so decode forwards never read a device tensor back to the host."""
+
+    def __init__(self, gates: Sequence[torch.Tensor]):
+        self.gates = list(gates)
+        self._plans: list | None = None
+
+    @property
+    def plans(self) -> list:
+        if self._plans is None:
+            self._plans = [row_plan(d) for d in self.gates]
+        return self._plans
+
+    def take_rows(self, rows: torch.Tensor) -> Decisions:
+        return Decisions([d.index_select(0, rows) for d in self.gates])
+
+    def concat(self, other: Decisions) -> Decisions:
+        """These rows, then `other`'s (a row joining the batch)."""
+        return Decisions([torch.cat([a, b]) for a, b in zip(self.gates, other.gates, strict=True)])
 
 
 @dataclass
@@ -116,6 +187,11 @@ class RoutedLayer(nn.Module):
         self.pool_count: torch.Tensor | None = None  # [B, 1]
         # what a closed gate returns: h, or h + bridge(norm(h)) with a SkipBridge (bridge.py; None = plain skip)
         self.bridge: nn.Module | None = None
+
+    @property
+    def sums(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The running context sum and count (session pooling) as they are now, None where there is none."""
+        return None if self.pool_sum is None else (self.pool_sum, self.pool_count)
 
     def skipped(self, hidden: torch.Tensor) -> torch.Tensor:
         """The layer's output when its block does not run."""
@@ -227,7 +303,7 @@ class RoutedLayer(nn.Module):
         # skip mode: decide once per step (prefill), reuse during decode
         if self.decision is None:
             self.decision = self.decide(hidden_states).detach()
-            self.plan = _row_plan(self.decision)
+            self.plan = row_plan(self.decision)
             if st.session_pooling:
                 self._accumulate_session(hidden_states, st.decision_mask)
             if st.prompt_full_depth:  # the prefill runs at full depth; the decision applies from the next forward
@@ -294,7 +370,7 @@ class RoutedLayer(nn.Module):
         cache.update(key, value, self.block.self_attn.layer_idx)
 
 
-def _row_plan(decision: torch.Tensor):
+def row_plan(decision: torch.Tensor):
     """'all' | 'none' | (rows that run, rows that skip) as index tensors, from a [B] gate."""
     run = (decision > 0.5).tolist()  # the step's one host sync for this block
     if all(run):

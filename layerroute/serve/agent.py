@@ -35,13 +35,11 @@ from collections import Counter
 from ..atomic import write_text_atomic
 from ..errors import ConfigError
 from ..tasks.bfcl_multi_turn import (  # noqa: F401 - the BFCL multi-turn tasks and backend, re-exported
-    _BACKEND,
     CATEGORY_FILE,
     CLASSES,
     STATELESS,
     Backend,
     Task,
-    _jsonl,
     bfcl_checkers,
     load_tasks,
     parse_call_string,

@@ -359,17 +359,18 @@ class Engine:
         with ExitStack() as stack:
             stack.enter_context(torch.no_grad())
             if not self.dense:
-                stack.enter_context(routing(
+                state = stack.enter_context(routing(
                     self.rm.model, "skip", decision_mask=torch.ones(1, n_new, device=self.device),
                     forced=self.forced, threshold=self.threshold, kv_policy=self.kv_policy,
                     session_pooling=self._pooling, drafts=lookup > 0,
                 ))
+                # this request's running sums on the layers; the next request brings its own
+                stack.enter_context(state.request_sums(pools if self._pooling else None))
                 for i, layer in enumerate(self.routed_layers if self._pooling else []):
-                    layer.pool_sum, layer.pool_count = pools[i] if pools else (None, None)
 
                     def snap(module, args, output, i=i):  # after the prefill: the running sums at the prompt's end
                         if i not in snapshots:
-                            snapshots[i] = (module.pool_sum, module.pool_count)
+                            snapshots[i] = module.sums
 
                     hooks.append(layer.register_forward_hook(snap))
             try:
@@ -385,12 +386,10 @@ class Engine:
                     gates = [bool(r.gate.reshape(-1)[0] > 0.5) for r in recs]
                     probs = [float(r.prob.reshape(-1)[0]) for r in recs]
                     logits = [float(r.logit.reshape(-1)[0]) for r in recs]
-                    final_pools = [(layer.pool_sum, layer.pool_count) for layer in self.routed_layers]
+                    final_pools = state.sums()
             finally:
                 for h in hooks:
                     h.remove()
-                for layer in self.routed_layers:  # the next request brings its own sums
-                    layer.pool_sum = layer.pool_count = None
 
         new = out[0, n_prompt:].tolist()
         if self.sessions.capacity:  # under drafts the final running sums also hold rejected drafts' states

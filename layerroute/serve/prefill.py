@@ -78,25 +78,20 @@ def prefill_alone(engine, job: Job, replica: Replica):
     gates, probs, logits_r, decisions, at_prompt = None, [], [], None, None
     with ExitStack() as stack:
         if not eng.dense:
-            stack.enter_context(routing(replica.root, "skip", decision_mask=torch.ones(1, n_new, device=eng.device),
-                                        forced=eng.forced, threshold=eng.threshold, kv_policy=eng.kv_policy,
-                                        session_pooling=eng._pooling))
-            for i, layer in enumerate(replica.layers if eng._pooling else []):
-                layer.pool_sum, layer.pool_count = pools[i] if pools else (None, None)
-        try:
-            out = replica.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                                use_cache=True, logits_to_keep=1).logits[:, -1, :]
-            if not eng.dense:
-                recs = gate_records(replica.root)
-                gates = [bool(r.gate.reshape(-1)[0] > 0.5) for r in recs]
-                probs = [float(r.prob.reshape(-1)[0]) for r in recs]
-                logits_r = [float(r.logit.reshape(-1)[0]) for r in recs]
-                decisions = [layer.decision.reshape(1).float() for layer in replica.layers]
-                if eng._pooling:
-                    at_prompt = [(layer.pool_sum, layer.pool_count) for layer in replica.layers]
-        finally:
-            for layer in replica.layers:
-                layer.pool_sum = layer.pool_count = None
+            state = stack.enter_context(routing(
+                replica.root, "skip", decision_mask=torch.ones(1, n_new, device=eng.device), forced=eng.forced,
+                threshold=eng.threshold, kv_policy=eng.kv_policy, session_pooling=eng._pooling))
+            stack.enter_context(state.request_sums(pools if eng._pooling else None))  # taken back at the end
+        out = replica.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                            use_cache=True, logits_to_keep=1).logits[:, -1, :]
+        if not eng.dense:
+            recs = gate_records(replica.root)
+            gates = [bool(r.gate.reshape(-1)[0] > 0.5) for r in recs]
+            probs = [float(r.prob.reshape(-1)[0]) for r in recs]
+            logits_r = [float(r.logit.reshape(-1)[0]) for r in recs]
+            decisions = state.decisions()
+            if eng._pooling:
+                at_prompt = state.sums()
     gen = None
     p = job.params
     if p.temperature is not None and p.temperature > GREEDY_BELOW:

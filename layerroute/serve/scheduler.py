@@ -59,7 +59,7 @@ from transformers import TopPLogitsWarper
 
 from ..infer.generate import synchronize
 from ..nn.kv_cache import RoutedCache
-from ..nn.routed import _row_plan, routing
+from ..nn.routed import Decisions, routing
 from .batch_jobs import ClientGone, Job, _Row
 from .engine import Completion, Engine
 from .prefill import own_replica, prefill_alone, side_replica
@@ -288,8 +288,7 @@ class Scheduler:
         self.mask: torch.Tensor | None = None  # [B, T] 1 = a real token of that row
         self.pos: torch.Tensor | None = None  # [B] position of the token each row feeds next
         self.last: torch.Tensor | None = None  # [B] the token each row feeds next
-        self.decisions: list[torch.Tensor] | None = None  # per block [B] gate
-        self.plans: list | None = None
+        self.decisions: Decisions | None = None  # per block [B] gate (and its row plan)
         self.pools: list | None = None  # per block (sum [B, H], count [B, 1]) when sessions keep running sums
 
     def _layer_kv(self, cache: RoutedCache, i: int, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -334,12 +333,11 @@ class Scheduler:
             self.pos = torch.cat([self.pos, first_token_pos])
             self.last = torch.cat([self.last, self.last.new_zeros(1)])
             if decisions is not None:
-                self.decisions = [torch.cat([a, b]) for a, b in zip(self.decisions, decisions, strict=True)]
+                self.decisions = self.decisions.concat(decisions)
             if pools is not None:
                 self.pools = [(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]]))
                               for a, b in zip(self.pools, pools, strict=True)]
         self.cache = merged
-        self.plans = None if self.decisions is None else [_row_plan(d) for d in self.decisions]
         self.rows.append(row)
 
     # -- decoding ---------------------------------------------------------------------------------------------
@@ -350,21 +348,15 @@ class Scheduler:
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=-1)
         with ExitStack() as stack:
             if not eng.dense:
-                stack.enter_context(routing(eng.rm.model, "skip", kv_policy=eng.kv_policy,
-                                            session_pooling=eng._pooling))
-                for i, layer in enumerate(eng.routed_layers):  # each row's own decisions, taken at its prefill
-                    layer.decision, layer.plan = self.decisions[i], self.plans[i]
-                    if self.pools is not None:
-                        layer.pool_sum, layer.pool_count = self.pools[i]
-            try:
-                logits = eng.model(input_ids=self.last.view(-1, 1), attention_mask=self.mask,
-                                   position_ids=self.pos.view(-1, 1), past_key_values=self.cache, use_cache=True,
-                                   logits_to_keep=1).logits[:, -1, :]
-                if self.pools is not None:
-                    self.pools = [(layer.pool_sum, layer.pool_count) for layer in eng.routed_layers]
-            finally:
-                for layer in eng.routed_layers:
-                    layer.pool_sum = layer.pool_count = None
+                state = stack.enter_context(routing(eng.rm.model, "skip", kv_policy=eng.kv_policy,
+                                                    session_pooling=eng._pooling))
+                state.impose(self.decisions)  # each row's own decisions, taken at its prefill
+                stack.enter_context(state.request_sums(self.pools))  # the rows' running sums, taken back after
+            logits = eng.model(input_ids=self.last.view(-1, 1), attention_mask=self.mask,
+                               position_ids=self.pos.view(-1, 1), past_key_values=self.cache, use_cache=True,
+                               logits_to_keep=1).logits[:, -1, :]
+            if self.pools is not None:
+                self.pools = state.sums()
         self.forwards += 1
         self.pos = self.pos + 1
         for row in self.rows:
@@ -445,8 +437,7 @@ class Scheduler:
         self.rows = [self.rows[b] for b in keep]
         self.mask, self.pos, self.last = self.mask[idx], self.pos[idx], self.last[idx]
         if self.decisions is not None:
-            self.decisions = [d.index_select(0, idx) for d in self.decisions]
-            self.plans = [_row_plan(d) for d in self.decisions]
+            self.decisions = self.decisions.take_rows(idx)
         if self.pools is not None:
             self.pools = [(s.index_select(0, idx), c.index_select(0, idx)) for s, c in self.pools]
         used = self.mask.any(dim=0).nonzero()

@@ -27,7 +27,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from layerroute.data.config import DataConfig, SourceConfig
-from layerroute.data.records import BadRow, Conversation, Record, _finish, _jsonl_rows, _short
+from layerroute.data.records import BadRow, Conversation, Record, checked, jsonl_rows, shorten
 from layerroute.data.toolcalls import to_openai_tool_calls
 from layerroute.errors import DataError
 from layerroute.tasks.bfcl_ast import (
@@ -140,7 +140,7 @@ def bfcl_gold_calls(ground_truth: list[dict], functions: list[dict]) -> list[dic
     calls = []
     for entry in ground_truth:
         if not isinstance(entry, dict) or len(entry) != 1:
-            raise ValueError(f"ground truth entry is not {{function: args}}: {_short(entry, 80)}")
+            raise ValueError(f"ground truth entry is not {{function: args}}: {shorten(entry, 80)}")
         ((name, possible),) = entry.items()
         if not isinstance(possible, dict):
             raise ValueError(f"ground truth for {name} is not an argument map")
@@ -175,7 +175,7 @@ def load_bfcl(src: SourceConfig, cfg: DataConfig) -> Iterator[Record]:
                 if line.strip():
                     a = json.loads(line)
                     answers[a["id"]] = a.get("ground_truth")
-        for _, row in _jsonl_rows(qfile, src.source_label, src.limit):
+        for _, row in jsonl_rows(qfile, src.source_label, src.limit):
             if isinstance(row, BadRow):
                 yield row
                 continue
@@ -201,7 +201,7 @@ def bfcl_row(row: dict, ground_truth: Any, category: str, source: str) -> Record
     messages = [{"role": m.get("role"), "content": m.get("content")} for m in question[0]]
     messages.append({"role": "assistant", "content": "", "tool_calls": to_openai_tool_calls(calls)})
     meta = {"bfcl_id": bid, "possible_answer": ground_truth}
-    return _finish(Conversation(row_id, source, messages, tools, category=category, meta=meta))
+    return checked(Conversation(row_id, source, messages, tools, category=category, meta=meta))
 
 
 def answer_to_calls(possible_answer: list[dict], function_specs: list[dict] | None = None) -> list[dict]:

@@ -3,11 +3,11 @@
 `load_tasks` reads the tasks from the installed bfcl-eval package (each task's tools are the function docs of
 its classes, converted by `layerroute.tasks.bfcl.bfcl_tool`); `Backend` instantiates the package's Python
 implementations of those classes with the task's initial state and runs calls on them; `parse_call_string` and
-`_bfcl_calls` read BFCL's ground-truth call strings ("cd(folder='x')"); `bfcl_checkers` imports BFCL's
+`bfcl_calls` read BFCL's ground-truth call strings ("cd(folder='x')"); `bfcl_checkers` imports BFCL's
 state and response checkers. Used by the agent loop (`layerroute.serve.agent`) and the session comparison
 (`layerroute.infer.session.bfcl_multi_turn`).
 
-`parse_call_string` (the agent's: positional arguments stay positional, executed as such) and `_bfcl_calls` (the
+`parse_call_string` (the agent's: positional arguments stay positional, executed as such) and `bfcl_calls` (the
 session's: positional arguments named from the function doc, for a structured gold call) read the same strings;
 each was moved as it was. `load_tasks` and `layerroute.infer.session.bfcl_multi_turn` also read the same files, each
 its own way (the session's renders steps, so it stays with the session).
@@ -142,7 +142,7 @@ def bfcl_checkers():
     return state_checker, response_checker
 
 
-def _bfcl_calls(call_strings: list[str], docs: dict) -> list[dict]:
+def bfcl_calls(call_strings: list[str], docs: dict) -> list[dict]:
     """BFCL multi-turn ground truth ("cd(folder='x')") -> [{"name", "arguments"}] (positional args named from
     the function doc's parameter order)."""
     calls = []

@@ -22,11 +22,11 @@ from layerroute.data.records import (
     BadRow,
     Conversation,
     Record,
-    _finish,
-    _hash,
-    _hub_rows,
-    _jsonl_rows,
-    _short,
+    checked,
+    hub_rows,
+    jsonl_rows,
+    row_hash,
+    shorten,
 )
 from layerroute.errors import DataError
 
@@ -60,20 +60,20 @@ def math_target(solution: str, final: str | None = None) -> str | None:
 def gsm8k_row(row: dict, source: str, category: str = "gsm8k") -> Record:
     """{"question", "answer": "...worked solution...\\n#### N"} -> one planning step."""
     q, a = row.get("question"), row.get("answer")
-    row_id = f"gsm8k:{_hash(str(q))}"
+    row_id = f"gsm8k:{row_hash(str(q))}"
     if not isinstance(q, str) or not q.strip() or not isinstance(a, str) or not a.strip():
         return BadRow(source, "missing_field", "needs non-empty `question` and `answer` strings", row_id)
     target = math_target(a)
     if target is None:
-        return BadRow(source, "no_final_answer", f"answer has no '#### N' line: {_short(a, 80)}", row_id)
+        return BadRow(source, "no_final_answer", f"answer has no '#### N' line: {shorten(a, 80)}", row_id)
     final = target.rsplit("The answer is ", 1)[1][:-1]
     msgs = [{"role": "user", "content": q.strip()}, {"role": "assistant", "content": target}]
-    return _finish(Conversation(row_id, source, msgs, [], category=category, meta={"answer": final}))
+    return checked(Conversation(row_id, source, msgs, [], category=category, meta={"answer": final}))
 
 
 def load_gsm8k_hub(src: SourceConfig, cfg: DataConfig) -> Iterator[Record]:
     """openai/gsm8k, config main (train for training; set split: test and role: eval for evaluation)."""
-    for row in _hub_rows(src):
+    for row in hub_rows(src):
         yield gsm8k_row(row, src.source_label)
 
 
@@ -87,7 +87,7 @@ def load_gsm_symbolic(src: SourceConfig, cfg: DataConfig) -> Iterator[Record]:
         x = ds[i]
         q = x.get("question")
         cot = (x.get("metadata") or {}).get("answer_cot")
-        row_id = f"gsm_symbolic:{_hash(str(q))}"
+        row_id = f"gsm_symbolic:{row_hash(str(q))}"
         if not isinstance(q, str) or not isinstance(cot, str):
             yield BadRow(
                 src.source_label, "missing_field", f"item {i} lacks question or metadata.answer_cot", row_id
@@ -96,14 +96,14 @@ def load_gsm_symbolic(src: SourceConfig, cfg: DataConfig) -> Iterator[Record]:
         target = math_target(cot, None if "####" in cot else str(x.get("answer")))
         final = target.rsplit("The answer is ", 1)[1][:-1]
         msgs = [{"role": "user", "content": q.strip()}, {"role": "assistant", "content": target}]
-        yield _finish(
+        yield checked(
             Conversation(row_id, src.source_label, msgs, [], category="gsm_symbolic", meta={"answer": final})
         )
 
 
 def load_gsm8k_jsonl(src: SourceConfig, cfg: DataConfig) -> Iterator[Record]:
     """A local GSM8K JSONL ({"question", "answer"} per line), e.g. ../shared/data/gsm8k/train.jsonl."""
-    for _, row in _jsonl_rows(src.path, src.source_label, src.limit):
+    for _, row in jsonl_rows(src.path, src.source_label, src.limit):
         yield row if isinstance(row, BadRow) else gsm8k_row(row, src.source_label)
 
 

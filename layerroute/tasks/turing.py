@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from layerroute.data.config import DataConfig, SourceConfig
-from layerroute.data.records import BadRow, Conversation, Record, _finish, _hash, _hub_rows
+from layerroute.data.records import BadRow, Conversation, Record, checked, hub_rows, row_hash
 from layerroute.errors import DataError
 
 TURING_QUESTION_COLUMNS = ("question", "prompt", "problem")
@@ -25,7 +25,7 @@ def turing_row(row: dict, source: str) -> Record:
         )
     q, a = row[qcol], row[acol]
     rid = row.get("conversation_id") or row.get("id")
-    row_id = f"turing:{rid if rid not in (None, '') else _hash(str(q))}"
+    row_id = f"turing:{rid if rid not in (None, '') else row_hash(str(q))}"
     if not isinstance(q, str) or not q.strip() or a is None or not str(a).strip():
         return BadRow(source, "missing_field", f"empty `{qcol}` or `{acol}`", row_id)
     rcol = next((c for c in TURING_REASONING_COLUMNS if c in row and c != acol), None)
@@ -39,7 +39,7 @@ def turing_row(row: dict, source: str) -> Record:
     domain = row.get("domain")
     msgs = [{"role": "user", "content": q.strip()}, {"role": "assistant", "content": target}]
     meta = {"answer": answer, "domain": domain, "sub_domain": row.get("sub_domain") or row.get("sub-domain")}
-    return _finish(
+    return checked(
         Conversation(row_id, source, msgs, [], category=f"turing:{domain}" if domain else "turing", meta=meta)
     )
 
@@ -51,5 +51,5 @@ def load_turing(src: SourceConfig, cfg: DataConfig) -> Iterator[Record]:
     "answer"}, the answer being a short final answer (LaTeX) without a worked solution, so these planning
     steps are short. A reasoning column is used when present.
     """
-    for row in _hub_rows(src):
+    for row in hub_rows(src):
         yield turing_row(row, src.source_label)
