@@ -7,15 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerroute.infer.batched import (
-    FINISH_CONTEXT,
-    FINISH_LENGTH,
-    FINISH_REUSED,
-    FINISH_STOP,
-    Request,
-    generate_batched,
-)
+from layerroute.infer.batched import Request, generate_batched
 from layerroute.infer.generate import routed_generate
+from layerroute.infer.stop import FINISH_CONTEXT, FINISH_LENGTH, FINISH_REUSED, FINISH_STOP
 from tests.helpers import TINY_SHAPES, lively, tiny_routed
 
 # different lengths (left padding in a batch), different budgets

@@ -68,7 +68,8 @@ def test_engine_sessions_agree_with_the_session_class():
         assert p2[: len(s.tokens)] == s.tokens  # the resent conversation extends the session's tokens
         r2 = s.add(p2[len(s.tokens):]).generate(6, eos_token_id=engine.eos_ids)
         for c, r in ((c1, r1), (c2, r2)):
-            assert c.tokens == [t for t in r.tokens if t not in engine.eos_ids]
+            assert c.tokens == r.tokens and c.finish_reason == r.finish  # one stop rule: the end-of-turn kept
+            assert c.content_tokens == [t for t in r.tokens if t not in engine.eos_ids]
             assert c.gates == r.gates
             assert c.router_logits == pytest.approx(r.router_logits, abs=1e-4)
         # a block skipped at step 1 runs at step 2: it reads the K/V it wrote while skipped

@@ -24,8 +24,9 @@ import torch
 
 from ..adapters import RoutedModel
 from ..config import EvalConfig
-from ..infer.batched import FINISH_CONTEXT, FINISH_LENGTH, Request, generate_batched
+from ..infer.batched import Request, generate_batched
 from ..infer.generate import stop_ids
+from ..infer.stop import FINISH_CONTEXT, FINISH_LENGTH
 from .teacher_forced import teacher_forced
 
 # the configuration a config's step equals when its gates open every block

@@ -5,6 +5,8 @@
 - ``batched``: many agent steps, each with its own decision, stop tokens and budget, in batches of similar length.
 - ``session``: multi-step agent sessions: one growing conversation, one decision per step, two cache policies.
 - ``constrain``: schema-constrained decoding (xgrammar): tool calls and JSON that cannot be malformed.
+- ``stop``: the one stop rule (`StopRule.finish`) and finish-reason vocabulary every path (the serving scheduler and
+  engine included) ends a row through; a row's tokens keep the end-of-turn token that ended it.
 
 Arrows: above `layerroute.nn`, `layerroute.adapters` and `layerroute.data` (rendering); never imports training or
 serving. Nothing is imported here.

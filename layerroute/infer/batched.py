@@ -30,8 +30,7 @@ from tqdm.auto import tqdm
 from ..nn.kv_cache import RoutedCache
 from ..nn.routed import RoutingState, gate_records, routing
 from .generate import inference_weights, model_pad_id, pad_left
-
-FINISH_STOP, FINISH_LENGTH, FINISH_CONTEXT, FINISH_REUSED = "stop", "length", "context", "reused"
+from .stop import FINISH_CONTEXT, FINISH_LENGTH, FINISH_REUSED, StopRule
 
 
 @dataclass
@@ -51,7 +50,7 @@ class RowResult:
 
     tokens: list[int]  # generated ids (prompt excluded), the stop token kept
     gates: list[bool]  # per block, True = the block ran for this step ([] when not generated)
-    finish: str  # stop | length (hit its budget) | context (prompt too long: nothing generated) | reused
+    finish: str  # stop | length (hit its budget) | context (prompt too long: nothing generated) | reused (stop.py)
     budget: int = 0  # the max_new_tokens it ran under (clipped to the context)
     extra: dict = field(default_factory=dict)
 
@@ -74,7 +73,7 @@ def _keep_rows(cache: RoutedCache, state: RoutingState, keep: torch.Tensor) -> N
 
 
 @torch.no_grad()
-def _run_batch(rm, model, reqs: list[Request], budgets: list[int], pad_id: int, *, forced, threshold, kv_policy,
+def _run_batch(rm, model, reqs: list[Request], rules: list[StopRule], pad_id: int, *, forced, threshold, kv_policy,
                prompt_full_depth, on_decided) -> list[RowResult]:
     device = next(model.parameters()).device
     ids, mask = pad_left([r.prompt for r in reqs], pad_id)
@@ -126,12 +125,9 @@ def _run_batch(rm, model, reqs: list[Request], budgets: list[int], pad_id: int, 
             chosen = scores.argmax(dim=-1)  # [R]
             for row, tok in zip(active, chosen.tolist(), strict=True):
                 out_tokens[row].append(tok)
-                if tok in reqs[row].stop:
-                    finish[row] = FINISH_STOP
-                elif len(out_tokens[row]) >= budgets[row]:
-                    finish[row] = FINISH_LENGTH
-    return [RowResult(tokens=out_tokens[i], gates=gates[i], finish=finish[i] or FINISH_LENGTH, budget=budgets[i])
-            for i in range(n)]
+                finish[row] = rules[row].finish(out_tokens[row])  # the one stop rule (stop.py)
+    return [RowResult(tokens=out_tokens[i], gates=gates[i], finish=finish[i] or FINISH_LENGTH,
+                      budget=rules[i].max_new_tokens) for i in range(n)]
 
 
 def generate_batched(
@@ -158,19 +154,21 @@ def generate_batched(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     limit = context_limit(rm)
     results: list[RowResult | None] = [None] * len(requests)
-    budgets = {}
+    rules = {}  # each generated row's stop rule, its budget clipped to the context its prompt leaves
     todo = []
     for i, r in enumerate(requests):
         if not r.prompt:
             raise ValueError(f"request {i} has an empty prompt")
-        if limit is not None and len(r.prompt) >= limit:
-            results[i] = RowResult(tokens=[], gates=[], finish=FINISH_CONTEXT,
+        rule = StopRule(r.max_new_tokens, stop_ids=frozenset(r.stop), context=limit)
+        before = rule.finish([], prompt_length=len(r.prompt))  # context: the prompt fills it; length: no budget
+        if before == FINISH_CONTEXT:
+            results[i] = RowResult(tokens=[], gates=[], finish=before,
                                    extra={"prompt_tokens": len(r.prompt), "context": limit})
             continue
-        budgets[i] = r.max_new_tokens if limit is None else min(r.max_new_tokens, limit - len(r.prompt))
-        if budgets[i] <= 0:
-            results[i] = RowResult(tokens=[], gates=[], finish=FINISH_LENGTH, budget=0)
+        if before is not None:
+            results[i] = RowResult(tokens=[], gates=[], finish=before, budget=0)
             continue
+        rules[i] = StopRule(rule.budget(len(r.prompt)), stop_ids=rule.stop_ids)
         todo.append(i)
     groups: list[list[int]] = []
     for forced_kind in (False, True):  # the routers decide for a whole batch or for none of it
@@ -185,7 +183,7 @@ def generate_batched(
             reqs = [requests[i] for i in group]
             forced = None if reqs[0].forced is None else torch.tensor([list(r.forced) for r in reqs], dtype=torch.bool)
             hook = None if on_decided is None else (lambda row, g, group=group: on_decided(group[row], g))
-            rows = _run_batch(rm, model, reqs, [budgets[i] for i in group], pad_id, forced=forced,
+            rows = _run_batch(rm, model, reqs, [rules[i] for i in group], pad_id, forced=forced,
                               threshold=threshold, kv_policy=kv_policy, prompt_full_depth=prompt_full_depth,
                               on_decided=hook)
             for i, res in zip(group, rows, strict=True):

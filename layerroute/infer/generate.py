@@ -33,6 +33,7 @@ from ..nn.blocks import decoder_layers
 from ..nn.kv_cache import RoutedCache
 from ..nn.routed import RoutedLayer, gate_records, routing
 from ..special_tokens import pad_token_id, stop_token_ids
+from .stop import StopRule
 
 DEFAULT = "default"  # eos_token_id sentinel: the one stop rule (layerroute.special_tokens.stop_token_ids)
 
@@ -197,7 +198,7 @@ def _eos_ids(eos) -> set[int]:
 class GenerationResult:
     """What one routed generation call produced and how long it took."""
 
-    tokens: list[list[int]]  # generated ids per row (prompt excluded; cut after the first EOS, which is kept)
+    tokens: list[list[int]]  # generated ids per row (prompt excluded; cut after the first stop id, which is kept)
     gates: list[list[bool]]  # per row, per block: True = the block ran for this step
     ttft_s: float  # call start -> first token on the host (prefill, including routers)
     decode_s_per_token: float  # mean time per decode step after the first token (whole batch)
@@ -209,6 +210,7 @@ class GenerationResult:
     cpu_decode_s_per_token: float = float("nan")
     cpu_total_s: float = float("nan")
     forwards: int = 0  # model forwards that produced the tokens (prefill included): < steps under prompt lookup
+    finish: list[str] = field(default_factory=list)  # per row: stop | length (`layerroute.infer.stop`)
 
     @property
     def tokens_per_forward(self) -> float:
@@ -221,13 +223,6 @@ class GenerationResult:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "skipped_fraction": self.skipped_fraction, "tokens_per_forward": self.tokens_per_forward}
-
-
-def _cut(row: list[int], eos: set[int]) -> list[int]:
-    for i, tok in enumerate(row):
-        if tok in eos:
-            return row[: i + 1]
-    return row
 
 
 def run_generate(
@@ -362,10 +357,10 @@ def routed_generate(
             )
             gates = _row_gates(rm.model, batch) if mode == "skip" else [[True] * rm.num_layers] * batch
     new = out[:, input_ids.shape[1] :].cpu().tolist()
-    eos_set = _eos_ids(eos)
-    return GenerationResult(
-        tokens=[_cut(row, eos_set) for row in new], gates=gates, prompt_lengths=mask.sum(1).tolist(), **timings
-    )
+    rule = StopRule(max_new_tokens, stop_ids=frozenset(_eos_ids(eos)))
+    tokens = [rule.cut(row) for row in new]
+    return GenerationResult(tokens=tokens, gates=gates, prompt_lengths=mask.sum(1).tolist(),
+                            finish=[rule.finished(row) for row in tokens], **timings)
 
 
 # -- CLI: `layerroute generate` ------------------------------------------------------------------------------

@@ -34,7 +34,6 @@ from ..nn.kv_cache import RoutedCache
 from ..nn.routed import KV_POLICIES, routing
 from .generate import (
     DEFAULT,
-    _cut,
     _eos_ids,
     _row_gates,
     inference_weights,
@@ -44,6 +43,7 @@ from .generate import (
     stop_ids,
     synchronize,
 )
+from .stop import StopRule
 
 
 @dataclass
@@ -59,6 +59,7 @@ class StepResult:
     cpu_total_s: float = float("nan")  # process CPU time of the step
     nll_sum: float | None = None  # score(): summed negative log-likelihood of the reply (nats)
     router_logits: list[float] = field(default_factory=list)
+    finish: str | None = None  # generate(): stop | length (`layerroute.infer.stop`); None for score()
 
     @property
     def nll(self) -> float | None:
@@ -176,8 +177,10 @@ class Session:
                 temperature=temperature, top_p=top_p, eos_token_id=eos, pad_token_id=model_pad_id(self.rm),
             )
             gates, logits = self._gates_and_logits()
-        new = _cut(out[0, ids.shape[1] :].tolist(), _eos_ids(eos))
-        result = StepResult(tokens=new, gates=gates, prefill_tokens=prefill, router_logits=logits, **t_fields(t))
+        rule = StopRule(max_new_tokens, stop_ids=frozenset(_eos_ids(eos)))
+        new = rule.cut(out[0, ids.shape[1] :].tolist())
+        result = StepResult(tokens=new, gates=gates, prefill_tokens=prefill, router_logits=logits,
+                            finish=rule.finished(new), **t_fields(t))
         if commit:
             self.tokens.extend(new)
             self.steps.append(result)

@@ -50,6 +50,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from ..data.render import PromptRenderer
 from ..flops import step_flops
 from ..infer.generate import inference_weights, plain_blocks, synchronize
+from ..infer.stop import StopRule
 from ..nn.kv_cache import RoutedCache
 from ..nn.routed import find_routed_layers, gate_records, routing
 from ..special_tokens import pad_token_id, stop_token_ids
@@ -227,9 +228,9 @@ class SamplingParams:
 class Completion:
     """What one request produced, and how the model got there."""
 
-    tokens: list[int]  # generated ids (end-of-turn token excluded)
+    tokens: list[int]  # generated ids, the end-of-turn token that ended them kept (`layerroute.infer.stop`)
     text: str
-    finish_reason: str  # stop | length | cancelled
+    finish_reason: str  # stop | length | cancelled (`layerroute.infer.stop.FINISH_REASONS`)
     prompt_tokens: int
     cached_tokens: int  # prompt tokens served from a session
     gates: list[bool]  # per block: True = ran
@@ -239,6 +240,7 @@ class Completion:
     flops: dict
     cache: dict
     token_times: list[float] = field(default_factory=list)  # perf_counter when each token came (inter-token latency)
+    content_tokens: list[int] = field(default_factory=list)  # `tokens` without the end-of-turn token (usage counts)
 
 
 class Engine:
@@ -429,17 +431,12 @@ class Engine:
         """The `Completion` of a request that generated `new` (raw ids, end-of-turn token included)."""
         gates = [True] * self.rm.num_layers if gates is None else gates
         n_prompt, n_new = len(prompt), len(prompt) - cached
-        eos = set(self.eos_ids)
-        cut = next((i for i, t in enumerate(new) if t in eos), None)
-        tokens = new if cut is None or params.ignore_eos else new[:cut]
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        stopped_on = next((s for s in params.stop if s in text), None)
-        if cancelled:
-            finish = "cancelled"
-        elif (cut is not None and not params.ignore_eos) or stopped_on is not None:
-            finish = "stop"
-        else:
-            finish = "length"
+        rule = self.stop_rule(params)
+        tokens = rule.cut(new)  # the end-of-turn token kept, as every result type keeps it
+        finish = rule.finished(tokens, cancelled=cancelled)  # the one stop rule, as the scheduler's per token
+        content = rule.content(tokens)
+        text = self.tokenizer.decode(content, skip_special_tokens=True)
+        stopped_on = rule.stopped_on(tokens)
         if stopped_on is not None:
             text = text[: text.index(stopped_on)]
         n_gen = len(new)
@@ -462,8 +459,17 @@ class Engine:
         return Completion(
             tokens=tokens, text=text, finish_reason=finish, prompt_tokens=n_prompt, cached_tokens=cached,
             gates=gates, router_probs=probs, router_logits=logits, timings=timings, flops=flops, cache=cache_info,
-            token_times=list(token_times),
+            token_times=list(token_times), content_tokens=content,
         )
+
+    def stop_rule(self, params: SamplingParams) -> StopRule:
+        """When a request's row ends (`layerroute.infer.stop`): the end-of-turn ids unless ignore_eos, its budget,
+        its stop strings in the decoded text."""
+        return StopRule(params.max_new_tokens, stop_ids=frozenset(() if params.ignore_eos else self.eos_ids),
+                        stop_strings=tuple(params.stop), decode=self._decode_text if params.stop else None)
+
+    def _decode_text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
 __all__ = [
     "CachedSession", "Completion", "Engine", "SamplingParams", "SessionStore", "common_prefix",

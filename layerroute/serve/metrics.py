@@ -68,7 +68,7 @@ class ServerMetrics:
         self.finished.labels(c.finish_reason).inc()
         self.prompt_tokens.inc(c.prompt_tokens)
         self.cached_tokens.inc(c.cached_tokens)
-        self.generated.inc(len(c.tokens))
+        self.generated.inc(len(c.content_tokens))
         run = sum(1 for g in c.gates if g)
         self.blocks_run.inc(run)
         self.blocks_skipped.inc(len(c.gates) - run)

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from transformers import TopPLogitsWarper
 
 from ..infer.generate import synchronize
+from ..infer.stop import FINISH_CANCELLED, FINISH_ERROR
 from ..nn.kv_cache import RoutedCache
 from ..nn.routed import Decisions, routing
 from .batch_jobs import ClientGone, Job, _Row
@@ -380,19 +381,12 @@ class Scheduler:
                     row.job.on_token(tok)
             except Exception as exc:  # noqa: BLE001 - a row's processor or stream failing fails that row only
                 log.exception("choosing a token failed for one row")
-                row.error, row.finish = exc, "error"
+                row.error, row.finish = exc, FINISH_ERROR
                 continue
             row.new.append(tok)
             row.times.append(now)
             self.last[b] = tok
-            if row.job.cancel.is_set():
-                row.finish = "cancelled"
-            elif not p.ignore_eos and tok in eng.eos_ids:
-                row.finish = "stop"
-            elif p.stop and any(s in eng.tokenizer.decode(row.new, skip_special_tokens=True) for s in p.stop):
-                row.finish = "stop"
-            elif len(row.new) >= p.max_new_tokens:
-                row.finish = "length"
+            row.finish = eng.stop_rule(p).finish(row.new, cancelled=row.job.cancel.is_set())  # the one rule
 
     def _pick(self, row: _Row, scores: torch.Tensor) -> int:
         """The row's next token from its scores [1, V]: its logits processor, then greedy or seeded sampling."""
@@ -415,7 +409,7 @@ class Scheduler:
         keep = []
         for b, row in enumerate(self.rows):
             if row.finish is None and row.job.cancel.is_set():  # the client went away: free the row now
-                row.finish = "cancelled"
+                row.finish = FINISH_CANCELLED
             if row.finish is None:
                 keep.append(b)
                 continue
@@ -423,7 +417,7 @@ class Scheduler:
                 row.job.future.set_exception(row.error)
                 continue
             try:
-                if eng.sessions.capacity and row.finish != "cancelled":
+                if eng.sessions.capacity and row.finish != FINISH_CANCELLED:
                     self._keep_session(b, row)
                 row.job.future.set_result(self._completion(row))
             except Exception as exc:  # noqa: BLE001 - this row fails alone
@@ -470,7 +464,7 @@ class Scheduler:
             "forwards": row.forwards,
             "batched": True,
         }
-        return self.engine.completion(row.job.prompt, row.new, row.job.params, cancelled=row.finish == "cancelled",
+        return self.engine.completion(row.job.prompt, row.new, row.job.params, cancelled=row.finish == FINISH_CANCELLED,
                                       cached=row.cached, reused=row.reused, gates=row.gates, probs=row.probs,
                                       logits=row.logits, timings=timings, token_times=times)
 

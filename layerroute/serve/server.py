@@ -11,6 +11,7 @@ from typing import Any
 
 from ..data.render import RenderError
 from ..data.toolcalls import parse_tool_calls
+from ..infer.stop import FINISH_CANCELLED, FINISH_STOP
 from .batch_jobs import Job as _Job
 from .engine import Completion, Engine, SamplingParams
 from .scheduler import Scheduler
@@ -189,7 +190,7 @@ class Server:
     def finish(self, job: _Job, info: dict, c: Completion) -> tuple[dict, list[dict] | None, str]:
         """(assistant message, tool_calls or None, finish_reason) for a completion."""
         text = info["prefix"] + c.text
-        if info["parse_tools"] and c.finish_reason != "cancelled":
+        if info["parse_tools"] and c.finish_reason != FINISH_CANCELLED:
             calls, remaining, error = parse_tool_calls(text)
             if calls and error is None:
                 tool_calls = [
@@ -199,7 +200,7 @@ class Server:
                 ]
                 return {"role": "assistant", "content": remaining or None, "tool_calls": tool_calls}, tool_calls, \
                     "tool_calls"
-        finish = "stop" if c.finish_reason == "cancelled" else c.finish_reason
+        finish = FINISH_STOP if c.finish_reason == FINISH_CANCELLED else c.finish_reason  # the API has no cancelled
         return {"role": "assistant", "content": text}, None, finish
 
     def extension(self, job: _Job, c: Completion, tool_calls, total_s: float) -> dict:
@@ -221,6 +222,6 @@ class Server:
         }
 
     def usage(self, c: Completion) -> dict:
-        return {"prompt_tokens": c.prompt_tokens, "completion_tokens": len(c.tokens),
-                "total_tokens": c.prompt_tokens + len(c.tokens),
+        return {"prompt_tokens": c.prompt_tokens, "completion_tokens": len(c.content_tokens),
+                "total_tokens": c.prompt_tokens + len(c.content_tokens),
                 "prompt_tokens_details": {"cached_tokens": c.cached_tokens}}
