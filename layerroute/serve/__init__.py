@@ -47,11 +47,13 @@ Modules (one job each; this package re-exports their names, so `from layerroute.
 - ``schema``: request validation (messages, tools, tool_choice, unsupported fields), `ApiError` and the error shapes.
 - ``server``: `Server`: a request into a scheduler `Job`, the bounded queue (429), the response body and extension.
 - ``stream``: the streamed text of a completion, holding back what may still become a tool call or a stop string.
-- ``app``: `create_app`: the FastAPI app and its handlers (chat completions, JSON or streamed; models; health).
+- ``app``: `create_app`: the FastAPI app, one function per group of routes (errors, metrics, health and models,
+  chat completions as JSON or streamed).
 - ``background``: `BackgroundServer`: uvicorn in a thread (tests, the agent's --spawn, benchmarks).
 - ``cli``: `layerroute serve` / `python -m layerroute.serve` flags and entry point.
 - ``engine``: `Engine`: one routed model behind the server (rendering, KV-cache sessions, generation, accounting).
 - ``scheduler``: continuous batching: requests join the running batch at token boundaries and leave when done.
+- ``admission``: which prefilled request takes a free row (`ADMISSIONS`: ``fcfs``, ``pattern``; one class each).
 - ``prefill``: a request's prefill alone (optionally on its own thread and replica), ready to join the batch.
 - ``batch_jobs``: what the scheduler holds per request (`Job`, its row in the batch).
 - ``metrics``: `ServerMetrics`: the Prometheus metrics of ``GET /metrics``.

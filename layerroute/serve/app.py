@@ -1,5 +1,10 @@
-"""`create_app`: the FastAPI app around one `Server`: the chat-completions handler (JSON or a server-sent event
-stream), models, health, /metrics, and the API's error shape for every error."""
+"""`create_app`: the FastAPI app around one `Server`, one function per group of routes: `add_error_handlers` (the
+API's error shape for every error), `add_metrics_route` (/metrics), `add_info_routes` (health, models) and
+`add_chat_route` (chat completions, JSON or a server-sent event stream: `chat_json`, `chat_stream`).
+
+FastAPI reads the handlers' annotations at definition time: this module has no `from __future__ import annotations`,
+so `Request` in a handler is the class, not a string to resolve in module globals (fastapi stays an optional
+dependency, imported only when an app is built)."""
 
 import asyncio
 import json
@@ -46,13 +51,7 @@ def create_app(
     constrained: decode under the request's grammar (tools, tool_choice, response_format); see the package doc."""
     from contextlib import asynccontextmanager
 
-    # FastAPI reads the handlers' annotations at definition time: this module has no `from __future__ import
-    # annotations`, so `Request` below is the class, not a string it would have to resolve in module globals
-    # (fastapi stays an optional dependency, imported only when an app is built)
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from fastapi import FastAPI
 
     if engine is None:
         if rm is None:
@@ -73,18 +72,32 @@ def create_app(
     app.state.server = server
     app.state.engine = engine
     if metrics:
-        from .metrics import ServerMetrics, StatusMiddleware
+        add_metrics_route(app, server)
+    add_error_handlers(app)
+    add_info_routes(app, server, model_name)
+    add_chat_route(app, server, model_name)
+    return app
 
-        server.metrics = ServerMetrics(queue_length=lambda: server.scheduler.queued,
-                                       batch_size=lambda: server.running)
-        app.add_middleware(StatusMiddleware, metrics=server.metrics)
 
-        @app.get("/metrics")
-        async def prometheus_metrics():
-            from fastapi.responses import Response
+def add_metrics_route(app, server: Server) -> None:
+    """GET /metrics (Prometheus text format) and the middleware that counts every response by status."""
+    from fastapi.responses import Response
 
-            body, content_type = server.metrics.render()
-            return Response(body, media_type=content_type)
+    from .metrics import ServerMetrics, StatusMiddleware
+
+    server.metrics = ServerMetrics(queue_length=lambda: server.scheduler.queued, batch_size=lambda: server.running)
+    app.add_middleware(StatusMiddleware, metrics=server.metrics)
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        body, content_type = server.metrics.render()
+        return Response(body, media_type=content_type)
+
+
+def add_error_handlers(app) -> None:
+    """The API's error shape for routing errors (404, 405), invalid requests and anything unexpected (500)."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):
@@ -101,6 +114,11 @@ def create_app(
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return _internal_error(exc)
 
+
+def add_info_routes(app, server: Server, model_name: str) -> None:
+    """GET /health (queue, batch, cache and policy state) and GET /v1/models."""
+    engine = server.engine
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, "pending": server.pending, "running": server.running,
@@ -113,6 +131,12 @@ def create_app(
         return {"object": "list", "data": [
             {"id": model_name, "object": "model", "created": server.created, "owned_by": "layerroute"}]}
 
+
+def add_chat_route(app, server: Server, model_name: str) -> None:
+    """POST /v1/chat/completions: the request validated into a job, answered as JSON (`chat_json`) or as a stream
+    of server-sent events (`chat_stream`); 4xx in the API's shape for the client's mistakes, 500 for the rest."""
+    from fastapi import Request
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         t0 = time.perf_counter()
@@ -124,32 +148,8 @@ def create_app(
                 raise _bad(f"We could not parse the JSON body of your request: {e}", code="invalid_json") from None
             job, info = server.prepare(payload)
             if info["stream"]:
-                return await _stream(job, info, t0)
-            fut = server.submit(job)
-            gone = asyncio.ensure_future(_disconnected(request))
-            try:
-                # not `await fut`: nothing here would notice a client that hangs up, and its request would hold a
-                # row of the batch to its last token for nobody (measured: 60 of 60 tokens generated after the
-                # socket closed). asyncio.wait also leaves `fut` alone when this handler is cancelled.
-                done, _ = await asyncio.wait({fut, gone}, return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:  # the server is shutting down
-                job.cancel.set()
-                raise
-            finally:
-                gone.cancel()
-            if fut not in done:  # the client went away: its row leaves the batch at the next token
-                job.cancel.set()
-                return Response(status_code=499)  # nginx's "client closed request"; sent to nobody, counted
-            c = fut.result()
-            message, tool_calls, finish = server.finish(job, info, c)
-            server.record(job, c, time.perf_counter() - t0)
-            return JSONResponse({
-                "id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", "created": int(time.time()),
-                "model": model_name,
-                "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
-                "usage": server.usage(c),
-                "layerroute": server.extension(job, c, tool_calls, time.perf_counter() - t0),
-            })
+                return await chat_stream(server, model_name, job, info, t0)
+            return await chat_json(server, model_name, request, job, info, t0)
         except ApiError as err:
             return _error_response(err)
         except asyncio.CancelledError:
@@ -159,66 +159,101 @@ def create_app(
             log.exception("chat completion failed")
             return _internal_error(exc)
 
-    async def _disconnected(request: Request) -> None:
-        """Returns once the client has hung up: with the body read, the next ASGI message of the request is
-        http.disconnect (the way StreamingResponse listens for it)."""
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
 
-    async def _stream(job: _Job, info: dict, t0: float):
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        job.on_token = lambda tok: loop.call_soon_threadsafe(queue.put_nowait, ("token", tok))
-        fut = server.submit(job)  # may raise ApiError(429) before any byte is sent
-        fut.add_done_callback(lambda f: loop.call_soon_threadsafe(queue.put_nowait, ("done", None)))
-        rid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
-        text = _StreamText(engine.tokenizer, info["prefix"], info["parse_tools"], info["stop"])
+async def chat_json(server: Server, model_name: str, request, job: _Job, info: dict, t0: float):
+    """One chat completion answered as one JSON body; a client that hangs up first frees its row (499)."""
+    from fastapi.responses import JSONResponse, Response
 
-        def chunk(delta: dict, finish=None, **extra) -> str:
-            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+    fut = server.submit(job)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        # not `await fut`: nothing here would notice a client that hangs up, and its request would hold a
+        # row of the batch to its last token for nobody (measured: 60 of 60 tokens generated after the
+        # socket closed). asyncio.wait also leaves `fut` alone when this handler is cancelled.
+        done, _ = await asyncio.wait({fut, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the server is shutting down
+        job.cancel.set()
+        raise
+    finally:
+        gone.cancel()
+    if fut not in done:  # the client went away: its row leaves the batch at the next token
+        job.cancel.set()
+        return Response(status_code=499)  # nginx's "client closed request"; sent to nobody, counted
+    c = fut.result()
+    message, tool_calls, finish = server.finish(job, info, c)
+    server.record(job, c, time.perf_counter() - t0)
+    return JSONResponse({
+        "id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", "created": int(time.time()),
+        "model": model_name,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+        "usage": server.usage(c),
+        "layerroute": server.extension(job, c, tool_calls, time.perf_counter() - t0),
+    })
 
-        async def events():
+
+async def _disconnected(request) -> None:
+    """Returns once the client has hung up: with the body read, the next ASGI message of the request is
+    http.disconnect (the way StreamingResponse listens for it)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def chat_stream(server: Server, model_name: str, job: _Job, info: dict, t0: float):
+    """One chat completion as server-sent events: the role, the text as it comes (held back where it may still
+    become a tool call or a stop string), the tool calls or the rest, the extension, usage, [DONE]."""
+    from fastapi.responses import StreamingResponse
+
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    job.on_token = lambda tok: loop.call_soon_threadsafe(queue.put_nowait, ("token", tok))
+    fut = server.submit(job)  # may raise ApiError(429) before any byte is sent
+    fut.add_done_callback(lambda f: loop.call_soon_threadsafe(queue.put_nowait, ("done", None)))
+    rid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
+    text = _StreamText(server.engine.tokenizer, info["prefix"], info["parse_tools"], info["stop"])
+
+    def chunk(delta: dict, finish=None, **extra) -> str:
+        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    async def events():
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            while True:
+                kind, tok = await queue.get()
+                if kind == "done":
+                    break
+                piece = text.push(tok)
+                if piece:
+                    yield chunk({"content": piece})
             try:
-                yield chunk({"role": "assistant", "content": ""})
-                while True:
-                    kind, tok = await queue.get()
-                    if kind == "done":
-                        break
-                    piece = text.push(tok)
-                    if piece:
-                        yield chunk({"content": piece})
-                try:
-                    c = fut.result()
-                except Exception as exc:  # noqa: BLE001 - reported in the stream, the server goes on
-                    server.failed += 1
-                    log.exception("streamed chat completion failed")
-                    yield f"data: {json.dumps(_internal_error_body(exc))}\n\n"
-                    yield "data: [DONE]\n\n"
-                    return
-                message, tool_calls, finish = server.finish(job, info, c)
-                rest = None
-                if tool_calls is not None:
-                    deltas = [{"index": i, "id": tc["id"], "type": "function", "function": tc["function"]}
-                              for i, tc in enumerate(tool_calls)]
-                    yield chunk({"tool_calls": deltas})
-                else:  # everything not streamed yet (held-back text; a malformed call comes back as text)
-                    rest = message["content"] if info["prefix"] else message["content"][text.emitted:]
-                if rest:
-                    yield chunk({"content": rest})
-                server.record(job, c, time.perf_counter() - t0)
-                ext = server.extension(job, c, tool_calls, time.perf_counter() - t0)
-                yield chunk({}, finish, layerroute=ext)
-                if info["include_usage"]:
-                    body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                            "choices": [], "usage": server.usage(c)}
-                    yield f"data: {json.dumps(body)}\n\n"
+                c = fut.result()
+            except Exception as exc:  # noqa: BLE001 - reported in the stream, the server goes on
+                server.failed += 1
+                log.exception("streamed chat completion failed")
+                yield f"data: {json.dumps(_internal_error_body(exc))}\n\n"
                 yield "data: [DONE]\n\n"
-            finally:
-                job.cancel.set()  # a no-op when finished; stops generation when the client went away
+                return
+            message, tool_calls, finish = server.finish(job, info, c)
+            rest = None
+            if tool_calls is not None:
+                deltas = [{"index": i, "id": tc["id"], "type": "function", "function": tc["function"]}
+                          for i, tc in enumerate(tool_calls)]
+                yield chunk({"tool_calls": deltas})
+            else:  # everything not streamed yet (held-back text; a malformed call comes back as text)
+                rest = message["content"] if info["prefix"] else message["content"][text.emitted:]
+            if rest:
+                yield chunk({"content": rest})
+            server.record(job, c, time.perf_counter() - t0)
+            ext = server.extension(job, c, tool_calls, time.perf_counter() - t0)
+            yield chunk({}, finish, layerroute=ext)
+            if info["include_usage"]:
+                body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                        "choices": [], "usage": server.usage(c)}
+                yield f"data: {json.dumps(body)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel.set()  # a no-op when finished; stops generation when the client went away
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    return app
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

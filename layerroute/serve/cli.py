@@ -3,6 +3,7 @@
 import argparse
 import logging
 
+from .admission import ADMISSIONS
 from .app import create_app
 
 log = logging.getLogger("layerroute.serve")
@@ -30,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests waiting or running beyond this get 429 with Retry-After")
     parser.add_argument("--max-batch", type=int, default=8,
                         help="requests decoded together (continuous batching); 1 = one request at a time")
-    parser.add_argument("--schedule", default="fcfs", choices=["fcfs", "pattern"],
+    parser.add_argument("--schedule", default="fcfs", choices=list(ADMISSIONS),
                         help="which waiting request joins the batch: the oldest, or (pattern) the one whose skip "
                              "pattern adds the fewest blocks to the batch's (prefilled ahead; bounded by --max-wait)")
     parser.add_argument("--max-wait", type=float, default=2.0, metavar="S",

@@ -31,12 +31,10 @@ prefill runs while the batch waits, so a long prompt delays the running rows' ne
 one, prefill and decode share the CPU instead (on SmolLM2 bf16, a decode step 79 -> 99 ms and a prefill 215 -> 264 ms
 when they overlap; `benchmarks/prefill_decode_overlap.py`).
 
-Admission order (``schedule``): ``fcfs`` takes the oldest waiting request. ``pattern`` (skip-pattern-aware)
-prefills up to ``lookahead`` waiting requests ahead (each is prefilled once either way; only its place in line
-changes, and its time to first token counts the wait), then admits the one whose routing decisions add the fewest
-blocks to those some running row runs: in memory-bound decode a block saves time only when every row skips it, so
-tool-call steps batch best with tool-call steps. A request that has waited ``max_wait_s`` since it arrived is
-admitted first, oldest first (a bound on starvation). Prefilled requests hold their KV cache while they wait.
+Admission order (``schedule``): a policy class of `layerroute.serve.admission` (``fcfs``: the oldest waiting
+request; ``pattern``: among up to ``lookahead`` requests prefilled ahead, the one whose routing decisions add the
+fewest blocks to those the batch runs, a request waiting ``max_wait_s`` first). Prefilled requests hold their KV
+cache while they wait; a request's time to first token counts the wait.
 
 Prompt-lookup drafting (``Engine.prompt_lookup``) needs a batch of one: a request that arrives while nothing else
 runs or waits goes through `Engine.generate` alone, with drafts; a batched row decodes without drafts.
@@ -61,6 +59,7 @@ from ..infer.generate import synchronize
 from ..infer.stop import FINISH_CANCELLED, FINISH_ERROR
 from ..nn.kv_cache import RoutedCache
 from ..nn.routed import Decisions, routing
+from .admission import ADMISSIONS
 from .batch_jobs import ClientGone, Job, _Row
 from .engine import Completion, Engine
 from .prefill import own_replica, prefill_alone, side_replica
@@ -68,12 +67,7 @@ from .prefill import own_replica, prefill_alone, side_replica
 log = logging.getLogger(__name__)
 
 
-SCHEDULES = ("fcfs", "pattern")
-
-
-def added_blocks(gates: list[bool], runs: list[bool]) -> int:
-    """Blocks a request would run that no row of the batch runs now (each costs the whole batch a block)."""
-    return sum(1 for g, r in zip(gates, runs, strict=True) if g and not r)
+SCHEDULES = tuple(ADMISSIONS)  # the admission policies' names (`layerroute.serve.admission`)
 
 
 class Scheduler:
@@ -83,11 +77,12 @@ class Scheduler:
                  lookahead: int | None = None, prefill_thread: bool = False):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        if schedule not in SCHEDULES:
+        if schedule not in ADMISSIONS:
             raise ValueError(f"schedule must be one of {SCHEDULES}, not {schedule!r}")
         if max_wait_s < 0:
             raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
         self.engine, self.max_batch, self.schedule, self.max_wait_s = engine, max_batch, schedule, max_wait_s
+        self.admission = ADMISSIONS[schedule]()
         # pattern schedule: requests prefilled ahead (their decisions known), waiting for a place in the batch
         self.lookahead = max(1, lookahead if lookahead is not None else max_batch)
         self.ready: list[tuple] = []  # (row, cache, first logits, decisions, running sums) from `_prefill`
@@ -238,16 +233,16 @@ class Scheduler:
                     self._wake.notify_all()
 
     def _candidate(self):
-        """The next request to join the batch, prefilled. fcfs: the oldest waiting one. pattern: among up to
-        `lookahead` prefilled ones, the one whose gates add the fewest blocks to those the batch runs (a block
-        saves batch decode time only when every row skips it), oldest first on ties; a request that has waited
-        `max_wait_s` since it arrived goes first (no starvation)."""
-        if self._side is not None and self.schedule == "fcfs" and not self.ready and len(self.waiting) > len(self.rows):
+        """The next request to join the batch, prefilled, as the admission policy picks it among those prefilled
+        (`layerroute.serve.admission`: fcfs the oldest; pattern, among up to `lookahead` prefilled ahead, the one
+        whose gates add the fewest blocks to those the batch runs)."""
+        ahead = self.admission.prefills_ahead
+        if self._side is not None and not ahead and not self.ready and len(self.waiting) > len(self.rows):
             # more requests waiting than running (a burst, a batch drained): prefill is the bottleneck and the
             # batch has little to decode, so this thread prefills too
             return self._prefill_next()
         if self._side is None:  # this thread prefills
-            if self.schedule == "fcfs":
+            if not ahead:
                 return self._prefill_next()
             while len(self.ready) < self.lookahead:
                 cand = self._prefill_next()
@@ -260,13 +255,7 @@ class Scheduler:
                 cand[0].job.future.set_exception(ClientGone("the client went away before its request was run"))
             if not self.ready:
                 return None
-            now = time.perf_counter()
-            overdue = [c for c in self.ready if now - c[0].job.enqueued >= self.max_wait_s]
-            if self.schedule == "fcfs" or overdue or not self.rows or self.ready[0][0].gates is None:
-                pick = min(overdue or self.ready, key=lambda c: c[0].job.enqueued)
-            else:
-                runs = [any(r.gates[i] for r in self.rows) for i in range(len(self.rows[0].gates))]
-                pick = min(self.ready, key=lambda c: (added_blocks(c[0].gates, runs), c[0].job.enqueued))
+            pick = self.admission.pick(self.ready, self.rows, time.perf_counter(), self.max_wait_s)
             self.ready.remove(pick)
             self._wake.notify_all()  # room in `ready` for the prefill thread
         return pick
@@ -469,4 +458,4 @@ class Scheduler:
                                       logits=row.logits, timings=timings, token_times=times)
 
 
-__all__ = ["SCHEDULES", "ClientGone", "Job", "Scheduler", "added_blocks"]
+__all__ = ["SCHEDULES", "ClientGone", "Job", "Scheduler"]
