@@ -225,6 +225,99 @@ def test_unconstrained_rows_and_auto(rm, tok):
             assert_valid_calls(text, TOOL_SETS[0])
 
 
+# -- the budget rule ------------------------------------------------------------------------------------------
+# a free string and a free array: a random model never closes them on its own, so only the rule can
+SEARCH = fn("search", {"query": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}},
+                       "limit": {"type": "integer"}}, ["query", "tags"])
+FREE_SETS = [[SEARCH], [SEARCH, WEATHER], [SEARCH, GCD, LIGHT]]
+NOTE = {"type": "object", "properties": {"title": {"type": "string"}, "done": {"type": "boolean"},
+                                         "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1}},
+        "required": ["title", "done", "tags"]}
+
+
+def shortest(g, compiled) -> list[int]:
+    return g.closer.closing_tokens(xgr.GrammarMatcher(compiled, override_stop_tokens=[EOS]))
+
+
+def test_closing_path_is_the_shortest_way_out(tok):
+    """The closer's completion from the start and from states inside a call: forced text whole, the shortest
+    function and enum value, `}` over optional keys, `]` over a new element, `0`, `true`."""
+    g = grammars_for(tok, 49152, [EOS])
+    c = g.closer
+
+    def closing(compiled, prefix=""):
+        m = xgr.GrammarMatcher(compiled, override_stop_tokens=[EOS])
+        assert all(m.accept_token(t) for t in tok(prefix, add_special_tokens=False)["input_ids"])
+        return c.closing_text(m)
+
+    req = g.for_tools(FREE_SETS[2], "required")
+    assert closing(req) == '<tool_call>\n{"name": "set_light", "arguments": {"on":true}}\n</tool_call>'
+    assert closing(g.for_tools([SEARCH], "required")) == \
+        '<tool_call>\n{"name": "search", "arguments": {"query":"","tags":[]}}\n</tool_call>'
+    req = g.for_tools([SEARCH, WEATHER, GCD, LIGHT], "required")
+    assert closing(req, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa') == 'ris"}}\n</tool_call>'
+    assert closing(req, '<tool_call>\n{"name": "math.gcd", "arguments": {"a": 12') == ',"b":0}}\n</tool_call>'
+    assert closing(req, '<tool_call>\n{"name": "search", "arguments": {"query": "x", "tags": ["a", "b') == \
+        '"]}}\n</tool_call>'
+    assert closing(req, call("set_light", {"on": False})) == ""  # complete: nothing to add
+    note = g.for_tools(None, "auto", response_format={"type": "json_schema", "json_schema": {"schema": NOTE}})
+    assert closing(note) == '{"title":"","done":true,"tags":[""]}'
+    tokens = shortest(g, note)  # the tokenizer's pieces, accepted by the grammar to a complete match
+    m = xgr.GrammarMatcher(note, override_stop_tokens=[EOS])
+    assert all(m.accept_token(t) for t in tokens) and m.is_completed()
+    assert tok.decode(tokens) == closing(note)
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "search"}}])
+def test_budget_rule_closes_the_call_whenever_the_budget_holds_the_shortest(rm, tok, choice):
+    """Greedy rows under `tool_choice` required (parallel calls allowed) or a named function: at every budget from
+    the shortest call's length up, each row ends in complete, schema-valid calls of its own tools; without the
+    rule the same rows are cut inside a string. Below the shortest the rule steps aside: the row is cut."""
+    g = model_grammars(rm, [EOS])
+    sets = FREE_SETS if choice == "required" else [[SEARCH]] * 3
+    ps = prompts(tok, 3)
+    least = [len(shortest(g, g.for_tools(tools, choice))) for tools in sets]
+    for extra in (0, 1, 3, 12, 30):
+        budgets = [n + extra for n in least]  # one batch, a budget per row: a row's first `budget` tokens count
+        proc = tool_call_processor(rm, sets, choice, stop_ids=[EOS], budgets=budgets)
+        out = routed_generate(rm, ps, max_new_tokens=max(budgets), eos_token_id=EOS, forced="open",
+                              logits_processor=proc)
+        for row, tools in enumerate(sets):
+            tokens = out.tokens[row][: budgets[row]]
+            text = tok.decode(tokens, skip_special_tokens=True)
+            calls, _, error = parse_tool_calls(text, cut=tokens[-1] != EOS)
+            assert error is None and calls, (extra, row, text)
+            assert_valid_calls(text.split(TOOL_CALL_OPEN + "\n", 1)[0] + "".join(  # the complete calls
+                call(c["name"], c["arguments"]) for c in calls), tools)
+            if choice != "required":
+                assert {c["name"] for c in calls} == {"search"}
+    plain = tool_call_processor(rm, [sets[0]], choice, stop_ids=[EOS])
+    out = routed_generate(rm, [ps[0]], max_new_tokens=least[0] + 12, eos_token_id=EOS, forced="open",
+                          logits_processor=plain)
+    assert parse_tool_calls(tok.decode(out.tokens[0], skip_special_tokens=True), cut=True)[0] == []  # cut
+    below = tool_call_processor(rm, [sets[0]], choice, stop_ids=[EOS], budgets=least[0] - 1)
+    out = routed_generate(rm, [ps[0]], max_new_tokens=least[0] - 1, eos_token_id=EOS, forced="open",
+                          logits_processor=below)
+    assert len(out.tokens[0]) == least[0] - 1 and parse_tool_calls(
+        tok.decode(out.tokens[0], skip_special_tokens=True), cut=True)[0] == []
+
+
+def test_budget_rule_json_schema_answer_always_parses(rm, tok):
+    import json
+
+    g = model_grammars(rm, [EOS])
+    note = g.for_tools(None, "auto", response_format={"type": "json_schema", "json_schema": {"schema": NOTE}})
+    least = len(shortest(g, note))
+    ps = prompts(tok, 3)
+    for budget in (least, least + 2, least + 9, 64):
+        proc = GrammarLogitsProcessor([note] * 3, [EOS], budgets=budget, closer=g.closer)
+        out = routed_generate(rm, ps, max_new_tokens=budget, eos_token_id=EOS, forced="open", logits_processor=proc)
+        for row in out.tokens:
+            jsonschema.validate(json.loads(tok.decode(row, skip_special_tokens=True)), NOTE)
+    with pytest.raises(ValueError, match="Closer"):
+        GrammarLogitsProcessor([note], [EOS], budgets=8)
+
+
 def test_processor_checks_the_batch_and_width(rm, tok):
     g = model_grammars(rm, [EOS]).for_tools([WEATHER], "required")
     with pytest.raises(ValueError, match="2 grammars for a batch of 3"):

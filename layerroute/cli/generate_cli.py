@@ -91,8 +91,9 @@ def run(args: argparse.Namespace) -> int:
         choice = args.tool_choice if args.tool_choice in ("auto", "required", "none") else {
             "type": "function", "function": {"name": args.tool_choice}}
         try:
+            # under the budget rule: a call ends complete whenever --max-new-tokens holds the shortest one
             processor = tool_call_processor(rm, [tools] * len(prompts), choice, parallel=not args.no_parallel_calls,
-                                            stop_ids=stop_ids(rm))
+                                            stop_ids=stop_ids(rm), budgets=args.max_new_tokens, sampled=args.sample)
         except GrammarError as e:
             raise ConfigError(f"--tools {args.tools}: {e}") from None
     if args.prompt_lookup and (len(prompts) > 1 or args.constrain or args.prompt_lookup < 0):

@@ -48,6 +48,8 @@ class ParsedCalls:
     """Why the text could not be parsed (reason:detail), or None."""
     repairs: list[str] = field(default_factory=list)
     """Non-standard forms that were accepted: 'python_literal_call', 'string_encoded_arguments', ..."""
+    cut: str = ""
+    """With ``cut=True``: the unclosed call the text ended in, left out of the calls and the remaining text."""
 
 
 _NAMES = {"true": True, "false": False, "null": None, "True": True, "False": False, "None": None}
@@ -202,8 +204,12 @@ def _bare_json_calls(text: str, out: ParsedCalls) -> bool:
     return True
 
 
-def parse_tool_calls_detailed(text: str, *, bare_json: bool = False) -> ParsedCalls:
-    """Parse every tool call in `text`; see the module docstring for the accepted forms."""
+def parse_tool_calls_detailed(text: str, *, bare_json: bool = False, cut: bool = False) -> ParsedCalls:
+    """Parse every tool call in `text`; see the module docstring for the accepted forms.
+
+    cut: the text was cut by a token budget, so a call it opens and does not close is the one the budget cut:
+    it is left out (in `ParsedCalls.cut`) and the calls before it stand. Without it an unclosed call is an
+    error that voids every call (a complete text that opens a call and never closes it is malformed)."""
     out = ParsedCalls()
     if not isinstance(text, str):
         out.error = f"tool_call_not_text: {type(text).__name__}"
@@ -211,7 +217,10 @@ def parse_tool_calls_detailed(text: str, *, bare_json: bool = False) -> ParsedCa
     before, rest = _take_calls(text, _TOOL_CALL_RE, out)
     if TOOL_CALL_OPEN in rest:  # an opening tag without its closing tag: a truncated generation or row
         i = rest.index(TOOL_CALL_OPEN)
-        out.error = out.error or f"tool_call_unclosed: {_short(rest[i:])}"
+        if cut:
+            out.cut = rest[i:]
+        else:
+            out.error = out.error or f"tool_call_unclosed: {_short(rest[i:])}"
         rest = rest[:i]
     text_wo = before + rest
 
@@ -227,14 +236,14 @@ def parse_tool_calls_detailed(text: str, *, bare_json: bool = False) -> ParsedCa
     return out
 
 
-def parse_tool_calls(text: str, *, bare_json: bool = False) -> tuple[list[dict], str, str | None]:
+def parse_tool_calls(text: str, *, bare_json: bool = False, cut: bool = False) -> tuple[list[dict], str, str | None]:
     """Parse tool calls from assistant text.
 
     Returns (calls, remaining_text, error): calls as [{"name": str, "arguments": dict}], the text with the call
     blocks removed, and None or a reason string such as "tool_call_invalid_json: ..." (then calls is []).
-    Never raises on malformed input.
+    cut: the text was cut by a token budget (see `parse_tool_calls_detailed`). Never raises on malformed input.
     """
-    r = parse_tool_calls_detailed(text, bare_json=bare_json)
+    r = parse_tool_calls_detailed(text, bare_json=bare_json, cut=cut)
     return r.calls, r.remaining_text, r.error
 
 

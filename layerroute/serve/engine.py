@@ -301,6 +301,15 @@ class Engine:
             self._grammars = grammars_for(self.tokenizer, int(self.rm.config.vocab_size), self.eos_ids)
         return self._grammars
 
+    def grammar_processor(self, params: SamplingParams):
+        """The `GrammarLogitsProcessor` of a request with a grammar, under the budget rule (its max_new_tokens):
+        a constrained call or JSON answer ends complete whenever the budget holds the shortest one."""
+        from ..infer.constrain import GrammarLogitsProcessor
+
+        sampled = params.temperature is not None and params.temperature > GREEDY_BELOW
+        return GrammarLogitsProcessor([params.grammar], self.eos_ids, budgets=params.max_new_tokens,
+                                      closer=self.grammars.closer, sampled=sampled)
+
     def close(self) -> None:
         self.sessions.clear()
         self._stack.close()
@@ -343,10 +352,7 @@ class Engine:
             script = self.tokenizer(scripted_text, add_special_tokens=False)["input_ids"]
             gen_kwargs["logits_processor"] = LogitsProcessorList([_Scripted(script, n_prompt, self.eos_ids[0])])
         elif params.grammar is not None:
-            from ..infer.constrain import GrammarLogitsProcessor
-
-            gen_kwargs["logits_processor"] = LogitsProcessorList([GrammarLogitsProcessor([params.grammar],
-                                                                                         self.eos_ids)])
+            gen_kwargs["logits_processor"] = LogitsProcessorList([self.grammar_processor(params)])
         # transformers' assisted generation (5.23) feeds the whole input to its first forward whatever the cache
         # holds, so a request that continues a session decodes without drafts (the prefix cache saves more there)
         lookup = self.prompt_lookup if scripted_text is None and params.grammar is None and not cached else 0

@@ -57,9 +57,7 @@ def logits_processor(engine, job: Job) -> LogitsProcessorList | None:
         script = engine.tokenizer(job.scripted_text, add_special_tokens=False)["input_ids"]
         return LogitsProcessorList([_Scripted(script, len(job.prompt), engine.eos_ids[0])])
     if job.params.grammar is not None:
-        from ..infer.constrain import GrammarLogitsProcessor
-
-        return LogitsProcessorList([GrammarLogitsProcessor([job.params.grammar], engine.eos_ids)])
+        return LogitsProcessorList([engine.grammar_processor(job.params)])
     return None
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..data.render import RenderError
 from ..data.toolcalls import parse_tool_calls
-from ..infer.stop import FINISH_CANCELLED, FINISH_STOP
+from ..infer.stop import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP
 from .batch_jobs import Job as _Job
 from .engine import Completion, Engine, SamplingParams
 from .scheduler import Scheduler
@@ -191,7 +191,10 @@ class Server:
         """(assistant message, tool_calls or None, finish_reason) for a completion."""
         text = info["prefix"] + c.text
         if info["parse_tools"] and c.finish_reason != FINISH_CANCELLED:
-            calls, remaining, error = parse_tool_calls(text)
+            # a turn cut by its budget keeps the calls it completed (finish_reason stays "length"): an agent that
+            # repeats calls until the budget cuts the last one loses only that one
+            length = c.finish_reason == FINISH_LENGTH
+            calls, remaining, error = parse_tool_calls(text, cut=length)
             if calls and error is None:
                 tool_calls = [
                     {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
@@ -199,7 +202,7 @@ class Server:
                     for call in calls
                 ]
                 return {"role": "assistant", "content": remaining or None, "tool_calls": tool_calls}, tool_calls, \
-                    "tool_calls"
+                    FINISH_LENGTH if length else "tool_calls"
         finish = FINISH_STOP if c.finish_reason == FINISH_CANCELLED else c.finish_reason  # the API has no cancelled
         return {"role": "assistant", "content": text}, None, finish
 
