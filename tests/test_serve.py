@@ -172,6 +172,26 @@ def test_malformed_tool_call_comes_back_as_text(client, bad):
     assert r.choices[0].message.content == bad and ext(r)["parsed_tool_call"] is False
 
 
+def test_a_turn_cut_by_its_budget_keeps_the_calls_it_completed(served, client):
+    """The model repeats calls until the budget cuts the last one: the complete ones come back, finish_reason
+    length (the cut one is dropped), streamed or not."""
+    tok = served[2].tokenizer
+    budget = len(tok(CALL + "\n" + CALL[:30], add_special_tokens=False)["input_ids"])  # ends inside the second
+    messages = [{"role": "user", "content": "SCRIPT:" + CALL + "\n" + CALL}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, max_tokens=budget)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == budget
+    (tc,) = r.choices[0].message.tool_calls
+    assert tc.function.name == "get_weather" and json.loads(tc.function.arguments) == {"city": "Paris"}
+    assert r.choices[0].message.content is None and ext(r)["parsed_tool_call"] is True
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, max_tokens=budget,
+                                                 stream=True))
+    calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [c.function.name for c in calls] == ["get_weather"] and chunks[-1].choices[0].finish_reason == "length"
+    # a call the budget cuts before it closes is no call: text, as before
+    r = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, max_tokens=6)
+    assert r.choices[0].finish_reason == "length" and r.choices[0].message.tool_calls is None
+
+
 def test_tool_choice_named_function_starts_the_call(client):
     r = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": 'SCRIPT:{"city": "Rome"}}\n</tool_call>'}], tools=TOOLS,

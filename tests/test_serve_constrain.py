@@ -16,7 +16,7 @@ import pytest
 
 from layerroute.data.toolcalls import TOOL_CALL_OPEN
 from layerroute.serve import BackgroundServer, create_app
-from tests.test_constrain import GCD, LIGHT, WEATHER
+from tests.test_constrain import GCD, LIGHT, NOTE, SEARCH, WEATHER
 from tests.test_serve import raw, routed_model
 
 MODEL = "tiny-constrained"
@@ -115,6 +115,49 @@ def test_response_format_json_schema_and_object(client):
         valid_calls(msg)
     else:
         jsonschema.validate(json.loads(msg.content), ANSWER)
+
+
+def least_tokens(served, tools=None, choice="auto", response_format=None) -> int:
+    """The tokens of the shortest valid answer, as the server's budget rule counts them."""
+    import xgrammar as xgr
+
+    engine = served[1].state.engine
+    compiled = engine.grammars.for_tools(tools, choice, response_format=response_format)
+    return len(engine.grammars.closer.closing_tokens(xgr.GrammarMatcher(compiled,
+                                                                         override_stop_tokens=engine.eos_ids)))
+
+
+def test_required_under_a_small_budget_always_carries_a_valid_call(served, client):
+    """tool_choice=required, parallel calls allowed (OpenAI's default), a free-string tool among the offered ones:
+    at every budget from the shortest call's length up, greedy or sampled, the response carries at least one
+    call of an offered function with schema-valid arguments (finish_reason tool_calls, or length when the budget
+    cut the turn after its last complete call)."""
+    tools = [SEARCH, WEATHER, GCD, LIGHT]
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    least = least_tokens(served, tools, "required")
+    for budget, temperature, seed in [(least, 0.0, 0), (least + 4, 1.0, 1), (48, 0.0, 0), (48, 1.0, 2),
+                                      (80, 1.0, 3)]:
+        r = client.chat.completions.create(model=MODEL, messages=ASK, tools=tools, tool_choice="required",
+                                           max_tokens=budget, temperature=temperature, seed=seed)
+        choice = r.choices[0]
+        assert choice.finish_reason in ("tool_calls", "length") and choice.message.tool_calls, (budget, choice)
+        for tc in choice.message.tool_calls:
+            jsonschema.validate(json.loads(tc.function.arguments), schemas[tc.function.name])
+        assert r.usage.completion_tokens <= budget
+
+
+def test_json_schema_within_its_budget_always_parses(served, client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "note", "schema": NOTE, "strict": True}}
+    least = least_tokens(served, response_format=fmt)
+    for budget, temperature, seed in [(least, 0.0, 0), (least + 3, 1.0, 1), (48, 0.0, 0), (48, 1.0, 4)]:
+        r = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=budget, temperature=temperature,
+                                           seed=seed, response_format=fmt)
+        jsonschema.validate(json.loads(r.choices[0].message.content), NOTE)
+    # below the shortest answer the rule cannot help: the content is cut, finish_reason length
+    r = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=least - 1, response_format=fmt)
+    assert r.choices[0].finish_reason == "length"
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(r.choices[0].message.content)
 
 
 @pytest.mark.parametrize("body,param,needle", [
