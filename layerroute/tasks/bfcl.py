@@ -9,8 +9,9 @@ are in `layerroute.tasks.bfcl_multi_turn`.
 
 Two near-copies that differ, left as they are (unifying either would change the data or the scores):
 `bfcl_gold_calls` vs `answer_to_calls` (the data's gold turn gives an argument its first real acceptable value,
-optional or not, and leaves it out when it has none; the checker's leaves optional arguments out unless the
-spec requires them, and raises when a needed argument has no acceptable value), and `bfcl_schema` vs
+optional or not, and leaves it out when it has none or, optional, when its schema forbids that value; the
+checker's leaves optional arguments out unless the spec requires them, and raises when a needed argument has no
+acceptable value), and `bfcl_schema` vs
 `layerroute.infer.constrain.json_schema` (this one is strict: an unknown type name makes the row a `BadRow`; the
 grammar's is lenient: any JSON Schema from an API client passes, with type lists and combinators). On BFCL's
 function docs the two schemas agree (tests/test_constrain.py).
@@ -112,30 +113,70 @@ def _first_acceptable(choices: Any) -> tuple[bool, Any]:
     return False, None
 
 
-def _concrete_value(value: Any, schema: dict | None) -> Any:
+def _concrete_value(value: Any, schema: dict | None, within_schema: bool = False) -> Any:
     schema = schema or {}
     t = schema.get("type")
     if t in ("dict", "object", "HashMap") and isinstance(value, dict):
-        return _concrete_args(value, schema.get("properties") or {})
+        return _concrete_args(value, schema.get("properties") or {}, frozenset(schema.get("required") or []),
+                              within_schema)
     if t in ("array", "tuple", "Array", "ArrayList") and isinstance(value, list):
         items = schema.get("items") or {}
         if items.get("type") in ("dict", "object") and all(isinstance(v, dict) for v in value):
-            return [_concrete_args(v, items.get("properties") or {}) for v in value]
+            return [_concrete_args(v, items.get("properties") or {}, frozenset(items.get("required") or []),
+                                   within_schema) for v in value]
     return value
 
 
-def _concrete_args(possible: dict, props: dict) -> dict:
-    """{arg: [acceptable values]} -> {arg: value}: the first non-empty acceptable value; optional-only args omitted."""
+_PY_TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,), "array": (list, tuple),
+             "object": (dict,)}
+
+
+def schema_forbids(value: Any, schema: Any) -> bool:
+    """Whether a BFCL parameter schema forbids `value`: a type it is not (BFCL's type names mapped; a bool is no
+    number), a value outside its enum, or (arrays) an item its `items` forbids. A narrow check, not a validator:
+    what it passes the grammar may still refuse (tests/test_data_toolcalls.py walks every gold call through it)."""
+    if not isinstance(schema, dict):
+        return False
+    t = schema.get("type")
+    t = BFCL_TYPE_MAP.get(t, t) if isinstance(t, str) else None
+    if t in _PY_TYPES and (not isinstance(value, _PY_TYPES[t]) or (isinstance(value, bool) and t != "boolean")):
+        return True
+    if isinstance(schema.get("enum"), list) and value not in schema["enum"]:
+        return True
+    if t == "array" and isinstance(schema.get("items"), dict):
+        return any(schema_forbids(v, schema["items"]) for v in value)
+    return False
+
+
+def _concrete_args(possible: dict, props: dict, required: frozenset = frozenset(), within_schema: bool = False
+                   ) -> dict:
+    """{arg: [acceptable values]} -> {arg: value}: the first non-empty acceptable value; optional-only args omitted.
+    within_schema: also omit an argument the answer marks optional ("" acceptable) and the schema does not require
+    when that value is one its schema forbids (`schema_forbids`)."""
     out = {}
     for arg, choices in possible.items():
         present, v = _first_acceptable(choices)
-        if present:
-            out[arg] = _concrete_value(v, props.get(arg))
+        if not present:
+            continue
+        if (within_schema and arg not in required and _OPTIONAL in _as_list(choices)
+                and schema_forbids(v, props.get(arg))):
+            continue
+        out[arg] = _concrete_value(v, props.get(arg), within_schema)
+    if within_schema:  # the schema's own key order: the grammar (xgrammar) writes an object's keys in that order
+        order = {k: i for i, k in enumerate(props)}
+        out = dict(sorted(out.items(), key=lambda kv: order.get(kv[0], len(order))))
     return out
 
 
-def bfcl_gold_calls(ground_truth: list[dict], functions: list[dict]) -> list[dict]:
-    """BFCL possible_answer ground truth -> one concrete call per entry, [{"name", "arguments"}]."""
+def bfcl_gold_calls(ground_truth: list[dict], functions: list[dict], *, within_schema: bool = True) -> list[dict]:
+    """BFCL possible_answer ground truth -> one concrete call per entry, [{"name", "arguments"}].
+
+    Each argument takes its first acceptable value. within_schema (the default since issue 36): an optional
+    argument whose value its schema forbids (BFCL writes e.g. ``"unit": "N/A"`` outside the enum, ``null`` for a
+    string) is left out, and the arguments (nested objects too) come in the order their schema lists them (the
+    order the schema-constrained grammar writes), so the gold call is one the grammar allows; BFCL's checker
+    accepts a missing argument the answer marks optional and any key order. False: the rendering before issue 36
+    (adapters trained before it saw those values and the answer's key order)."""
     docs = {f["name"]: f for f in functions}
     calls = []
     for entry in ground_truth:
@@ -144,8 +185,10 @@ def bfcl_gold_calls(ground_truth: list[dict], functions: list[dict]) -> list[dic
         ((name, possible),) = entry.items()
         if not isinstance(possible, dict):
             raise ValueError(f"ground truth for {name} is not an argument map")
-        props = ((docs.get(name) or {}).get("parameters") or {}).get("properties") or {}
-        calls.append({"name": name, "arguments": _concrete_args(possible, props)})
+        params = (docs.get(name) or {}).get("parameters") or {}
+        props = params.get("properties") or {}
+        required = frozenset(params.get("required") or [])
+        calls.append({"name": name, "arguments": _concrete_args(possible, props, required, within_schema)})
     return calls
 
 
