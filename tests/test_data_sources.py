@@ -243,3 +243,28 @@ def test_math_target():
     assert math_target("a <<1+1=2>>2\n#### 1,234") == "a 2\nThe answer is 1234."
     assert math_target("no final line") is None
     assert math_target("just text", final="7") == "just text\nThe answer is 7."
+
+
+def test_bfcl_gold_calls_stay_inside_their_schema():
+    """Issue 36: an optional argument whose BFCL value the schema forbids (outside the enum, null for a string,
+    a bool for a string) is left out and the keys follow the schema's order, so the gold call is one the grammar
+    allows; an argument the schema requires or the answer insists on (no "") keeps its value. BFCL's checker
+    accepts the result; within_schema=False is the rendering before."""
+    from layerroute.tasks.bfcl import check_tool_calls, schema_forbids
+
+    fn = {"name": "f", "parameters": {"type": "dict", "required": ["name", "mode"], "properties": {
+        "name": {"type": "string"}, "mode": {"type": "string", "enum": ["a", "b"]},
+        "unit": {"type": "string", "enum": ["seconds", "milliseconds"]}, "token": {"type": "string"},
+        "venue": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string", "enum": ["x", "y"]}},
+        "limit": {"type": "integer"}}}}
+    gt = [{"f": {"limit": ["", 3], "token": ["", None], "unit": ["N/A", ""], "venue": ["", True], "mode": ["c"],
+                 "tags": [["x", "z"], ""], "name": ["n"]}}]
+    (new,) = bfcl_gold_calls(gt, [fn])
+    assert list(new["arguments"].items()) == [("name", "n"), ("mode", "c"), ("limit", 3)]  # the schema's order
+    (old,) = bfcl_gold_calls(gt, [fn], within_schema=False)
+    assert list(old["arguments"]) == ["limit", "token", "unit", "venue", "mode", "tags", "name"]
+    assert check_tool_calls([new], [fn], gt, "simple_python").valid
+    assert schema_forbids(None, {"type": "string"}) and schema_forbids(True, {"type": "integer"})
+    assert schema_forbids(["x", "z"], fn["parameters"]["properties"]["tags"])
+    assert not schema_forbids(2, {"type": "float"}) and not schema_forbids(None, {"type": "any"})
+    assert not schema_forbids(["x"], fn["parameters"]["properties"]["tags"]) and not schema_forbids("q", {})

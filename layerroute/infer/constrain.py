@@ -22,6 +22,10 @@ or as ordinary pieces. After the last call the end-of-turn token is the only cho
 BFCL's non-standard parameter types ("dict", "float", "tuple", "any", Java/JavaScript names) are mapped to JSON
 Schema with the data pipeline's own table (`layerroute.tasks.bfcl.BFCL_TYPE_MAP`).
 
+Under a token budget (`GrammarLogitsProcessor` ``budgets``, what the server and ``generate --constrain`` pass) a
+row keeps to tokens after which the shortest completion (`Closer`) still fits: a call or a JSON answer ends
+complete whenever the budget holds the shortest valid one; below that the budget cuts it.
+
 Cost: compiling a tool set takes milliseconds to a few hundred (the token masks are precomputed per grammar),
 cached per (tool set, choice) in an LRU keyed by the hash of its canonical JSON; a decode step then costs one
 mask fill per constrained row (microseconds to a fraction of a millisecond on CPU) plus one masked fill of the

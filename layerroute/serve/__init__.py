@@ -10,14 +10,19 @@ session-cache hits).
 
 * Tool calls the model writes (Hermes/Qwen ``<tool_call>{json}</tool_call>``) come back in ``tool_calls``
   (``call_...`` ids, type function, arguments as a JSON string) with finish_reason ``tool_calls``. A call that
-  does not parse comes back as plain text content (finish_reason ``stop``), never as an error.
+  does not parse comes back as plain text content (finish_reason ``stop``), never as an error. A turn cut by
+  ``max_tokens`` keeps the calls it completed (finish_reason ``length``; the call the budget cut is dropped).
   ``tool_choice``: ``auto`` (default), ``none`` (the tools are not shown and the output is not parsed),
   ``required`` or a named function; ``parallel_tool_calls: false`` allows one call at most.
 * Constrained decoding (default; ``--no-constrain`` turns it off): every step decodes under a grammar
   (`layerroute.infer.constrain`, xgrammar) built from the request, so a call always parses, names one of the request's
   tools and has arguments valid under its parameter schema: ``auto`` = free text, and any call it opens is
   well formed; ``required`` = one or more calls and nothing else; a named function = calls of it only;
-  ``none`` = text that never opens a call. ``response_format`` ``{"type": "json_object"}`` or ``{"type":
+  ``none`` = text that never opens a call. Under a budget: once the tokens left approach what the shortest way
+  to a valid end needs, only tokens that keep it within reach are allowed (`constrain.GrammarLogitsProcessor`'s
+  budget rule), so a call or a JSON answer is complete whenever ``max_tokens`` holds the shortest valid one
+  (greedy; a sampled request is checked within 32 tokens of its end); below that the answer is cut.
+  ``response_format`` ``{"type": "json_object"}`` or ``{"type":
   "json_schema", "json_schema": {"schema": ...}}`` makes the content one JSON value valid under the schema
   (always strict: no properties the schema does not name). A schema the grammar compiler rejects is a 400
   naming the problem (``param`` tools or response_format, ``code`` invalid_schema). Without constraints,
