@@ -554,8 +554,9 @@ class GrammarLogitsProcessor(LogitsProcessor):
             self._paths[row] = checked[tok]
         elif path and path[0] == tok:
             self._paths[row] = path[1:]
-        else:
-            self._paths[row] = None
+        elif path is not None:  # a token nobody checked (a sampled row far from its end): does the path still close?
+            f = self.matchers[row].fork()
+            self._paths[row] = path if all(f.accept_token(t) for t in path) and f.is_completed() else None
         self._checked[row] = {}
 
     def _path_after(self, row: int, tok: int, tight: bool) -> list[int] | None:
