@@ -9,7 +9,7 @@ budget (``--budgets``, e.g. 48 64 96):
 * ``response_format`` json_schema (the first tool's parameter schema, strict: "answer with the arguments"): does
   the content parse and validate?
 
-Each under the budget rule (`layerroute.constrain.GrammarLogitsProcessor`, what the server runs) and without it
+Each under the budget rule (`layerroute.infer.constrain.GrammarLogitsProcessor`, what the server runs) and without it
 (``rule_off``: the same server with the rule's budget taken away, the grammar alone). Without the rule a
 response cut by the budget still keeps the calls it completed (the server's other fix); ``would_drop`` counts the
 cut responses with calls, which the server before this change answered with no call at all. Per prompt the
@@ -34,11 +34,11 @@ import jsonschema
 import torch
 import yaml
 
-from layerroute.bench import emit_json_line
-from layerroute.constrain import json_schema
 from layerroute.data.config import DataConfig
 from layerroute.data.sources import BadRow, iter_source
-from layerroute.generate import load_for_inference
+from layerroute.eval.bench import emit_json_line
+from layerroute.infer.constrain import json_schema
+from layerroute.infer.generate import load_for_inference
 
 
 def bfcl_prompts(config: str, n: int) -> list[dict]:

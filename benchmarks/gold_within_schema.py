@@ -32,11 +32,11 @@ from collections import Counter
 
 import yaml
 
-from layerroute.bench import emit_json_line
 from layerroute.data.config import DataConfig
 from layerroute.data.sources import BadRow, iter_source
 from layerroute.data.splits import assign_split
 from layerroute.data.toolcalls import render_tool_calls
+from layerroute.eval.bench import emit_json_line
 from layerroute.tasks.bfcl import bfcl_gold_calls
 
 TOKENIZER = "tests/fixtures/tokenizers/smollm2"
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_walk:
         from transformers import AutoTokenizer
 
-        from layerroute.constrain import grammars_for
+        from layerroute.infer.constrain import grammars_for
 
         grammars = grammars_for(AutoTokenizer.from_pretrained(TOKENIZER), None, None)
         outside = {"old": [], "new": []}

@@ -19,9 +19,10 @@ session-cache hits).
   tools and has arguments valid under its parameter schema: ``auto`` = free text, and any call it opens is
   well formed; ``required`` = one or more calls and nothing else; a named function = calls of it only;
   ``none`` = text that never opens a call. Under a budget: once the tokens left approach what the shortest way
-  to a valid end needs, only tokens that keep it within reach are allowed (`constrain.GrammarLogitsProcessor`'s
-  budget rule), so a call or a JSON answer is complete whenever ``max_tokens`` holds the shortest valid one
-  (greedy; a sampled request is checked within 32 tokens of its end); below that the answer is cut.
+  to a valid end needs, only tokens that keep it within reach are allowed (the budget rule of
+  `layerroute.infer.constrain.GrammarLogitsProcessor`), so a call or a JSON answer is complete whenever
+  ``max_tokens`` holds the shortest valid one (greedy; a sampled request is checked within 32 tokens of its
+  end); below that the answer is cut.
   ``response_format`` ``{"type": "json_object"}`` or ``{"type":
   "json_schema", "json_schema": {"schema": ...}}`` makes the content one JSON value valid under the schema
   (always strict: no properties the schema does not name). A schema the grammar compiler rejects is a 400
