@@ -3,7 +3,6 @@
 import json
 import os
 import random
-from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -17,13 +16,6 @@ from tests.helpers import synthetic_step
 
 HERE = os.path.dirname(__file__)
 FIX = os.path.join(HERE, "fixtures", "data")
-# real GSM8K lives in shared/data/gsm8k beside (or above) the checkout; tests that need it skip without it
-GSM8K_TRAIN = next(
-    (str(c) for c in (p / "shared" / "data" / "gsm8k" / "train.jsonl" for p in Path(HERE).resolve().parents)
-     if c.is_file()),
-    None,
-)
-needs_gsm8k = pytest.mark.skipif(GSM8K_TRAIN is None, reason="no shared/data/gsm8k above the checkout")
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +74,10 @@ def test_bad_row_threshold_raises_with_examples(tok):
     assert "tool_call_invalid_json: 1" in msg and "hermes:bad-truncated-json:" in msg
 
 
-@needs_gsm8k
 def test_splits_are_disjoint_by_conversation_and_deterministic(tok):
     d = {
         "sources": [
-            {"name": "gsm8k_jsonl", "path": GSM8K_TRAIN, "limit": 120, "turns_per_conversation": 2},
+            {"name": "gsm8k_jsonl", "limit": 120, "turns_per_conversation": 2},  # the packaged GSM8K train
             {"name": "glaive", "path": os.path.join(FIX, "glaive_function_calling_v2.json")},
         ],
         "eval_fraction": 0.3,
@@ -154,14 +145,12 @@ def test_length_matched_subset_has_matched_bins():
     assert hc[TOOL_CALL] == hc[PLANNING] and cinfo["per_type"] == 10 == sum(hc[TOOL_CALL].values())
 
 
-@needs_gsm8k
 def test_length_matched_on_real_steps(tok):
     d = {
         "sources": [
             {"name": "bfcl", "categories": ["simple_python", "parallel"], "limit": 30, "role": "eval"},
             {
-                "name": "gsm8k_jsonl",
-                "path": GSM8K_TRAIN,
+                "name": "gsm8k_jsonl",  # the packaged GSM8K train split
                 "limit": 90,
                 "role": "eval",
                 "turns_per_conversation": 3,

@@ -31,6 +31,10 @@ TOK = os.path.join(HERE, "fixtures", "tokenizers", "smollm2")
         ({"sources": [{"name": "nope"}]}, "data.sources[0].name"),
         ({"sources": [{"name": "jsonl"}]}, "data.sources[0].path"),
         ({"sources": [{"name": "gsm_symbolic"}]}, "data.sources[0].limit"),
+        ({"sources": [{"name": "gsm8k_jsonl", "split": "validation"}]}, "data.sources[0].split"),
+        # the packaged GSM8K test split is evaluation data: training on it is refused
+        ({"sources": [{"name": "gsm8k_jsonl", "split": "test"}]}, "data.sources[0].role"),
+        ({"sources": [{"name": "gsm8k_jsonl", "split": "test", "role": "train"}]}, "data.sources[0].role"),
         ({"sources": [{"name": "bfcl", "categories": ["irrelevance"]}]}, "data.sources[0].categories"),
         ({"sources": [{"name": "bfcl", "role": "test"}]}, "data.sources[0].role"),
         (

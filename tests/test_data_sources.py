@@ -98,6 +98,24 @@ def test_gsm8k_jsonl_same_rows_and_limit():
     assert len(good) == 2 and not bad
 
 
+@pytest.mark.parametrize("split, rows", [("train", 7473), ("test", 1319)])
+def test_packaged_gsm8k_is_read_without_a_path_and_a_user_path_reads_the_same(tmp_path, split, rows):
+    """GSM8K ships in the package (gzip JSONL); a user's own file, plain or gzip, is read the same way."""
+    import gzip
+
+    from layerroute.data.config import packaged_gsm8k
+
+    src = SourceConfig("gsm8k_jsonl", split=split, role="eval")
+    assert src.resolved_path == str(packaged_gsm8k(split))
+    packaged = [r for r in iter_source(src, CFG)]
+    assert len(packaged) == rows and all(isinstance(r, Conversation) for r in packaged)
+    plain = tmp_path / f"{split}.jsonl"
+    plain.write_text(gzip.decompress(packaged_gsm8k(split).read_bytes()).decode("utf-8"))
+    user = list(iter_source(SourceConfig("gsm8k_jsonl", path=str(plain), limit=50), CFG))
+    assert [c.messages for c in user] == [c.messages for c in packaged[:50]]
+    assert (packaged_gsm8k(split).parent / "LICENSE").read_text().startswith("MIT License")
+
+
 def test_turing_rows_and_wrong_columns():
     good, bad = read("turing", "turing_open_reasoning.json")
     assert bad == Counter(missing_field=1)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import json
-from pathlib import Path
 
 import pytest
 
+from layerroute.data.config import GSM8K_SPLITS, packaged_gsm8k
 from layerroute.errors import DataError
 from layerroute.tasks.gsm8k import extract_final_number, gsm8k_exact_match, normalize_number
 
@@ -78,13 +79,11 @@ def test_normalize_number():
 
 
 def test_real_gsm8k_references_all_have_a_final_number():
-    # Real GSM8K sits in shared/data/gsm8k beside (or above) the checkout, where the offline configs read it.
-    roots = [p / "shared" / "data" / "gsm8k" for p in Path(__file__).resolve().parents]
-    files = [f for root in roots if root.is_dir() for f in sorted(root.glob("*.jsonl"))]
-    if not files:
-        pytest.skip("no GSM8K jsonl in any shared/data/gsm8k above the tests")
-    rows = [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
-    assert len(rows) > 1000
+    # Real GSM8K ships in the package (layerroute/data/gsm8k), where the offline configs read it.
+    files = [packaged_gsm8k(split) for split in GSM8K_SPLITS]
+    rows = [json.loads(line) for f in files for line in gzip.decompress(f.read_bytes()).decode().splitlines()
+            if line.strip()]
+    assert len(rows) == 7473 + 1319
     for row in rows:
         final = row["answer"].rsplit("####", 1)[1].strip().replace(",", "")
         assert extract_final_number(row["answer"]) == normalize_number(final)

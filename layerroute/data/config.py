@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from layerroute.errors import ConfigError
@@ -21,7 +22,7 @@ SOURCE_KINDS = (
     "turing",  # hub TuringEnterprises/Turing-Open-Reasoning (question / answer [/ reasoning])
     "bfcl",  # the bfcl-eval package's questions + possible answers (offline)
     "gsm_symbolic",  # reasoning-gym's generated GSM8K-style problems with worked solutions (offline)
-    "gsm8k_jsonl",  # a local GSM8K JSONL file with question / answer lines (offline)
+    "gsm8k_jsonl",  # GSM8K JSONL (question / answer lines, .jsonl or .jsonl.gz); no path: the packaged copy (offline)
     "jsonl",  # any local JSONL with `messages` (+ optional `tools`) per line (offline)
 )
 
@@ -35,6 +36,17 @@ DEFAULT_PATHS = {
     "gsm8k_hub": "openai/gsm8k",
     "turing": "TuringEnterprises/Turing-Open-Reasoning",
 }
+
+#: GSM8K ships in the package (openai/grade-school-math, MIT; README.md and LICENSE beside the files): what a
+#: `gsm8k_jsonl` source without a `path` reads, by `split`. The test split is evaluation data only (role: eval).
+GSM8K_DIR = Path(__file__).resolve().parent / "gsm8k"
+GSM8K_SPLITS = ("train", "test")
+
+
+def packaged_gsm8k(split: str) -> Path:
+    """The packaged GSM8K file of one split (train or test)."""
+    return GSM8K_DIR / f"{split}.jsonl.gz"
+
 
 #: Default hub configuration name per source kind.
 DEFAULT_HUB_CONFIGS = {"gsm8k_hub": "main"}
@@ -81,11 +93,13 @@ class SourceConfig:
     name: str
     """Source kind: one of hermes, glaive, gsm8k_hub, turing, bfcl, gsm_symbolic, gsm8k_jsonl, jsonl."""
     path: str | None = None
-    """Hub id, or a local file/folder (json, jsonl, parquet). Hub kinds default to their dataset id; bfcl to the package data."""
+    """Hub id, or a local file/folder (json, jsonl, jsonl.gz, parquet). Hub kinds default to their dataset id; bfcl to
+    the bfcl-eval package's data; gsm8k_jsonl to the GSM8K copy shipped in layerroute (by `split`)."""
     hub_config: str | None = None
     """Hub dataset configuration name (gsm8k_hub defaults to 'main'; hermes e.g. 'func_calling_singleturn')."""
     split: str = "train"
-    """Hub/file split to read (the source's own split name, not our train/eval assignment)."""
+    """Hub/file split to read (the source's own split name, not our train/eval assignment); gsm8k_jsonl without a
+    path: train or test of the packaged GSM8K."""
     limit: int | None = None
     """Read at most this many rows (after category filtering); for gsm_symbolic, how many problems to generate."""
     categories: list[str] | None = None
@@ -114,8 +128,14 @@ class SourceConfig:
             not isinstance(self.limit, int) or isinstance(self.limit, bool) or self.limit < 1
         ):
             raise _fail(f"{key}.limit", f"must be a positive integer or null, got {self.limit!r}")
-        if self.name in ("gsm8k_jsonl", "jsonl") and not self.path:
+        if self.name == "jsonl" and not self.path:
             raise _fail(f"{key}.path", f"source {self.name!r} needs a local file path")
+        if self.name == "gsm8k_jsonl" and not self.path:
+            if self.split not in GSM8K_SPLITS:
+                raise _fail(f"{key}.split", f"the packaged GSM8K has splits {', '.join(GSM8K_SPLITS)}, got "
+                                            f"{self.split!r} (or name a file with path)")
+            if self.split == "test" and self.role != "eval":
+                raise _fail(f"{key}.role", "GSM8K test is evaluation data: set role: eval (never train on it)")
         if self.name == "gsm_symbolic" and self.limit is None:
             raise _fail(f"{key}.limit", "gsm_symbolic generates problems: set how many with limit")
         if self.categories is not None:
@@ -148,7 +168,9 @@ class SourceConfig:
 
     @property
     def resolved_path(self) -> str | None:
-        """`path`, or the kind's default hub id."""
+        """`path`, or the kind's default: a hub id, or (gsm8k_jsonl) the packaged GSM8K file of `split`."""
+        if not self.path and self.name == "gsm8k_jsonl":
+            return str(packaged_gsm8k(self.split))
         return self.path or DEFAULT_PATHS.get(self.name)
 
     @property

@@ -15,6 +15,7 @@ The loaders themselves live in `layerroute.data.sources` (the registry and the g
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -165,7 +166,8 @@ def jsonl_rows(path: str, source: str, limit: int | None) -> Iterator[tuple[int,
     if not os.path.exists(path):
         raise DataError(f"{source}: file not found: {path!r}")
     n = 0
-    with open(path, encoding="utf-8") as f:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -1,5 +1,5 @@
-"""GSM8K-style math word problems: loading (openai/gsm8k on the hub, a local GSM8K JSONL, reasoning-gym's
-gsm_symbolic) and scoring (final-number exact match).
+"""GSM8K-style math word problems: loading (openai/gsm8k on the hub, a GSM8K JSONL: the packaged copy or a local
+file, reasoning-gym's gsm_symbolic) and scoring (final-number exact match).
 
 Math targets (GSM8K, gsm_symbolic, Turing): the assistant answer is the worked solution, GSM8K calculator
 annotations ``<<48/2=24>>`` removed, and its ``#### N`` line replaced by a final line ``The answer is N.``
@@ -102,8 +102,9 @@ def load_gsm_symbolic(src: SourceConfig, cfg: DataConfig) -> Iterator[Record]:
 
 
 def load_gsm8k_jsonl(src: SourceConfig, cfg: DataConfig) -> Iterator[Record]:
-    """A local GSM8K JSONL ({"question", "answer"} per line), e.g. ../shared/data/gsm8k/train.jsonl."""
-    for _, row in jsonl_rows(src.path, src.source_label, src.limit):
+    """A GSM8K JSONL ({"question", "answer"} per line, plain or .gz): `path`, or without one the copy shipped in
+    the package (`split: train` / `split: test`, layerroute/data/gsm8k/)."""
+    for _, row in jsonl_rows(src.resolved_path, src.source_label, src.limit):
         yield row if isinstance(row, BadRow) else gsm8k_row(row, src.source_label)
 
 
