@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
     if args.batched_only:
         emit_json_line({
-            "benchmark": "accuracy_throughput", "batched_only": True, "model": args.model or cfg.model.name,
+            "benchmark": "accuracy_throughput", "batched_only": True, "model": args.model or cfg.model.name, "dtype": rm.dtype,
             "adapter": args.adapter, "step_type": args.step_type,
             "forced_skip": None if forced is None else [i for i, g in enumerate(forced) if not g],
             "steps": len(steps), "batch": args.batch, "reps": args.reps, "threads": args.threads,
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     per_min = {k: 60 * len(steps) / min(v) for k, v in cpu.items()}
     per_min_wall = {k: 60 * len(steps) / min(v) for k, v in times.items()}
     emit_json_line({
-        "benchmark": "accuracy_throughput", "model": args.model or cfg.model.name, "adapter": args.adapter,
+        "benchmark": "accuracy_throughput", "model": args.model or cfg.model.name, "dtype": rm.dtype, "adapter": args.adapter,
         "forced_skip": None if forced is None else [i for i, g in enumerate(forced) if not g],
         "steps": len(steps), "batch": args.batch, "reps": args.reps, "threads": args.threads,
         "step_type": args.step_type, "max_new_tokens": budget, "kv_policy": ecfg.kv_policy,

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                         if per_correct and summaries[base][f"{clock}_per_correct_call"] else None)
     skipped = [r["skipped_blocks"] for r in rows["routed"]]
     emit_json_line({
-        "benchmark": "end_to_end_steps", "adapter": args.adapter, "model": cfg.model.name, "dtype": cfg.model.dtype,
+        "benchmark": "end_to_end_steps", "adapter": args.adapter, "model": cfg.model.name, "dtype": rm.dtype,
         "machine": platform.processor() or platform.machine(), "threads": args.threads,
         "date": time.strftime("%Y-%m-%d"), "steps": len(steps), "max_new_tokens": budget, "lookup": args.lookup,
         "kv_policy": ecfg.kv_policy, "context_tokens_mean": statistics.mean(s.context_length for s in steps),

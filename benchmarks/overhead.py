@@ -231,7 +231,7 @@ def main(argv=None) -> int:
     from layerroute.model import configure_trainable
 
     configure_trainable(rm.model)
-    result = {"model": args.model, "threads": torch.get_num_threads(), "device": str(rm.device),
+    result = {"model": args.model, "dtype": rm.dtype, "threads": torch.get_num_threads(), "device": str(rm.device),
               "command": " ".join(sys.argv)}
     result["inference"] = inference_overhead(rm, args.prompt, args.decode, args.reps)
     print(f"inference: {json.dumps(result['inference'])}", file=sys.stderr)

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from layerroute.config import add_dtype_argument
 from layerroute.eval.bench import emit_json_line
 from layerroute.infer.generate import load_for_inference
 from layerroute.nn.kv_cache import RoutedCache
@@ -28,7 +29,7 @@ from layerroute.nn.kv_cache import RoutedCache
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--dtype", default="bfloat16")
+    add_dtype_argument(p)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, default=264)
     p.add_argument("--decode-steps", type=int, default=31, help="decode steps per request in the projection")
@@ -80,7 +81,7 @@ def main() -> int:
     sequential = ms["prefill_alone"] + n * ms["decode_alone"] / b
     overlapped = max(ms["prefill_overlapped"], n * ms["decode_overlapped"] / b)
     emit_json_line({
-        "benchmark": "prefill_decode_overlap", "model": args.model, "dtype": args.dtype, "batch": b,
+        "benchmark": "prefill_decode_overlap", "model": args.model, "dtype": rm.dtype, "batch": b,
         "prompt_tokens": args.prompt_tokens, "torch": torch.__version__, "median_ms": ms,
         "samples": {k: len(v) for k, v in res.items()},
         "server_ms_per_request": {"sequential": sequential, "overlapped": overlapped},

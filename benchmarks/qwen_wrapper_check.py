@@ -23,7 +23,7 @@ torch.set_num_threads(1)
 adapter, n, out_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 cfg = RunConfig.from_yaml("configs/offline-qwen2.5-0.5b.yaml")
 cfg.data.sources = [s for s in cfg.data.sources if s.name == "bfcl"]
-rm = load_adapter(adapter, ModelConfig(name="qwen2.5-coder-0.5b-instruct", dtype="bfloat16", device="cpu"))
+rm = load_adapter(adapter, ModelConfig(name="qwen2.5-coder-0.5b-instruct", dtype="auto", device="cpu"))
 data = load_steps(cfg.data, rm.tokenizer)
 tools = [s for s in data.eval if s.step_type == "tool_call"]
 print("eval tool-call steps (bfcl only):", len(tools), "of which live_*:", sum((s.category or "").startswith("live") for s in tools), flush=True)

@@ -109,7 +109,7 @@ def mixed(tool: list, planning: list, share: float) -> list:
     return out
 
 
-DTYPE_SUFFIX = {"float32": "", "bfloat16": "_bf16", "float16": "_fp16"}
+DTYPE_SUFFIX = {"auto": "", "float32": "", "bfloat16": "_bf16", "float16": "_fp16"}  # auto: the servers' choice
 
 
 class ServerProc:
@@ -240,7 +240,7 @@ def main() -> int:
     p.add_argument("--prefill-thread", action="store_true",
                    help="also every batched configuration with `serve --prefill-thread` (name suffix _pt): "
                         "newcomers prefilled on a second thread while the batch decodes")
-    p.add_argument("--dtypes", nargs="+", default=["float32"], choices=list(DTYPE_SUFFIX),
+    p.add_argument("--dtypes", nargs="+", default=["auto"], choices=list(DTYPE_SUFFIX),
                    help="run every configuration in each of these dtypes (the servers' --dtype)")
     p.add_argument("--server-threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
                    help="torch threads per server (OMP_NUM_THREADS in its environment; default: this process's "

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     }
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     out = {
-        "model": rm.identity.get("name"), "adapter": args.adapter, "threads": torch.get_num_threads(),
+        "model": rm.identity.get("name"), "adapter": args.adapter, "dtype": rm.dtype, "threads": torch.get_num_threads(),
         "conversations": len(convs), "steps": sum(len(c) for c in convs), "skip_fraction": args.skip_fraction,
         "max_new_tokens": args.max_new_tokens, "command": " ".join(sys.argv), "schedules": {},
     }

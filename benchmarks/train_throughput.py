@@ -114,6 +114,7 @@ def main() -> int:
     out = {
         "benchmark": "train_throughput",
         "model": args.model,
+        "dtype": routed.dtype,  # model.dtype auto: bfloat16 where native, else float32
         "device": str(device),
         "threads": torch.get_num_threads(),
         "batch": B,

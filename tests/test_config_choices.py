@@ -22,7 +22,7 @@ from layerroute.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 
 CASES = [  # (section class, section, key, a bad value, its allowed values)
-    (ModelConfig, "model", "dtype", "fp8", ["float32", "bfloat16", "float16"]),
+    (ModelConfig, "model", "dtype", "fp8", ["auto", "float32", "bfloat16", "float16"]),
     (ModelConfig, "model", "attn_implementation", "flash", ["sdpa", "eager"]),
     (RouterConfig, "router", "kind", "conv", ["linear", "mlp"]),
     (RouterConfig, "router", "pooling", "first_turn", ["mean", "last", "last_turn"]),

@@ -16,6 +16,7 @@ from ..infer.generate import load_for_inference, routed_generate, skip_pattern, 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..chat_template import add_chat_template_argument
+    from ..config import add_dtype_argument
 
     parser.add_argument("--model", default=None, help="model name (default: the adapter's base, else the offline one)")
     parser.add_argument("--adapter", default=None, help="adapter directory (routers + LoRA)")
@@ -30,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kv-policy", default="exact", choices=["exact", "kv_preserving"])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_dtype_argument(parser)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--tools", default=None, help="JSON file: a list of OpenAI tool specs offered in the prompt")

@@ -20,12 +20,12 @@ from .overrides import (
     parse_yaml,
 )
 from .run import RUN_SECTIONS, RunConfig, resolve_raw
-from .sections import EvalConfig, LoraSettings, ModelConfig, RouterConfig
+from .sections import DTYPES, EvalConfig, LoraSettings, ModelConfig, RouterConfig, add_dtype_argument
 from .train import GREEDY_ORACLES, ORACLE_SOURCES, REGULARIZERS, ROUTER_LOSSES, STATIC_ORACLES, TrainConfig
 
 __all__ = [
-    "GREEDY_ORACLES", "ORACLE_SOURCES", "REGULARIZERS", "ROUTER_LOSSES", "RUN_SECTIONS", "STATIC_ORACLES",
+    "DTYPES", "GREEDY_ORACLES", "ORACLE_SOURCES", "REGULARIZERS", "ROUTER_LOSSES", "RUN_SECTIONS", "STATIC_ORACLES",
     "EvalConfig", "LoraSettings", "ModelConfig", "RouterConfig", "RunConfig", "TrainConfig",
-    "apply_eval_overlay", "apply_overlay", "apply_override", "apply_overrides", "check_choices", "check_range",
+    "add_dtype_argument", "apply_eval_overlay", "apply_overlay", "apply_override", "apply_overrides", "check_choices", "check_range",
     "choices", "describe", "from_dict", "load_yaml", "parse_yaml", "resolve_raw", "setting",
 ]

@@ -8,18 +8,28 @@ so a wrong config stops a run before any model is loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from .. import chat_template
 from ..errors import ConfigError
 from .fields import check_choices, check_range, setting
 
-Dtype = Literal["float32", "bfloat16", "float16"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+DTYPES = get_args(Dtype)  # the choices of every --dtype flag (default auto)
 AttnImplementation = Literal["sdpa", "eager"]
 RouterKind = Literal["linear", "mlp"]
 Pooling = Literal["mean", "last", "last_turn"]
 KvPolicy = Literal["exact", "kv_preserving"]
 AccuracyConfiguration = Literal["base", "lora_full_depth", "routed", "routed_no_lora", "shortgpt", "random"]
+
+DTYPE_HELP = ("frozen weights' dtype; auto (default): bfloat16 where the device runs bf16 matmuls natively (CUDA with "
+              "bf16, a CPU with AVX-512 BF16 or AMX), else float32 (emulated bf16 is ~40x slower)")
+
+
+def add_dtype_argument(parser, help: str = DTYPE_HELP) -> None:
+    """The --dtype flag of every command that loads a model: the choices of model.dtype, default auto."""
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help=help)
+
 
 REJECTED = "rejected by the ablation (RESULTS.md / docs/results/ablation.md)"
 
@@ -33,8 +43,10 @@ class ModelConfig:
         "hub id, local folder, .gguf file, 'smollm2-135m-instruct' (packaged offline default) or 'shape:<preset>'",
     )
     dtype: Dtype = setting(
-        "float32", "frozen weights' dtype: float32, bfloat16 or float16; LoRA, routers, skip bridges and their optimizer "
-        "state stay fp32 (bf16 is faster on CPUs with AVX-512 BF16 / AMX too: docs/results/bf16.md)")
+        "auto", "frozen weights' dtype: auto (bfloat16 where bf16 matmuls are native: CUDA with bf16, a CPU with "
+        "AVX-512 BF16 or AMX; else float32: emulated bf16 is ~40x slower), float32, bfloat16 or float16; the dtype "
+        "used is recorded (run config, adapter). LoRA, routers, skip bridges and their optimizer state stay fp32 "
+        "(docs/results/bf16.md)")
     device: str = setting("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:N'")
     attn_implementation: AttnImplementation = setting("sdpa", "transformers attention backend: sdpa or eager")
     seed: int = setting(0, "seed for the random weights of shape presets")

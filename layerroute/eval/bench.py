@@ -400,6 +400,7 @@ def emit_json_line(result: dict, output: str | None = None) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..chat_template import add_chat_template_argument
+    from ..config import add_dtype_argument
 
     parser.add_argument("--model", default=None, help="model name (default: the adapter's base, else the offline one)")
     group = parser.add_mutually_exclusive_group()
@@ -418,7 +419,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no-mixed", action="store_true", help="skip the mixed-batch configurations")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_dtype_argument(parser)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output", default=None, help="write the whole result here, as one JSON line")
     parser.add_argument("--json", action="store_true", help="print the whole result as one JSON line, not a table")
@@ -483,7 +484,7 @@ def run(args: argparse.Namespace) -> int:
         "model": rm.identity.get("name"), "adapter": args.adapter, "num_layers": rm.num_layers,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-        "dtype": args.dtype, "threads": torch.get_num_threads(), "reps": args.reps, "warmup": args.warmup,
+        "dtype": rm.dtype, "threads": torch.get_num_threads(), "reps": args.reps, "warmup": args.warmup,
         "torch": torch.__version__, "command": " ".join(sys.argv),
         "wall_s": None,
     }

@@ -18,8 +18,9 @@ from .stage_cache import StageCache, directory_digest
 
 
 def run_eval(adapters: list[str], data_cfg, cfg: EvalConfig, model_name: str | None, out_dir: Path, *,
-             tokenizer: str | None = None, chat_template: str | None = None, dtype: str = "float32") -> dict:
-    """Evaluate each adapter on the base model (its own unless `model_name`) loaded in `dtype` (model.dtype).
+             tokenizer: str | None = None, chat_template: str | None = None, dtype: str = "auto") -> dict:
+    """Evaluate each adapter on the base model (its own unless `model_name`) loaded in `dtype` (model.dtype; 'auto'
+    resolved by `load_base`; the dtype used is each adapter's result's `dtype`).
 
     `tokenizer` / `chat_template`: model.tokenizer / model.chat_template given explicitly, which each adapter
     must have been trained with (its own saved tokenizer and template are what it is evaluated with)."""
@@ -44,9 +45,10 @@ def run_eval(adapters: list[str], data_cfg, cfg: EvalConfig, model_name: str | N
         # config or step set is not reused: each stage's key names what it depends on)
         cache = StageCache(out_dir / "partial" / f"adapter{n}",
                            {"adapter": directory_digest(path), "model": model_name, "eval": asdict(cfg),
-                            **({"dtype": dtype} if dtype != "float32" else {})})  # fp32 keys as before
+                            **({"dtype": rm.dtype} if rm.dtype != "float32" else {})})  # fp32 keys as before
         res = evaluate_adapter(rm, data, cfg, meta, cache=cache)
         res["adapter"] = str(path)
+        res["dtype"] = rm.dtype  # the frozen weights' dtype this evaluation ran in
         per_adapter.append(res)
         del rm
     doc = assemble(per_adapter, asdict(cfg), data.stats() if hasattr(data, "stats") else None)

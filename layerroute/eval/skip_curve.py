@@ -212,16 +212,17 @@ def skip_curve(reference_adapter: str, run_cfg, out_dir: Path, *, blocks: list[i
     if max(blocks) > n_layers:
         raise ConfigError(f"curve --blocks: {max(blocks)} is more than the model's {n_layers} blocks")
     cache = StageCache(out_dir / "partial", {"adapter": directory_digest(reference_adapter), "eval": asdict(cfg),
-                                             "dtype": run_cfg.model.dtype, "calibration": calibration_steps})
+                                             "dtype": rm.dtype, "calibration": calibration_steps})
     # the rankings depend on the adapter, the calibration steps and the batching only, not on the generation settings
     rank_cache = StageCache(out_dir / "partial", {"adapter": directory_digest(reference_adapter),
-                                                  "dtype": run_cfg.model.dtype, "calibration": calibration_steps,
+                                                  "dtype": rm.dtype, "calibration": calibration_steps,
                                                   "batch_size": cfg.batch_size, "seed": cfg.seed,
                                                   "shortgpt_steps": cfg.calibration_steps})
     refs: dict[str, dict] = {}
     ranked = {r: rank_cache.run(f"rank-{r}", [_steps_key(list(data.train)[:max(calibration_steps, cfg.calibration_steps)])],
                            lambda r=r, m=rm: rank_blocks(m, data, r, cfg, calibration_steps)) for r in rankings}
-    doc: dict = {"reference_adapter": str(reference_adapter), "n_layers": n_layers, "tolerance_points": tolerance,
+    doc: dict = {"reference_adapter": str(reference_adapter), "n_layers": n_layers, "dtype": rm.dtype,
+                 "tolerance_points": tolerance,
                  "eval_config": asdict(cfg), "rankings": ranked, "types": {}}
     for t, steps in draws.items():
         if not steps:

@@ -387,7 +387,7 @@ def skip_pattern(num_layers: int, fraction: float) -> list[bool]:
 
 
 def load_for_inference(
-    model_name: str | None, adapter: str | None, dtype: str = "float32", device: str = "auto", lora: bool = True,
+    model_name: str | None, adapter: str | None, dtype: str = "auto", device: str = "auto", lora: bool = True,
     chat_template: str | None = None,
 ):
     """A RoutedModel from an adapter directory (with its saved tokenizer and chat template), or a freshly wrapped

@@ -174,6 +174,7 @@ def summarize(results: list[dict], checker: str) -> dict:
 # -- CLI -----------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..chat_template import add_chat_template_argument
+    from ..config import add_dtype_argument
 
     parser.add_argument("--task", default="bfcl-multi-turn", choices=TASKS)
     parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="a running layerroute server")
@@ -183,6 +184,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--spawn: model to load (default: the adapter's base, else smollm2-135m-instruct)")
     parser.add_argument("--adapter", default=None, help="--spawn: adapter directory")
     add_chat_template_argument(parser)
+    add_dtype_argument(parser)
     parser.add_argument("--dense", action="store_true", help="--spawn: serve the plain model")
     parser.add_argument("--skip-fraction", type=float, default=None, help="--spawn: force a skip pattern")
     parser.add_argument("--no-constrain", action="store_true",
@@ -205,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
 
     tasks = load_tasks(args.limit, args.ids)
     checkers = bfcl_checkers()
-    server = None
+    server = dtype = None
     base_url = args.base_url
     if args.spawn:
         from ..infer.generate import load_for_inference, skip_pattern
@@ -214,7 +216,8 @@ def run(args: argparse.Namespace) -> int:
 
         if args.dense and args.skip_fraction is not None:
             raise ConfigError("--dense and --skip-fraction exclude each other")
-        rm = load_for_inference(args.model, args.adapter, chat_template=args.chat_template)
+        rm = load_for_inference(args.model, args.adapter, args.dtype, chat_template=args.chat_template)
+        dtype = rm.dtype
         forced = skip_pattern(rm.num_layers, args.skip_fraction) if args.skip_fraction is not None else None
         app = create_app(rm, model_name=args.model or rm.identity.get("name") or "layerroute", dense=args.dense,
                          forced=forced, max_tokens_limit=max(args.max_tokens, 4096), constrained=not args.no_constrain)
@@ -239,6 +242,8 @@ def run(args: argparse.Namespace) -> int:
             server.stop()
     summary = summarize(results, "bfcl_state_response" if checkers else "call_names")
     summary["model"] = model
+    if dtype is not None:  # --spawn: the dtype the in-process server ran in
+        summary["dtype"] = dtype
     if args.output:
         write_text_atomic(args.output, json.dumps({"summary": summary, "tasks": results}, indent=2, default=str))
     print(json.dumps(summary))

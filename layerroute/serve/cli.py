@@ -11,6 +11,7 @@ log = logging.getLogger("layerroute.serve")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..chat_template import add_chat_template_argument
+    from ..config.sections import DTYPE_HELP, add_dtype_argument
 
     parser.add_argument("--model", default=None, help="model name (default: the adapter's base, else the offline one)")
     parser.add_argument("--adapter", default=None, help="adapter directory (routers + LoRA)")
@@ -46,11 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(outputs unchanged; not under a grammar; 0 = off)")
     parser.add_argument("--no-constrain", action="store_true",
                         help="decode freely: no grammar for tool calls or response_format (malformed calls possible)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="frozen weights' dtype; auto (default): bfloat16 where the device runs bf16 natively "
-                             "(CUDA with bf16, a CPU with AVX-512 BF16 or AMX), else float32. In bf16 a batch of 8 "
-                             "decodes at about the cost of one on such CPUs (3.8x the tokens/s at 8 clients, against "
-                             "2.6x in float32, SmolLM2); outputs differ from float32 by bf16 rounding")
+    add_dtype_argument(parser, DTYPE_HELP + ". In bf16 a batch of 8 decodes at about the cost of one on such CPUs "
+                       "(3.8x the tokens/s at 8 clients, against 2.6x in float32, SmolLM2); outputs differ from "
+                       "float32 by bf16 rounding")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--log-level", default="info")
 

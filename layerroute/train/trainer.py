@@ -93,7 +93,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from ..adapters import build_routed_model, init_lora_from
-        from ..model import load_base, parameter_counts, resolve_device
+        from ..model import load_base, parameter_counts, resolve_device, resolve_model_config
 
         t0 = self._t0 = time.perf_counter()
         tc = self.cfg.train
@@ -113,7 +113,11 @@ class Trainer:
         self._print(f"[setup] output {self.output_dir}, {self.world} process(es) on {acc.device}, precision {tc.precision}")
 
         # Model: the backbone's random weights (shape presets) come from model.seed; LoRA init from train.seed.
-        model_cfg = dataclasses.replace(self.cfg.model, device=str(acc.device))
+        # model.dtype 'auto' is resolved here once (bf16 where native, else float32), and the run records the dtype it
+        # used: config.json, checkpoints and the adapter's training config say float32 or bfloat16, never auto.
+        requested = self.cfg.model.dtype
+        model_cfg = resolve_model_config(dataclasses.replace(self.cfg.model, device=str(acc.device)))
+        self.cfg.model = dataclasses.replace(self.cfg.model, dtype=model_cfg.dtype)
         loaded = load_base(model_cfg, tokenizer=self.data is None)
         set_seed(tc.seed)
         rm = build_routed_model(model_cfg, self.cfg.router, self.cfg.lora, loaded=loaded)
@@ -123,7 +127,8 @@ class Trainer:
             self._print(f"[setup] LoRA starts from {tc.init_lora} ({n} tensors)")
         counts = parameter_counts(rm.model)
         self._print(
-            f"[setup] {model_cfg.name}: {rm.num_layers} blocks; trainable {counts['trainable']:,} "
+            f"[setup] {model_cfg.name}: {rm.num_layers} blocks, frozen weights in {loaded.dtype}"
+            + (f" (model.dtype {requested})" if requested != loaded.dtype else "") + f"; trainable {counts['trainable']:,} "
             f"(LoRA {counts['lora']:,} + routers {counts['router']:,}"
             + (f" + skip bridges {counts['bridge']:,}" if counts["bridge"] else "") + f") of {counts['backbone']:,} frozen"
         )
