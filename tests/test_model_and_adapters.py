@@ -182,10 +182,11 @@ def test_resolve_dtype_auto_follows_native_bf16(monkeypatch):
 
 
 def test_native_bf16_answers_without_raising():
-    """The probe returns a bool on this machine's CPU and False for a device kind it does not know."""
+    """The probe returns a bool on this machine's CPU and False for a device kind it does not know (the real probe:
+    the suite pins 'auto' to float32, tests/conftest.py)."""
     import torch
 
-    from layerroute.model import native_bf16
+    from tests.conftest import REAL_NATIVE_BF16 as native_bf16
 
     assert isinstance(native_bf16(torch.device("cpu")), bool)
     assert native_bf16(torch.device("meta")) is False
@@ -203,3 +204,55 @@ def test_serve_cli_defaults_to_auto_dtype_and_a_prefill_thread():
     # and prefills on a second thread unless told not to (docs/results/serving_concurrency.md)
     assert parser.parse_args([]).prefill_thread is True
     assert parser.parse_args(["--no-prefill-thread"]).prefill_thread is False
+
+
+@pytest.mark.parametrize("native, used", [(True, "bfloat16"), (False, "float32")])
+def test_auto_dtype_resolves_by_the_probe_and_the_adapter_records_the_dtype_used(monkeypatch, tmp_path, native, used):
+    """model.dtype defaults to auto: bf16 where bf16 matmuls are native, else float32; the adapter's layerroute.json
+    says which one the frozen weights were in (LoRA and routers stay float32 either way)."""
+    import layerroute.model as model_mod
+    from layerroute.adapters import build_routed_model, read_adapter_meta
+
+    monkeypatch.setattr(model_mod, "native_bf16", lambda device: native)
+    assert ModelConfig().dtype == "auto"
+    cfg = ModelConfig(name="shape:tiny-llama", device="cpu")
+    assert model_mod.resolve_model_config(cfg).dtype == used
+    rm = build_routed_model(cfg)
+    assert rm.dtype == used and rm.base_model.get_input_embeddings().weight.dtype == getattr(torch, used)
+    assert all(p.dtype == torch.float32 for p in rm.model.parameters() if p.requires_grad)
+    adapter = save_adapter(rm, tmp_path / "adapter")
+    assert read_adapter_meta(adapter)["dtype"] == used
+
+
+def test_explicit_bf16_on_an_emulating_cpu_warns_with_the_measured_cost(monkeypatch, caplog):
+    import layerroute.model as model_mod
+
+    monkeypatch.setattr(model_mod, "native_bf16", lambda device: False)
+    monkeypatch.setattr(model_mod, "_WARNED_BF16", set())
+    with caplog.at_level("WARNING", logger="layerroute.model"):
+        loaded = load_base(ModelConfig(name="shape:tiny-llama", dtype="bfloat16", device="cpu"), tokenizer=False)
+    assert loaded.dtype == "bfloat16"  # explicit is obeyed, with a warning that names the cost
+    assert "0.7 GFLOPS against 28.2 in float32" in caplog.text and "model.dtype=auto" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(model_mod, "native_bf16", lambda device: True)
+    monkeypatch.setattr(model_mod, "_WARNED_BF16", set())
+    with caplog.at_level("WARNING", logger="layerroute.model"):
+        load_base(ModelConfig(name="shape:tiny-llama", dtype="bfloat16", device="cpu"), tokenizer=False)
+    assert "GFLOPS" not in caplog.text  # native bf16: nothing to warn about
+
+
+def test_reloading_an_adapter_in_another_dtype_says_so(monkeypatch, tmp_path, caplog):
+    """An adapter trained on float32 frozen weights, reloaded with auto on a machine where auto means bf16, is
+    loaded in bf16 (what auto means there), and the load logs that it differs from the training dtype."""
+    import layerroute.model as model_mod
+
+    monkeypatch.setattr(model_mod, "native_bf16", lambda device: False)
+    adapter = save_adapter(tiny_routed("shape:tiny-llama"), tmp_path / "adapter")
+    monkeypatch.setattr(model_mod, "native_bf16", lambda device: True)
+    with caplog.at_level("WARNING", logger="layerroute.adapters"):
+        same = load_adapter(adapter, ModelConfig(name="shape:tiny-llama", dtype="float32"))
+    assert same.dtype == "float32" and "trained with" not in caplog.text
+    with caplog.at_level("WARNING", logger="layerroute.adapters"):
+        moved = load_adapter(adapter, ModelConfig(name="shape:tiny-llama"))  # auto: bf16 on this (patched) machine
+    assert moved.dtype == "bfloat16"
+    assert "trained with float32 frozen weights, loaded in bfloat16" in caplog.text

@@ -17,6 +17,7 @@ from tests.helpers import ROOT, SMOKE, smoke_cfg
 # fixture as this module's own; `as` marks a re-export, so a `smoke_data` parameter does not read as shadowing).
 from tests.helpers import in_repo_root as in_repo_root  # autouse: the smoke config's paths are repo-relative
 from tests.helpers import one_thread as one_thread  # autouse, module: torch on one thread
+from tests.helpers import smoke_data as smoke_data  # module: the smoke config's steps, loaded once
 
 
 @pytest.mark.parametrize(
@@ -88,3 +89,19 @@ def test_clip_gradients_jointly_or_per_group(per_group):
     assert big.grad.norm().item() == pytest.approx(1.0, rel=1e-4)
     # jointly, LoRA's gradient shrinks with the routers' (x 1/100); per group it is left as it was
     assert small.grad.norm().item() == pytest.approx(1.0 if per_group else 1 / math.sqrt(100**2 + 1), rel=1e-3)
+
+
+@pytest.mark.parametrize("native, used", [(True, "bfloat16"), (False, "float32")])
+def test_training_records_the_dtype_auto_resolved_to(tmp_path, monkeypatch, smoke_data, native, used):
+    """model.dtype auto is resolved once at setup; the run's config.json (and so its checkpoints and its adapter's
+    training config) records float32 or bfloat16, never auto."""
+    import json
+
+    import layerroute.model as model_mod
+    from layerroute.train import Trainer
+
+    monkeypatch.setattr(model_mod, "native_bf16", lambda device: native)
+    trainer = Trainer(smoke_cfg("model.dtype=auto", "train.steps=2"), tmp_path / "run", data=smoke_data)
+    trainer.setup()
+    assert trainer.cfg.model.dtype == trainer.rm.dtype == used
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["dtype"] == used
