@@ -54,8 +54,12 @@ def test_bad_config_is_rejected_naming_the_key_before_model_load(tmp_path, monke
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_is_valid(path):
     """A config with a typo'd key or an out-of-range value fails here, not minutes into a run."""
-    if path.name.endswith(".example.yaml"):
-        pytest.skip("a data-section example, not a run config")
+    if path.name.endswith(".example.yaml"):  # a data-section example (layerroute data --config): its data is valid
+        from layerroute.config import load_yaml
+        from layerroute.data.config import DataConfig
+
+        assert DataConfig.from_dict(load_yaml(path)["data"]).sources
+        return
     if path.name.endswith(".overlay.yaml"):  # an eval: overlay (layerroute eval --overlay): valid over a run config
         from layerroute.config import apply_eval_overlay, load_yaml
 
