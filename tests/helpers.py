@@ -136,3 +136,48 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def in_repo_root(monkeypatch):
     monkeypatch.chdir(ROOT)  # the smoke config's tokenizer path is relative to the repository root
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Scripts run in this process: a subprocess re-imports torch and transformers (10-40 s each on the shared 2-core
+# machine; one test ran a script 7 times, 282 s), while the script's own main(argv) takes milliseconds.
+
+
+class Ran:
+    """What `subprocess.run(..., capture_output=True, text=True)` would have returned."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_main(main, args, capsys) -> Ran:
+    """Call a command's `main(argv)` as its `__main__` would (SystemExit('msg') = the message on stderr, status 1)."""
+    import sys
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exit_:
+        code = exit_.code
+        if isinstance(code, str):
+            print(code, file=sys.stderr)
+            code = 1
+    out = capsys.readouterr()
+    return Ran(int(code or 0), out.out, out.err)
+
+
+def script_main(path: str | Path):
+    """The `main` of a script under benchmarks/ (not a package), imported from its file with its folder on sys.path
+    while it imports, as `python benchmarks/x.py` has it (scripts import their siblings)."""
+    import importlib.util
+    import sys
+
+    path = Path(path).resolve()
+    spec = importlib.util.spec_from_file_location(f"_script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module.main

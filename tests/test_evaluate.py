@@ -290,9 +290,8 @@ def test_paired_accuracy_counts_disagreements_and_bounds_the_difference():
         paired_accuracy(lora, res([1, 0]), resamples=10, seed=0)
 
 
-def test_paired_accuracy_script_compares_two_evaluations_step_by_step(tmp_path):
-    import subprocess
-    import sys
+def test_paired_accuracy_script_compares_two_evaluations_step_by_step(tmp_path, capsys):
+    from tests.helpers import run_main, script_main
 
     def doc(verdicts, ids):
         samples = [{"conversation_id": c, "correct": v} for c, v in zip(ids, verdicts, strict=True)]
@@ -303,10 +302,10 @@ def test_paired_accuracy_script_compares_two_evaluations_step_by_step(tmp_path):
     (tmp_path / "ref.json").write_text(json.dumps(doc([1, 1, 0, 0], ids)))
     (tmp_path / "new.json").write_text(json.dumps(doc([1, 0, 0, 1], ids)))
     (tmp_path / "other.json").write_text(json.dumps(doc([1, 0, 0, 1], ["a", "b", "c", "e"])))
-    script = os.path.join(HERE, "..", "benchmarks", "paired_accuracy.py")
+    main = script_main(os.path.join(HERE, "..", "benchmarks", "paired_accuracy.py"))
 
     def run(*args):
-        return subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+        return run_main(main, args, capsys)
 
     ok = run(f"{tmp_path}/ref.json:routed", f"{tmp_path}/new.json:routed")
     out = json.loads(ok.stdout)["b_minus_a"]
@@ -337,9 +336,8 @@ def test_paired_accuracy_script_compares_two_evaluations_step_by_step(tmp_path):
     assert wrong.returncode != 0 and "side index 0..0" in wrong.stderr
 
 
-def test_plot_exact_match_pairs_every_point_with_the_reference_and_writes_the_picture(tmp_path):
-    import subprocess
-    import sys
+def test_plot_exact_match_pairs_every_point_with_the_reference_and_writes_the_picture(tmp_path, capsys):
+    from tests.helpers import run_main, script_main
 
     ids = ["a", "b", "c", "d"]
 
@@ -351,12 +349,11 @@ def test_plot_exact_match_pairs_every_point_with_the_reference_and_writes_the_pi
     (tmp_path / "em.json").write_text(json.dumps({"benchmark": "exact_match_all", "sides": [
         side("ref", [1, 1, 1, 0], 0.0), side("x", [1, 0, 0, 0], 0.3), side("y", [1, 1, 0, 1], 0.1),
         side("z", [1, 1, 1, 1], 0.1, ["a", "b", "c", "e"])]}))
-    script = os.path.join(HERE, "..", "benchmarks", "plot_exact_match.py")
+    main = script_main(os.path.join(HERE, "..", "benchmarks", "plot_exact_match.py"))
     png = tmp_path / "plots" / "frontier.png"
 
     def run(*args):
-        return subprocess.run([sys.executable, script, "--reference", f"{tmp_path}/em.json:0=full depth", *args,
-                               "--output", str(png)], capture_output=True, text=True)
+        return run_main(main, ["--reference", f"{tmp_path}/em.json:0=full depth", *args, "--output", png], capsys)
 
     ok = run(f"{tmp_path}/em.json:1=nine blocks", f"{tmp_path}/em.json:2")
     assert ok.returncode == 0, ok.stderr

@@ -29,17 +29,16 @@ def test_paper_parameter_counts_on_meta_device():
     assert round(100 * counts["trainable_fraction"], 2) == 0.22
 
 
-def test_params_cli_prints_json():
-    out = subprocess.run(
-        [sys.executable, "-m", "layerroute.cli", "params", "--model", "shape:qwen2.5-0.5b", "--json"],
-        capture_output=True, text=True, check=True,
-    )
+def test_params_cli_prints_json(capsys):
+    from layerroute.cli import main
+    from tests.helpers import run_main
+
+    out = run_main(main, ["params", "--model", "shape:qwen2.5-0.5b", "--json"], capsys)  # in-process: no torch re-import
+    assert out.returncode == 0, out.stderr
     counts = json.loads(out.stdout.strip().splitlines()[-1])
     assert counts["trainable"] == 1_102_872 and counts["router"] == 21_528
-    out = subprocess.run(
-        [sys.executable, "-m", "layerroute.cli", "params", "--model", "shape:qwen2.5-0.5b", "--bridge-rank", "16",
-         "--json"], capture_output=True, text=True, check=True,
-    )
+    out = run_main(main, ["params", "--model", "shape:qwen2.5-0.5b", "--bridge-rank", "16", "--json"], capsys)
+    assert out.returncode == 0, out.stderr
     counts = json.loads(out.stdout.strip().splitlines()[-1])
     assert counts["bridge"] == 24 * 2 * 896 * 16 and counts["trainable"] == 1_102_872 + 688_128
 
