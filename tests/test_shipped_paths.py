@@ -66,8 +66,8 @@ def test_no_config_default_points_outside_the_repository():
 
 
 def test_no_cli_default_points_outside_the_repository():
-    from layerroute.cli import build_parser
-    from layerroute.demo import DEMO_OVERRIDES
+    from layerroute.cli.demo import DEMO_OVERRIDES
+    from layerroute.cli.main import build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     found = []
