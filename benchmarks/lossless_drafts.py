@@ -103,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.exists(args.output):  # resume
         with open(args.output, encoding="utf-8") as f:
             old = json.loads(f.read().strip().splitlines()[-1])
-        if old.get("configs_run") == configs and old.get("steps_drawn") == [step_key(s) for s in steps]:
-            rows = old["rows"]
+        # the same draw and no configuration the old run lacks: its rows for these configurations are kept
+        if set(configs) <= set(old.get("configs_run", ())) and old.get("steps_drawn") == [step_key(s) for s in steps]:
+            n = min(len(old["rows"][c]) for c in configs)
+            rows = {c: old["rows"][c][:n] for c in configs}
     done = len(rows["dense"])
     suffix = SuffixStores()
 
