@@ -16,8 +16,8 @@ from transformers import AutoTokenizer, DynamicCache
 from layerroute.constrain import GrammarLogitsProcessor, model_grammars
 from layerroute.generate import inference_weights, plain_blocks, run_generate
 from layerroute.infer.drafts import (
-    DraftPolicy,
     Drafter,
+    DraftPolicy,
     GrammarDrafter,
     NgramIndex,
     SuffixStore,
