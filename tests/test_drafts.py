@@ -279,3 +279,43 @@ def test_generate_cli_draft(tok, tmp_path, monkeypatch, capsys):
         generate_cli.run(parser.parse_args(base + ["--draft", "lookup", "--prompt", "again"]))
     with pytest.raises(ConfigError, match="unknown drafter"):
         generate_cli.run(parser.parse_args(base + ["--draft", "magic"]))
+
+
+def test_server_lone_path_drafts_same_answers(tok):
+    """The server's lone request path with drafts: the same answers as without, per-drafter acceptance in the
+    response's `layerroute.drafts` and in /metrics; a continued conversation (session) is drafted too."""
+    from fastapi.testclient import TestClient
+
+    from layerroute.serve import create_app
+    from tests.test_constrain import GCD, WEATHER
+    from tests.test_serve import routed_model
+
+    ask = [{"role": "user", "content": "gcd of 12 and 18?"}]
+    body = {"model": "m", "messages": ask, "tools": [WEATHER, GCD], "tool_choice": "required",
+            "parallel_tool_calls": False, "max_tokens": 64, "temperature": 0}
+    answers = {}
+    for drafts in (None, "grammar,lookup,suffix"):
+        app = create_app(routed_model(seed=1), model_name="m", max_batch=1, forced=[True, False, True, True],
+                         drafts=drafts, prefill_thread=False)
+        with TestClient(app) as client:
+            first = client.post("/v1/chat/completions", json=body).json()
+            again = client.post("/v1/chat/completions", json={**body, "messages": ask + [
+                first["choices"][0]["message"], {"role": "tool", "content": "6", "tool_call_id": "x"},
+                {"role": "user", "content": "and of 4 and 6?"}]}).json()
+            free = client.post("/v1/chat/completions", json={"model": "m", "messages": ask, "max_tokens": 24,
+                                                             "temperature": 0}).json()
+            metrics = client.get("/metrics").text
+        answers[drafts] = [r["choices"][0]["message"] for r in (first, again, free)]
+        if drafts:
+            ext = first["layerroute"]
+            assert ext["drafts"]["grammar"]["accepted"] > 0 and ext["drafts"]["forwards"] < first["usage"][
+                "completion_tokens"]
+            assert again["layerroute"]["cache"]["reused"] is True and "drafts" in again["layerroute"]
+            assert 'layerroute_draft_tokens_total{outcome="accepted",source="grammar"}' in metrics
+            assert "layerroute_drafted_request_forwards_total" in metrics
+        else:
+            assert "drafts" not in first["layerroute"]
+    strip = [[{k: v for k, v in m.items() if k != "tool_calls"} | {"calls": [
+        (c["function"]["name"], c["function"]["arguments"]) for c in m.get("tool_calls") or []]} for m in ms]
+        for ms in answers.values()]
+    assert strip[0] == strip[1]

@@ -122,9 +122,12 @@ class SuffixStores:
         self.capacity, self.store_kwargs = capacity, store_kwargs
         self._stores: OrderedDict = OrderedDict()
 
-    def get(self, key) -> SuffixStore:
-        store = self._stores.pop(key, None) or SuffixStore(**self.store_kwargs)
-        self._stores[key] = store
+    def get(self, key, owner=None) -> SuffixStore:
+        """The store of `key` (hashable); `owner`, when given, is an object the store belongs to (held, so a key
+        made from its id is never reused by another object): another owner under the same key gets a new store."""
+        held = self._stores.pop(key, None)
+        store = held[1] if held is not None and held[0] is owner else SuffixStore(**self.store_kwargs)
+        self._stores[key] = (owner, store)
         while len(self._stores) > self.capacity:
             self._stores.popitem(last=False)
         return store
