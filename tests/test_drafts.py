@@ -27,7 +27,7 @@ from layerroute.infer.drafts import (
 )
 from layerroute.kv_cache import RoutedCache
 from layerroute.routed import routing
-from tests.helpers import lively, tiny_routed
+from tests.helpers import lively, smoke_data, tiny_routed  # noqa: F401 - smoke_data is a fixture
 from tests.test_constrain import EOS, TOKENIZER, TOOL_SETS, prompts
 
 BUDGET = 64
@@ -319,3 +319,33 @@ def test_server_lone_path_drafts_same_answers(tok):
         (c["function"]["name"], c["function"]["arguments"]) for c in m.get("tool_calls") or []]} for m in ms]
         for ms in answers.values()]
     assert strip[0] == strip[1]
+
+
+@pytest.mark.slow
+def test_real_model_bfcl_steps_equal_plain_greedy(smoke_data):
+    """SmolLM2-135M-Instruct (float32) on four BFCL tool-call steps of the smoke data, each under its own grammar:
+    grammar + lookup drafts give transformers' greedy tokens exactly, in fewer forwards (a near-tie flipped by the
+    multi-token forward's rounding would show here)."""
+    from layerroute.generate import load_for_inference, stop_ids
+
+    rm = load_for_inference("smollm2-135m-instruct", None, "float32", "cpu")
+    eos = stop_ids(rm)
+    grammars = model_grammars(rm, eos)
+    steps = [s for s in smoke_data.eval + smoke_data.train if s.step_type == "tool_call" and s.tools][:4]
+    assert len(steps) == 4
+    tokens = forwards = 0
+    with torch.no_grad(), inference_weights(rm) as model, plain_blocks(model):
+        for step in steps:
+            prompt = list(step.input_ids[: step.context_length])
+            grammar = grammars.for_tools(step.tools, "required", parallel=False)
+            ids = torch.tensor([prompt])
+            out, _ = run_generate(model, ids, torch.ones_like(ids), cache=DynamicCache(), max_new_tokens=80,
+                                  eos_token_id=eos, pad_token_id=eos[0],
+                                  logits_processor=GrammarLogitsProcessor([grammar], eos))
+            ref = out[0, len(prompt):].tolist()
+            ref = ref[: next((i + 1 for i, t in enumerate(ref) if t in eos), len(ref))]
+            r = draft_generate(model, prompt, max_new_tokens=80, stop_ids=eos, grammar=grammar,
+                               drafters=make_drafters("grammar,lookup", rm.tokenizer))
+            assert r.tokens == ref, step.conversation_id
+            tokens, forwards = tokens + len(ref), forwards + r.forwards
+    assert forwards < tokens / 2
