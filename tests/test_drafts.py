@@ -27,7 +27,8 @@ from layerroute.infer.drafts import (
 )
 from layerroute.kv_cache import RoutedCache
 from layerroute.routed import routing
-from tests.helpers import lively, smoke_data, tiny_routed  # noqa: F401 - smoke_data is a fixture
+from tests.helpers import lively, tiny_routed
+from tests.helpers import smoke_data as smoke_data  # a module-scoped fixture (the slow test)
 from tests.test_constrain import EOS, TOKENIZER, TOOL_SETS, prompts
 
 BUDGET = 64
