@@ -350,3 +350,29 @@ def test_real_model_bfcl_steps_equal_plain_greedy(smoke_data):
             assert r.tokens == ref, step.conversation_id
             tokens, forwards = tokens + len(ref), forwards + r.forwards
     assert forwards < tokens / 2
+
+
+def test_eval_drafts_same_samples(tok):
+    """eval.drafts: free-running accuracy decodes each step alone with drafts and scores the same tokens as the
+    batched path, constrained tool calls and free planning steps, LoRA on and off, routers deciding."""
+    from layerroute.config import EvalConfig
+    from layerroute.data.build import load_steps
+    from layerroute.errors import ConfigError
+    from layerroute.evaluate import accuracy
+    from tests.test_evaluate import data_cfg
+
+    m = lively(tiny_routed("shape:tiny-qwen2", seed=3), seed=3)
+    m.tokenizer = tok
+    steps = list(load_steps(data_cfg(), tok).eval)
+    idx = ([i for i, s in enumerate(steps) if s.step_type == "tool_call"][:2]
+           + [i for i, s in enumerate(steps) if s.step_type == "planning"][:1])
+    for config in ("base", "routed"):
+        plain = EvalConfig(max_new_tokens_tool=24, max_new_tokens_planning=8, constrained=True,
+                           accuracy_teacher_forced=False)
+        drafted = EvalConfig(max_new_tokens_tool=24, max_new_tokens_planning=8, constrained=True,
+                             accuracy_teacher_forced=False, drafts=["grammar", "lookup"])
+        a, b = accuracy(m, steps, idx, config, plain), accuracy(m, steps, idx, config, drafted)
+        assert [s["tokens"] for s in a["samples"]] == [s["tokens"] for s in b["samples"]]
+        assert [s["finish"] for s in a["samples"]] == [s["finish"] for s in b["samples"]]
+    with pytest.raises(ConfigError, match="eval.drafts"):
+        EvalConfig(drafts=["shallow"])

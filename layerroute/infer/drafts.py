@@ -505,19 +505,23 @@ def routed_draft_generate(rm, prompt: list[int], *, drafts: Iterable[str] | str 
                           max_new_tokens: int = 64, grammar=None, forced=None, threshold: float | None = None,
                           kv_policy: str = "exact", mode: str = "skip", suffix_store: SuffixStore | None = None,
                           grammar_mode: str = "full", policy: DraftPolicy | None = None,
-                          eos_token_id=None) -> tuple[DraftResult, list[bool]]:
+                          eos_token_id=None, lora: bool = True, prompt_full_depth: bool = False
+                          ) -> tuple[DraftResult, list[bool]]:
     """`draft_generate` for a RoutedModel as `layerroute.generate.routed_generate` runs one greedy step (LoRA merged,
     the routers deciding from the prompt, or `forced` gates; mode 'off' = every block, no router): (result, gates).
-    eos_token_id: None = the one stop rule (`layerroute.generate.stop_ids`), else the id(s) to stop on."""
+    eos_token_id: None = the one stop rule (`layerroute.generate.stop_ids`), else the id(s) to stop on.
+    lora=False: adapters off (as `layerroute.batched.generate_batched`); prompt_full_depth: the prompt's prefill runs
+    every block (the prefill is a forward of its own here, so drafts never run at full depth)."""
     from ..generate import DEFAULT, inference_weights, stop_ids
     from ..routed import gate_records, routing
 
     eos = stop_ids(rm, DEFAULT if eos_token_id is None else eos_token_id) or []
     drafters = make_drafters(drafts, rm.tokenizer, suffix_store=suffix_store, grammar_mode=grammar_mode)
-    with torch.no_grad(), inference_weights(rm) as model:
+    with torch.no_grad(), (inference_weights(rm) if lora else rm.lora_disabled()) as model:
+        model = model if lora else rm.model
         device = next(model.parameters()).device
         with routing(rm.model, mode, decision_mask=torch.ones(1, len(prompt), device=device), forced=forced,
-                     threshold=threshold, kv_policy=kv_policy):
+                     threshold=threshold, kv_policy=kv_policy, prompt_full_depth=prompt_full_depth and mode == "skip"):
             result = draft_generate(model, list(prompt), max_new_tokens=max_new_tokens, stop_ids=eos,
                                     grammar=grammar, drafters=drafters, policy=policy)
             gates = ([bool(r.gate.reshape(-1)[0] > 0.5) for r in gate_records(rm.model)] if mode == "skip"
