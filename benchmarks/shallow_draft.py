@@ -87,8 +87,8 @@ def main(argv=None) -> int:
                 for i, tok in enumerate(target):
                     matcher.fill_next_token_bitmask(mask, i)
                     matcher.accept_token(tok)
-                with routing(rm.model, "skip", decision_mask=torch.ones(1, len(prompt)), forced=pattern,
-                             kv_policy="kv_preserving"):
+                decide = torch.cat([torch.ones(1, len(prompt)), torch.zeros(1, len(target) - 1)], dim=1)
+                with routing(rm.model, "skip", decision_mask=decide, forced=pattern, kv_policy="kv_preserving"):
                     logits = model(input_ids=torch.tensor([prompt + target[:-1]]), past_key_values=DynamicCache(),
                                    use_cache=True, logits_to_keep=len(target)).logits[0].float()
                 xgr.apply_token_bitmask_inplace(logits, mask)
