@@ -35,13 +35,13 @@ import time
 import torch
 from transformers import DynamicCache
 
-from layerroute.bench import emit_json_line
 from layerroute.config import LoraSettings, RunConfig
-from layerroute.constrain import GrammarLogitsProcessor, model_grammars
 from layerroute.data.build import load_steps
+from layerroute.eval.bench import emit_json_line
 from layerroute.eval.sampling import _accuracy_steps
-from layerroute.generate import _cut, inference_weights, plain_blocks, run_generate, stop_ids
+from layerroute.infer.constrain import GrammarLogitsProcessor, model_grammars
 from layerroute.infer.drafts import DraftPolicy, SuffixStores, draft_generate, make_drafters
+from layerroute.infer.generate import _cut, inference_weights, plain_blocks, run_generate, stop_ids
 
 CONFIGS = {
     "dense": None,
@@ -55,7 +55,7 @@ CONFIGS = {
 
 def load_model(args, cfg):
     from layerroute.adapters import build_routed_model
-    from layerroute.generate import load_for_inference
+    from layerroute.infer.generate import load_for_inference
 
     if args.adapter:
         return load_for_inference(None, args.adapter, dtype=cfg.model.dtype, device=cfg.model.device)

@@ -23,13 +23,13 @@ import time
 import torch
 from transformers import DynamicCache
 
-from layerroute.bench import emit_json_line
 from layerroute.config import LoraSettings, RunConfig
-from layerroute.constrain import model_grammars
 from layerroute.data.build import load_steps
-from layerroute.generate import inference_weights, skip_pattern, stop_ids
-from layerroute.kv_cache import RoutedCache
-from layerroute.routed import routing
+from layerroute.eval.bench import emit_json_line
+from layerroute.infer.constrain import model_grammars
+from layerroute.infer.generate import inference_weights, skip_pattern, stop_ids
+from layerroute.nn.kv_cache import RoutedCache
+from layerroute.nn.routed import routing
 
 
 def forward_cost(model, rm, prompt, pattern, n: int, reps: int = 5) -> float:

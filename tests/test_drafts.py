@@ -13,8 +13,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, DynamicCache
 
-from layerroute.constrain import GrammarLogitsProcessor, model_grammars
-from layerroute.generate import inference_weights, plain_blocks, run_generate
+from layerroute.infer.constrain import GrammarLogitsProcessor, model_grammars
 from layerroute.infer.drafts import (
     Drafter,
     DraftPolicy,
@@ -25,8 +24,9 @@ from layerroute.infer.drafts import (
     make_drafters,
     only_allowed,
 )
-from layerroute.kv_cache import RoutedCache
-from layerroute.routed import routing
+from layerroute.infer.generate import inference_weights, plain_blocks, run_generate
+from layerroute.nn.kv_cache import RoutedCache
+from layerroute.nn.routed import routing
 from tests.helpers import lively, tiny_routed
 from tests.helpers import smoke_data as smoke_data  # a module-scoped fixture (the slow test)
 from tests.test_constrain import EOS, TOKENIZER, TOOL_SETS, prompts
@@ -255,7 +255,7 @@ def test_generate_cli_draft(tok, tmp_path, monkeypatch, capsys):
     import argparse
     import json
 
-    from layerroute import generate_cli
+    from layerroute.cli import generate_cli
     from layerroute.errors import ConfigError
     from tests.test_constrain import GCD, WEATHER
 
@@ -327,7 +327,7 @@ def test_real_model_bfcl_steps_equal_plain_greedy(smoke_data):
     """SmolLM2-135M-Instruct (float32) on four BFCL tool-call steps of the smoke data, each under its own grammar:
     grammar + lookup drafts give transformers' greedy tokens exactly, in fewer forwards (a near-tie flipped by the
     multi-token forward's rounding would show here)."""
-    from layerroute.generate import load_for_inference, stop_ids
+    from layerroute.infer.generate import load_for_inference, stop_ids
 
     rm = load_for_inference("smollm2-135m-instruct", None, "float32", "cpu")
     eos = stop_ids(rm)
@@ -358,7 +358,7 @@ def test_eval_drafts_same_samples(tok):
     from layerroute.config import EvalConfig
     from layerroute.data.build import load_steps
     from layerroute.errors import ConfigError
-    from layerroute.evaluate import accuracy
+    from layerroute.eval.accuracy import accuracy
     from tests.test_evaluate import data_cfg
 
     m = lively(tiny_routed("shape:tiny-qwen2", seed=3), seed=3)

@@ -121,14 +121,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_drafted(args, rm, prompts, tools, forced) -> int:
     """--draft: one greedy prompt through `layerroute.infer.drafts` (its grammar under --constrain)."""
-    from .errors import ConfigError
-    from .infer.drafts import routed_draft_generate
+    from ..errors import ConfigError
+    from ..infer.drafts import routed_draft_generate
 
     if len(prompts) > 1 or args.sample or args.prompt_lookup:
         raise ConfigError("--draft verifies greedy drafts for one --prompt (not with --sample or --prompt-lookup)")
     grammar = None
     if args.constrain:
-        from .constrain import GrammarError, model_grammars
+        from ..infer.constrain import GrammarError, model_grammars
 
         choice = args.tool_choice if args.tool_choice in ("auto", "required", "none") else {
             "type": "function", "function": {"name": args.tool_choice}}

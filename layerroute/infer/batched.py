@@ -202,7 +202,7 @@ def generate_batched(
 def _drafted(rm, requests, todo, budgets, results, drafts, *, threshold, kv_policy, prompt_full_depth, lora):
     """`generate_batched` with drafts: each request through `layerroute.infer.drafts.routed_draft_generate`."""
     from .constrain import GrammarLogitsProcessor
-    from .infer.drafts import routed_draft_generate
+    from .drafts import routed_draft_generate
 
     for i in todo:
         r = requests[i]

@@ -512,8 +512,8 @@ def routed_draft_generate(rm, prompt: list[int], *, drafts: Iterable[str] | str 
     eos_token_id: None = the one stop rule (`layerroute.generate.stop_ids`), else the id(s) to stop on.
     lora=False: adapters off (as `layerroute.batched.generate_batched`); prompt_full_depth: the prompt's prefill runs
     every block (the prefill is a forward of its own here, so drafts never run at full depth)."""
-    from ..generate import DEFAULT, inference_weights, stop_ids
-    from ..routed import gate_records, routing
+    from ..nn.routed import gate_records, routing
+    from .generate import DEFAULT, inference_weights, stop_ids
 
     eos = stop_ids(rm, DEFAULT if eos_token_id is None else eos_token_id) or []
     drafters = make_drafters(drafts, rm.tokenizer, suffix_store=suffix_store, grammar_mode=grammar_mode)

@@ -266,7 +266,7 @@ class Engine:
                  forced=None, threshold: float | None = None, scripted: Callable | None = None,
                  prompt_lookup: int = 0, drafts=None):
         if drafts:
-            from .infer.drafts import SuffixStores, make_drafters
+            from ..infer.drafts import SuffixStores, make_drafters
 
             make_drafters(drafts, rm.tokenizer)  # the names are checked here, not at the first request
             self._suffix = SuffixStores()
@@ -442,7 +442,7 @@ class Engine:
     def _drafted(self, prompt: list[int], params: SamplingParams, cache: RoutedCache, streamer: _Streamer,
                  cancel: threading.Event | None):
         """One greedy request through the lossless drafts (`layerroute.infer.drafts.draft_generate`)."""
-        from .infer.drafts import draft_generate, make_drafters
+        from ..infer.drafts import draft_generate, make_drafters
 
         # earlier requests under the same compiled grammar (tool set and choice; the grammar cache hands out one object)
         store = self._suffix.get(id(params.grammar), owner=params.grammar)
