@@ -310,8 +310,10 @@ class DraftPolicy:
 
     def cut(self, keys: list[str]) -> int:
         """The draft length (a prefix of the draft whose tokens are judged by `keys`) worth verifying."""
-        if not self.adaptive:
-            return len(keys)
+        return self.best(keys)[0] if self.adaptive else len(keys)
+
+    def best(self, keys: list[str]) -> tuple[int, float]:
+        """(length, value): the prefix maximising expected accepted tokens minus the extra cost of verifying it."""
         best, best_k, p, gain = 0.0, 0, 1.0, 0.0
         for i, key in enumerate(keys):
             p *= self.rate(key)
@@ -319,7 +321,7 @@ class DraftPolicy:
             value = gain - self.first_cost - self.token_cost * i
             if value > best:
                 best, best_k = value, i + 1
-        return best_k
+        return best_k, best
 
     def observe(self, keys: list[str], accepted: int) -> None:
         """One forward verified a draft judged by `keys` and accepted its first `accepted` tokens (the next one, if
@@ -411,6 +413,36 @@ def draft_generate(model, prompt: list[int], *, max_new_tokens: int, stop_ids: I
             _xgr().apply_token_bitmask_inplace(logits, bitmask[: logits.shape[0]].to(logits.device))
         return logits.argmax(-1).tolist()
 
+    def build(order: list[Drafter], room: int) -> tuple[list[int], list[str]]:
+        """A draft from the sources in `order`, each extending the draft so far, every token checked by the grammar
+        (whose mask rows 0..len are filled; the matcher is rolled back to where it was)."""
+        draft: list[int] = []
+        keys: list[str] = []
+        fill(0)
+        while len(draft) < room:
+            grew = False
+            for d in order:
+                if len(draft) >= room:
+                    break
+                row = bitmask[len(draft)] if matcher is not None else None
+                tokens, key = d.propose(DraftContext(seq, draft, matcher, row, stops), room - len(draft))
+                for tok in tokens[: room - len(draft)]:
+                    if matcher is not None and (matcher.is_terminated() or not matcher.accept_token(tok)):
+                        break
+                    draft.append(tok)
+                    keys.append(key)
+                    fill(len(draft))
+                    grew = True
+                    if tok in stop_set:
+                        break
+                if draft and draft[-1] in stop_set:
+                    break
+            if not grew or (draft and draft[-1] in stop_set):
+                break
+        if matcher is not None and draft:
+            matcher.rollback(len(draft))
+        return draft, keys
+
     def emit(tok: int) -> bool:
         """Append a confirmed token; True when the turn is over."""
         result.tokens.append(tok)
@@ -443,36 +475,27 @@ def draft_generate(model, prompt: list[int], *, max_new_tokens: int, stop_ids: I
             if cancel is not None and cancel():
                 result.finish = "cancelled"
                 break
-            # -- draft: each source extends the draft so far; the grammar checks every token and fills its mask
+            # -- draft: each source extends the draft so far; the grammar checks every token and fills its mask.
+            # Two chains where the grammar drafts too: grammar first, and the n-gram sources first (their
+            # tokenization of forced text can be the model's where the tokenizer's is not); the one worth more wins
             room = min(policy.max_draft, max_new_tokens - len(result.tokens) - 1)
-            draft: list[int] = []
-            keys: list[str] = []
-            fill(0)
-            while len(draft) < room:
-                grew = False
-                for d in drafters:
-                    if len(draft) >= room:
-                        break
-                    row = bitmask[len(draft)] if matcher is not None else None
-                    ctx = DraftContext(seq, draft, matcher, row, stops)
-                    tokens, key = d.propose(ctx, room - len(draft))
-                    for tok in tokens[: room - len(draft)]:
-                        if matcher is not None and (matcher.is_terminated() or not matcher.accept_token(tok)):
-                            break
-                        draft.append(tok)
-                        keys.append(key)
-                        fill(len(draft))
-                        grew = True
-                        if tok in stop_set:
-                            break
-                    if draft and draft[-1] in stop_set:
-                        break
-                if not grew or (draft and draft[-1] in stop_set):
-                    break
-            k = policy.cut(keys)
-            if matcher is not None and draft:
+            orders = [list(drafters)]
+            if len(drafters) > 1 and drafters[0].name == "grammar":
+                orders.append(list(drafters[1:]) + [drafters[0]])
+            chosen = None
+            for j, order in enumerate(orders):
+                full, full_keys = build(order, room)
+                k = policy.cut(full_keys)
+                value = policy.best(full_keys[:k])[1]
+                if chosen is None or value > chosen[2]:
+                    chosen = (full[:k], full_keys[:k], value, j)
+            draft, keys, _, j = chosen
+            if matcher is not None and j != len(orders) - 1 and draft:  # the masks of the chosen chain's positions
+                fill(0)
+                for i, tok in enumerate(draft):
+                    matcher.accept_token(tok)
+                    fill(i + 1)
                 matcher.rollback(len(draft))
-            draft, keys = draft[:k], keys[:k]
             # -- verify: one forward over the last token and the draft
             base = len(seq) - 1  # tokens the cache holds before this forward
             greedy = choose(_forward(model, [nxt, *draft], cache, len(draft) + 1, device))
