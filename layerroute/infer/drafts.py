@@ -5,7 +5,9 @@ produce it: each forward feeds the last token plus a draft, the model's own gree
 (under the grammar's mask *at that position's state*), the draft is kept up to its first disagreement, and the model's
 choice there is the next token. Drafts only decide how many tokens one forward may confirm.
 
-Drafters (`Drafter`: ``propose(ctx, k) -> tokens``), tried in this order and chained (each extends the draft so far):
+Drafters (`Drafter`: ``propose(ctx, k) -> tokens``), chained (each extends the draft so far); where the grammar drafts,
+two chains are built, grammar first and the n-gram sources first, and the one worth more under `DraftPolicy` is
+verified (lookup often copies the model's own tokenization of forced text):
 
 * ``grammar`` (`GrammarDrafter`): the grammar's forced continuation, xgrammar's
   ``GrammarMatcher.find_jump_forward_string()`` tokenized as the tokenizer writes it (``mode="full"``), or one
@@ -16,7 +18,8 @@ Drafters (`Drafter`: ``propose(ctx, k) -> tokens``), tried in this order and cha
   context (prompt + generated + draft so far) and occurred earlier in it (the most recent occurrence).
 * ``suffix`` (`SuffixDrafter`): the same match over a `SuffixStore` of earlier turns (a session's earlier outputs,
   or a server's earlier requests with the same tools); `SuffixStore.add` records a finished turn.
-* ``shallow``: the routed shallow path as a drafter was measured, not built: see docs/results/lossless_drafts.md.
+* ``shallow``: the routed shallow path as a drafter was measured, not built (on this CPU a shallow forward costs
+  0.9-1.0 of a dense one: it does not pay; docs/results/lossless_drafts.md).
 
 Adaptive length (`DraftPolicy`): on this CPU a forward of 2 tokens costs ~1.6x one of 1 token, and each further
 token ~0.03-0.05x more (SmolLM2, 320-token context, float32, one thread: 63 / 106 / 119 / 165 ms for 1 / 2 / 8 / 16
