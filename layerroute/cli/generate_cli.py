@@ -44,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="draft up to K tokens per forward from the prompt's n-grams, verified by the model "
                              "(same output, fewer forwards when the answer copies the prompt; one prompt, no "
                              "--constrain; 0 = off)")
+    parser.add_argument("--draft", default=None, metavar="SOURCES",
+                        help="lossless drafts verified in one forward, e.g. grammar,lookup,suffix (greedy, one "
+                             "--prompt; 'grammar' drafts the --constrain grammar's forced text): the same tokens as "
+                             "plain greedy decoding, fewer forwards (layerroute.infer.drafts)")
 
 
 def _read_tools(path: str) -> list[dict]:
@@ -97,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
                                             stop_ids=stop_ids(rm), budgets=args.max_new_tokens, sampled=args.sample)
         except GrammarError as e:
             raise ConfigError(f"--tools {args.tools}: {e}") from None
+    if args.draft:
+        return _run_drafted(args, rm, prompts, tools, forced)
     if args.prompt_lookup and (len(prompts) > 1 or args.constrain or args.prompt_lookup < 0):
         raise ConfigError("--prompt-lookup K (K > 0) drafts for one --prompt at a time and not under --constrain")
     res = routed_generate(
@@ -110,4 +116,30 @@ def run(args: argparse.Namespace) -> int:
         print(tok.decode(toks, skip_special_tokens=True))
     summary = {k: v for k, v in res.to_dict().items() if k not in ("tokens", "gates")}
     print(json.dumps(summary))
+    return 0
+
+
+def _run_drafted(args, rm, prompts, tools, forced) -> int:
+    """--draft: one greedy prompt through `layerroute.infer.drafts` (its grammar under --constrain)."""
+    from ..errors import ConfigError
+    from ..infer.drafts import routed_draft_generate
+
+    if len(prompts) > 1 or args.sample or args.prompt_lookup:
+        raise ConfigError("--draft verifies greedy drafts for one --prompt (not with --sample or --prompt-lookup)")
+    grammar = None
+    if args.constrain:
+        from ..infer.constrain import GrammarError, model_grammars
+
+        choice = args.tool_choice if args.tool_choice in ("auto", "required", "none") else {
+            "type": "function", "function": {"name": args.tool_choice}}
+        try:
+            grammar = model_grammars(rm, stop_ids(rm)).for_tools(tools, choice, parallel=not args.no_parallel_calls)
+        except GrammarError as e:
+            raise ConfigError(f"--tools {args.tools}: {e}") from None
+    res, gates = routed_draft_generate(rm, prompts[0], drafts=args.draft, max_new_tokens=args.max_new_tokens,
+                                       grammar=grammar, forced=forced, kv_policy=args.kv_policy)
+    skipped = gates.count(False) / len(gates) if gates else 0.0
+    print(f"--- [0] gates {''.join('1' if g else '.' for g in gates)} (skipped {skipped:.0%})")
+    print(rm.tokenizer.decode(res.tokens, skip_special_tokens=True))
+    print(json.dumps({**res.to_dict(), "skipped_fraction": [skipped]}))
     return 0

@@ -179,9 +179,17 @@ class EvalConfig:
         False, "free-running accuracy decodes each tool-call step under its tools' grammar (xgrammar: a call of an "
         "offered function with schema-valid arguments, then end of turn; layerroute/infer/constrain.py)",
     )
+    drafts: list = setting(
+        [], "free-running accuracy decodes each step alone with these lossless drafters (grammar, lookup, suffix: "
+        "layerroute/infer/drafts.py), verified in one forward: the same greedy tokens in fewer forwards. [] = off "
+        "(batched: on this CPU batches of 8 gave 2.5x the steps per CPU-minute, drafts 1.75x)",
+    )
     seed: int = setting(0, "seed for sampling steps, random-skip patterns and the bootstrap")
 
     def __post_init__(self):
+        known = ("grammar", "lookup", "suffix")
+        if not isinstance(self.drafts, list) or any(d not in known for d in self.drafts):
+            raise ConfigError(f"eval.drafts must be a list of {', '.join(known)}, got {self.drafts!r}")
         check_range("eval", "batch_size", self.batch_size, 1)
         check_range("eval", "accuracy_batch_size", self.accuracy_batch_size, 1)
         if not all(isinstance(s, str) and s for s in self.accuracy_planning_sources):

@@ -138,7 +138,7 @@ def generate_and_score(rm, steps, config: str, cfg, *, stop: list[int], threshol
     results = generate_batched(rm, reqs, batch_size=cfg.accuracy_batch_size, threshold=threshold,
                                kv_policy=cfg.kv_policy, prompt_full_depth=cfg.prompt_full_depth,
                                lora=config not in ("base", "routed_no_lora"), on_decided=on_decided,
-                               desc=f"generate {config}")
+                               desc=f"generate {config}", drafts=list(getattr(cfg, "drafts", None) or []) or None)
     for i, res in zip(todo, results, strict=True):
         step = steps[i]
         if res.finish == "reused":

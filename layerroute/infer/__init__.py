@@ -7,6 +7,7 @@
 - ``constrain``: schema-constrained decoding (xgrammar): tool calls and JSON that cannot be malformed.
 - ``stop``: the one stop rule (`StopRule.finish`) and finish-reason vocabulary every path (the serving scheduler and
   engine included) ends a row through; a row's tokens keep the end-of-turn token that ended it.
+- ``drafts``: lossless drafts (the grammar's forced text, prompt lookup, earlier turns) verified in one forward.
 
 Arrows: above `layerroute.nn`, `layerroute.adapters` and `layerroute.data` (rendering); never imports training or
 serving. Nothing is imported here.

@@ -139,6 +139,7 @@ def generate_batched(
     kv_policy: str = "exact",
     prompt_full_depth: bool = False,
     lora: bool = True,
+    drafts: list[str] | None = None,
     on_decided: Callable[[int, list[bool]], list[int] | None] | None = None,
     desc: str = "generate",
     progress: bool = True,
@@ -146,6 +147,9 @@ def generate_batched(
     """Greedy generation of every request with real skipping, in length-sorted batches; results in request order.
 
     lora: True = LoRA merged into the weights for the whole call (as `routed_generate`), False = adapters off.
+    drafts: lossless drafter names (`layerroute.infer.drafts`, e.g. ['grammar', 'lookup']): each request alone, greedy,
+    its drafts verified in one forward under its grammar (a `GrammarLogitsProcessor` with one grammar, or none):
+    the same tokens, fewer forwards; `batch_size` and `on_decided` are then not used.
     on_decided(i, gates): called once per generated request right after its prefill decided; a token list it
     returns is taken as the request's output (finish ``"reused"``) and the row stops decoding (a step whose
     decision opens every block equals its full-depth generation, which the caller may already hold).
@@ -175,6 +179,9 @@ def generate_batched(
         part = [i for i in todo if (requests[i].forced is not None) == forced_kind]
         groups += [[part[j] for j in b] for b in length_sorted_batches([len(requests[i].prompt) for i in part],
                                                                        batch_size)]
+    if drafts:
+        return _drafted(rm, requests, todo, budgets, results, drafts, threshold=threshold, kv_policy=kv_policy,
+                        prompt_full_depth=prompt_full_depth, lora=lora)
     pad_id = model_pad_id(rm)
     weights = inference_weights(rm) if lora else rm.lora_disabled()
     with weights as model, tqdm(total=len(todo), desc=desc, leave=False, disable=not progress or not todo) as bar:
@@ -190,3 +197,23 @@ def generate_batched(
                 results[i] = res
             bar.update(len(group))
     return results  # type: ignore[return-value]
+
+
+def _drafted(rm, requests, todo, budgets, results, drafts, *, threshold, kv_policy, prompt_full_depth, lora):
+    """`generate_batched` with drafts: each request through `layerroute.infer.drafts.routed_draft_generate`."""
+    from .constrain import GrammarLogitsProcessor
+    from .drafts import routed_draft_generate
+
+    for i in todo:
+        r = requests[i]
+        proc = r.logits_processor
+        if proc is not None and not (isinstance(proc, GrammarLogitsProcessor) and len(proc.grammars) == 1):
+            raise ValueError("drafts decode under one grammar (a GrammarLogitsProcessor) or none, not other processors")
+        res, gates = routed_draft_generate(
+            rm, list(r.prompt), drafts=drafts, max_new_tokens=budgets[i], grammar=proc.grammars[0] if proc else None,
+            forced=r.forced, threshold=threshold, kv_policy=kv_policy, eos_token_id=sorted(r.stop),
+            lora=lora, prompt_full_depth=prompt_full_depth)
+        results[i] = RowResult(tokens=res.tokens, gates=gates, finish=FINISH_STOP if res.finish == "stop"
+                               else FINISH_LENGTH, budget=budgets[i],
+                               extra={"forwards": res.forwards, "drafts": res.by_source()})
+    return results

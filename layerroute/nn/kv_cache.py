@@ -65,6 +65,19 @@ class GrowingLayer(DynamicLayer):
         self._buf_k = self._buf_v = self._handed = None
         self._filled = 0
 
+    def rewind(self, length: int) -> None:
+        """Drop the columns past `length` in place, keeping the buffer (the next update writes over them): the one
+        exception to the safety rule, for a caller that owns the cache and holds no view of the dropped columns
+        (a draft verification dropping its rejected drafts, `layerroute.infer.drafts`). Otherwise a plain crop."""
+        if not self.is_initialized or self.keys.dim() != 4 or self.keys.shape[-2] <= length:
+            return
+        handed = self._handed is not None and self.keys is self._handed[0] and self.values is self._handed[1]
+        if not handed:
+            self.crop(length - self.keys.shape[-2])  # transformers 5: crop takes minus the tokens to drop
+            return
+        self._filled = length
+        self.keys, self.values = self._handed = (self._buf_k[:, :, :length], self._buf_v[:, :, :length])
+
     def compact(self) -> None:
         """Keep only the filled columns (a stored session should not hold spare ones); the next update copies."""
         if getattr(self, "_buf_k", None) is not None and self._buf_k.shape[2] > self.keys.shape[2]:
@@ -84,6 +97,15 @@ class RoutedCache(DynamicCache):
         for layer in self.layers:
             if isinstance(layer, GrowingLayer) and layer.is_initialized:
                 layer.compact()
+
+    def rewind(self, length: int) -> None:
+        """Every layer cut to at most `length` tokens in place (`GrowingLayer.rewind`: the caller holds no view of
+        the dropped columns)."""
+        for layer in self.layers:
+            if isinstance(layer, GrowingLayer):
+                layer.rewind(length)
+            elif layer.is_initialized and layer.keys.dim() == 4 and layer.keys.shape[-2] > length:
+                layer.crop(length - layer.keys.shape[-2])
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return max((layer.get_seq_length() for layer in self.layers), default=0)

@@ -38,6 +38,7 @@ def create_app(
     scripted: Callable[[list[dict], list[dict]], str | None] | None = None,
     constrained: bool = True,
     prompt_lookup: int = 0,
+    drafts=None,
     max_batch: int = 8,
     schedule: str = "fcfs",
     max_wait_s: float = 2.0,
@@ -57,7 +58,7 @@ def create_app(
         if rm is None:
             raise ValueError("create_app needs a routed model or an engine")
         engine = Engine(rm, kv_policy=kv_policy, cache_sessions=cache_sessions, dense=dense, forced=forced,
-                        threshold=threshold, prompt_lookup=prompt_lookup)
+                        threshold=threshold, prompt_lookup=prompt_lookup, drafts=drafts)
     server = Server(engine, model_name=model_name, max_tokens_limit=max_tokens_limit,
                     default_max_tokens=default_max_tokens, max_queue=max_queue, scripted=scripted,
                     constrained=constrained, max_batch=max_batch, schedule=schedule, max_wait_s=max_wait_s,

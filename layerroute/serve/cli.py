@@ -45,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
                         help="draft up to K tokens per forward from the prompt's n-grams, verified by the model "
                              "(outputs unchanged; not under a grammar; 0 = off)")
+    parser.add_argument("--draft", default=None, metavar="SOURCES",
+                        help="lossless drafts for a request decoded alone, greedy, e.g. grammar,lookup,suffix: "
+                             "verified in one forward under the request's grammar, outputs unchanged "
+                             "(layerroute.infer.drafts; per-drafter acceptance in the response's layerroute.drafts)")
     parser.add_argument("--no-constrain", action="store_true",
                         help="decode freely: no grammar for tool calls or response_format (malformed calls possible)")
     add_dtype_argument(parser, DTYPE_HELP + ". In bf16 a batch of 8 decodes at about the cost of one on such CPUs "
@@ -74,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
                      default_max_tokens=args.default_max_tokens, cache_sessions=args.cache_sessions,
                      kv_policy=args.kv_policy, dense=args.dense, forced=forced, threshold=args.threshold,
                      max_queue=args.max_queue, constrained=not args.no_constrain, prompt_lookup=args.prompt_lookup,
-                     max_batch=args.max_batch, schedule=args.schedule, max_wait_s=args.max_wait,
+                     drafts=args.draft, max_batch=args.max_batch, schedule=args.schedule, max_wait_s=args.max_wait,
                      prefill_thread=args.prefill_thread)
     log.info("serving %r on http://%s:%d/v1 (%s, %s)", name, args.host, args.port,
              "dense" if args.dense else f"routed, {args.kv_policy}", dtype)

@@ -241,6 +241,7 @@ class Completion:
     cache: dict
     token_times: list[float] = field(default_factory=list)  # perf_counter when each token came (inter-token latency)
     content_tokens: list[int] = field(default_factory=list)  # `tokens` without the end-of-turn token (usage counts)
+    drafts: dict = field(default_factory=dict)  # per drafter: tokens drafted, accepted (empty: no drafts)
 
 
 class Engine:
@@ -255,11 +256,22 @@ class Engine:
     matcher advances token by token and cannot take back rejected drafts) and for one that continues a session
     (transformers' assisted generation re-feeds the whole input at its first forward, cache or not). A routed
     session left by a drafted request keeps only its prompt checkpoint: the later running sums count rejected
-    drafts too."""
+    drafts too.
+    drafts: lossless drafters for greedy requests (`layerroute.infer.drafts`, e.g. ['grammar', 'lookup', 'suffix']):
+    verified in one forward under the request's grammar, sessions continued; the suffix drafter reads earlier
+    requests with the same grammar (tool set and choice). Replaces prompt_lookup where both are set; not for a request
+    with stop strings (decoded as before)."""
 
     def __init__(self, rm, *, kv_policy: str = "kv_preserving", cache_sessions: int = 16, dense: bool = False,
                  forced=None, threshold: float | None = None, scripted: Callable | None = None,
-                 prompt_lookup: int = 0):
+                 prompt_lookup: int = 0, drafts=None):
+        if drafts:
+            from ..infer.drafts import SuffixStores, make_drafters
+
+            make_drafters(drafts, rm.tokenizer)  # the names are checked here, not at the first request
+            self._suffix = SuffixStores()
+        self.drafts = ([d.strip() for d in drafts.split(",") if d.strip()] if isinstance(drafts, str)
+                       else list(drafts or []))
         if prompt_lookup < 0:
             raise ValueError(f"prompt_lookup must be >= 0 (0 = off), not {prompt_lookup}")
         self.prompt_lookup = int(prompt_lookup)
@@ -355,7 +367,9 @@ class Engine:
             gen_kwargs["logits_processor"] = LogitsProcessorList([self.grammar_processor(params)])
         # transformers' assisted generation (5.23) feeds the whole input to its first forward whatever the cache
         # holds, so a request that continues a session decodes without drafts (the prefix cache saves more there)
-        lookup = self.prompt_lookup if scripted_text is None and params.grammar is None and not cached else 0
+        drafting = bool(self.drafts) and greedy and scripted_text is None and not params.stop
+        lookup = (self.prompt_lookup if scripted_text is None and params.grammar is None and not cached
+                  and not drafting else 0)
         if lookup:
             gen_kwargs["prompt_lookup_num_tokens"] = lookup
         streamer = _Streamer(self.device, on_token)
@@ -384,7 +398,11 @@ class Engine:
             try:
                 synchronize(self.device)
                 start = time.perf_counter()
-                out = self.model.generate(ids, attention_mask=mask, streamer=streamer, **gen_kwargs)
+                if drafting:
+                    drafted = self._drafted(prompt, params, cache, streamer, cancel)
+                    out = torch.tensor([prompt + drafted.tokens])
+                else:
+                    out = self.model.generate(ids, attention_mask=mask, streamer=streamer, **gen_kwargs)
                 synchronize(self.device)
                 end = time.perf_counter()
                 if self.dense:
@@ -403,7 +421,8 @@ class Engine:
         if self.sessions.capacity:  # under drafts the final running sums also hold rejected drafts' states
             at_prompt = None if self.dense else [snapshots[i] for i in range(len(self.routed_layers))]
             final = None if self.dense else final_pools
-            self.keep_session(prompt, new, cache, at_prompt, final, final_checkpoint=self.dense or not lookup)
+            self.keep_session(prompt, new, cache, at_prompt, final,
+                              final_checkpoint=self.dense or not (lookup or drafting))
         times = streamer.times or [end]
         timings = {
             "ttft_s": times[0] - start,
@@ -411,10 +430,36 @@ class Engine:
             "generate_s": end - start,
             "engine_s": time.perf_counter() - t0,
             "forwards": streamer.forwards,  # < generated tokens when prompt-lookup drafts were accepted
+            "drafting": drafting,  # decoded with lossless drafts (layerroute.infer.drafts)
         }
-        return self.completion(prompt, new, params, cancelled=cancel is not None and cancel.is_set(), cached=cached,
-                               reused=session is not None, gates=gates, probs=probs, logits=logits, timings=timings,
-                               token_times=streamer.times)
+        c = self.completion(prompt, new, params, cancelled=cancel is not None and cancel.is_set(), cached=cached,
+                            reused=session is not None, gates=gates, probs=probs, logits=logits, timings=timings,
+                            token_times=streamer.times)
+        if drafting:
+            c.drafts = drafted.by_source()
+        return c
+
+    def _drafted(self, prompt: list[int], params: SamplingParams, cache: RoutedCache, streamer: _Streamer,
+                 cancel: threading.Event | None):
+        """One greedy request through the lossless drafts (`layerroute.infer.drafts.draft_generate`)."""
+        from ..infer.drafts import draft_generate, make_drafters
+
+        # earlier requests under the same compiled grammar (tool set and choice; the grammar cache hands out one object)
+        store = self._suffix.get(id(params.grammar), owner=params.grammar)
+        drafters = make_drafters(self.drafts, self.tokenizer, suffix_store=store)
+
+        def on_token(tok: int) -> None:  # the streamer's per-token bookkeeping (forwards are counted apart)
+            synchronize(self.device)
+            streamer.times.append(time.perf_counter())
+            if streamer.on_token is not None:
+                streamer.on_token(tok)
+
+        res = draft_generate(self.model, prompt, max_new_tokens=params.max_new_tokens,
+                             stop_ids=None if params.ignore_eos else self.eos_ids, grammar=params.grammar,
+                             drafters=drafters, cache=cache, on_token=on_token,
+                             cancel=cancel.is_set if cancel is not None else None)
+        streamer.forwards = res.forwards
+        return res
 
     # -- shared by the lone path above and the batch scheduler (`layerroute.serve.scheduler`) ---------------------
     def keep_session(self, prompt: list[int], new: list[int], cache: RoutedCache, at_prompt: Pools | None,

@@ -36,8 +36,10 @@ request; ``pattern``: among up to ``lookahead`` requests prefilled ahead, the on
 fewest blocks to those the batch runs, a request waiting ``max_wait_s`` first). Prefilled requests hold their KV
 cache while they wait; a request's time to first token counts the wait.
 
-Prompt-lookup drafting (``Engine.prompt_lookup``) needs a batch of one: a request that arrives while nothing else
-runs or waits goes through `Engine.generate` alone, with drafts; a batched row decodes without drafts.
+Prompt-lookup drafting (``Engine.prompt_lookup``) and lossless drafts (``Engine.drafts``) need a batch of one: a
+request that arrives while nothing else runs or waits goes through `Engine.generate` alone, with drafts; a batched
+row decodes without drafts (on this CPU a verification forward of a few tokens costs ~1.6x a one-token forward,
+about what a second batch row costs, so a full batch gains little from drafting its rows; not measured).
 
 A request's records, `Job` (waiting) and `_Row` (in the batch), live in `layerroute.serve.batch_jobs`.
 """
@@ -102,7 +104,7 @@ class Scheduler:
         # prefill thread: newcomers are prefilled on a second module tree (shared weights) while the batch decodes
         # (not with max_batch 1 or prompt lookup: those run requests alone, where the prefill has nothing to overlap)
         self._side = None
-        if prefill_thread and max_batch > 1 and not engine.prompt_lookup:
+        if prefill_thread and max_batch > 1 and not (engine.prompt_lookup or engine.drafts):
             self._side = side_replica(engine)
             if self._side is None:
                 log.warning("no prefill thread: last_turn pooling's hook writes the engine's own routing state")
@@ -171,7 +173,8 @@ class Scheduler:
             return self._admitting
 
     def _turn(self) -> None:
-        lone = self.max_batch == 1 or (self.engine.prompt_lookup > 0 and not self.rows and not self.ready
+        drafting = self.engine.prompt_lookup > 0 or bool(self.engine.drafts)
+        lone = self.max_batch == 1 or (drafting and not self.rows and not self.ready
                                        and len(self.waiting) == 1)
         if lone:  # one request, the engine's own path (prompt-lookup drafts when configured)
             job = self._next_job()
