@@ -184,9 +184,9 @@ def main(argv=None) -> int:
     tool = doc["types"].get("tool_call", {})
     doc["gate"] = {"rule": "tool calls average >= 2 removable blocks", "tool_call_size_mean": tool.get("size_mean"),
                    "passes": None if tool.get("size_mean") is None else tool["size_mean"] >= 2}
-    out = Path(args.output)
-    write_json(out.with_suffix(".json"), doc)
-    plot(doc, out.with_suffix(".png"), args.layers)
+    out = str(args.output)  # "headroom_qwen2.5-0.5b" has no suffix to replace: the suffixes are appended
+    write_json(Path(out + ".json"), doc)
+    plot(doc, Path(out + ".png"), args.layers)
     print(json.dumps({t: {"n": v["n"], "size_mean": v["size_mean"]} for t, v in doc["types"].items()}
                      | {"gate": doc["gate"]["passes"]}))
     return 0
