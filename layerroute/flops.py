@@ -72,6 +72,7 @@ from layerroute.errors import ConfigError
 __all__ = [
     "ModelShape",
     "aggregate",
+    "attention_flops",
     "attention_pairs",
     "block_flops",
     "bridge_flops",
@@ -167,6 +168,14 @@ def attention_pairs(n_new: int, n_past: int = 0) -> int:
 def block_flops(cfg: Any, n_new: int, n_past: int = 0) -> int:
     """Matmul FLOPs of one decoder block for ``n_new`` tokens attending causally to ``n_past + n_new``."""
     s = from_model_config(cfg)
+    mlp = 3 * 2 * n_new * s.hidden_size * s.intermediate_size  # gate, up (h -> I), down (I -> h)
+    return attention_flops(s, n_new, n_past) + mlp
+
+
+def attention_flops(cfg: Any, n_new: int, n_past: int = 0) -> int:
+    """The attention sub-block's share of `block_flops`: the q, k, v, o projections and the two attention products
+    (what skipping attention alone saves; the MLP is the rest)."""
+    s = from_model_config(cfg)
     _check_count("n_new", n_new)
     _check_count("n_past", n_past)
     h, q_width, kv_width = (
@@ -175,9 +184,8 @@ def block_flops(cfg: Any, n_new: int, n_past: int = 0) -> int:
         s.num_key_value_heads * s.head_dim,
     )
     projections = 2 * n_new * h * (2 * q_width + 2 * kv_width)  # q, o: h <-> H*d; k, v: h -> G*d
-    mlp = 3 * 2 * n_new * h * s.intermediate_size  # gate, up (h -> I), down (I -> h)
     attention = 2 * 2 * q_width * attention_pairs(n_new, n_past)  # Q K^T and P V, every query head
-    return projections + mlp + attention
+    return projections + attention
 
 
 def kv_only_flops(cfg: Any, n_new: int) -> int:

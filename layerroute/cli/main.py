@@ -23,6 +23,8 @@ COMMANDS = {
     "sweep": ("layerroute.cli.sweep", "train and evaluate several seeds, one table"),
     "eval": ("layerroute.eval.cli", "skip rates, perplexity in four configurations, task accuracy, plots"),
     "ablation": ("layerroute.eval.ablation", "compare training recipes over seeds from finished evaluations (one table)"),
+    "oracle": ("layerroute.eval.oracle", "per step, the largest set of blocks whose removal keeps the step's full-depth "
+                                         "greedy output (resumable JSONL)"),
     "curve": ("layerroute.eval.skip_curve", "tool-call accuracy against blocks skipped: static removals and trained routers"),
     "bench": ("layerroute.eval.bench", "wall-clock latency of routed vs dense generation (a table; --json / --output: JSON)"),
     "generate": ("layerroute.cli.generate_cli", "routed generation for one prompt"),
