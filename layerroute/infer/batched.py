@@ -180,6 +180,7 @@ def generate_batched(
         groups += [[part[j] for j in b] for b in length_sorted_batches([len(requests[i].prompt) for i in part],
                                                                        batch_size)]
     if drafts:
+        budgets = {i: rules[i].max_new_tokens for i in todo}
         return _drafted(rm, requests, todo, budgets, results, drafts, threshold=threshold, kv_policy=kv_policy,
                         prompt_full_depth=prompt_full_depth, lora=lora)
     pad_id = model_pad_id(rm)
@@ -209,11 +210,13 @@ def _drafted(rm, requests, todo, budgets, results, drafts, *, threshold, kv_poli
         proc = r.logits_processor
         if proc is not None and not (isinstance(proc, GrammarLogitsProcessor) and len(proc.grammars) == 1):
             raise ValueError("drafts decode under one grammar (a GrammarLogitsProcessor) or none, not other processors")
+        if proc is not None and getattr(proc, "budgets", None) is not None:
+            raise ValueError("drafts do not apply a grammar's budget rule yet: pass the grammar without budgets")
         res, gates = routed_draft_generate(
             rm, list(r.prompt), drafts=drafts, max_new_tokens=budgets[i], grammar=proc.grammars[0] if proc else None,
             forced=r.forced, threshold=threshold, kv_policy=kv_policy, eos_token_id=sorted(r.stop),
             lora=lora, prompt_full_depth=prompt_full_depth)
-        results[i] = RowResult(tokens=res.tokens, gates=gates, finish=FINISH_STOP if res.finish == "stop"
+        results[i] = RowResult(tokens=res.tokens, gates=gates, finish="stop" if res.finish == "stop"
                                else FINISH_LENGTH, budget=budgets[i],
                                extra={"forwards": res.forwards, "drafts": res.by_source()})
     return results

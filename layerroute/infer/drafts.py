@@ -37,6 +37,11 @@ draft tokens (so the grammar checks every draft token and fills the mask of each
 over the whole draft and advanced over the accepted tokens only. It owns the cache too: rejected drafts are dropped
 in place (`RoutedCache.rewind`), not copied.
 
+Not yet: the budget rule of `layerroute.infer.constrain.GrammarLogitsProcessor` (a call closes whenever the budget holds
+the shortest one) is not applied here, so the server does not draft requests under a grammar and
+`generate_batched(drafts=...)` refuses a processor with budgets; `generate --draft --constrain` decodes under the plain
+grammar (its output can differ from `--constrain` alone only where the budget rule would bind).
+
 Routed models: call inside `layerroute.routed.routing(...)` as for any generation: the prompt is prefilled alone, so
 the routers decide from the prompt's positions exactly as without drafts.
 """

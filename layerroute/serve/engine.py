@@ -367,7 +367,10 @@ class Engine:
             gen_kwargs["logits_processor"] = LogitsProcessorList([self.grammar_processor(params)])
         # transformers' assisted generation (5.23) feeds the whole input to its first forward whatever the cache
         # holds, so a request that continues a session decodes without drafts (the prefix cache saves more there)
-        drafting = bool(self.drafts) and greedy and scripted_text is None and not params.stop
+        # not under a grammar: the server's grammar carries the budget rule (a call closes whenever the budget holds
+        # the shortest one), which the verify loop does not apply yet, so a drafted call could differ near the budget
+        drafting = (bool(self.drafts) and greedy and scripted_text is None and not params.stop
+                    and params.grammar is None)
         lookup = (self.prompt_lookup if scripted_text is None and params.grammar is None and not cached
                   and not drafting else 0)
         if lookup:
