@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                     drafters = make_drafters(names, rm.tokenizer, suffix_store=store, grammar_mode=mode)
                     for d in drafters:  # the store learns from dense's output below, once per step
                         if d.name == "suffix":
-                            d.record = False
+                            d.learn = False
                     start = time.process_time()
                     r = draft_generate(model, prompt, max_new_tokens=budget, stop_ids=eos, grammar=grammar,
                                        drafters=drafters, policy=DraftPolicy())

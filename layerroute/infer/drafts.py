@@ -256,8 +256,8 @@ class SuffixDrafter(Drafter):
 
     name = "suffix"
 
-    def __init__(self, store: SuffixStore, min_n: int = 2, record: bool = True):
-        self.store, self.min_n, self.record = store, min_n, record
+    def __init__(self, store: SuffixStore, min_n: int = 2, learn: bool = True):
+        self.store, self.min_n, self.learn = store, min_n, learn
 
     def propose(self, ctx: DraftContext, k: int) -> tuple[list[int], str]:
         mx = self.store.max_n
@@ -266,7 +266,7 @@ class SuffixDrafter(Drafter):
         return tokens, f"{self.name}:{min(n, 4)}"
 
     def finish(self, generated: list[int]) -> None:
-        if self.record:
+        if self.learn:
             self.store.add(generated)
 
 
