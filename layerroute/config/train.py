@@ -196,7 +196,8 @@ class TrainConfig:
                               f"(got train.oracle_source={self.oracle_source!r})")
         check_range("train", "oracle_skip_planning", self.oracle_skip_planning, 0.0, 1.0)
         if self.warmup_steps >= self.steps:
-            raise ConfigError(f"train.warmup_steps ({self.warmup_steps}) must be < train.steps ({self.steps})")
+            raise ConfigError(f"train.warmup_steps ({self.warmup_steps}) must be < train.steps ({self.steps}); "
+                              f"for a short run set both, e.g. --set train.steps={self.steps} --set train.warmup_steps=0")
 
     @property
     def effective_router_lr(self) -> float:
