@@ -25,6 +25,8 @@ COMMANDS = {
     "ablation": ("layerroute.eval.ablation", "compare training recipes over seeds from finished evaluations (one table)"),
     "oracle": ("layerroute.eval.oracle", "per step, the largest set of blocks whose removal keeps the step's full-depth "
                                          "greedy output (resumable JSONL)"),
+    "fit-routers": ("layerroute.cli.fit_routers", "routers trained on the oracle's per-step targets, their threshold "
+                                                   "chosen on validation steps (writes an adapter and a frontier)"),
     "curve": ("layerroute.eval.skip_curve", "tool-call accuracy against blocks skipped: static removals and trained routers"),
     "bench": ("layerroute.eval.bench", "wall-clock latency of routed vs dense generation (a table; --json / --output: JSON)"),
     "generate": ("layerroute.cli.generate_cli", "routed generation for one prompt"),

@@ -89,7 +89,7 @@ def oracle_step(rm, step, cfg, *, criterion: str, nll_rise: float, rows: int, ch
     target = list(sample["tokens"])
     rec = {"step": f"{step.conversation_id}#{step.step_index}", "type": step.step_type, **step_features(step),
            "full_depth": {"correct": sample["correct"], "reason": sample["reason"], "finish": sample["finish"],
-                          "tokens": len(target), "text": sample["text"][:600]}}
+                          "tokens": len(target), "text": sample["text"][:600]}, "target": target}
     if not target:
         return {**rec, "skipped": "no target tokens (prompt too long or empty budget)"}
     answer = answer_token_mask(rm.tokenizer, target) if criterion == "answer" else None
