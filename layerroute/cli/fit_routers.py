@@ -77,7 +77,7 @@ def _features(rm, model, steps, path: Path, identity: str, turn_id) -> torch.Ten
     return x
 
 
-def _plot(points: list[dict], fixed: list[dict], chosen: dict | None, path: Path) -> None:
+def _plot(points: list[dict], fixed: list[dict], chosen: dict | None, ceiling: float, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,11 +86,16 @@ def _plot(points: list[dict], fixed: list[dict], chosen: dict | None, path: Path
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([100 * p["tool_call"]["decode_fraction"] for p in points],
             [100 * p["tool_call"]["exact_rate"] for p in points], "o-", label="per-step routers (by threshold)")
+    labels: dict[tuple, list[str]] = {}  # thresholds that land on the same point share one label
     for p in points:
-        ax.annotate(f"{p['threshold']:g}", (100 * p["tool_call"]["decode_fraction"], 100 * p["tool_call"]["exact_rate"]),
-                    fontsize=7, xytext=(3, 3), textcoords="offset points")
+        xy = (100 * p["tool_call"]["decode_fraction"], 100 * p["tool_call"]["exact_rate"])
+        labels.setdefault(xy, []).append(f"{p['threshold']:g}")
+    for xy, names in labels.items():
+        ax.annotate("t=" + (names[0] if len(names) == 1 else f"{names[0]}-{names[-1]}"), xy, fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
     ax.plot([100 * p["decode_fraction"] for p in fixed], [100 * p["exact_rate"] for p in fixed], "s--",
             label="fixed set (top-k by oracle frequency)")
+    ax.plot([100 * ceiling], [100], "kD", label="per-step oracle sets (the ceiling)")
     if chosen is not None:
         ax.plot([100 * chosen["tool_call"]["decode_fraction"]], [100 * chosen["tool_call"]["exact_rate"]], "r*",
                 markersize=12, label=f"chosen (t = {chosen['threshold']:g})")
@@ -195,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     }
     write_text_atomic(out / "frontier.json", json.dumps(summary, indent=2))
     ps_plot = out / "frontier.png"
-    _plot(points, fixed, chosen, ps_plot)
+    _plot(points, fixed, chosen, summary["oracle_mean_size_val"] / rm.num_layers, ps_plot)
     if chosen is not None:
         for router, fitted in zip(rm.routers(), routers, strict=True):
             router.load_state_dict(fitted.state_dict())
