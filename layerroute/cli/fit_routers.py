@@ -6,8 +6,8 @@ threshold chosen on validation steps, written as an adapter `layerroute eval` ev
     layerroute eval --adapter runs/per-step/adapter --output-dir runs/per-step/eval      # prompt_full_depth, recorded
 
 Writes OUT/frontier.json (per threshold: validation exact rate and skip, tool calls and planning; the fixed-set
-frontier beside it), OUT/frontier.png, OUT/router_inputs.safetensors (the features, reused by a rerun with the same
-adapter and steps) and OUT/adapter (the same LoRA, the fitted routers, router.threshold = the chosen threshold,
+frontier beside it), OUT/frontier.png, OUT/router_inputs.safetensors (the features per step,
+reused by a rerun on the same adapter: more oracle records cost only their own forwards) and OUT/adapter (the same LoRA, the fitted routers, router.threshold = the chosen threshold,
 eval.prompt_full_depth = true in its recorded config).
 """
 
@@ -57,24 +57,26 @@ def _thresholds(text: str) -> list[float]:
 
 
 def _features(rm, model, steps, path: Path, identity: str, turn_id) -> torch.Tensor:
-    """The router inputs of `steps`, read from `path` when it holds exactly these (same adapter, same steps)."""
+    """The router inputs of `steps` [N, L, H]: those `path` already holds for this adapter are read, the others
+    computed and added (a rerun with more oracle records computes only the new steps)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     from ..atomic import atomic_path
     from ..train.per_step import router_inputs, step_key
 
-    keys = json.dumps([step_key(s) for s in steps])
+    cached: dict[str, torch.Tensor] = {}
     if path.is_file():
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as fh:
-            meta = fh.metadata() or {}
-        if meta.get("identity") == identity and meta.get("steps") == keys:
-            return load_file(str(path))["x"]
-    x = router_inputs(rm, model, steps, turn_token_id=turn_id)
-    with atomic_path(path) as tmp:
-        save_file({"x": x.contiguous()}, str(tmp), metadata={"identity": identity, "steps": keys})
-    return x
+            same = (fh.metadata() or {}).get("identity") == identity
+        cached = load_file(str(path)) if same else {}
+    todo = [s for s in steps if step_key(s) not in cached]
+    if todo:
+        x = router_inputs(rm, model, todo, turn_token_id=turn_id)
+        cached.update({step_key(s): x[i].contiguous() for i, s in enumerate(todo)})
+        with atomic_path(path) as tmp:
+            save_file(cached, str(tmp), metadata={"identity": identity})
+    return torch.stack([cached[step_key(s)] for s in steps])
 
 
 def _plot(points: list[dict], fixed: list[dict], chosen: dict | None, ceiling: float, path: Path) -> None:
