@@ -35,7 +35,8 @@ import torch
 import yaml
 
 from layerroute.data.config import DataConfig
-from layerroute.data.sources import BadRow, iter_source
+from layerroute.data.records import BadRow
+from layerroute.data.sources import iter_source
 from layerroute.eval.bench import emit_json_line
 from layerroute.infer.constrain import json_schema
 from layerroute.infer.generate import load_for_inference

@@ -33,11 +33,12 @@ from collections import Counter
 import yaml
 
 from layerroute.data.config import DataConfig
-from layerroute.data.sources import BadRow, iter_source
+from layerroute.data.records import BadRow
+from layerroute.data.sources import iter_source
 from layerroute.data.splits import assign_split
 from layerroute.data.toolcalls import render_tool_calls
 from layerroute.eval.bench import emit_json_line
-from layerroute.tasks.bfcl import bfcl_gold_calls
+from layerroute.tasks.bfcl import bfcl_categories, bfcl_gold_calls
 
 TOKENIZER = "tests/fixtures/tokenizers/smollm2"
 
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 c["changed_argument_left_out" if dropped else "changed_key_order_only"] += 1
                 c["arguments_left_out"] += dropped
         per_config[os.path.basename(path)] = {
-            "categories": list(src.resolved_categories), "seed": cfg.seed, "eval_fraction": cfg.eval_fraction,
+            "categories": bfcl_categories(src), "seed": cfg.seed, "eval_fraction": cfg.eval_fraction,
             **{split: dict(c) for split, c in counts.items()}}
         print(f"[gold] {path}: {per_config[os.path.basename(path)]}", flush=True)
     result = {"benchmark": "gold_within_schema", "configs": per_config, "conversations": len(records)}

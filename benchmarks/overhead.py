@@ -30,7 +30,8 @@ import torch
 from layerroute.eval.bench import emit_json_line
 from layerroute.infer.generate import inference_weights, load_for_inference, plain_blocks
 from layerroute.nn.kv_cache import RoutedCache
-from layerroute.nn.routed import RoutedLayer, RoutingState, find_routed_layers, routing
+from layerroute.nn.routed import RoutedLayer, find_routed_layers, routing
+from layerroute.nn.state import RoutingState
 
 
 def _timed(fn) -> tuple[float, float]:
@@ -194,7 +195,7 @@ def decision_cost(rm, prompt: int, iters: int = 50) -> dict:
     """What the routers add to a prefill: every block's decision (pool, router, gate, row plan) on a
     [1, prompt, H] input, timed alone (no block runs), so memory-bandwidth noise from other processes barely
     touches it."""
-    from layerroute.nn.routed import row_plan
+    from layerroute.nn.state import row_plan
 
     layers = find_routed_layers(rm.model)
     hidden = torch.randn(1, prompt, rm.config.hidden_size)

@@ -69,7 +69,7 @@ def free_port() -> int:
 
 
 def bfcl_requests(n: int) -> list[tuple[list[dict], list[dict]]]:
-    from layerroute.data.sources import bfcl_data_dir, bfcl_tool
+    from layerroute.tasks.bfcl import bfcl_data_dir, bfcl_tool
 
     path = Path(bfcl_data_dir()) / "BFCL_v4_simple_python.json"
     out = []

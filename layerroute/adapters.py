@@ -50,8 +50,9 @@ from .errors import AdapterError, ConfigError
 from .identity import describe_base, describe_tokenizer, same_tokenizer, tokenizer_identity
 from .model import LoadedModel, configure_trainable, load_base, router_factory
 from .nn.bridge import install_bridges
-from .nn.routed import RoutingState, find_routed_layers, wrap_model
+from .nn.routed import find_routed_layers, wrap_model
 from .nn.router import RouterSpec, router_spec
+from .nn.state import RoutingState
 from .tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,9 @@ from layerroute.chat_template import ChatTemplateMissing
 from layerroute.cli import main as cli_main
 from layerroute.config import ModelConfig, RunConfig
 from layerroute.data.config import DataConfig, SourceConfig
+from layerroute.data.records import Conversation
 from layerroute.data.render import hermes_text_messages, render_prompt, render_steps
-from layerroute.data.sources import Conversation, iter_source
+from layerroute.data.sources import iter_source
 from layerroute.errors import AdapterError, ConfigError
 from layerroute.identity import file_digest, tokenizer_identity
 from layerroute.model import load_base, shape_config

@@ -18,7 +18,6 @@ import xgrammar as xgr
 from transformers import AutoTokenizer
 
 from layerroute.data.render import render_prompt
-from layerroute.data.sources import bfcl_tool
 from layerroute.data.toolcalls import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, parse_tool_calls, render_tool_calls
 from layerroute.infer.constrain import (
     GrammarError,
@@ -31,6 +30,7 @@ from layerroute.infer.constrain import (
     tool_call_processor,
 )
 from layerroute.infer.generate import routed_generate
+from layerroute.tasks.bfcl import bfcl_tool
 from tests.helpers import lively, tiny_routed
 
 HERE = os.path.dirname(__file__)
@@ -353,7 +353,8 @@ def bfcl_conversations(categories: list[str], config: str = "configs/offline-smo
     import yaml
 
     from layerroute.data.config import DataConfig
-    from layerroute.data.sources import BadRow, iter_source
+    from layerroute.data.records import BadRow
+    from layerroute.data.sources import iter_source
     from layerroute.data.splits import assign_split
 
     root = os.path.dirname(HERE)

@@ -7,6 +7,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from layerroute.data.config import DataConfig, SourceConfig
+from layerroute.data.records import Conversation
 from layerroute.data.render import (
     IGNORE_INDEX,
     PLANNING,
@@ -16,7 +17,7 @@ from layerroute.data.render import (
     render_steps,
     template_supports_tools,
 )
-from layerroute.data.sources import Conversation, iter_source
+from layerroute.data.sources import iter_source
 from layerroute.data.toolcalls import parse_tool_calls
 
 HERE = os.path.dirname(__file__)

@@ -7,16 +7,11 @@ from collections import Counter
 import pytest
 
 from layerroute.data.config import BFCL_DEFAULT_CATEGORIES, DataConfig, SourceConfig
-from layerroute.data.sources import (
-    BadRow,
-    Conversation,
-    bfcl_data_dir,
-    bfcl_gold_calls,
-    bfcl_schema,
-    iter_source,
-    math_target,
-)
+from layerroute.data.records import BadRow, Conversation
+from layerroute.data.sources import iter_source
 from layerroute.errors import DataError
+from layerroute.tasks.bfcl import bfcl_data_dir, bfcl_gold_calls, bfcl_schema
+from layerroute.tasks.gsm8k import math_target
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "data")
 CFG = DataConfig()
@@ -103,7 +98,7 @@ def test_packaged_gsm8k_is_read_without_a_path_and_a_user_path_reads_the_same(tm
     """GSM8K ships in the package (gzip JSONL); a user's own file, plain or gzip, is read the same way."""
     import gzip
 
-    from layerroute.data.config import packaged_gsm8k
+    from layerroute.tasks.gsm8k import packaged_gsm8k
 
     src = SourceConfig("gsm8k_jsonl", split=split, role="eval")
     assert src.resolved_path == str(packaged_gsm8k(split))

@@ -8,7 +8,7 @@ import torch
 
 from layerroute.data.render import render_prompt
 from layerroute.nn.kv_cache import RoutedCache
-from layerroute.serve.engine import CachedSession, SessionStore
+from layerroute.serve.session_store import CachedSession, SessionStore
 from tests.test_serve import routed_model
 
 

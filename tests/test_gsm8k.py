@@ -7,9 +7,14 @@ import json
 
 import pytest
 
-from layerroute.data.config import GSM8K_SPLITS, packaged_gsm8k
 from layerroute.errors import DataError
-from layerroute.tasks.gsm8k import extract_final_number, gsm8k_exact_match, normalize_number
+from layerroute.tasks.gsm8k import (
+    GSM8K_SPLITS,
+    extract_final_number,
+    gsm8k_exact_match,
+    normalize_number,
+    packaged_gsm8k,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # GSM8K

@@ -322,6 +322,20 @@ def test_the_private_import_check_sees_one(tmp_path):
     assert private_imports(tmp_path) == [f"{PACKAGE}.b imports {PACKAGE}.a.x._p"]
 
 
+def test_data_and_tasks_meet_only_at_the_registry():
+    """Issue 37, tasks as objects: the data pipeline asks the task registry (`layerroute.tasks.registry`) and
+    imports no task module by name; neither side imports a private name of the other."""
+    edges = graph()
+    allowed = {"layerroute.tasks", "layerroute.tasks.registry"}
+    by_name = [f"{a} -> {b}" for a in sorted(edges) if a.startswith("layerroute.data")
+               for b in sorted(edges[a]) if b.startswith("layerroute.tasks") and b not in allowed]
+    assert not by_name, f"data imports a task module instead of asking the registry: {by_name}"
+    assert "layerroute.tasks.registry" in edges["layerroute.data.sources"]
+    crossing = [line for line in private_imports() for a, b in (("data", "tasks"), ("tasks", "data"))
+                if line.startswith(f"layerroute.{a}") and f" imports layerroute.{b}" in line]
+    assert not crossing, f"private names between data and tasks: {crossing}"
+
+
 def test_at_most_twelve_top_level_modules():
     top = sorted(p.name for p in (ROOT / PACKAGE).glob("*.py"))
     assert len(top) <= MAX_TOP_LEVEL, f"{len(top)} modules directly under layerroute/ (at most {MAX_TOP_LEVEL}): {top}"

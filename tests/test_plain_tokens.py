@@ -9,8 +9,8 @@ from transformers import AutoTokenizer
 
 from layerroute.adapters import load_adapter, save_adapter
 from layerroute.config import ModelConfig, RunConfig
+from layerroute.data.records import Conversation
 from layerroute.data.render import render_steps
-from layerroute.data.sources import Conversation
 from layerroute.data.toolcalls import parse_tool_calls
 from layerroute.errors import AdapterError, ConfigError, ModelLoadError
 from layerroute.model import load_base

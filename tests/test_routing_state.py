@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from layerroute.nn.kv_cache import RoutedCache
-from layerroute.nn.routed import Decisions, find_routed_layers, gate_records, routing
+from layerroute.nn.routed import find_routed_layers, gate_records, routing
+from layerroute.nn.state import Decisions
 from tests.helpers import lively, random_batch, tiny_routed
 
 ROOT = Path(__file__).resolve().parents[1]

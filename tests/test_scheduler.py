@@ -337,8 +337,8 @@ def test_real_model_batched_equals_lone_with_forced_skips(prefill_thread):
     from pathlib import Path
 
     from layerroute.data.render import render_prompt
-    from layerroute.data.sources import bfcl_data_dir, bfcl_tool
     from layerroute.infer.generate import load_for_inference
+    from layerroute.tasks.bfcl import bfcl_data_dir, bfcl_tool
 
     rm = load_for_inference("smollm2-135m-instruct", None, "float32", "cpu")
     lines = (Path(bfcl_data_dir()) / "BFCL_v4_simple_python.json").read_text(encoding="utf-8").splitlines()[:4]

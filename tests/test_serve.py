@@ -18,8 +18,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from layerroute.data.records import Conversation
 from layerroute.data.render import render_prompt, render_steps
-from layerroute.data.sources import Conversation
 from layerroute.infer.generate import routed_generate
 from layerroute.serve import BackgroundServer, create_app
 from tests.helpers import lively, tiny_routed

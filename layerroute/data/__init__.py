@@ -3,8 +3,9 @@
 Pipeline (each stage is its own module):
 
   records.py    the `Conversation` record (OpenAI messages + tools) / `BadRow`, its checks, the row readers
-  sources.py    the source registry and the generic loaders -> `Conversation`s or `BadRow`s (each
-                benchmark's own loader is in `layerroute.tasks`)
+  sources.py    `iter_source`: a configured source's records, read by the task that owns its kind
+                (`layerroute.tasks.registry`; each task's loader is in `layerroute.tasks`), and the chaining
+                of question/answer rows
   toolcalls.py  parse / render tool calls in assistant text (Hermes <tool_call>, Glaive <functioncall>)
   render.py     every assistant turn -> one `Step` (input_ids, labels, decision_mask, step_type, ...)
                 with the tokenizer's own chat template (tools passed natively, or in Hermes text form)
@@ -18,9 +19,10 @@ The tokenizer that renders the data comes from `layerroute.tokenizer.load_tokeni
 folder, hub id) and the pad id from `layerroute.special_tokens`: data never imports model loading.
 
 `build` and `sources` are not imported here (import `layerroute.data.build.load_steps` and
-`layerroute.data.sources.iter_source` from their modules): the task loaders in `layerroute.tasks` import
-`records`, `toolcalls` and `config` from this package, and `sources` imports the task loaders, so an import of
-them from here would close a cycle (tests/test_import_graph.py).
+`layerroute.data.sources.iter_source` from their modules): they ask the task registry, whose tasks import
+`records`, `render`, `toolcalls` and `config` from this package. Arrows between data and tasks: data asks only
+`layerroute.tasks.registry` (and `config` only it), which imports no task module by name; the tasks import the
+public names of `records`, `render`, `toolcalls` and `config` (tests/test_import_graph.py).
 
 Import cost: `datasets` and `reasoning_gym` are imported only when a source that needs them is read; torch
 comes in through `collate`.

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 
 from layerroute.data.config import DataConfig, SourceConfig
+from layerroute.data.records import BadRow, Conversation
 from layerroute.data.render import PLANNING, TOOL_CALL, RenderError, Step, StepRenderer
-from layerroute.data.sources import BadRow, Conversation, chain_conversations, iter_source
+from layerroute.data.sources import chain_conversations, iter_source
 from layerroute.data.splits import assign_split, length_matched_subset
 from layerroute.errors import DataError
 
@@ -176,12 +177,12 @@ def _load_source(
 ) -> None:
     label = src.source_label
     rows = report.rows[label]
-    eval_only_cats = set(cfg.bfcl_eval_only_categories)
+    task = src.task  # the task that reads this source kind: its step types and eval-only conversations
 
     def add(conv: Conversation) -> None:
         dropped: Counter = Counter()
         try:
-            steps = renderer.render(conv, dropped=dropped)
+            steps = renderer.render(conv, dropped=dropped, step_type=task.step_type)
         except RenderError as e:
             report.add_bad(BadRow(label, e.reason, e.detail, conv.id))
             return
@@ -197,7 +198,7 @@ def _load_source(
             seed=cfg.seed,
             eval_fraction=cfg.eval_fraction,
             role=src.role,
-            eval_only=src.name == "bfcl" and conv.category in eval_only_cats,
+            eval_only=task.eval_only(conv, cfg),
         )
         (eval_ if split == "eval" else train).extend(steps)
 

@@ -9,47 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from layerroute.errors import ConfigError
+from layerroute.tasks.registry import source_kinds, task_for_source, tasks
 
-#: Source kinds and what each reads (see `layerroute.data.sources`).
-SOURCE_KINDS = (
-    "hermes",  # hub NousResearch/hermes-function-calling-v1 (ShareGPT from/value, <tool_call> blocks)
-    "glaive",  # hub glaiveai/glaive-function-calling-v2 (system + chat text, <functioncall>)
-    "gsm8k_hub",  # hub openai/gsm8k, config main (question / answer with '#### N')
-    "turing",  # hub TuringEnterprises/Turing-Open-Reasoning (question / answer [/ reasoning])
-    "bfcl",  # the bfcl-eval package's questions + possible answers (offline)
-    "gsm_symbolic",  # reasoning-gym's generated GSM8K-style problems with worked solutions (offline)
-    "gsm8k_jsonl",  # GSM8K JSONL (question / answer lines, .jsonl or .jsonl.gz); no path: the packaged copy (offline)
-    "jsonl",  # any local JSONL with `messages` (+ optional `tools`) per line (offline)
-)
-
-#: Single-turn question/answer sources (one planning step per row), which can be chained into multi-turn chats.
-QA_KINDS = ("gsm8k_hub", "turing", "gsm_symbolic", "gsm8k_jsonl")
-
-#: Default hub id (or package location) per source kind; `path` overrides it.
-DEFAULT_PATHS = {
-    "hermes": "NousResearch/hermes-function-calling-v1",
-    "glaive": "glaiveai/glaive-function-calling-v2",
-    "gsm8k_hub": "openai/gsm8k",
-    "turing": "TuringEnterprises/Turing-Open-Reasoning",
-}
-
-#: GSM8K ships in the package (openai/grade-school-math, MIT; README.md and LICENSE beside the files): what a
-#: `gsm8k_jsonl` source without a `path` reads, by `split`. The test split is evaluation data only (role: eval).
-GSM8K_DIR = Path(__file__).resolve().parent / "gsm8k"
-GSM8K_SPLITS = ("train", "test")
-
-
-def packaged_gsm8k(split: str) -> Path:
-    """The packaged GSM8K file of one split (train or test)."""
-    return GSM8K_DIR / f"{split}.jsonl.gz"
-
-
-#: Default hub configuration name per source kind.
-DEFAULT_HUB_CONFIGS = {"gsm8k_hub": "main"}
+#: The source kinds, their loaders, defaults and checks belong to the tasks (`layerroute.tasks.registry`):
+#: `SourceConfig` asks the registry which kinds exist and lets the kind's task check its settings.
 
 #: BFCL categories that are single-turn and have ground truth, so they become one tool-call step each.
 BFCL_CATEGORIES = (
@@ -91,7 +57,8 @@ class SourceConfig:
     """One dataset to read. `name` picks the loader; the other fields narrow what it reads."""
 
     name: str
-    """Source kind: one of hermes, glaive, gsm8k_hub, turing, bfcl, gsm_symbolic, gsm8k_jsonl, jsonl."""
+    """Source kind: one of hermes, glaive, gsm8k_hub, turing, bfcl, gsm_symbolic, gsm8k_jsonl, jsonl (and any a
+    registered task reads: `layerroute.tasks.registry`)."""
     path: str | None = None
     """Hub id, or a local file/folder (json, jsonl, jsonl.gz, parquet). Hub kinds default to their dataset id; bfcl to
     the bfcl-eval package's data; gsm8k_jsonl to the GSM8K copy shipped in layerroute (by `split`)."""
@@ -118,48 +85,37 @@ class SourceConfig:
         self._validate("data.sources[?]")
 
     def _validate(self, key: str) -> None:
-        if self.name not in SOURCE_KINDS:
-            raise _fail(
-                f"{key}.name", f"unknown source {self.name!r}; choose one of {', '.join(SOURCE_KINDS)}"
-            )
+        try:
+            task = task_for_source(self.name)
+        except ConfigError as e:
+            raise _fail(f"{key}.name", str(e)) from None
         if self.role not in ROLES:
             raise _fail(f"{key}.role", f"must be one of {', '.join(ROLES)}, got {self.role!r}")
         if self.limit is not None and (
             not isinstance(self.limit, int) or isinstance(self.limit, bool) or self.limit < 1
         ):
             raise _fail(f"{key}.limit", f"must be a positive integer or null, got {self.limit!r}")
-        if self.name == "jsonl" and not self.path:
-            raise _fail(f"{key}.path", f"source {self.name!r} needs a local file path")
-        if self.name == "gsm8k_jsonl" and not self.path:
-            if self.split not in GSM8K_SPLITS:
-                raise _fail(f"{key}.split", f"the packaged GSM8K has splits {', '.join(GSM8K_SPLITS)}, got "
-                                            f"{self.split!r} (or name a file with path)")
-            if self.split == "test" and self.role != "eval":
-                raise _fail(f"{key}.role", "GSM8K test is evaluation data: set role: eval (never train on it)")
-        if self.name == "gsm_symbolic" and self.limit is None:
-            raise _fail(f"{key}.limit", "gsm_symbolic generates problems: set how many with limit")
-        if self.categories is not None:
-            if self.name != "bfcl":
-                raise _fail(f"{key}.categories", f"only the bfcl source has categories, not {self.name!r}")
-            if isinstance(self.categories, str) or not self.categories:
-                raise _fail(f"{key}.categories", "must be a non-empty list of BFCL category names")
-            bad = [c for c in self.categories if c not in BFCL_CATEGORIES]
-            if bad:
-                raise _fail(
-                    f"{key}.categories",
-                    f"unsupported BFCL categories {bad}; supported: {', '.join(BFCL_CATEGORIES)} "
-                    "(irrelevance and multi-turn categories have no single gold assistant turn)",
-                )
+        if self.categories is not None and not task.takes_categories:
+            with_categories = [k for t in tasks().values() if t.takes_categories for k in t.sources]
+            raise _fail(f"{key}.categories", f"only the {', '.join(with_categories)} source has categories, "
+                                              f"not {self.name!r}")
+        task.check_source(self, key)
         t = self.turns_per_conversation
         if not isinstance(t, int) or isinstance(t, bool) or t < 1:
             raise _fail(f"{key}.turns_per_conversation", f"must be a positive integer, got {t!r}")
-        if t > 1 and self.name not in QA_KINDS:
+        if t > 1 and not task.question_answer:
+            qa = [k for q in tasks().values() if q.question_answer for k in q.sources]
             raise _fail(
                 f"{key}.turns_per_conversation",
-                f"only question/answer sources ({', '.join(QA_KINDS)}) can be chained, not {self.name!r}",
+                f"only question/answer sources ({', '.join(qa)}) can be chained, not {self.name!r}",
             )
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise _fail(f"{key}.seed", f"must be an integer or null, got {self.seed!r}")
+
+    @property
+    def task(self):
+        """The task that reads this source (`layerroute.tasks.registry`)."""
+        return task_for_source(self.name)
 
     @property
     def source_label(self) -> str:
@@ -168,18 +124,13 @@ class SourceConfig:
 
     @property
     def resolved_path(self) -> str | None:
-        """`path`, or the kind's default: a hub id, or (gsm8k_jsonl) the packaged GSM8K file of `split`."""
-        if not self.path and self.name == "gsm8k_jsonl":
-            return str(packaged_gsm8k(self.split))
-        return self.path or DEFAULT_PATHS.get(self.name)
+        """`path`, or the task's default for the kind: a hub id, or (gsm8k_jsonl) the packaged GSM8K file of
+        `split`."""
+        return self.path or self.task.default_path(self)
 
     @property
     def resolved_hub_config(self) -> str | None:
-        return self.hub_config or DEFAULT_HUB_CONFIGS.get(self.name)
-
-    @property
-    def resolved_categories(self) -> list[str]:
-        return list(self.categories) if self.categories else list(BFCL_DEFAULT_CATEGORIES)
+        return self.hub_config or self.task.default_hub_config(self)
 
     @classmethod
     def from_dict(cls, d: dict, index: int = 0) -> SourceConfig:
@@ -188,7 +139,7 @@ class SourceConfig:
             raise ConfigError(f"{key}: must be a mapping with at least `name`, got {d!r}")
         _unknown_keys(cls, d, key)
         if "name" not in d:
-            raise ConfigError(f"{key}.name: missing; choose one of {', '.join(SOURCE_KINDS)}")
+            raise ConfigError(f"{key}.name: missing; choose one of {', '.join(source_kinds())}")
         try:
             return cls(**d)
         except ConfigError as e:  # re-key the message with the source's position in the list

@@ -9,8 +9,8 @@ dataset has none, so an exact duplicate always lands in the same train/eval spli
 Rows that cannot be parsed are yielded as `BadRow(reason, detail)`, never raised: the builder counts them by
 source and reason and stops only when too many of a source's rows are bad.
 
-The loaders themselves live in `layerroute.data.sources` (the registry and the generic formats) and
-`layerroute.tasks` (one module per benchmark); both import this module, which imports neither.
+The loaders themselves live in `layerroute.tasks` (one module per task, found through
+`layerroute.tasks.registry`); they import this module, which imports no task.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ class Conversation:
     """Extra gold data for evaluators, e.g. {"answer": "72"} or BFCL's {"possible_answer": [...]}."""
     repairs: list[str] = field(default_factory=list)
     """Non-standard forms accepted while parsing (single-quoted calls, string-encoded arguments, ...)."""
+    task: str | None = None
+    """The task that read it (`layerroute.tasks.registry`; set by `layerroute.data.sources.iter_source`)."""
 
 
 @dataclass
@@ -77,7 +79,8 @@ def shorten(text: Any, n: int = 160) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def _bad(source: str, row_id: str, err: str) -> BadRow:
+def bad_row(source: str, row_id: str, err: str) -> BadRow:
+    """A `BadRow` from a 'reason: detail' message."""
     reason, _, detail = err.partition(": ")
     return BadRow(source=source, reason=reason, detail=detail, row_id=row_id)
 
@@ -123,7 +126,7 @@ def _first_assistant(conv: Conversation) -> int:
 
 def checked(conv: Conversation) -> Record:
     err = check_conversation(conv)
-    return _bad(conv.source, conv.id, err) if err else conv
+    return bad_row(conv.source, conv.id, err) if err else conv
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -84,6 +84,8 @@ class Step:
     """The OpenAI messages before the turn (what a server would receive), for free-running evaluation."""
     meta: dict = field(default_factory=dict)
     """Gold extras from the source, e.g. {"answer": "72"} or BFCL's possible answers."""
+    task: str | None = None
+    """The task of its conversation, which scores it (`layerroute.tasks.registry.task_for_step`)."""
 
     @property
     def is_tool_call(self) -> bool:
@@ -105,6 +107,12 @@ class Step:
     @property
     def target_ids(self) -> list[int]:
         return self.input_ids[self.context_length :]
+
+
+def step_type_of(message: dict) -> str:
+    """The step type of an assistant turn unless its task says otherwise: a turn with tool calls is a tool-call
+    step, any other a planning step."""
+    return TOOL_CALL if message.get("tool_calls") else PLANNING
 
 
 def chat_template_text(tokenizer) -> str:
@@ -187,14 +195,16 @@ class StepRenderer:
         # Templates write their own special tokens (BOS included where they want it).
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def render(self, conv: Conversation, dropped: Counter | None = None) -> list[Step]:
+    def render(self, conv: Conversation, dropped: Counter | None = None, step_type=None) -> list[Step]:
+        """Every assistant turn of `conv` as one step; `step_type(message)` (the task's, `Task.step_type`) names
+        a turn's type, None (or a None answer) leaving it to `step_type_of`."""
         steps: list[Step] = []
         k = 0
         for i, msg in enumerate(conv.messages):
             if msg["role"] != "assistant":
                 continue
             step_index, k = k, k + 1
-            step_type = TOOL_CALL if msg.get("tool_calls") else PLANNING
+            kind = (step_type(msg) if step_type is not None else None) or step_type_of(msg)
             context = conv.messages[:i]
             prefix_text = self._text(context, conv.tools, add_generation_prompt=True)
             full_text = self._text(conv.messages[: i + 1], conv.tools, add_generation_prompt=False)
@@ -227,7 +237,7 @@ class StepRenderer:
                 raise RenderError("empty_target", f"turn {i}: the assistant turn renders to no tokens")
             if n + len(target) > self.max_length:
                 if dropped is not None:
-                    dropped[step_type] += 1
+                    dropped[kind] += 1
                 continue
             ids = prefix_ids + target
             steps.append(
@@ -235,7 +245,7 @@ class StepRenderer:
                     input_ids=ids,
                     labels=[IGNORE_INDEX] * n + list(target),
                     decision_mask=[1] * n + [0] * len(target),
-                    step_type=step_type,
+                    step_type=kind,
                     context_length=n,
                     length=len(target),
                     source=conv.source,
@@ -246,6 +256,7 @@ class StepRenderer:
                     category=conv.category,
                     context_messages=context,
                     meta=_step_meta(conv.meta, step_index),
+                    task=conv.task,
                 )
             )
         return steps

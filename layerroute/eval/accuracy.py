@@ -1,5 +1,6 @@
 """Free-running accuracy of one configuration: every step generated in batches through the real-skip path
-(`layerroute.infer.batched`), scored (BFCL AST for tool calls, final-number match for GSM8K), failures counted by reason.
+(`layerroute.infer.batched`), scored by the step's task (`layerroute.tasks.registry`: BFCL AST for tool calls,
+final-number match for GSM8K), failures counted by reason.
 
 `accuracy` (one configuration on some steps, with its teacher-forced cross-check; `accuracy_subset` re-summarises
 part of it) calls `generate_and_score`, which scores each generation with `score_generation`; under eval.constrained
@@ -27,6 +28,7 @@ from ..config import EvalConfig
 from ..infer.batched import Request, generate_batched
 from ..infer.generate import stop_ids
 from ..infer.stop import FINISH_CONTEXT, FINISH_LENGTH
+from ..tasks.registry import task_for_step
 from .teacher_forced import teacher_forced
 
 # the configuration a config's step equals when its gates open every block
@@ -42,7 +44,6 @@ ACCURACY_SUFFIX = {"full": "", "length_matched": "_length_matched"}
 
 REASON_CONTEXT = "prompt exceeds the model's context"
 REASON_LENGTH = "hit max_new_tokens"
-REASON_SPEC = "BFCL spec not checkable"
 
 
 def step_id(sample_or_step) -> str:
@@ -53,32 +54,10 @@ def step_id(sample_or_step) -> str:
 
 
 def score_generation(step, text: str) -> tuple[bool, str | None]:
-    """(correct, reason) for one generated assistant turn. Malformed output is wrong, never an exception."""
-    from ..data.toolcalls import parse_tool_calls
-    from ..errors import DataError
-    from ..tasks.bfcl_ast import check_tool_calls
-    from ..tasks.gsm8k import gsm8k_exact_match
-
-    if step.step_type == "tool_call":
-        answer = step.meta.get("possible_answer")
-        functions = [t.get("function", t) for t in step.tools]  # OpenAI specs -> function docs
-        if answer is None or not functions:
-            return False, "no BFCL ground truth for this step"
-        # bare_json: a call written without its <tool_call> wrapper (Qwen2.5-Coder's native form) still counts
-        calls, _, error = parse_tool_calls(text, bare_json=True)
-        if error or not calls:
-            return False, f"unparsable tool call: {error or 'no call'}"
-        try:
-            result = check_tool_calls(calls, functions, answer, step.category or "simple_python")
-        except DataError as err:  # a spec BFCL's checker cannot read (e.g. a parameter without a type: one
-            # live_multiple function has one): wrong in every configuration alike, counted under its own reason
-            return False, f"{REASON_SPEC}: {err}"
-        return result.valid, result.error
-    reference = step.meta.get("answer")
-    if reference is None:
-        return False, "no reference answer for this step"
-    ok = gsm8k_exact_match(text, str(reference))
-    return ok, None if ok else "wrong final number"
+    """(correct, reason) for one generated assistant turn, by the task that scores the step
+    (`layerroute.tasks.registry.task_for_step`: BFCL's AST checker, GSM8K's final number, ...). Malformed output is
+    wrong, never an exception."""
+    return task_for_step(step).score(step, text)
 
 
 def score(step, text: str, finish: str, extra: dict | None = None) -> tuple[bool, str | None]:
@@ -111,7 +90,6 @@ def generate_and_score(rm, steps, config: str, cfg, *, stop: list[int], threshol
         ref = reference["samples"]
         if [step_id(s) for s in ref] != [step_id(s) for s in steps]:
             raise ValueError(f"{config}: the reference generations are not of the same steps")
-    budget = {"tool_call": cfg.max_new_tokens_tool}
     stop_set = frozenset(stop)
     samples: list[dict | None] = [None] * len(steps)
     todo = []
@@ -121,7 +99,7 @@ def generate_and_score(rm, steps, config: str, cfg, *, stop: list[int], threshol
         else:
             todo.append(i)
     reqs = [Request(list(steps[i].input_ids[: steps[i].context_length]),
-                    budget.get(steps[i].step_type, cfg.max_new_tokens_planning), stop=stop_set,
+                    task_for_step(steps[i]).budget(steps[i], cfg), stop=stop_set,
                     forced=None if gates is None or config in ("base", "lora_full_depth") else gates[i],
                     logits_processor=None if logits_processor_for is None else logits_processor_for(steps[i]))
             for i in todo]

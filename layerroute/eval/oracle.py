@@ -34,6 +34,7 @@ from ..calibrate.oracle import (
     greedy_reproducing_set,
 )
 from ..errors import ConfigError
+from ..tasks.registry import task_for_step
 
 # ------------------------------------------------------------------------------------------------------------
 # Per step: target, answer tokens, oracle, free-running check
@@ -136,7 +137,7 @@ def oracle_step(rm, step, cfg, *, criterion: str, nll_rise: float, rows: int, ch
                         rm.config, step.context_length, len(target), run_mask,
                         count_routers=False)["block_skipped_fraction"]}
     if free_running:
-        budget = cfg.max_new_tokens_tool if step.step_type == "tool_call" else cfg.max_new_tokens_planning
+        budget = task_for_step(step).budget(step, cfg)
         out = generate_batched(rm, [Request(list(step.input_ids[:step.context_length]), budget, frozenset(stop),
                                             forced=run_mask)], batch_size=1, kv_policy=cfg.kv_policy,
                                prompt_full_depth=True, progress=False)[0]

@@ -28,7 +28,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..nn.kv_cache import RoutedCache
-from ..nn.routed import RoutingState, gate_records, routing
+from ..nn.routed import gate_records, routing
+from ..nn.state import RoutingState
 from .generate import inference_weights, model_pad_id, pad_left
 from .stop import FINISH_CONTEXT, FINISH_LENGTH, FINISH_REUSED, StopRule
 

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, DataError
 from ..nn.kv_cache import RoutedCache
-from ..nn.routed import KV_POLICIES, routing
+from ..nn.routed import routing
+from ..nn.state import KV_POLICIES
 from .generate import (
     DEFAULT,
     _eos_ids,

@@ -2,7 +2,10 @@
 
 - ``router``: the per-block router (`Router`) and the straight-through hard gate.
 - ``routed``: `RoutedLayer` around each block (decision, training mix, real skip, KV policy), `wrap_model`,
-  `routing(...)` (the per-forward routing state) and the gate records.
+  `routing(...)` (sets the per-forward routing state) and the gate records.
+- ``state``: `RoutingState`, the state the routed layers share, and its verbs (`decisions`, `impose`,
+  `take_rows`, `request_sums`), `Decisions` and `row_plan`: the only code besides `RoutedLayer` that touches a
+  layer's per-step state.
 - ``bridge``: `SkipBridge`, a low-rank stand-in for a skipped block, and `install_bridges` (fitting them needs data:
   `layerroute.calibrate.bridges`).
 - ``blocks``: where each model family keeps its decoder blocks (`decoder_layers`).

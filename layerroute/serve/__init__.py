@@ -58,6 +58,8 @@ Modules (one job each; this package re-exports their names, so `from layerroute.
 - ``background``: `BackgroundServer`: uvicorn in a thread (tests, the agent's --spawn, benchmarks).
 - ``cli``: `layerroute serve` / `python -m layerroute.serve` flags and entry point.
 - ``engine``: `Engine`: one routed model behind the server (rendering, KV-cache sessions, generation, accounting).
+- ``session_store``: the engine's prefix cache (`CachedSession`, `SessionStore`: which finished request a new one may
+  extend, LRU).
 - ``scheduler``: continuous batching: requests join the running batch at token boundaries and leave when done.
 - ``admission``: which prefilled request takes a free row (`ADMISSIONS`: ``fcfs``, ``pattern``; one class each).
 - ``prefill``: a request's prefill alone (optionally on its own thread and replica), ready to join the batch.

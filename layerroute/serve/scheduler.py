@@ -60,7 +60,8 @@ from transformers import TopPLogitsWarper
 from ..infer.generate import synchronize
 from ..infer.stop import FINISH_CANCELLED, FINISH_ERROR
 from ..nn.kv_cache import RoutedCache
-from ..nn.routed import Decisions, routing
+from ..nn.routed import routing
+from ..nn.state import Decisions
 from .admission import ADMISSIONS
 from .batch_jobs import ClientGone, Job, _Row
 from .engine import Completion, Engine

@@ -27,10 +27,12 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from layerroute.data.config import DataConfig, SourceConfig
+from layerroute.data.config import BFCL_CATEGORIES, BFCL_DEFAULT_CATEGORIES, DataConfig, SourceConfig
 from layerroute.data.records import BadRow, Conversation, Record, checked, jsonl_rows, shorten
-from layerroute.data.toolcalls import to_openai_tool_calls
-from layerroute.errors import DataError
+from layerroute.data.render import TOOL_CALL
+from layerroute.data.toolcalls import parse_tool_calls, to_openai_tool_calls
+from layerroute.errors import ConfigError, DataError
+from layerroute.tasks.base import Task
 from layerroute.tasks.bfcl_ast import (
     _NESTED,
     _OPTIONAL,
@@ -38,7 +40,7 @@ from layerroute.tasks.bfcl_ast import (
     CheckResult,  # noqa: F401 - re-exported: BFCL's loading and scoring are imported from here
     _as_list,
     _expected_calls,
-    check_tool_calls,  # noqa: F401 - re-exported
+    check_tool_calls,
 )
 
 
@@ -203,11 +205,16 @@ def _bfcl_file(folder: str, category: str) -> str | None:
     return max(found)[1] if found else None
 
 
+def bfcl_categories(src: SourceConfig) -> list[str]:
+    """The categories a `bfcl` source reads: its `categories`, or the default single-turn Python/JSON ones."""
+    return list(src.categories) if src.categories else list(BFCL_DEFAULT_CATEGORIES)
+
+
 def load_bfcl(src: SourceConfig, cfg: DataConfig) -> Iterator[Record]:
     """BFCL single-turn categories: the question (+ its system turn), the functions as tools, and one gold
     assistant turn with the ground-truth calls. `limit` applies per category."""
     folder = src.path or bfcl_data_dir()
-    for cat in src.resolved_categories:
+    for cat in bfcl_categories(src):
         qfile = _bfcl_file(folder, cat)
         afile = _bfcl_file(os.path.join(folder, "possible_answer"), cat)
         if qfile is None or afile is None:
@@ -301,3 +308,52 @@ def _first(acceptable: list, where: str) -> Any:
         if value != _OPTIONAL:
             return value
     raise DataError(f"possible answer gives {where} no acceptable value ({acceptable!r}): no call can pass")
+
+
+# -- the task --------------------------------------------------------------------------------------------------
+REASON_SPEC = "BFCL spec not checkable"
+
+
+class Bfcl(Task):
+    """BFCL single-turn: one tool-call step per question, scored by BFCL's AST checker; it also scores every
+    tool-call step that names no scoring task (a chat's: no ground truth, wrong with that reason)."""
+
+    name = "bfcl"
+    loaders = {"bfcl": load_bfcl}
+    takes_categories = True
+    default_for = (TOOL_CALL,)
+
+    def check_source(self, src, key: str) -> None:
+        if src.categories is None:
+            return
+        if isinstance(src.categories, str) or not src.categories:
+            raise ConfigError(f"{key}.categories: must be a non-empty list of BFCL category names")
+        bad = [c for c in src.categories if c not in BFCL_CATEGORIES]
+        if bad:
+            raise ConfigError(
+                f"{key}.categories: unsupported BFCL categories {bad}; supported: {', '.join(BFCL_CATEGORIES)} "
+                "(irrelevance and multi-turn categories have no single gold assistant turn)"
+            )
+
+    def eval_only(self, conv, cfg) -> bool:
+        """BFCL's categories in `data.bfcl_eval_only_categories` (live_*: functions never seen in training)."""
+        return conv.category in set(cfg.bfcl_eval_only_categories)
+
+    def score(self, step, text: str) -> tuple[bool, str | None]:
+        answer = step.meta.get("possible_answer")
+        functions = [t.get("function", t) for t in step.tools]  # OpenAI specs -> function docs
+        if answer is None or not functions:
+            return False, "no BFCL ground truth for this step"
+        # bare_json: a call written without its <tool_call> wrapper (Qwen2.5-Coder's native form) still counts
+        calls, _, error = parse_tool_calls(text, bare_json=True)
+        if error or not calls:
+            return False, f"unparsable tool call: {error or 'no call'}"
+        try:
+            result = check_tool_calls(calls, functions, answer, step.category or "simple_python")
+        except DataError as err:  # a spec BFCL's checker cannot read (e.g. a parameter without a type: one
+            # live_multiple function has one): wrong in every configuration alike, counted under its own reason
+            return False, f"{REASON_SPEC}: {err}"
+        return result.valid, result.error
+
+
+TASKS = (Bfcl(),)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from layerroute.errors import DataError
+from layerroute.tasks import base
 from layerroute.tasks.bfcl import bfcl_data_dir, bfcl_tool
 
 CATEGORY_FILE = "BFCL_v4_multi_turn_base.json"
@@ -161,3 +162,20 @@ def bfcl_calls(call_strings: list[str], docs: dict) -> list[dict]:
             args[kw.arg] = ast.literal_eval(kw.value)
         calls.append({"name": name, "arguments": args})
     return calls
+
+
+# -- the task ------------------------------------------------------------------------------------------------
+class BfclMultiTurn(base.Task):
+    """BFCL multi-turn (multi_turn_base) in the registry: no step-data source and no per-step score. Its tasks are
+    agent episodes (`load_tasks`), run against `Backend` and judged by BFCL's state and response checkers
+    (`bfcl_checkers`) over a whole run, in `layerroute.serve.agent` and `layerroute.infer.session`."""
+
+    name = "bfcl_multi_turn"
+    scores = False
+
+    def episodes(self, limit: int | None = 3, ids: list[str] | None = None) -> list[Task]:
+        """The multi-turn tasks (`load_tasks`)."""
+        return load_tasks(limit, ids)
+
+
+TASKS = (BfclMultiTurn(),)

@@ -1,5 +1,5 @@
 """GSM8K-style math word problems: loading (openai/gsm8k on the hub, a GSM8K JSONL: the packaged copy or a local
-file, reasoning-gym's gsm_symbolic) and scoring (final-number exact match).
+file) and scoring (final-number exact match, which reasoning-gym's and Turing's tasks score with too).
 
 Math targets (GSM8K, gsm_symbolic, Turing): the assistant answer is the worked solution, GSM8K calculator
 annotations ``<<48/2=24>>`` removed, and its ``#### N`` line replaced by a final line ``The answer is N.``
@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 
 from layerroute.data.config import DataConfig, SourceConfig
 from layerroute.data.records import (
@@ -28,7 +29,9 @@ from layerroute.data.records import (
     row_hash,
     shorten,
 )
-from layerroute.errors import DataError
+from layerroute.data.render import PLANNING
+from layerroute.errors import ConfigError, DataError
+from layerroute.tasks.base import Task
 
 __all__ = [
     "extract_final_number",
@@ -36,10 +39,21 @@ __all__ = [
     "gsm8k_row",
     "load_gsm8k_hub",
     "load_gsm8k_jsonl",
-    "load_gsm_symbolic",
     "math_target",
     "normalize_number",
+    "packaged_gsm8k",
+    "score_final_number",
 ]
+
+#: GSM8K ships in the package (openai/grade-school-math, MIT; README.md and LICENSE beside the files): what a
+#: `gsm8k_jsonl` source without a `path` reads, by `split`. The test split is evaluation data only (role: eval).
+GSM8K_DIR = Path(__file__).resolve().parents[1] / "data" / "gsm8k"
+GSM8K_SPLITS = ("train", "test")
+
+
+def packaged_gsm8k(split: str) -> Path:
+    """The packaged GSM8K file of one split (train or test)."""
+    return GSM8K_DIR / f"{split}.jsonl.gz"
 
 
 def math_target(solution: str, final: str | None = None) -> str | None:
@@ -75,30 +89,6 @@ def load_gsm8k_hub(src: SourceConfig, cfg: DataConfig) -> Iterator[Record]:
     """openai/gsm8k, config main (train for training; set split: test and role: eval for evaluation)."""
     for row in hub_rows(src):
         yield gsm8k_row(row, src.source_label)
-
-
-def load_gsm_symbolic(src: SourceConfig, cfg: DataConfig) -> Iterator[Record]:
-    """reasoning-gym's `gsm_symbolic`: `limit` generated problems; target = metadata.answer_cot (ends '#### N')."""
-    import reasoning_gym
-
-    seed = cfg.seed if src.seed is None else src.seed
-    ds = reasoning_gym.create_dataset("gsm_symbolic", size=src.limit, seed=seed)
-    for i in range(len(ds)):
-        x = ds[i]
-        q = x.get("question")
-        cot = (x.get("metadata") or {}).get("answer_cot")
-        row_id = f"gsm_symbolic:{row_hash(str(q))}"
-        if not isinstance(q, str) or not isinstance(cot, str):
-            yield BadRow(
-                src.source_label, "missing_field", f"item {i} lacks question or metadata.answer_cot", row_id
-            )
-            continue
-        target = math_target(cot, None if "####" in cot else str(x.get("answer")))
-        final = target.rsplit("The answer is ", 1)[1][:-1]
-        msgs = [{"role": "user", "content": q.strip()}, {"role": "assistant", "content": target}]
-        yield checked(
-            Conversation(row_id, src.source_label, msgs, [], category="gsm_symbolic", meta={"answer": final})
-        )
 
 
 def load_gsm8k_jsonl(src: SourceConfig, cfg: DataConfig) -> Iterator[Record]:
@@ -185,3 +175,42 @@ def gsm8k_exact_match(generated: str | None, reference: str) -> bool:
         raise DataError(f"GSM8K reference has no number: {reference!r}")
     got = extract_final_number(generated)
     return got is not None and Decimal(got) == Decimal(want)
+
+
+def score_final_number(step, text: str) -> tuple[bool, str | None]:
+    """(correct, reason): the generation's final number against the step's `meta["answer"]`."""
+    reference = step.meta.get("answer")
+    if reference is None:
+        return False, "no reference answer for this step"
+    ok = gsm8k_exact_match(text, str(reference))
+    return ok, None if ok else "wrong final number"
+
+
+class Gsm8k(Task):
+    """GSM8K: one planning step per problem, scored by final-number exact match; it also scores every planning
+    step that names no scoring task."""
+
+    name = "gsm8k"
+    loaders = {"gsm8k_hub": load_gsm8k_hub, "gsm8k_jsonl": load_gsm8k_jsonl}
+    question_answer = True
+    default_for = (PLANNING,)
+
+    def check_source(self, src, key: str) -> None:
+        if src.name == "gsm8k_jsonl" and not src.path:
+            if src.split not in GSM8K_SPLITS:
+                raise ConfigError(f"{key}.split: the packaged GSM8K has splits {', '.join(GSM8K_SPLITS)}, got "
+                                  f"{src.split!r} (or name a file with path)")
+            if src.split == "test" and src.role != "eval":
+                raise ConfigError(f"{key}.role: GSM8K test is evaluation data: set role: eval (never train on it)")
+
+    def default_path(self, src) -> str | None:
+        return str(packaged_gsm8k(src.split)) if src.name == "gsm8k_jsonl" else "openai/gsm8k"
+
+    def default_hub_config(self, src) -> str | None:
+        return "main" if src.name == "gsm8k_hub" else None
+
+    def score(self, step, text: str) -> tuple[bool, str | None]:
+        return score_final_number(step, text)
+
+
+TASKS = (Gsm8k(),)

@@ -1,4 +1,5 @@
-"""TuringEnterprises/Turing-Open-Reasoning: question / answer reasoning rows, the target ending 'The answer is X.'."""
+"""TuringEnterprises/Turing-Open-Reasoning: question / answer reasoning rows, the target ending 'The answer is X.';
+scored like GSM8K (final number: Turing's answers are often LaTeX, which that rule reads as its last number)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from collections.abc import Iterator
 from layerroute.data.config import DataConfig, SourceConfig
 from layerroute.data.records import BadRow, Conversation, Record, checked, hub_rows, row_hash
 from layerroute.errors import DataError
+from layerroute.tasks.base import Task
+from layerroute.tasks.gsm8k import score_final_number
 
 TURING_QUESTION_COLUMNS = ("question", "prompt", "problem")
 TURING_ANSWER_COLUMNS = ("answer", "final_answer", "solution")
@@ -53,3 +56,20 @@ def load_turing(src: SourceConfig, cfg: DataConfig) -> Iterator[Record]:
     """
     for row in hub_rows(src):
         yield turing_row(row, src.source_label)
+
+
+class Turing(Task):
+    """Turing-Open-Reasoning from the hub (or a local copy): one planning step per question."""
+
+    name = "turing"
+    loaders = {"turing": load_turing}
+    question_answer = True
+
+    def default_path(self, src) -> str | None:
+        return "TuringEnterprises/Turing-Open-Reasoning"
+
+    def score(self, step, text: str) -> tuple[bool, str | None]:
+        return score_final_number(step, text)
+
+
+TASKS = (Turing(),)
