@@ -40,7 +40,7 @@ ACC_EVAL="$EVAL --set eval.accuracy_steps_per_type={\"tool_call\":48,\"planning\
 SPLIT_EVAL="$EVAL --set eval.accuracy_steps_per_type={\"tool_call\":32,\"planning\":8} --set eval.accuracy_length_matched_per_type={\"tool_call\":47,\"planning\":8} --set eval.accuracy_configs=[lora_full_depth,routed,shortgpt,random]"
 # the recipes: experiments/<recipe>.yaml, overlays of configs/offline-smollm2.yaml naming every key the recipe sets
 # (experiments/README.md: what each is and its verdict); the warm_* recipes also start LoRA from the lora_only run of
-# the same seed (train.init_lora, added below: a path under $OUT)
+# the same seed (train.experimental.init_lora, added below: a path under $OUT)
 RECIPES=experiments
 # recipe:seed pairs in RESULTS.md (hard_ste: one seed, because its gradient is soft_mean's: bit-identical adapters)
 ALL="paper_soft_mean:0 paper_soft_mean:1 paper_soft_mean:2 hard_ste:0 budget:0 budget:1 budget:2 drop_distill:0
@@ -107,7 +107,7 @@ for pair in ${*:-$ALL}; do
   dir=$OUT/$name-s$seed
   if [ ! -f "$dir/train/adapter/layerroute.json" ]; then
     resume=(); [ -d "$dir/train/checkpoints" ] && resume=(--resume)
-    warm=(); [[ $name == warm_* ]] && warm=(--set "train.init_lora=$OUT/lora_only-s$seed/train/adapter")
+    warm=(); [[ $name == warm_* ]] && warm=(--set "train.experimental.init_lora=$OUT/lora_only-s$seed/train/adapter")
     "$BIN/layerroute" train --config configs/offline-smollm2.yaml --overlay "$RECIPES/$name.yaml" "${warm[@]}" \
       --set train.seed="$seed" --set train.progress=false --output-dir "$dir/train" "${resume[@]}"
   fi

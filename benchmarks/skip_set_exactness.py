@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rankings", nargs="+", default=list(RANKINGS), choices=list(RANKINGS),
                         help="which oracles choose the skip sets")
     parser.add_argument("--greedy-candidates", type=int, default=12,
-                        help="greedy_*: blocks tried after round one (train.oracle_greedy_candidates; 0 = all)")
+                        help="greedy_*: blocks tried after round one (train.experimental.oracle_greedy_candidates; 0 = all)")
     parser.add_argument("--seed", type=int, default=0, help="draw of the held-out steps")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--output", default=None, help="also write the JSON line here (atomically)")

@@ -162,15 +162,15 @@ class RoutedModel:
 
 
 def turn_token_id(router_cfg: RouterConfig, tokenizer) -> int | None:
-    """The id of `router.turn_token` when the routers pool over the last turn (else None): a tokenizer without
+    """The id of `router.experimental.turn_token` when the routers pool over the last turn (else None): a tokenizer without
     that token cannot mark turns, which is refused before any forward."""
     if router_cfg.pooling != "last_turn":
         return None
-    token = router_cfg.turn_token
+    token = router_cfg.experimental.turn_token
     found = tokenizer.convert_tokens_to_ids(token) if tokenizer is not None else None
     if found is None or (found == getattr(tokenizer, "unk_token_id", None) and token != getattr(tokenizer, "unk_token", None)):
-        raise ConfigError(f"router.pooling=last_turn: router.turn_token {token!r} is not a token of this model's "
-                          "tokenizer; set router.turn_token to the token that opens each chat turn")
+        raise ConfigError(f"router.pooling=last_turn: router.experimental.turn_token {token!r} is not a token of this model's "
+                          "tokenizer; set router.experimental.turn_token to the token that opens each chat turn")
     return int(found)
 
 
@@ -364,7 +364,7 @@ def adapter_tokenizer(directory: str | Path, meta: dict | None = None):
     return tok
 
 
-def init_lora_from(rm: RoutedModel, directory: str | Path, flag: str = "train.init_lora") -> int:
+def init_lora_from(rm: RoutedModel, directory: str | Path, flag: str = "train.experimental.init_lora") -> int:
     """Start `rm`'s LoRA from the LoRA of a saved adapter (its routers are not read), e.g. routed training
     warm-started from a LoRA trained at full depth. The base model's shape and the LoRA settings (r, alpha, targets)
     must match; `flag` names the setting in errors. Returns the number of LoRA tensors loaded."""

@@ -47,7 +47,7 @@ def spread_router_biases(rm, steps, router_cfg, tc, pad_id: int) -> list[float]:
 def static_oracle_targets(rm, train_steps: list, tc: TrainConfig, pad_id: int, *, main_process: bool,
                           log) -> tuple[torch.Tensor, dict]:
     """[2, L] static run targets (planning, tool call) from single-block drop costs, measured before any
-    update (peft starts LoRA at zero, or train.init_lora's, so a resumed run measures the same model and gets
+    update (peft starts LoRA at zero, or train.experimental.init_lora's, so a resumed run measures the same model and gets
     the same targets).
     drop_nll ranks blocks by the NLL a removal adds; drop_errors by the greedy token errors it adds (NLL
     breaking ties): NLL is dominated by tokens the model is unsure of anyway, errors by the ones it gets right.
@@ -70,14 +70,14 @@ def static_oracle_targets(rm, train_steps: list, tc: TrainConfig, pad_id: int, *
             rows.append(torch.ones(L))
             continue
         steps = [s for s in train_steps if s.step_type == step_type][: tc.oracle_calibration_steps]
-        ecfg = EvalConfig(batch_size=tc.batch_size, seed=tc.seed, prompt_full_depth=tc.prompt_full_depth)
+        ecfg = EvalConfig(batch_size=tc.batch_size, seed=tc.seed, prompt_full_depth=tc.experimental.prompt_full_depth)
         greedy_path = None
         with without_dropout(rm.model):
             costs = drop_costs(rm, steps, ecfg, pad_id, progress=tc.progress and main_process,
                                desc=f"removal costs ({step_type}, {len(steps)} steps)")
             if tc.oracle_source in GREEDY_ORACLES:
                 target, greedy_path = greedy_drop_targets(rm, steps, ecfg, n_skip, tc.oracle_source, costs,
-                                                          tc.oracle_greedy_candidates, pad_id)
+                                                          tc.experimental.oracle_greedy_candidates, pad_id)
             else:
                 target = oracle_skip_targets(costs, n_skip, tc.oracle_source)
         rows.append(target)

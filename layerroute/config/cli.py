@@ -3,7 +3,9 @@
 Validates a run config exactly as `layerroute train` reads it (overlays, then `--set`), without loading a model or
 any data, and prints the resolved settings as YAML: every section with every setting, defaults filled in, so a
 30-minute run can be checked before it starts. `--describe` prints, instead, every setting with its default and
-its one-line help (the data section's help is each field's docstring in layerroute/data/config.py).
+its one-line help (the data section's help is each field's docstring in layerroute/data/config.py): the method's
+own settings section by section, then, under their own heading, the options of the recipes the ablation rejected
+(`train.experimental.*`, `router.experimental.*`: layerroute/config/experimental.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import sys
 
 import yaml
 
-from .fields import describe
+from .experimental import GROUP, GROUP_HELP
+from .fields import describe, groups
 from .run import RUN_SECTIONS, RunConfig
 
 
@@ -43,19 +46,29 @@ def resolved_yaml(cfg: RunConfig) -> str:
 
 
 def describe_lines() -> list[str]:
-    """`section.key: default  # help`, one line per setting of every section."""
+    """`section.key: default  # help`, one line per setting of every section: the method's settings first, then the
+    experimental groups (the rejected recipes' options) apart, under one heading."""
     defaults = RunConfig()
-    lines = []
+    lines, apart = [], []
     for section in RUN_SECTIONS:
         cls = type(getattr(defaults, section))
         lines.append(f"# {section}: {(cls.__doc__ or '').strip().splitlines()[0]}")
-        rows = describe(cls, section) if section != "data" else _data_rows(cls)
-        for key, default, help_text in rows:
-            shown = yaml.safe_dump(_plain(default), default_flow_style=True, width=10_000).strip()
-            shown = shown.removesuffix("\n...").removesuffix("...").strip()
-            lines.append(f"{key}: {shown}" + (f"  # {help_text}" if help_text else ""))
+        lines += _rows(describe(cls, section) if section != "data" else _data_rows(cls))
         lines.append("")
+        for name, group_cls, _ in groups(cls) if section != "data" else []:
+            apart += _rows(describe(group_cls, f"{section}.{name}"))
+    if apart:
+        lines += [f"# {GROUP} (train.{GROUP}.*, router.{GROUP}.*): {GROUP_HELP}", *apart, ""]
     return lines
+
+
+def _rows(rows: list[tuple[str, object, str]]) -> list[str]:
+    out = []
+    for key, default, help_text in rows:
+        shown = yaml.safe_dump(_plain(default), default_flow_style=True, width=10_000).strip()
+        shown = shown.removesuffix("\n...").removesuffix("...").strip()
+        out.append(f"{key}: {shown}" + (f"  # {help_text}" if help_text else ""))
+    return out
 
 
 def _data_rows(cls) -> list[tuple[str, object, str]]:

@@ -3,6 +3,11 @@
 A setting is a dataclass field with a one-line description (`setting()`); a choice is typed with `typing.Literal`,
 so the allowed values live in the annotation and one check (`check_choices`, also run by `from_dict`) names the key
 and those values. `from_dict` builds a section from a YAML mapping, rejecting unknown keys and wrong types by name.
+
+A group (`group()`) is a dataclass of settings nested in a section, such as `train.experimental`: the options of the
+recipes the ablation rejected, kept apart from the method's own settings. A section's `RENAMED_KEYS` maps a key's old
+name to its place now (`"distill_weight": "experimental.distill_weight"`): `from_dict` reads the old name (configs,
+overlays and adapters written before the move) and the section is written under the new one.
 """
 
 from __future__ import annotations
@@ -23,6 +28,37 @@ def setting(default, help: str, **kwargs):
     if isinstance(default, list | dict):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kwargs)
     return field(default=default, metadata={"help": help}, **kwargs)
+
+
+def group(cls, help: str):
+    """A nested group of settings (a dataclass) inside a section, e.g. `train.experimental`."""
+    return field(default_factory=cls, metadata={"help": help, "group": True})
+
+
+def is_group(f: dataclasses.Field) -> bool:
+    return bool(f.metadata.get("group"))
+
+
+def move_renamed(cls, data: dict, section: str) -> dict:
+    """`data` with each key that `cls.RENAMED_KEYS` names under its old name moved to its place now (a copy;
+    `old` -> `group.key`). Both names given with different values is an error naming both."""
+    renamed = getattr(cls, "RENAMED_KEYS", {})
+    if not any(old in data for old in renamed):
+        return data
+    data = dict(data)
+    for old, new in renamed.items():
+        if old not in data:
+            continue
+        name, key = new.split(".", 1)
+        inner = data.get(name)
+        inner = dict(inner) if isinstance(inner, dict) else {}
+        value = data.pop(old)
+        if key in inner and inner[key] != value:
+            raise ConfigError(f"{section}.{old} is the old name of {section}.{new}: give one of them "
+                              f"(got {value!r} and {inner[key]!r})")
+        inner[key] = value
+        data[name] = inner
+    return data
 
 
 def check_range(section: str, name: str, value, low=None, high=None, low_open=False) -> None:
@@ -141,7 +177,7 @@ def from_dict(cls, data: dict | None, section: str):
     choices (naming `section.key`)."""
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{section} must be a mapping, got {type(data).__name__}")
-    data = dict(data or {})
+    data = move_renamed(cls, dict(data or {}), section)
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
@@ -179,12 +215,20 @@ def from_dict(cls, data: dict | None, section: str):
 
 def describe(cls, section: str) -> list[tuple[str, Any, str]]:
     """(`section.name`, default, one-line help) per setting of dataclass `cls`, in declaration order; a choice's
-    help ends with its allowed values."""
+    help ends with its allowed values. Groups (`group()`) are not listed: `groups(cls)` names them."""
     rows = []
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
+        if is_group(f):
+            continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         allowed = choices(hints[f.name]) or _item_choices(hints[f.name])
         help_text = f.metadata.get("help", "") + (f" [choices: {', '.join(map(str, allowed))}]" if allowed else "")
         rows.append((f"{section}.{f.name}", default, help_text))
     return rows
+
+
+def groups(cls) -> list[tuple[str, type, str]]:
+    """(name, dataclass, help) per group of settings of dataclass `cls` (`train.experimental`, ...)."""
+    hints = _hints(cls)
+    return [(f.name, hints[f.name], f.metadata.get("help", "")) for f in dataclasses.fields(cls) if is_group(f)]

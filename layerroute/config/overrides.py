@@ -9,6 +9,7 @@ Everything here works on plain dicts, before any section is built, so that every
   `data.sources.0.limit=50`); the index one past the end appends. Errors name the key.
 - An overlay is a YAML file with some of the run config's sections, holding only the keys it changes; its keys
   replace the config's key by key (a setting's value, a list or a mapping, is replaced whole, as `--set` does).
+  A group of settings inside a section (`GROUPS`: `train.experimental`) is not a setting: it merges key by key too.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from pathlib import Path
 import yaml
 
 from ..errors import ConfigError
+
+#: the groups of settings nested in a section (config/experimental.py), merged key by key by an overlay
+GROUPS = ("experimental",)
 
 
 class _Loader(yaml.SafeLoader):
@@ -126,7 +130,12 @@ def apply_overlay(raw: dict, overlay: dict, path: str, sections: tuple[str, ...]
             continue
         if not isinstance(section, dict):
             raise ConfigError(f"{path}: {name}: must be a mapping of keys")
-        out[name] = {**(raw.get(name) or {}), **copy.deepcopy(section)}
+        merged = {**(raw.get(name) or {}), **copy.deepcopy(section)}
+        for group in GROUPS:
+            old, new = (raw.get(name) or {}).get(group), section.get(group)
+            if isinstance(old, dict) and isinstance(new, dict):
+                merged[group] = {**old, **copy.deepcopy(new)}
+        out[name] = merged
     return out
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .fields import from_dict, setting
-from .overrides import apply_overlay, apply_overrides, load_yaml
+from .fields import from_dict, move_renamed, setting
+from .overrides import apply_eval_overlay, apply_overlay, apply_overrides, load_yaml
 from .sections import EvalConfig, LoraSettings, ModelConfig, RouterConfig
 from .train import TrainConfig
 
@@ -80,11 +80,41 @@ class RunConfig:
         return out
 
 
-def resolve_raw(path: str | Path, overrides: list[str] | None = None,
-                overlays: list[str | Path] | None = None) -> dict:
-    """The raw dict of `path` with `overlays` merged in and `overrides` applied: what `RunConfig.from_yaml`
-    validates (and what `layerroute config` prints, resolved)."""
-    raw = load_yaml(path)
+def resolve_raw(base: str | Path | dict, overrides: list[str] | None = None,
+                overlays: list[str | Path] | None = None, eval_only: bool = False) -> dict:
+    """The raw dict of `base` (a YAML file, or a config already read, e.g. an adapter's training config) with
+    `overlays` merged in and `overrides` applied: what `RunConfig.from_yaml` validates (and what `layerroute config`
+    prints, resolved). Each layer is read with its keys where they are now (`current_layout`), so a later one wins
+    whichever names it uses. `eval_only`: the overlays hold an eval: section only (`apply_eval_overlay`)."""
+    raw = current_layout(base if isinstance(base, dict) else load_yaml(base))
     for overlay in overlays or []:
-        raw = apply_overlay(raw, load_yaml(overlay), str(overlay), RUN_SECTIONS)
-    return apply_overrides(raw, overrides or [])
+        layer = current_layout(load_yaml(overlay))
+        raw = apply_eval_overlay(raw, layer, str(overlay)) if eval_only else \
+            apply_overlay(raw, layer, str(overlay), RUN_SECTIONS)
+    return apply_overrides(raw, [current_key(item) for item in overrides or []])
+
+
+def _section_classes() -> dict:
+    return {"model": ModelConfig, "router": RouterConfig, "lora": LoraSettings, "train": TrainConfig,
+            "eval": EvalConfig}
+
+
+def current_layout(raw: dict) -> dict:
+    """`raw` (a copy where anything moves) with each key that a section's `RENAMED_KEYS` names by its old name at
+    its place now: `train.distill_weight` -> `train.experimental.distill_weight`."""
+    out = dict(raw)
+    for name, cls in _section_classes().items():
+        if isinstance(out.get(name), dict):
+            out[name] = move_renamed(cls, out[name], name)
+    return out
+
+
+def current_key(item: str) -> str:
+    """A `--set` item with its key where it is now: `train.distill_weight=1` -> `train.experimental.distill_weight=1`."""
+    key, sep, value = item.partition("=")
+    section, dot, rest = key.strip().partition(".")
+    renamed = getattr(_section_classes().get(section), "RENAMED_KEYS", {})
+    head, _, tail = rest.partition(".")
+    if not dot or head not in renamed:
+        return item
+    return f"{section}.{renamed[head]}" + (f".{tail}" if tail else "") + sep + value

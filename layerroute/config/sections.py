@@ -7,12 +7,14 @@ so a wrong config stops a run before any model is loaded.
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from typing import Literal, get_args
 
 from .. import chat_template
 from ..errors import ConfigError
-from .fields import check_choices, check_range, setting
+from .experimental import GROUP_HELP, REJECTED, RouterExperimental, renamed_keys
+from .fields import check_choices, check_range, group, setting
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPES = get_args(Dtype)  # the choices of every --dtype flag (default auto)
@@ -30,8 +32,6 @@ def add_dtype_argument(parser, help: str = DTYPE_HELP) -> None:
     """The --dtype flag of every command that loads a model: the choices of model.dtype, default auto."""
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help=help)
 
-
-REJECTED = "rejected by the ablation (RESULTS.md / docs/results/ablation.md)"
 
 
 @dataclass
@@ -79,6 +79,9 @@ class ModelConfig:
 class RouterConfig:
     """One router per decoder block."""
 
+    # old places of keys, still read (adapters' layerroute.json written before router.experimental)
+    RENAMED_KEYS: typing.ClassVar[dict] = renamed_keys(RouterExperimental)
+
     kind: RouterKind = setting(
         "linear", f"linear = Linear(hidden, 1) as in the paper; mlp = bottleneck MLP ({REJECTED}: "
         "experiments/mlp_router.yaml)")
@@ -101,18 +104,14 @@ class RouterConfig:
         "layerroute.nn.bridge)",
     )
 
-    # ---- options of recipes the ablation rejected (RESULTS.md / docs/results/ablation.md) ----
-    # Kept so that old adapters' stored configs, committed configs and experiments/*.yaml still load and run.
-    bottleneck: int = setting(64, f"kind=mlp ({REJECTED}): hidden width of the mlp router")
-    turn_token: str = setting(
-        "<|im_start|>", f"pooling=last_turn ({REJECTED}): the token that opens a chat turn (ChatML's)")
+    # ---- the options of recipes the ablation rejected: router.experimental.* (config/experimental.py) ----
+    experimental: RouterExperimental = group(RouterExperimental, GROUP_HELP)
 
     def __post_init__(self):
         check_choices(self, "router")
         check_range("router", "bridge_rank", self.bridge_rank, 0)
         check_range("router", "threshold", self.threshold, 0.0, 1.0, low_open=True)
         check_range("router", "init_bias_spread", self.init_bias_spread, 0.0)
-        check_range("router", "bottleneck", self.bottleneck, 1)
 
 
 @dataclass

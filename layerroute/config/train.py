@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..errors import ConfigError
-from .fields import check_choices, check_range, setting
+from .experimental import GROUP_HELP, REJECTED, TrainExperimental, renamed_keys
+from .fields import check_choices, check_range, group, setting
 
 Schedule = Literal["cosine", "constant"]
 Regularizer = Literal["soft_mean", "hard_ste", "budget", "none"]
@@ -15,15 +16,12 @@ RouterLoss = Literal["none", "bce", "oracle", "targets"]
 # router_loss=targets' sources of skip targets; the drop_* ones are static per step type (measured before training)
 OracleSource = Literal["influence", "drop_nll", "drop_errors", "greedy_nll", "greedy_errors", "fixed"]
 Precision = Literal["fp32", "bf16"]
-BlockDropOn = Literal["all", "tool_call"]
 
 REGULARIZERS = typing.get_args(Regularizer)
 ROUTER_LOSSES = typing.get_args(RouterLoss)
 ORACLE_SOURCES = typing.get_args(OracleSource)
 STATIC_ORACLES = ("drop_nll", "drop_errors", "greedy_nll", "greedy_errors", "fixed")
 GREEDY_ORACLES = ("greedy_nll", "greedy_errors")
-
-REJECTED = "rejected by the ablation (RESULTS.md / docs/results/ablation.md)"
 
 
 @dataclass
@@ -34,6 +32,9 @@ class TrainConfig:
     # router_loss=influence meant "a BCE towards skip targets", whatever oracle_source chose them (the default's
     # targets come from measured removal costs, not influence), so it is called targets now.
     RENAMED_VALUES: typing.ClassVar[dict] = {("router_loss", "influence"): "targets"}
+    # old places of keys, still read: the rejected recipes' options sat directly in train before they moved into
+    # train.experimental (old adapters' stored configs, overlays written before the move)
+    RENAMED_KEYS: typing.ClassVar[dict] = renamed_keys(TrainExperimental)
 
     # ---- optimisation ----
     steps: int = setting(3000, "optimizer steps (each = batch_size x grad_accum x processes steps of data)")
@@ -113,42 +114,8 @@ class TrainConfig:
     output_dir: str | None = setting(None, "where checkpoints, metrics.jsonl and adapter/ go (--output-dir wins)")
     progress: bool = setting(True, "show the tqdm progress bar")
 
-    # ---- options of recipes the ablation rejected (RESULTS.md / docs/results/ablation.md) ----
-    # Kept so that old adapters' stored configs, committed configs and experiments/*.yaml still load and run;
-    # each recipe that uses them is an overlay under experiments/ (experiments/README.md: what it is, its verdict).
-    target_run_rate: float = setting(
-        0.8, f"regularizer=budget ({REJECTED}: experiments/budget.yaml): the run-rate (fraction of blocks run) to "
-        "aim at")
-    oracle_epsilon: float = setting(
-        0.01, f"router_loss=oracle ({REJECTED}: experiments/oracle_first_order.yaml): a block whose first-order "
-        "skip cost (-dNLL/dgate, nats) is below this is a skip target"
-    )
-    block_drop_rate: float = setting(
-        0.0, f"{REJECTED} (experiments/block_drop.yaml): LayerSkip-style block dropping while training: block l "
-        "dropped with prob rate*l/(L-1) (0 = off)"
-    )
-    block_drop_on: BlockDropOn = setting(
-        "all", f"{REJECTED} (experiments/block_drop.yaml): which steps get block dropping: all, or tool_call "
-        "(planning keeps all)")
-    distill_weight: float = setting(
-        0.0, f"{REJECTED} (experiments/distill.yaml): self-distillation: weight of KL(full-depth || routed) on the "
-        "step's tokens")
-    distill_temperature: float = setting(1.0, f"{REJECTED}: softmax temperature of the distillation KL")
-    oracle_greedy_candidates: int = setting(
-        12, f"oracle_source=greedy_* ({REJECTED}: experiments/*greedy*.yaml): after round one (the single "
-        "removals), try only this many blocks of lowest single-removal cost (0 = every block); each round costs "
-        "one pass over the calibration steps per candidate",
-    )
-    prompt_full_depth: bool = setting(
-        False, f"{REJECTED} (experiments/drop_nll_stopgrad_prompt_full.yaml): each step's context runs every "
-        "block; the gates skip for the step's own tokens only (train for decode-only skipping; evaluate it with "
-        "eval.prompt_full_depth). drop_* costs are measured the same way",
-    )
-    init_lora: str | None = setting(
-        None, f"{REJECTED} (experiments/warm_*.yaml): start LoRA from this adapter directory's LoRA instead of "
-        "zero (e.g. one trained at full depth, so routed training adapts a tuned model to its skipped path); its "
-        "routers are not read",
-    )
+    # ---- the options of recipes the ablation rejected: train.experimental.* (config/experimental.py) ----
+    experimental: TrainExperimental = group(TrainExperimental, GROUP_HELP)
 
     def __post_init__(self):
         check_choices(self, "train")
@@ -169,11 +136,7 @@ class TrainConfig:
                     f"train.reg_weight_planning needs a per-row regulariser (soft_mean or hard_ste), "
                     f"not train.regularizer={self.regularizer!r}"
                 )
-        check_range("train", "target_run_rate", self.target_run_rate, 0.0, 1.0)
         check_range("train", "bce_weight", self.bce_weight, 0.0)
-        check_range("train", "block_drop_rate", self.block_drop_rate, 0.0, 1.0)
-        check_range("train", "distill_weight", self.distill_weight, 0.0)
-        check_range("train", "distill_temperature", self.distill_temperature, 0.0, low_open=True)
         if not self.router_lm_grad and self.regularizer in ("hard_ste", "budget"):
             raise ConfigError(
                 f"train.router_lm_grad=false leaves train.regularizer={self.regularizer!r} without a gradient (it "
@@ -184,7 +147,6 @@ class TrainConfig:
                               "needs train.router_lm_grad=true")
         check_range("train", "oracle_skip_tool", self.oracle_skip_tool, 0.0, 1.0)
         check_range("train", "oracle_calibration_steps", self.oracle_calibration_steps, 1)
-        check_range("train", "oracle_greedy_candidates", self.oracle_greedy_candidates, 0)
         check_range("train", "bridge_calibration_steps", self.bridge_calibration_steps, 0)
         if self.oracle_source == "fixed":
             blocks = self.oracle_skip_blocks

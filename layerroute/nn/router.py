@@ -13,6 +13,7 @@ cost from the kind's name. Adding a kind is one class here plus its name in `lay
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import torch
@@ -50,7 +51,7 @@ def masked_pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str = "mean",
     mask = mask.to(hidden.dtype)
     if pooling == "last_turn":
         if turn_marks is None:
-            raise ValueError("last_turn pooling needs the turn-start marks of the input (router.turn_token)")
+            raise ValueError("last_turn pooling needs the turn-start marks of the input (router.experimental.turn_token)")
         mask, pooling = last_turn_mask(mask, turn_marks), "mean"
     if pooling == "mean":
         total = torch.einsum("bth,bt->bh", hidden, mask)  # [B, H]
@@ -131,7 +132,7 @@ class MlpRouterSpec(RouterSpec):
 
     @classmethod
     def from_settings(cls, cfg: Any) -> RouterSpec:
-        return cls(bottleneck=cfg.bottleneck)
+        return cls(bottleneck=cfg.experimental.bottleneck)
 
     def build(self, hidden_size: int) -> nn.Module:
         return nn.Sequential(nn.Linear(hidden_size, self.bottleneck), nn.SiLU(), nn.Linear(self.bottleneck, 1))
@@ -152,7 +153,7 @@ ROUTER_KINDS: dict[str, type[RouterSpec]] = {spec.name: spec for spec in (Linear
 
 
 def router_spec(cfg: Any) -> RouterSpec:
-    """The spec of the router settings `cfg` (`kind`, and the kind's own fields such as `bottleneck`)."""
+    """The spec of the router settings `cfg` (`kind`, and the kind's own fields such as `experimental.bottleneck`)."""
     if cfg.kind not in ROUTER_KINDS:
         raise ValueError(f"unknown router kind {cfg.kind!r}; expected one of {sorted(ROUTER_KINDS)}")
     return ROUTER_KINDS[cfg.kind].from_settings(cfg)
@@ -182,7 +183,7 @@ class Router(nn.Module):
         if isinstance(kind, str):
             if kind not in ROUTER_KINDS:
                 raise ValueError(f"unknown router kind {kind!r}; expected one of {sorted(ROUTER_KINDS)}")
-            kind = ROUTER_KINDS[kind].from_settings(_Settings(kind, bottleneck))
+            kind = ROUTER_KINDS[kind].from_settings(_Settings(kind, SimpleNamespace(bottleneck=bottleneck)))
         self.spec = kind
         self.kind = kind.name
         self.normalize_input = normalize_input
@@ -210,7 +211,8 @@ class Router(nn.Module):
 
 @dataclass(frozen=True)
 class _Settings:
-    """The fields a spec reads from router settings, for `Router(hidden, kind="mlp", bottleneck=...)`."""
+    """The fields a spec reads from router settings (`kind`, `experimental.bottleneck`), for
+    `Router(hidden, kind="mlp", bottleneck=...)`."""
 
     kind: str
-    bottleneck: int
+    experimental: SimpleNamespace

@@ -95,6 +95,18 @@ def _config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def _current_layout(saved: dict) -> dict:
+    """A checkpoint's stored config with its keys where they are now (a checkpoint written before the rejected
+    recipes' options moved into train.experimental / router.experimental resumes as it did)."""
+    from ..config import RunConfig
+    from ..errors import ConfigError
+
+    try:
+        return RunConfig.from_dict(saved).to_dict()
+    except ConfigError:
+        return saved  # not valid any more: the diff names what differs
+
+
 def write_checkpoint(path: Path, trainable: dict, optimizer_tensors: dict, rng: list, state: dict) -> None:
     """Write one checkpoint folder to a temp folder and rename it (main process only); `rng` has one entry per
     process, `state` holds the step, schedule, optimizer metadata and config."""
@@ -118,7 +130,7 @@ def read_state(path: Path, world: int, config: dict, trainable_names: list[str])
             f"{path} was written by {state['world_size']} process(es); resume it with the same number "
             f"(this run has {world}): the data order and dropout streams are per process"
         )
-    changed = _config_diff(state["config"], config)
+    changed = _config_diff(_current_layout(state["config"]), config)
     if changed:
         raise TrainingError(f"cannot resume {path}: the config changed ({'; '.join(changed)})")
     if state["trainable_names"] != trainable_names:

@@ -35,26 +35,26 @@ class RoutedStepLoss(nn.Module):
     def drop_mask(self, batch: int, num_layers: int, is_tool_call: torch.Tensor | None, device) -> torch.Tensor | None:
         """[B, L] keep-mask for LayerSkip-style block dropping: block l is dropped with probability
         rate * l / (L - 1) (never the first block, most often the last), only while training."""
-        rate = self.cfg.block_drop_rate
+        rate = self.cfg.experimental.block_drop_rate
         if rate <= 0 or not self.training:
             return None
         depth = torch.linspace(0, 1, num_layers, device=device)  # [L]
         keep = torch.rand(batch, num_layers, device=device) >= rate * depth  # [B, L]; global RNG: resumable
-        if self.cfg.block_drop_on == "tool_call" and is_tool_call is not None:
+        if self.cfg.experimental.block_drop_on == "tool_call" and is_tool_call is not None:
             keep |= ~is_tool_call.to(device).bool().unsqueeze(1)  # planning rows keep every block
         return keep
 
     def forward(self, input_ids, attention_mask, labels, decision_mask, is_tool_call=None):
         from ..nn.routed import gate_records, routing, routing_state
 
-        distill = self.cfg.distill_weight > 0 and self.training
+        distill = self.cfg.experimental.distill_weight > 0 and self.training
         keep = self.drop_mask(input_ids.shape[0], routing_state(self.model).num_layers, is_tool_call,
                               input_ids.device)
         influence = self.cfg.router_loss == "targets" and self.training
         per_step = influence and self.static_targets is None  # targets measured in this forward (oracle_source)
         probe = RowInfluence(self.model, attention_mask) if per_step else nullcontext()
         with probe, routing(self.model, "mix", decision_mask=decision_mask, keep=keep,
-                            straight_through=self.cfg.router_lm_grad, prompt_full_depth=self.cfg.prompt_full_depth):
+                            straight_through=self.cfg.router_lm_grad, prompt_full_depth=self.cfg.experimental.prompt_full_depth):
             row_sum, row_count, logits, rows = sliced_lm_loss(
                 self.model, input_ids, attention_mask, labels, return_logits=True
             )
@@ -67,7 +67,7 @@ class RoutedStepLoss(nn.Module):
             # Costs one more forward per micro-batch (no backward).
             with torch.no_grad(), routing(self.model, "mix", forced="open"):
                 teacher, _, _ = target_logits(self.model, input_ids, attention_mask, labels)
-            kl = distillation_kl(logits, teacher, self.cfg.distill_temperature)  # [N]
+            kl = distillation_kl(logits, teacher, self.cfg.experimental.distill_temperature)  # [N]
             kl_row = per_row_sum(kl, rows, row_sum.shape[0])
         oracle_target = None
         if self.cfg.router_loss == "oracle" and self.training:
@@ -77,7 +77,7 @@ class RoutedStepLoss(nn.Module):
             per_row = row_sum / row_count.clamp_min(1)  # [B] mean NLL per step
             grads = torch.autograd.grad(per_row.sum(), [r.gate for r in records], retain_graph=True, allow_unused=True)
             cost = torch.stack([-g if g is not None else torch.zeros_like(per_row) for g in grads])  # [L, B]
-            oracle_target = (cost.detach() > self.cfg.oracle_epsilon).to(prob.dtype)  # 1 = run
+            oracle_target = (cost.detach() > self.cfg.experimental.oracle_epsilon).to(prob.dtype)  # 1 = run
         if per_step:
             # Influence-oracle targets: in each row, the blocks whose own output changes the hidden state least
             # (ShortGPT's 1 - cos, measured at the block's actual input in this very forward) are skip targets,
@@ -136,7 +136,7 @@ def loss_parts(
             lam = torch.where(is_tool_call.to(per_row.device).bool(), cfg.reg_weight, cfg.reg_weight_planning)
             reg_term = (lam.to(per_row.dtype) * per_row).sum() / rows_total
     elif kind == "budget":  # only the batch's mean run-rate is constrained: tool calls may skip more than planning
-        reg = (gate.mean() - cfg.target_run_rate).pow(2) / micro_total
+        reg = (gate.mean() - cfg.experimental.target_run_rate).pow(2) / micro_total
     else:
         reg = zero
     if reg_term is None:
@@ -154,5 +154,5 @@ def loss_parts(
         bce = zero
     # self-distillation: token-mean KL to the full-depth model, over the same tokens as the LM loss
     distill = kl_row.sum() / max(tokens_total, 1) if kl_row is not None else zero
-    total = lm + reg_term + cfg.bce_weight * bce + cfg.distill_weight * distill
+    total = lm + reg_term + cfg.bce_weight * bce + cfg.experimental.distill_weight * distill
     return LossParts(lm=lm, reg=reg, bce=bce, distill=distill, total=total)

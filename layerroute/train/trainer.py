@@ -122,9 +122,9 @@ class Trainer:
         set_seed(tc.seed)
         rm = build_routed_model(model_cfg, self.cfg.router, self.cfg.lora, loaded=loaded)
         self.rm = rm
-        if tc.init_lora:  # before anything measures the model (router-bias influence, drop_* oracle costs)
-            n = init_lora_from(rm, tc.init_lora)
-            self._print(f"[setup] LoRA starts from {tc.init_lora} ({n} tensors)")
+        if tc.experimental.init_lora:  # before anything measures the model (router-bias influence, drop_* oracle costs)
+            n = init_lora_from(rm, tc.experimental.init_lora)
+            self._print(f"[setup] LoRA starts from {tc.experimental.init_lora} ({n} tensors)")
         counts = parameter_counts(rm.model)
         self._print(
             f"[setup] {model_cfg.name}: {rm.num_layers} blocks, frozen weights in {loaded.dtype}"
