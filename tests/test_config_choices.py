@@ -16,6 +16,7 @@ from layerroute.config import (
     describe,
     from_dict,
 )
+from layerroute.config.experimental import TrainExperimental
 from layerroute.config.sections import Pooling
 from layerroute.errors import ConfigError
 
@@ -32,7 +33,7 @@ CASES = [  # (section class, section, key, a bad value, its allowed values)
     (TrainConfig, "train", "oracle_source", "greedy",
      ["influence", "drop_nll", "drop_errors", "greedy_nll", "greedy_errors", "fixed"]),
     (TrainConfig, "train", "precision", "fp16", ["fp32", "bf16"]),
-    (TrainConfig, "train", "block_drop_on", "planning", ["all", "tool_call"]),
+    (TrainExperimental, "train.experimental", "block_drop_on", "planning", ["all", "tool_call"]),
     (EvalConfig, "eval", "kv_policy", "paged", ["exact", "kv_preserving"]),
 ]
 
@@ -65,30 +66,38 @@ def test_a_choice_is_still_a_typed_value():
     assert choices(Pooling) == ("mean", "last", "last_turn") and choices(int) is None
 
 
-def test_describe_lists_the_choices_and_the_rejected_block():
+def test_describe_lists_the_choices_and_leaves_the_rejected_options_to_their_group():
     rows = {key: (default, help_text) for key, default, help_text in describe(TrainConfig, "train")}
     assert rows["train.schedule"][0] == "cosine" and "[choices: cosine, constant]" in rows["train.schedule"][1]
-    keys = list(rows)
-    rejected = ["train.target_run_rate", "train.oracle_epsilon", "train.block_drop_rate", "train.block_drop_on",
-                "train.distill_weight", "train.distill_temperature", "train.oracle_greedy_candidates",
-                "train.prompt_full_depth", "train.init_lora"]
-    assert keys[-len(rejected):] == rejected  # the rejected recipes' options close the section ...
-    assert all("rejected by the ablation" in rows[k][1] for k in rejected)  # ... and say so
+    assert "train.distill_weight" not in rows and "train.experimental" not in rows  # a group is not a setting
+    group = [key for key, _, _ in describe(TrainExperimental, "train.experimental")]
+    assert group == ["train.experimental.target_run_rate", "train.experimental.oracle_epsilon",
+                     "train.experimental.block_drop_rate", "train.experimental.block_drop_on",
+                     "train.experimental.distill_weight", "train.experimental.distill_temperature",
+                     "train.experimental.oracle_greedy_candidates", "train.experimental.prompt_full_depth",
+                     "train.experimental.init_lora"]
     router = [key for key, _, _ in describe(RouterConfig, "router")]
-    assert router[-2:] == ["router.bottleneck", "router.turn_token"]
+    assert "router.bottleneck" not in router and "router.turn_token" not in router
 
 
 def test_a_stored_config_with_every_rejected_option_still_loads():
-    """An old adapter's config (every key, the rejected recipes' ones set) validates as before."""
+    """An old adapter's config (every key, the rejected recipes' ones set, directly in their sections as before
+    they moved into the experimental groups) validates as before, and is written back under the new names."""
     raw = RunConfig().to_dict()
+    for section in ("router", "train"):
+        raw[section] = {k: v for k, v in raw[section].items() if k != "experimental"}
     raw["router"].update(kind="mlp", bottleneck=32, pooling="last_turn", turn_token="<|im_start|>")
     raw["train"].update(regularizer="budget", target_run_rate=0.7, block_drop_rate=0.3, block_drop_on="tool_call",
                         distill_weight=1.0, distill_temperature=2.0, router_loss="oracle", oracle_epsilon=0.02,
                         oracle_greedy_candidates=4, prompt_full_depth=True, init_lora="runs/x/adapter")
     raw["data"] = {"sources": [{"name": "bfcl", "limit": 4}]}
     cfg = RunConfig.from_dict(raw)
-    assert cfg.router.kind == "mlp" and cfg.train.block_drop_on == "tool_call" and cfg.train.init_lora == "runs/x/adapter"
-    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.router.kind == "mlp" and cfg.router.experimental.bottleneck == 32
+    assert cfg.train.experimental.block_drop_on == "tool_call" and cfg.train.experimental.init_lora == "runs/x/adapter"
+    assert cfg.train.experimental.target_run_rate == 0.7 and cfg.train.experimental.oracle_greedy_candidates == 4
+    written = cfg.to_dict()
+    assert "distill_weight" not in written["train"] and written["train"]["experimental"]["distill_weight"] == 1.0
+    assert RunConfig.from_dict(written) == cfg
 
 
 def test_a_renamed_choice_is_read_under_its_old_name_and_written_under_the_new():

@@ -40,8 +40,18 @@ def test_describe_lists_every_setting_with_default_and_help(capsys):
     settings = [line for line in lines if line and not line.startswith("#")]
     assert "train.lr: 0.0002  # peak learning rate of the LoRA adapters" in settings
     assert any(line.startswith("data.max_length: 1024  # Longest step") for line in settings)
-    assert any(line.startswith("train.block_drop_rate: 0.0  # rejected by the ablation") for line in settings)
+    # the method's settings first; the rejected recipes' options last, apart, under their own heading
+    heading = next(i for i, line in enumerate(lines) if line.startswith("# experimental"))
+    assert "rejected by the ablation" in lines[heading]
+    apart = [line for line in lines[heading + 1:] if line]
+    assert apart and all(".experimental." in line for line in apart)
+    assert not any(".experimental." in line for line in lines[:heading])
+    assert any(line.startswith("train.experimental.block_drop_rate: 0.0  # experiments/block_drop.yaml") for line in apart)
+    assert any(line.startswith("router.experimental.bottleneck: 64") for line in apart)
     defaults = RunConfig()
-    count = sum(len(dataclasses.fields(getattr(defaults, s))) for s in ("model", "router", "lora", "data", "train",
-                                                                     "eval"))
+    count = 0
+    for s in ("model", "router", "lora", "data", "train", "eval"):
+        for f in dataclasses.fields(getattr(defaults, s)):
+            group = getattr(getattr(defaults, s), f.name)
+            count += len(dataclasses.fields(group)) if f.metadata.get("group") else 1
     assert len(settings) == count

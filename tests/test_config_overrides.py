@@ -117,7 +117,7 @@ def test_train_overlay_applies_before_set(tmp_path, monkeypatch):
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_experiment_overlay_is_a_valid_recipe(path):
     """Each recipe of experiments/ resolves over the offline config (as benchmarks/ablation_offline.sh runs it)."""
-    overrides = ["train.init_lora=runs/ablation/lora_only-s0/train/adapter"] if path.stem.startswith("warm_") else []
+    overrides = ["train.experimental.init_lora=runs/ablation/lora_only-s0/train/adapter"] if path.stem.startswith("warm_") else []
     cfg = RunConfig.from_yaml(OFFLINE, overrides, [path])
     base = RunConfig.from_yaml(OFFLINE)
     changed = {f"{s}.{k}" for s, keys in load_yaml(path).items() for k in keys}

@@ -13,7 +13,7 @@ import torch
 
 from layerroute.adapters import load_adapter, save_adapter
 from layerroute.cli.params import count_parameters
-from layerroute.config import LoraSettings, ModelConfig, RouterConfig
+from layerroute.config import LoraSettings, ModelConfig, RouterConfig, RouterExperimental
 from layerroute.errors import AdapterError, ModelLoadError
 from layerroute.model import load_base
 from layerroute.nn.routed import routing
@@ -44,7 +44,7 @@ def test_params_cli_prints_json(capsys):
 
 
 def test_mlp_router_counts():
-    counts = count_parameters("shape:tiny-llama", RouterConfig(kind="mlp", bottleneck=8), LoraSettings(enabled=False))
+    counts = count_parameters("shape:tiny-llama", RouterConfig(kind="mlp", experimental=RouterExperimental(bottleneck=8)), LoraSettings(enabled=False))
     assert counts["router"] == 4 * (64 * 8 + 8 + 8 + 1)
     assert counts["lora"] == 0
 

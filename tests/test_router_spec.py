@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from layerroute import flops
-from layerroute.config import RouterConfig, choices
+from layerroute.config import RouterConfig, RouterExperimental, choices
 from layerroute.config.sections import RouterKind
 from layerroute.eval.baselines import flop_summary, model_flop_summary
 from layerroute.nn.router import ROUTER_KINDS, LinearRouterSpec, MlpRouterSpec, Router, router_spec
@@ -20,7 +20,7 @@ def test_the_kinds_are_the_settings_choices():
 
 @pytest.mark.parametrize("kind", sorted(ROUTER_KINDS))
 def test_each_kind_counts_its_own_parameters(kind):
-    spec = router_spec(RouterConfig(kind=kind, bottleneck=16))
+    spec = router_spec(RouterConfig(kind=kind, experimental=RouterExperimental(bottleneck=16)))
     router = Router(64, spec)
     assert router.kind == kind and router.spec == spec
     assert sum(p.numel() for p in router.parameters()) == spec.num_parameters(64)
@@ -41,7 +41,7 @@ def test_each_kind_counts_its_own_flops():
 
 def test_the_routed_model_knows_its_spec():
     assert tiny_routed().router_spec == LinearRouterSpec()
-    rm = tiny_routed(router=RouterConfig(kind="mlp", bottleneck=8))
+    rm = tiny_routed(router=RouterConfig(kind="mlp", experimental=RouterExperimental(bottleneck=8)))
     assert rm.router_spec == MlpRouterSpec(bottleneck=8)
     n_router = sum(p.numel() for n, p in rm.model.named_parameters() if ".router." in n)
     assert n_router == rm.num_layers * rm.router_spec.num_parameters(rm.config.hidden_size)
@@ -54,7 +54,7 @@ def test_evaluation_counts_an_mlp_router_as_one():
     steps = [synthetic_step(i, 30, 5, "tool_call") for i in range(3)]
     gates = [[True, False, True, True]] * 3
     cfg = EvalConfig()
-    rm = tiny_routed(router=RouterConfig(kind="mlp", bottleneck=32))
+    rm = tiny_routed(router=RouterConfig(kind="mlp", experimental=RouterExperimental(bottleneck=32)))
     got = model_flop_summary(rm, steps, cfg)(gates, [0, 1, 2])
     as_linear = flop_summary(rm.config, steps, gates, [0, 1, 2], cfg.kv_policy)
     as_mlp = flop_summary(rm.config, steps, gates, [0, 1, 2], cfg.kv_policy, router_hidden=32)

@@ -161,24 +161,24 @@ def test_smoke_config_under_accelerate_launch_two_processes_gloo(tmp_path):
 
 
 def test_init_lora_starts_from_a_saved_adapters_lora_and_refuses_a_mismatch(tmp_path, smoke_data):
-    """train.init_lora: routed training warm-started from another run's LoRA (e.g. one trained at full depth)."""
+    """train.experimental.init_lora: routed training warm-started from another run's LoRA (e.g. one trained at full depth)."""
     overrides = ("train.steps=1", "train.grad_accum=1", "train.checkpoint_every=0", "train.warmup_steps=0")
     first = Trainer(smoke_cfg(*overrides), tmp_path / "first", data=smoke_data)
     first.run()
     source = tmp_path / "first" / "adapter"
     lora = {n: p.detach().clone() for n, p in first.rm.model.named_parameters() if "lora_" in n}
     assert any(p.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n)  # trained: B is no longer zero
-    warm = Trainer(smoke_cfg(*overrides, f"train.init_lora={source}", "train.seed=1"), tmp_path / "warm",
+    warm = Trainer(smoke_cfg(*overrides, f"train.experimental.init_lora={source}", "train.seed=1"), tmp_path / "warm",
                    data=smoke_data)
     warm.setup()
     got = {n: p.detach() for n, p in warm.rm.model.named_parameters() if "lora_" in n}
     assert got.keys() == lora.keys() and all(torch.equal(got[n], lora[n]) for n in lora)
     warm.fit()  # and it trains on from there
-    with pytest.raises(ConfigError, match="train.init_lora: .* has lora.r=4, this run lora.r=8"):
-        Trainer(smoke_cfg(*overrides, f"train.init_lora={source}", "lora.r=8"), tmp_path / "r8",
+    with pytest.raises(ConfigError, match="train.experimental.init_lora: .* has lora.r=4, this run lora.r=8"):
+        Trainer(smoke_cfg(*overrides, f"train.experimental.init_lora={source}", "lora.r=8"), tmp_path / "r8",
                 data=smoke_data).setup()
-    with pytest.raises(ConfigError, match="train.init_lora: .* is not a directory"):
-        Trainer(smoke_cfg(*overrides, f"train.init_lora={tmp_path / 'nowhere'}"), tmp_path / "none",
+    with pytest.raises(ConfigError, match="train.experimental.init_lora: .* is not a directory"):
+        Trainer(smoke_cfg(*overrides, f"train.experimental.init_lora={tmp_path / 'nowhere'}"), tmp_path / "none",
                 data=smoke_data).setup()
 
 

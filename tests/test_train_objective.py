@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from layerroute.config import TrainExperimental
 from layerroute.errors import ConfigError
 from layerroute.nn.routed import routing
 from layerroute.train import Trainer, sliced_lm_loss
@@ -156,7 +157,7 @@ def test_prompt_full_depth_training_keeps_the_context_at_full_depth():
     labels[:, :8] = -100
     losses = {}
     for full in (False, True):
-        module = RoutedStepLoss(rm.model, TrainConfig(prompt_full_depth=full))
+        module = RoutedStepLoss(rm.model, TrainConfig(experimental=TrainExperimental(prompt_full_depth=full)))
         module.eval()
         with torch.no_grad():
             row_sum, *_ = module(ids, torch.ones_like(ids), labels, mask)
@@ -170,7 +171,7 @@ def test_prompt_full_depth_training_keeps_the_context_at_full_depth():
             _logits_closed(rm, ids)[:, 7], ids[:, 8], reduction="none")
     one_token = labels.clone()
     one_token[:, 9:] = -100
-    module = RoutedStepLoss(rm.model, TrainConfig(prompt_full_depth=True)).eval()
+    module = RoutedStepLoss(rm.model, TrainConfig(experimental=TrainExperimental(prompt_full_depth=True))).eval()
     with torch.no_grad():
         first, *_ = module(ids, torch.ones_like(ids), one_token, mask)
     assert torch.allclose(first, plain, atol=1e-5) and not torch.allclose(plain, skipped, atol=1e-3)
@@ -199,14 +200,14 @@ def test_block_drop_mask_rises_with_depth_and_spares_planning():
     from layerroute.config import TrainConfig
     from layerroute.train import RoutedStepLoss
 
-    module = RoutedStepLoss(torch.nn.Linear(1, 1), TrainConfig(block_drop_rate=0.8))
+    module = RoutedStepLoss(torch.nn.Linear(1, 1), TrainConfig(experimental=TrainExperimental(block_drop_rate=0.8)))
     module.train()
     torch.manual_seed(0)
     keep = module.drop_mask(4000, 5, None, "cpu")
     dropped = 1 - keep.float().mean(dim=0)  # per block
     assert dropped[0] == 0  # the first block is never dropped
     assert torch.allclose(dropped, torch.tensor([0.0, 0.2, 0.4, 0.6, 0.8]), atol=0.03)
-    tool_only = RoutedStepLoss(torch.nn.Linear(1, 1), TrainConfig(block_drop_rate=0.8, block_drop_on="tool_call"))
+    tool_only = RoutedStepLoss(torch.nn.Linear(1, 1), TrainConfig(experimental=TrainExperimental(block_drop_rate=0.8, block_drop_on="tool_call")))
     tool_only.train()
     is_tool = torch.tensor([True, False] * 500)
     keep = tool_only.drop_mask(1000, 5, is_tool, "cpu")
@@ -217,7 +218,7 @@ def test_block_drop_mask_rises_with_depth_and_spares_planning():
 
 def test_block_dropping_closes_gates_in_training(tmp_path, smoke_data):
     cfg = smoke_cfg("train.steps=2", "train.grad_accum=1", "train.checkpoint_every=0", "train.eval_every=0",
-                    "train.block_drop_rate=1.0", "train.warmup_steps=0")
+                    "train.experimental.block_drop_rate=1.0", "train.warmup_steps=0")
     trainer = Trainer(cfg, tmp_path, data=smoke_data)
     trainer.setup()
     metrics = trainer.fit()
@@ -231,7 +232,7 @@ def test_validation_never_drops_blocks(tmp_path, smoke_data):
     """Val measures the routers' own decisions: block dropping (a training-only perturbation) must be off."""
     base = ("train.steps=1", "train.checkpoint_every=0", "train.eval_every=0", "train.warmup_steps=0",
             "train.eval_examples=8")
-    dropping = Trainer(smoke_cfg(*base, "train.block_drop_rate=1.0", "train.distill_weight=1.0"), tmp_path / "a",
+    dropping = Trainer(smoke_cfg(*base, "train.experimental.block_drop_rate=1.0", "train.experimental.distill_weight=1.0"), tmp_path / "a",
                        data=smoke_data)
     dropping.setup()
     plain = Trainer(smoke_cfg(*base), tmp_path / "b", data=smoke_data)
@@ -244,7 +245,7 @@ def test_validation_never_drops_blocks(tmp_path, smoke_data):
 
 def test_self_distillation_adds_a_kl_term(tmp_path, smoke_data):
     cfg = smoke_cfg("train.steps=1", "train.grad_accum=1", "train.checkpoint_every=0", "train.eval_every=0",
-                    "train.distill_weight=1.0", "train.block_drop_rate=0.9", "train.warmup_steps=0")
+                    "train.experimental.distill_weight=1.0", "train.experimental.block_drop_rate=0.9", "train.warmup_steps=0")
     trainer = Trainer(cfg, tmp_path, data=smoke_data)
     trainer.setup()
     metrics = trainer.fit()

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from layerroute.config import TrainExperimental
 from layerroute.errors import ConfigError
 from layerroute.train import Trainer
 
@@ -26,7 +27,7 @@ def test_oracle_router_targets_run_and_supervise_the_routers(tmp_path, smoke_dat
     from tests.helpers import random_batch, tiny_routed
 
     rm = tiny_routed()
-    module = RoutedStepLoss(rm.model, TrainConfig(router_loss="oracle", oracle_epsilon=0.0))
+    module = RoutedStepLoss(rm.model, TrainConfig(router_loss="oracle", experimental=TrainExperimental(oracle_epsilon=0.0)))
     module.train()
     ids, mask = random_batch(batch=3, length=12, context=8)
     labels = ids.clone()
@@ -35,7 +36,7 @@ def test_oracle_router_targets_run_and_supervise_the_routers(tmp_path, smoke_dat
     target = extras["oracle_target"]
     assert target.shape == (rm.num_layers, 3) and set(target.unique().tolist()) <= {0.0, 1.0}
     # a huge epsilon makes every block a skip target
-    module.cfg = TrainConfig(router_loss="oracle", oracle_epsilon=1e9)
+    module.cfg = TrainConfig(router_loss="oracle", experimental=TrainExperimental(oracle_epsilon=1e9))
     *_, extras = module(ids, torch.ones_like(ids), labels, mask)
     assert extras["oracle_target"].sum() == 0
     # and the trainer runs with it, the router loss being the BCE against these targets
@@ -73,8 +74,8 @@ def test_influence_router_targets_skip_a_fraction_per_step_type(tmp_path, smoke_
     assert metrics["bce"] > 0 and math.isfinite(metrics["loss"])
     with pytest.raises(ConfigError, match="train.oracle_skip_tool"):
         smoke_cfg("train.oracle_skip_tool=1.5")
-    with pytest.raises(ConfigError, match="train.oracle_greedy_candidates"):
-        smoke_cfg("train.oracle_greedy_candidates=-1")
+    with pytest.raises(ConfigError, match="train.experimental.oracle_greedy_candidates"):
+        smoke_cfg("train.experimental.oracle_greedy_candidates=-1")
     with pytest.raises(ConfigError, match="train.oracle_source"):
         smoke_cfg("train.oracle_source=greedy")
 

@@ -4,12 +4,14 @@
     overrides.py  raw dicts: YAML reading, the one `--set` parser, overlay files (run and eval)
     sections.py   the model, router, lora and eval sections
     train.py      the train section
+    experimental.py  the rejected recipes' options: train.experimental, router.experimental (old names still read)
     run.py        RunConfig: every section of one file (the data section is layerroute.data.config.DataConfig)
     cli.py        `layerroute config`: validate a config and print it resolved (--describe: every setting)
 
 Every name is importable from here: `from layerroute.config import RunConfig, apply_overrides`.
 """
 
+from .experimental import RouterExperimental, TrainExperimental
 from .fields import check_choices, check_range, choices, describe, from_dict, setting
 from .overrides import (
     apply_eval_overlay,
@@ -25,7 +27,8 @@ from .train import GREEDY_ORACLES, ORACLE_SOURCES, REGULARIZERS, ROUTER_LOSSES, 
 
 __all__ = [
     "DTYPES", "GREEDY_ORACLES", "ORACLE_SOURCES", "REGULARIZERS", "ROUTER_LOSSES", "RUN_SECTIONS", "STATIC_ORACLES",
-    "EvalConfig", "LoraSettings", "ModelConfig", "RouterConfig", "RunConfig", "TrainConfig",
+    "EvalConfig", "LoraSettings", "ModelConfig", "RouterConfig", "RouterExperimental", "RunConfig", "TrainConfig",
+    "TrainExperimental",
     "add_dtype_argument", "apply_eval_overlay", "apply_overlay", "apply_override", "apply_overrides", "check_choices", "check_range",
     "choices", "describe", "from_dict", "load_yaml", "parse_yaml", "resolve_raw", "setting",
 ]
