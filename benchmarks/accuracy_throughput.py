@@ -25,7 +25,13 @@ import time
 
 import torch
 
-from layerroute.config import RunConfig
+from layerroute.config import (
+    RunConfig,
+    add_adapter_argument,
+    add_config_arguments,
+    add_model_argument,
+    raw_config,
+)
 from layerroute.data.build import load_steps
 from layerroute.eval.accuracy import score_generation
 from layerroute.eval.bench import emit_json_line
@@ -36,10 +42,9 @@ from layerroute.infer.generate import load_for_inference, routed_generate, skip_
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="base model (default: the adapter's, else the config's)")
-    parser.add_argument("--adapter", default=None, help="adapter directory (its routers decide); none = forced skip")
-    parser.add_argument("--config", default="configs/offline-smollm2.yaml", help="data and eval settings")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_model_argument(parser)
+    add_adapter_argument(parser)
+    add_config_arguments(parser, required=False, default="configs/offline-smollm2.yaml")
     parser.add_argument("--steps", type=int, default=32, help="eval tool-call steps")
     parser.add_argument("--step-type", default="tool_call", choices=["tool_call", "planning"],
                         help="planning: the eval's planning draw instead (with --set "
@@ -57,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
-    cfg = RunConfig.from_yaml(args.config, args.overrides)
+    cfg = RunConfig.from_dict(raw_config(args))
     counts = {"tool_call": 0, "planning": 0, args.step_type: args.steps}
     ecfg = dataclasses.replace(cfg.eval, accuracy_steps_per_type=counts)
     rm = load_for_inference(args.model or (None if args.adapter else cfg.model.name), args.adapter,

@@ -32,8 +32,9 @@ import time
 
 import jsonschema
 import torch
-import yaml
 
+from layerroute.config import add_config_arguments, add_model_argument, raw_config
+from layerroute.config.flags import OFFLINE_MODEL
 from layerroute.data.config import DataConfig
 from layerroute.data.records import BadRow
 from layerroute.data.sources import iter_source
@@ -42,10 +43,10 @@ from layerroute.infer.constrain import json_schema
 from layerroute.infer.generate import load_for_inference
 
 
-def bfcl_prompts(config: str, n: int) -> list[dict]:
-    """The first `n` BFCL conversations, round robin over the config's categories: messages before the gold turn."""
-    with open(config, encoding="utf-8") as f:
-        data = dict(yaml.safe_load(f)["data"])
+def bfcl_prompts(raw: dict, n: int) -> list[dict]:
+    """The first `n` BFCL conversations, round robin over the raw config's categories: messages before the gold
+    turn."""
+    data = dict(raw["data"])
     data["sources"] = [s for s in data["sources"] if s.get("name") == "bfcl"]
     data = DataConfig.from_dict(data)
     src = data.sources[0]
@@ -92,13 +93,14 @@ def post(srv, body: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--config", default="configs/offline-smollm2.yaml", help="its BFCL source gives the prompts")
+    add_model_argument(parser)
+    add_config_arguments(parser, required=False, default="configs/offline-smollm2.yaml")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--budgets", type=int, nargs="+", default=[48, 64, 96])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
+    args.model = args.model or OFFLINE_MODEL  # the packaged offline default
     torch.set_num_threads(args.threads)
     import xgrammar as xgr
 
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     rm = load_for_inference(args.model, None, dtype="float32")
-    prompts = bfcl_prompts(args.config, args.prompts)
+    prompts = bfcl_prompts(raw_config(args), args.prompts)
     app = create_app(rm, model_name="m", dense=True, max_batch=1, max_tokens_limit=max(args.budgets),
                      prefill_thread=False)
     engine = app.state.engine

@@ -36,10 +36,16 @@ import statistics
 import time
 
 import torch
-import yaml
 
 from layerroute.atomic import write_text_atomic
-from layerroute.config import RunConfig
+from layerroute.config import (
+    RunConfig,
+    add_adapter_argument,
+    add_config_arguments,
+    add_model_argument,
+    raw_config,
+)
+from layerroute.config.flags import OFFLINE_MODEL
 from layerroute.data.build import load_steps
 from layerroute.data.config import DataConfig
 from layerroute.data.toolcalls import parse_tool_calls
@@ -56,10 +62,9 @@ from layerroute.infer.generate import (
 )
 
 
-def bfcl_data(config: str) -> DataConfig:
-    """The config's data section with its BFCL sources only (the tool-call steps; no planning files needed)."""
-    with open(config, encoding="utf-8") as f:
-        data = dict(yaml.safe_load(f)["data"])
+def bfcl_data(raw: dict) -> DataConfig:
+    """The raw config's data section with its BFCL sources only (the tool-call steps; no planning files needed)."""
+    data = dict(raw["data"])
     data["sources"] = [s for s in data["sources"] if s.get("name") == "bfcl"]
     return DataConfig.from_dict(data)
 
@@ -93,9 +98,9 @@ def summarize(rows: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--adapter", default=None, help="adapter directory (default: the base model, fresh LoRA)")
-    parser.add_argument("--config", default="configs/offline-smollm2.yaml", help="data and eval settings")
+    add_model_argument(parser)
+    add_adapter_argument(parser)
+    add_config_arguments(parser, required=False, default="configs/offline-smollm2.yaml")
     parser.add_argument("--steps", type=int, default=32, help="eval tool-call steps")
     parser.add_argument("--skip-fraction", type=float, nargs="*", default=[0.25],
                         help="forced-skip configurations (fractions of the blocks)")
@@ -108,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the constraint's cost per token, replayed on these tokenizers (no model)")
     parser.add_argument("--reps", type=int, default=20, help="--mask-only: replays per tokenizer")
     args = parser.parse_args(argv)
+    args.model = args.model or OFFLINE_MODEL  # the packaged offline default
     torch.set_num_threads(args.threads)
     if args.mask_only:
         emit_json_line({"benchmark": "constrained_decoding_mask_only", "threads": torch.get_num_threads(),
@@ -115,12 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     t0 = time.perf_counter()
-    cfg = RunConfig.from_yaml(args.config, [])
+    raw = raw_config(args)
+    cfg = RunConfig.from_dict(raw)
     ecfg = dataclasses.replace(cfg.eval, accuracy_steps_per_type={"tool_call": args.steps, "planning": 0})
     budget = args.max_new_tokens or ecfg.max_new_tokens_tool
     rm = load_for_inference(args.model, args.adapter)
     tok = rm.tokenizer
-    data = load_steps(bfcl_data(args.config), tok)
+    data = load_steps(bfcl_data(raw), tok)
     steps = _accuracy_steps([], {"tool_call": [], "planning": []}, list(data.eval), ecfg)["tool_call"]
     eos = stop_ids(rm)
     L = rm.num_layers

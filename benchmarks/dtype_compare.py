@@ -271,10 +271,11 @@ def compare_model(name: str, args, run_cfg) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from layerroute.config import add_config_arguments, add_model_argument, raw_config
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", action="append", default=None, help="model name or .gguf (repeat for several)")
-    parser.add_argument("--config", default="configs/offline-smollm2.yaml", help="data, router and LoRA settings")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_model_argument(parser, repeat=True)
+    add_config_arguments(parser, required=False, default="configs/offline-smollm2.yaml")
     parser.add_argument("--quality-steps", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per quality step")
     parser.add_argument("--timing-steps", type=int, default=4)
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     from layerroute.eval.bench import emit_json_line
 
     t0 = time.perf_counter()
-    run_cfg = RunConfig.from_yaml(args.config, args.overrides)
+    run_cfg = RunConfig.from_dict(raw_config(args))
     result = {
         "benchmark": "dtype_compare", "command": " ".join(sys.argv), "config": args.config,
         "threads": torch.get_num_threads(), "cpu": _cpu_name(),

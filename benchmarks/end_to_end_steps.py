@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from layerroute.adapters import training_config
-from layerroute.config import RunConfig
+from layerroute.config import RunConfig, add_adapter_argument
 from layerroute.data.build import load_steps
 from layerroute.eval.accuracy import score_generation
 from layerroute.eval.bench import emit_json_line
@@ -50,7 +50,7 @@ CONFIGS = ("dense", "dense_lookup", "routed", "routed_lookup")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--adapter", required=True, help="adapter directory (its routers decide)")
+    add_adapter_argument(parser, required=True)
     parser.add_argument("--steps", type=int, default=16, help="eval tool-call steps")
     parser.add_argument("--lookup", type=int, default=10, help="prompt_lookup_num_tokens (transformers' default 10)")
     parser.add_argument("--max-new-tokens", type=int, default=None,

@@ -34,7 +34,7 @@ import torch
 
 from layerroute.adapters import load_adapter
 from layerroute.calibrate.bridges import fit_bridges
-from layerroute.config import RunConfig
+from layerroute.config import RunConfig, add_config_arguments, raw_config
 from layerroute.data.build import load_steps
 from layerroute.eval.accuracy import paired_accuracy
 from layerroute.eval.bench import emit_json_line
@@ -106,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--side", action="append", required=True, metavar="ADAPTER:CONFIG",
                         help="an adapter directory and lora_full_depth or routed; the first is the reference")
-    parser.add_argument("--config", default="configs/offline-smollm2.yaml", help="data and eval settings")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(parser, required=False, default="configs/offline-smollm2.yaml")
     parser.add_argument("--max-steps", type=int, default=0, help="score only the first N tool-call steps (0 = all)")
     parser.add_argument("--bridge-rank", type=int, default=16, help="rank of the bridges of +bridge sides")
     parser.add_argument("--bridge-steps", type=int, default=32,
@@ -125,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = load_reference(args.reference) if args.reference else None  # a bad one fails before any scoring
 
     t0 = time.perf_counter()
-    cfg = RunConfig.from_yaml(args.config, args.overrides)
+    cfg = RunConfig.from_dict(raw_config(args))
     steps, calibration, scored, tokenizer_vocab = None, None, [], None
     for adapter, config, blocks, bridge in sides:
         rm = load_adapter(adapter, cfg.model)

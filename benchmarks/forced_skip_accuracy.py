@@ -23,7 +23,7 @@ import time
 import torch
 
 from layerroute.adapters import load_adapter
-from layerroute.config import RunConfig
+from layerroute.config import RunConfig, add_adapter_argument, add_config_arguments, raw_config
 from layerroute.data.build import load_steps
 from layerroute.eval.accuracy import accuracy, paired_accuracy
 from layerroute.eval.bench import emit_json_line
@@ -44,9 +44,8 @@ def parse_skip(text: str, n_layers: int) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--adapter", required=True)
-    parser.add_argument("--config", default="configs/offline-smollm2.yaml", help="data and eval settings")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_adapter_argument(parser, required=True)
+    add_config_arguments(parser, required=False, default="configs/offline-smollm2.yaml")
     parser.add_argument("--skip", action="append", required=True, help="blocks removed, e.g. 4,10,25 (or none)")
     parser.add_argument("--steps", type=int, default=48, help="tool-call steps (the eval's accuracy draw)")
     parser.add_argument("--output", default=None, help="also write the JSON line here (atomically)")
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps must be >= 1")
 
     t0 = time.perf_counter()
-    cfg = RunConfig.from_yaml(args.config, args.overrides)
+    cfg = RunConfig.from_dict(raw_config(args))
     ecfg = dataclasses.replace(cfg.eval, accuracy_steps_per_type={"tool_call": args.steps, "planning": 0})
     rm = load_adapter(args.adapter, cfg.model)
     rm.model.eval()

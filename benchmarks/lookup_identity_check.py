@@ -17,7 +17,7 @@ import json
 import torch
 
 from layerroute.adapters import training_config
-from layerroute.config import RunConfig
+from layerroute.config import RunConfig, add_adapter_argument, add_dtype_argument
 from layerroute.data.build import load_steps
 from layerroute.eval.sampling import _accuracy_steps
 from layerroute.infer.generate import inference_weights, load_for_inference, routed_generate, stop_ids
@@ -25,8 +25,8 @@ from layerroute.infer.generate import inference_weights, load_for_inference, rou
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--adapter", required=True)
-    parser.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the adapter's config)")
+    add_adapter_argument(parser, required=True)
+    add_dtype_argument(parser)  # auto here: the adapter's own model.dtype (which may itself be auto)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--only", action="append", default=[], help="a substring of the step ids to keep")
     parser.add_argument("--lookup", type=int, default=10)
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = training_config(args.adapter)
     cfg = RunConfig.from_dict({k: raw.get(k) for k in ("model", "router", "lora", "data", "train", "eval")})
     ecfg = dataclasses.replace(cfg.eval, accuracy_steps_per_type={"tool_call": args.steps, "planning": 0})
-    dtype = args.dtype or cfg.model.dtype
+    dtype = cfg.model.dtype if args.dtype == "auto" else args.dtype
     rm = load_for_inference(None, args.adapter, dtype=dtype)
     data = load_steps(cfg.data, rm.tokenizer)
     steps = _accuracy_steps([], {"tool_call": [], "planning": []}, list(data.eval), ecfg)["tool_call"]

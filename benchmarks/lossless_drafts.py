@@ -35,7 +35,7 @@ import time
 import torch
 from transformers import DynamicCache
 
-from layerroute.config import LoraSettings, RunConfig
+from layerroute.config import LoraSettings, RunConfig, add_adapter_argument, add_config_arguments, raw_config
 from layerroute.data.build import load_steps
 from layerroute.eval.bench import emit_json_line
 from layerroute.eval.sampling import _accuracy_steps
@@ -72,9 +72,8 @@ def step_key(step) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="run config (model, data, eval)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    parser.add_argument("--adapter", default=None, help="adapter directory (LoRA merged; full depth)")
+    add_config_arguments(parser)
+    add_adapter_argument(parser)
     parser.add_argument("--steps", type=int, default=48, help="eval tool-call steps")
     parser.add_argument("--planning", type=int, default=12, help="eval planning (GSM8K) steps")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="which configurations (comma-separated)")
@@ -87,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--configs: unknown {unknown} (choose from {list(CONFIGS)}; dense is needed)")
     torch.set_num_threads(args.threads)
 
-    cfg = RunConfig.from_yaml(args.config, args.set)
+    cfg = RunConfig.from_dict(raw_config(args))
     ecfg = dataclasses.replace(cfg.eval, accuracy_steps_per_type={"tool_call": args.steps, "planning": args.planning})
     rm = load_model(args, cfg)
     data = load_steps(cfg.data, rm.tokenizer)
@@ -209,7 +208,7 @@ def summarise(rows, configs, steps, rm, cfg, args, final: bool) -> dict:
     dense_tool = configs_out["tool_call"].get("dense")
     prefill_share = (dense_tool["cpu_prefill_s_per_step"] / dense_tool["cpu_s_per_step"]) if dense_tool else None
     return {
-        "benchmark": "lossless_drafts", "config": args.config, "overrides": args.set, "adapter": args.adapter,
+        "benchmark": "lossless_drafts", "config": args.config, "overrides": args.overrides, "adapter": args.adapter,
         "model": cfg.model.name, "dtype": cfg.model.dtype, "machine": platform.processor() or platform.machine(),
         "threads": args.threads, "date": time.strftime("%Y-%m-%d"), "complete": final,
         "steps_drawn": [step_key(s) for s in steps], "steps_done": len(rows["dense"]),

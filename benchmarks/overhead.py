@@ -27,6 +27,8 @@ import time
 
 import torch
 
+from layerroute.config import add_model_argument
+from layerroute.config.flags import OFFLINE_MODEL
 from layerroute.eval.bench import emit_json_line
 from layerroute.infer.generate import inference_weights, load_for_inference, plain_blocks
 from layerroute.nn.kv_cache import RoutedCache
@@ -214,7 +216,7 @@ def decision_cost(rm, prompt: int, iters: int = 50) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
+    add_model_argument(p)
     p.add_argument("--train-batch", type=int, default=2)
     p.add_argument("--train-seq", type=int, default=128)
     p.add_argument("--prompt", type=int, default=128)
@@ -225,6 +227,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
+    args.model = args.model or OFFLINE_MODEL  # the packaged offline default
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

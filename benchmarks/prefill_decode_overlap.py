@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from layerroute.config import add_dtype_argument
+from layerroute.config import add_dtype_argument, add_model_argument
+from layerroute.config.flags import OFFLINE_MODEL
 from layerroute.eval.bench import emit_json_line
 from layerroute.infer.generate import load_for_inference
 from layerroute.nn.kv_cache import RoutedCache
@@ -28,7 +29,7 @@ from layerroute.nn.kv_cache import RoutedCache
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
+    add_model_argument(p)
     add_dtype_argument(p)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, default=264)
@@ -36,6 +37,7 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=3, help="alone / overlapped rounds, alternating")
     p.add_argument("--output", default=None)
     args = p.parse_args()
+    args.model = args.model or OFFLINE_MODEL  # the packaged offline default
     torch.set_num_threads(1)
     rm = load_for_inference(args.model, None, args.dtype)
     model = rm.model

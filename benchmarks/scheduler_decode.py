@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from layerroute.config import add_model_argument
+from layerroute.config.flags import OFFLINE_MODEL
 from layerroute.eval.bench import emit_json_line
 from layerroute.infer.generate import load_for_inference
 from layerroute.serve.engine import Engine, SamplingParams
@@ -52,7 +54,7 @@ def step_ms(engine: Engine, batch: int, prompt_tokens: int, new_tokens: int, rng
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
+    add_model_argument(p)
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, default=264, help="per request (BFCL tool-call prompts average 264)")
@@ -61,6 +63,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--output", default=None)
     args = p.parse_args()
+    args.model = args.model or OFFLINE_MODEL  # the packaged offline default
     torch.set_num_threads(args.threads)
     rng = random.Random(0)
     out = {"benchmark": "scheduler_decode", "model": args.model, "batch": args.batch,

@@ -220,9 +220,12 @@ def summarize(bursts: list[dict]) -> dict:
 
 
 def main() -> int:
+    from layerroute.config import add_adapter_argument, add_model_argument
+    from layerroute.config.flags import OFFLINE_MODEL
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--adapter", default=None, help="adapter for the routed configuration")
+    add_model_argument(p)
+    add_adapter_argument(p)
     p.add_argument("--skip-fraction", type=float, nargs="*", default=[0.25], help="forced-skip configurations")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--requests-per-client", type=int, default=3, help="requests each client sends per burst")
@@ -248,6 +251,7 @@ def main() -> int:
                         "every core")
     p.add_argument("--output", default=None)
     args = p.parse_args()
+    args.model = args.model or OFFLINE_MODEL  # the packaged offline default
     if args.server_threads < 1:
         p.error("--server-threads must be >= 1")
 

@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from layerroute.config import add_adapter_argument, add_model_argument
 from layerroute.eval.bench import emit_json_line
 from layerroute.infer.generate import load_for_inference, skip_pattern
 from layerroute.infer.session import bfcl_multi_turn, compare_policies, rotating_patterns
@@ -33,8 +34,8 @@ from layerroute.infer.session import bfcl_multi_turn, compare_policies, rotating
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None)
-    p.add_argument("--adapter", default=None)
+    add_model_argument(p)
+    add_adapter_argument(p)
     p.add_argument("--conversations", type=int, default=4)
     p.add_argument("--skip-fraction", type=float, default=0.25)
     p.add_argument("--max-new-tokens", type=int, default=32)

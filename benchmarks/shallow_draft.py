@@ -23,7 +23,7 @@ import time
 import torch
 from transformers import DynamicCache
 
-from layerroute.config import LoraSettings, RunConfig
+from layerroute.config import LoraSettings, RunConfig, add_config_arguments, raw_config
 from layerroute.data.build import load_steps
 from layerroute.eval.bench import emit_json_line
 from layerroute.infer.constrain import model_grammars
@@ -49,15 +49,14 @@ def forward_cost(model, rm, prompt, pattern, n: int, reps: int = 5) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--set", action="append", default=[])
+    add_config_arguments(parser)
     parser.add_argument("--from", dest="source", required=True, help="a lossless_drafts.py result (dense outputs)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--skip", type=float, nargs="+", default=[0.125, 0.25])
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    cfg = RunConfig.from_yaml(args.config, args.set)
+    cfg = RunConfig.from_dict(raw_config(args))
     from layerroute.adapters import build_routed_model
 
     rm = build_routed_model(cfg.model, lora_cfg=LoraSettings(enabled=False))
@@ -106,7 +105,7 @@ def main(argv=None) -> int:
             print(frac, out["skips"][str(frac)], flush=True)
     out.update(benchmark="shallow_draft", model=cfg.model.name, dtype=cfg.model.dtype, steps=len(dense_rows),
                machine=platform.processor() or platform.machine(), date=time.strftime("%Y-%m-%d"),
-               dense_forward_cpu_s={str(n): v for n, v in dense_cost.items()}, config=args.config, overrides=args.set)
+               dense_forward_cpu_s={str(n): v for n, v in dense_cost.items()}, config=args.config, overrides=args.overrides)
     emit_json_line(out, args.output)
     return 0
 

@@ -31,7 +31,7 @@ import torch
 
 from layerroute.adapters import build_routed_model, load_adapter
 from layerroute.calibrate.influence import drop_costs, greedy_drop_targets, oracle_skip_targets
-from layerroute.config import EvalConfig, RunConfig
+from layerroute.config import EvalConfig, RunConfig, add_adapter_argument, add_config_arguments, raw_config
 from layerroute.data.build import load_steps
 from layerroute.eval.bench import emit_json_line
 from layerroute.eval.teacher_forced import teacher_forced, teacher_forced_exact
@@ -44,9 +44,8 @@ RANKINGS = {"nll": "drop_nll", "token_errors": "drop_errors", "greedy_errors": "
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/offline-smollm2.yaml")
-    parser.add_argument("--adapter", default=None, help="score this adapter's LoRA instead of the frozen model")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(parser, required=False, default="configs/offline-smollm2.yaml")
+    add_adapter_argument(parser)
     parser.add_argument("--calibration-steps", type=int, default=8, help="tool-call training steps that rank blocks")
     parser.add_argument("--eval-steps", type=int, default=64, help="held-out tool-call steps scored per skip set")
     parser.add_argument("--k", type=int, nargs="+", default=[0, 1, 2, 3, 6, 9], help="blocks removed")
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--calibration-steps and --eval-steps must be >= 1")
 
     t0 = time.perf_counter()
-    cfg = RunConfig.from_yaml(args.config, args.overrides)
+    cfg = RunConfig.from_dict(raw_config(args))
     if args.adapter:
         rm = load_adapter(args.adapter, cfg.model)
     else:

@@ -27,8 +27,11 @@ import torch
 
 
 def main() -> int:
+    from layerroute.config import add_model_argument
+    from layerroute.config.flags import OFFLINE_MODEL
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    add_model_argument(parser)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--context", type=int, default=320, help="context tokens per row (router reads these)")
     parser.add_argument("--target", type=int, default=96, help="target tokens per row (the loss is on these)")
@@ -36,6 +39,7 @@ def main() -> int:
     parser.add_argument("--steps-per-rep", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    args.model = args.model or OFFLINE_MODEL  # the packaged offline default
     if args.threads:
         torch.set_num_threads(args.threads)
 

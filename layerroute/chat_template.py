@@ -145,12 +145,5 @@ def apply(tokenizer, value: str, key: str = KEY) -> None:
     tokenizer.chat_template = resolve(value, key)
 
 
-def add_chat_template_argument(parser) -> None:
-    """--chat-template: model.chat_template for the commands without --set (generate, serve, bench, agent)."""
-    parser.add_argument("--chat-template", default=None, metavar="PRESET|FILE",
-                        help="chat template for a base model without one (chatml, a Jinja file or inline Jinja; "
-                             "an adapter brings its own)")
-
-
-__all__ = ["add_chat_template_argument", "CHATML", "FIX", "KEY", "PRESETS", "ChatTemplateMissing", "apply", "digest", "require", "resolve",
+__all__ = ["CHATML", "FIX", "KEY", "PRESETS", "ChatTemplateMissing", "apply", "digest", "require", "resolve",
            "template_text", "validate"]

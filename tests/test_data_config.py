@@ -116,9 +116,9 @@ def test_cli_stats_json(config_file, capsys):
 
 def test_cli_stats_table(config_file, capsys, tmp_path):
     out_json = tmp_path / "stats.json"
-    assert cli.main(["--config", config_file, "--tokenizer", TOK, "--stats", "--out", str(out_json)]) == 0
+    assert cli.main(["--config", config_file, "--tokenizer", TOK, "--stats", "--output", str(out_json)]) == 0
     table = capsys.readouterr().out
-    st = json.loads(out_json.read_text())  # --out keeps the whole JSON
+    st = json.loads(out_json.read_text())  # --output keeps the whole JSON
     assert len(table.splitlines()) < 40 and "{" not in table
     for source, by_type in st["counts"].items():  # one row per source and the step type it gives
         for t, by_split in by_type.items():

@@ -39,19 +39,20 @@ def _available(module: str) -> bool:
         raise
 
 
-def resolve_config(config: str, overrides: list[str], out: Path) -> str:
-    """The config every stage reads: `config` itself when there is nothing to override, else `config` with the
-    overrides applied, written to out/config.yaml (errors name the key before anything runs)."""
-    if not overrides:
+def resolve_config(config: str, overrides: list[str], out: Path, overlays: list[str] | None = None) -> str:
+    """The config every stage reads: `config` itself when there is nothing to change, else `config` with the
+    overlays and overrides applied, written to out/config.yaml (errors name the key before anything runs)."""
+    if not overrides and not overlays:
         return config
     import yaml
 
     from ..atomic import write_text_atomic
-    from ..config import RunConfig, apply_overrides, load_yaml
+    from ..config import RunConfig, resolve_raw
 
-    raw = apply_overrides(load_yaml(config), overrides)
+    raw = resolve_raw(config, overrides, overlays)
     RunConfig.from_dict({k: raw.get(k) for k in ("model", "router", "lora", "data", "train", "eval")})  # validate
-    header = f"# {config} with --set {' '.join(overrides)} (written by layerroute.cli.demo)\n"
+    header = (f"# {config}" + "".join(f" + {o}" for o in overlays or []) + f" with --set {' '.join(overrides)} "
+              "(written by layerroute.cli.demo)\n")
     path = out / "config.yaml"
     write_text_atomic(path, header + yaml.safe_dump(raw, sort_keys=False))
     return str(path)
@@ -91,18 +92,19 @@ def _report_summary(out: Path) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..config import add_config_arguments, add_output_dir_argument
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/offline-smollm2.yaml")
-    parser.add_argument("--output-dir", default="runs/demo")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override the config for every stage, e.g. train.steps=10 (repeatable)")
+    add_config_arguments(parser, required=False, default="configs/offline-smollm2.yaml")  # for every stage
+    add_output_dir_argument(parser, required=False, default="runs/demo")
     parser.add_argument("--bench-steps", type=int, default=BENCH_STEPS, help="eval tool calls the benchmark times")
     parser.add_argument("--bench-reps", type=int, default=BENCH_REPS, help="timed repetitions (after 1 warm-up)")
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = resolve_config(args.config, DEMO_OVERRIDES + args.set, out)
-    print(f"== config: {config}" + (f" ({args.config} with --set {' '.join(DEMO_OVERRIDES + args.set)})"
+    config = resolve_config(args.config, DEMO_OVERRIDES + args.overrides, out, args.overlay)
+    print(f"== config: {config}" + (f" ({args.config}" + "".join(f" + {o}" for o in args.overlay)
+                                    + f" with --set {' '.join(DEMO_OVERRIDES + args.overrides)})"
                                     if config != args.config else ""), flush=True)
     timings = []
     for title, module, cmd in stages(config, out, args.bench_steps, args.bench_reps):

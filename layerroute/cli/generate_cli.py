@@ -15,11 +15,17 @@ from ..infer.generate import load_for_inference, routed_generate, skip_pattern, 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..chat_template import add_chat_template_argument
-    from ..config import add_dtype_argument
+    from ..config import (
+        add_adapter_argument,
+        add_chat_template_argument,
+        add_device_argument,
+        add_dtype_argument,
+        add_model_argument,
+        add_threads_argument,
+    )
 
-    parser.add_argument("--model", default=None, help="model name (default: the adapter's base, else the offline one)")
-    parser.add_argument("--adapter", default=None, help="adapter directory (routers + LoRA)")
+    add_model_argument(parser)
+    add_adapter_argument(parser)
     parser.add_argument("--prompt", action="append", required=True, help="user message (repeat for a batch)")
     parser.add_argument("--system", default=None, help="system message")
     parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
@@ -32,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kv-policy", default="exact", choices=["exact", "kv_preserving"])
     add_dtype_argument(parser)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_device_argument(parser)
+    add_threads_argument(parser)
     parser.add_argument("--tools", default=None, help="JSON file: a list of OpenAI tool specs offered in the prompt")
     parser.add_argument("--tool-choice", default="auto",
                         help="with --constrain: auto, required, none, or a function name (that function only)")

@@ -50,22 +50,23 @@ def count_parameters(name: str, router_cfg: RouterConfig, lora_cfg: LoraSettings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="model name (see README)")
-    from ..config import choices
+    from ..config import add_json_argument, add_model_argument, choices
     from ..config.sections import RouterKind
 
+    add_model_argument(parser)  # no adapter here: default the packaged offline model
     parser.add_argument("--router-kind", default="linear", choices=list(choices(RouterKind)))
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--no-lora", action="store_true", help="count routers only")
     parser.add_argument("--bridge-rank", type=int, default=0, help="skip bridges of this rank on every block (0 = none)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_json_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..config import LoraSettings, RouterConfig
+    from ..config.flags import OFFLINE_MODEL
 
     counts = count_parameters(
-        args.model, RouterConfig(kind=args.router_kind, bridge_rank=args.bridge_rank),
+        args.model or OFFLINE_MODEL, RouterConfig(kind=args.router_kind, bridge_rank=args.bridge_rank),
         LoraSettings(r=args.lora_r, enabled=not args.no_lora),
     )
     if args.json:

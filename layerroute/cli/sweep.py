@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..config import RunConfig
+from ..config import RunConfig, add_config_arguments, add_output_dir_argument, raw_config
 
 
 def sweep(cfg: RunConfig, seeds: list[int], out: Path, overrides: list[str] | None = None) -> dict:
@@ -42,16 +42,15 @@ def sweep(cfg: RunConfig, seeds: list[int], out: Path, overrides: list[str] | No
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(parser)
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0 .. N-1 added to train.seed)")
-    parser.add_argument("--output-dir", required=True)
+    add_output_dir_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise SystemExit("--seeds must be >= 1")
-    cfg = RunConfig.from_yaml(args.config, args.set)
+    cfg = RunConfig.from_dict(raw_config(args))
     seeds = [cfg.train.seed + i for i in range(args.seeds)]
     print(json.dumps(sweep(cfg, seeds, Path(args.output_dir)), default=str))
     return 0

@@ -6,6 +6,7 @@
     train.py      the train section
     experimental.py  the rejected recipes' options: train.experimental, router.experimental (old names still read)
     run.py        RunConfig: every section of one file (the data section is layerroute.data.config.DataConfig)
+    flags.py      the command line's shared flags (--config, --overlay, --set, --model, --adapter, --dtype, ...)
     cli.py        `layerroute config`: validate a config and print it resolved (--describe: every setting)
 
 Every name is importable from here: `from layerroute.config import RunConfig, apply_overrides`.
@@ -13,6 +14,19 @@ Every name is importable from here: `from layerroute.config import RunConfig, ap
 
 from .experimental import RouterExperimental, TrainExperimental
 from .fields import check_choices, check_range, choices, describe, from_dict, setting
+from .flags import (
+    add_adapter_argument,
+    add_chat_template_argument,
+    add_config_arguments,
+    add_device_argument,
+    add_dtype_argument,
+    add_json_argument,
+    add_model_argument,
+    add_output_argument,
+    add_output_dir_argument,
+    add_threads_argument,
+    raw_config,
+)
 from .overrides import (
     apply_eval_overlay,
     apply_overlay,
@@ -22,13 +36,15 @@ from .overrides import (
     parse_yaml,
 )
 from .run import RUN_SECTIONS, RunConfig, resolve_raw
-from .sections import DTYPES, EvalConfig, LoraSettings, ModelConfig, RouterConfig, add_dtype_argument
+from .sections import DTYPES, EvalConfig, LoraSettings, ModelConfig, RouterConfig
 from .train import GREEDY_ORACLES, ORACLE_SOURCES, REGULARIZERS, ROUTER_LOSSES, STATIC_ORACLES, TrainConfig
 
 __all__ = [
     "DTYPES", "GREEDY_ORACLES", "ORACLE_SOURCES", "REGULARIZERS", "ROUTER_LOSSES", "RUN_SECTIONS", "STATIC_ORACLES",
     "EvalConfig", "LoraSettings", "ModelConfig", "RouterConfig", "RouterExperimental", "RunConfig", "TrainConfig",
     "TrainExperimental",
-    "add_dtype_argument", "apply_eval_overlay", "apply_overlay", "apply_override", "apply_overrides", "check_choices", "check_range",
+    "add_adapter_argument", "add_chat_template_argument", "add_config_arguments", "add_device_argument",
+    "add_dtype_argument", "add_json_argument", "add_model_argument", "add_output_argument", "add_output_dir_argument",
+    "add_threads_argument", "raw_config", "apply_eval_overlay", "apply_overlay", "apply_override", "apply_overrides", "check_choices", "check_range",
     "choices", "describe", "from_dict", "load_yaml", "parse_yaml", "resolve_raw", "setting",
 ]

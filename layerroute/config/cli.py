@@ -18,15 +18,12 @@ import yaml
 
 from .experimental import GROUP, GROUP_HELP
 from .fields import describe, groups
+from .flags import add_config_arguments, raw_config
 from .run import RUN_SECTIONS, RunConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML run config (see configs/); needed unless --describe")
-    parser.add_argument("--overlay", action="append", default=[], metavar="YAML",
-                        help="YAML whose sections' keys replace the config's (as `layerroute train --overlay`)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one setting, e.g. --set train.lr=1e-3 (as `layerroute train --set`)")
+    add_config_arguments(parser, required=False)  # needed unless --describe
     parser.add_argument("--describe", action="store_true",
                         help="print every setting with its default and one-line help instead")
 
@@ -97,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.config:
         raise ConfigError("layerroute config needs --config YAML (or --describe)")
-    cfg = RunConfig.from_yaml(args.config, args.overrides, args.overlay)
+    cfg = RunConfig.from_dict(raw_config(args))
     print(f"# {args.config}" + "".join(f" + {o}" for o in args.overlay)
           + "".join(f" --set {s}" for s in args.overrides) + ": valid (no model loaded)")
     print(resolved_yaml(cfg), end="")

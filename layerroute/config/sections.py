@@ -17,22 +17,12 @@ from .experimental import GROUP_HELP, REJECTED, RouterExperimental, renamed_keys
 from .fields import check_choices, check_range, group, setting
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-DTYPES = get_args(Dtype)  # the choices of every --dtype flag (default auto)
+DTYPES = get_args(Dtype)  # the choices of every --dtype flag (config/flags.py; default auto)
 AttnImplementation = Literal["sdpa", "eager"]
 RouterKind = Literal["linear", "mlp"]
 Pooling = Literal["mean", "last", "last_turn"]
 KvPolicy = Literal["exact", "kv_preserving"]
 AccuracyConfiguration = Literal["base", "lora_full_depth", "routed", "routed_no_lora", "shortgpt", "random"]
-
-DTYPE_HELP = ("frozen weights' dtype; auto (default): bfloat16 where the device runs bf16 matmuls natively (CUDA with "
-              "bf16, a CPU with AVX-512 BF16 or AMX), else float32 (emulated bf16 is ~40x slower)")
-
-
-def add_dtype_argument(parser, help: str = DTYPE_HELP) -> None:
-    """The --dtype flag of every command that loads a model: the choices of model.dtype, default auto."""
-    parser.add_argument("--dtype", default="auto", choices=DTYPES, help=help)
-
-
 
 @dataclass
 class ModelConfig:

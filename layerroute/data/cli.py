@@ -1,9 +1,9 @@
-"""`layerroute data --config <yaml> [--set data.key=value ...] (--stats | --show N)`.
+"""`layerroute data --config <yaml> [--overlay YAML ...] [--set data.key=value ...] (--stats | --show N)`.
 
 The YAML file has a top-level `data:` section (see DataConfig); other sections (`model:`, `train:`, ...) are
 ignored except `model.tokenizer` (else `model.name`), which names the tokenizer that renders the data as training
 does, and `model.chat_template`. `--stats` prints the statistics as a few tables on stdout (`--stats --json`: the
-whole statistics JSON instead; the rejected-row summary goes to stderr); `--show N` prints N rendered steps,
+whole statistics JSON instead; `--output FILE` also writes it there; the rejected-row summary goes to stderr); `--show N` prints N rendered steps,
 alternating tool-call and planning, with the label span wrapped in ⟦ ⟧.
 
 Runs standalone as `python -m layerroute.data.cli ...`.
@@ -16,21 +16,14 @@ import json
 import sys
 
 from layerroute.atomic import write_text_atomic
-from layerroute.config.overrides import apply_overrides, load_yaml
+from layerroute.config import add_config_arguments, add_json_argument, add_output_argument, raw_config
 from layerroute.errors import ConfigError
 
 SHOW_OPEN, SHOW_CLOSE = "⟦", "⟧"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML file with a `data:` section (and `model.name`)")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value (YAML syntax), e.g. data.max_length=512 or data.sources[0].limit=100",
-    )
+    add_config_arguments(parser)  # its data: section (and model.tokenizer / model.name)
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--stats", action="store_true", help="print statistics as tables (with --json: as JSON)")
     what.add_argument(
@@ -42,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tokenizer", default=None, help="render with this tokenizer instead of model.tokenizer's / model.name's"
     )
-    parser.add_argument("--json", action="store_true", help="--stats: print the whole statistics JSON, not tables")
-    parser.add_argument("--out", default=None, help="--stats: also write the JSON to this file")
+    add_json_argument(parser)  # with --stats
+    add_output_argument(parser)  # with --stats: the whole statistics JSON
 
 
 def _pick_show(steps: list, n: int) -> list:
@@ -125,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     from layerroute.data.config import DataConfig
     from layerroute.tokenizer import load_tokenizer
 
-    raw = apply_overrides(load_yaml(args.config), args.set)  # the --set rules of every command
+    raw = raw_config(args)  # the --overlay / --set rules of every command
     cfg = DataConfig.from_dict(raw.get("data"))
     model = raw.get("model") or {}
     name = args.tokenizer or model.get("tokenizer") or model.get("name")  # the tokenizer training renders with
@@ -145,8 +138,8 @@ def run(args: argparse.Namespace) -> int:
         stats = data.stats()
         text = json.dumps(stats, indent=2, ensure_ascii=False)
         print(text if args.json else stats_table(stats))
-        if args.out:
-            write_text_atomic(args.out, text + "\n")
+        if args.output:
+            write_text_atomic(args.output, text + "\n")
         return 0
     steps = _pick_show(data.split(args.split), args.show)
     for k, s in enumerate(steps, 1):

@@ -393,6 +393,8 @@ def plot_accuracy_splits(agg: dict, path: Path) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..config import add_output_dir_argument
+
     parser.add_argument("--recipe", action="append", default=[], metavar="NAME=EVAL_JSON[,...]",
                         help="a recipe and its seeds' eval.json files (globs allowed; quote them); repeatable")
     parser.add_argument("--include", metavar="ABLATION_JSON",
@@ -401,7 +403,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference", metavar="NAME",
                         help="a --recipe (e.g. a LoRA trained at full depth) whose full-depth accuracy every other "
                              "recipe's configurations are paired against, seed by seed, step by step")
-    parser.add_argument("--output-dir", required=True)
+    add_output_dir_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -399,12 +399,20 @@ def emit_json_line(result: dict, output: str | None = None) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..chat_template import add_chat_template_argument
-    from ..config import add_dtype_argument
+    from ..config import (
+        add_adapter_argument,
+        add_chat_template_argument,
+        add_device_argument,
+        add_dtype_argument,
+        add_json_argument,
+        add_model_argument,
+        add_output_argument,
+        add_threads_argument,
+    )
 
-    parser.add_argument("--model", default=None, help="model name (default: the adapter's base, else the offline one)")
+    add_model_argument(parser)
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--adapter", default=None, help="adapter directory: its routers decide")
+    add_adapter_argument(group)  # its routers decide
     add_chat_template_argument(parser)
     group.add_argument("--skip-fraction", type=float, nargs="+", default=None,
                        help="forced patterns skipping these fractions of the blocks (default 0.25 0.5)")
@@ -418,11 +426,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no-mixed", action="store_true", help="skip the mixed-batch configurations")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads_argument(parser)
     add_dtype_argument(parser)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--output", default=None, help="write the whole result here, as one JSON line")
-    parser.add_argument("--json", action="store_true", help="print the whole result as one JSON line, not a table")
+    add_device_argument(parser)
+    add_output_argument(parser)  # one JSON line
+    add_json_argument(parser)  # one JSON line
     parser.add_argument("--steps-from", default=None, metavar="CONFIG",
                         help="with --adapter: time real eval steps of this YAML's data (batch 1, each step's own "
                              "context and gold length) instead of the synthetic scenarios")

@@ -233,9 +233,12 @@ def run_oracle(rm, identity: str, steps, cfg, out: Path, *, step_type: str, crit
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--adapter", help="the full-depth adapter (e.g. a lora_only run's adapter/)")
-    parser.add_argument("--config", help="run config (default: the adapter's own); required without --adapter")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    from ..config import add_adapter_argument, add_config_arguments, add_output_dir_argument
+
+    what = parser.add_argument_group("the model", "--adapter: the full-depth adapter (e.g. a lora_only run's "
+                                     "adapter/), its own config unless --config; or --base with --config")
+    add_adapter_argument(what)
+    add_config_arguments(what, required=False)
     parser.add_argument("--type", dest="step_type", choices=("tool_call", "planning"), default="tool_call")
     parser.add_argument("--steps", type=int, default=150, help="steps of the type (default 150)")
     parser.add_argument("--split", choices=("eval", "train"), default="eval",
@@ -256,7 +259,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps (the first) whose oracle set is also generated with real skipping")
     parser.add_argument("--base", action="store_true", help="no adapter: the frozen base model (--config needed)")
     parser.add_argument("--seed", type=int, default=0, help="the order steps are drawn in")
-    parser.add_argument("--output-dir", required=True)
+    add_output_dir_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -267,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
         read_adapter_meta,
         training_config,
     )
-    from ..config import RunConfig, apply_overrides, load_yaml
+    from ..config import RunConfig, raw_config
     from ..data.build import load_steps
     from .stage_cache import directory_digest
 
@@ -277,8 +280,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("oracle: --steps, --rows and --chain must be >= 1")
     if args.base and not args.config:
         raise ConfigError("oracle --base needs --config")
-    raw = load_yaml(args.config) if args.config else training_config(args.adapter)
-    raw = apply_overrides(raw, args.set)
+    raw = raw_config(args, None if args.config else training_config(args.adapter))
     run_cfg = RunConfig.from_dict({k: raw.get(k) for k in ("model", "router", "lora", "data", "train", "eval")})
     if args.adapter:
         meta = read_adapter_meta(args.adapter)

@@ -369,9 +369,12 @@ def plot_curve(doc: dict, path: Path) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--adapter", required=True, help="the full-depth reference adapter (k = 0)")
-    parser.add_argument("--config", help="run config (default: the one the adapter was trained with)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    from ..config import add_adapter_argument, add_config_arguments, add_output_dir_argument
+
+    what = parser.add_argument_group("the reference", "--adapter: the full-depth reference adapter (k = 0); "
+                                     "its own config unless --config")
+    add_adapter_argument(what, required=True)
+    add_config_arguments(what, required=False)
     parser.add_argument("--blocks", default=",".join(map(str, DEFAULT_BLOCKS)),
                         help="numbers of blocks to remove, comma-separated (default 0,2,4,6,8)")
     parser.add_argument("--rankings", default=",".join(RANKINGS), help=f"comma-separated, of {', '.join(RANKINGS)}")
@@ -382,7 +385,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-steps", type=int, default=16,
                         help="tool-call training steps the removal costs are measured on (default 16)")
     parser.add_argument("--tolerance", type=float, default=1.0, help="accuracy loss in points that still holds")
-    parser.add_argument("--output-dir", required=True)
+    add_output_dir_argument(parser)
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -397,7 +400,7 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     from ..adapters import training_config
-    from ..config import RunConfig, apply_overrides, load_yaml
+    from ..config import RunConfig, raw_config
 
     rankings = [r.strip() for r in args.rankings.split(",") if r.strip()]
     unknown = [r for r in rankings if r not in RANKINGS]
@@ -408,11 +411,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--tool-calls must be >= 1")
     if args.planning < 0 or args.calibration_steps < 1:
         raise ConfigError("--planning must be >= 0 and --calibration-steps >= 1")
-    if args.config:
-        raw = load_yaml(args.config)
-    else:
-        raw = training_config(args.adapter)
-    raw = apply_overrides(raw, args.set)
+    raw = raw_config(args, None if args.config else training_config(args.adapter))
     run_cfg = RunConfig.from_dict({k: raw.get(k) for k in ("model", "router", "lora", "data", "train", "eval")})
     doc = skip_curve(args.adapter, run_cfg, Path(args.output_dir), blocks=blocks,
                      rankings=rankings, routed=args.routed, tool_calls=args.tool_calls, planning=args.planning,

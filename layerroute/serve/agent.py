@@ -173,21 +173,26 @@ def summarize(results: list[dict], checker: str) -> dict:
 
 # -- CLI -----------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..chat_template import add_chat_template_argument
-    from ..config import add_dtype_argument
+    from ..config import (
+        add_adapter_argument,
+        add_chat_template_argument,
+        add_dtype_argument,
+        add_model_argument,
+        add_output_argument,
+    )
 
     parser.add_argument("--task", default="bfcl-multi-turn", choices=TASKS)
     parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="a running layerroute server")
     parser.add_argument("--served-model", default=None, help="`model` to send (default: the server's first model)")
     parser.add_argument("--spawn", action="store_true", help="start a server in-process on a free loopback port")
-    parser.add_argument("--model", default=None,
-                        help="--spawn: model to load (default: the adapter's base, else smollm2-135m-instruct)")
-    parser.add_argument("--adapter", default=None, help="--spawn: adapter directory")
-    add_chat_template_argument(parser)
-    add_dtype_argument(parser)
-    parser.add_argument("--dense", action="store_true", help="--spawn: serve the plain model")
-    parser.add_argument("--skip-fraction", type=float, default=None, help="--spawn: force a skip pattern")
-    parser.add_argument("--no-constrain", action="store_true",
+    spawn = parser.add_argument_group("--spawn", "the server started in-process: what it loads and how it serves")
+    add_model_argument(spawn)
+    add_adapter_argument(spawn)
+    add_chat_template_argument(spawn)
+    add_dtype_argument(spawn)
+    spawn.add_argument("--dense", action="store_true", help="--spawn: serve the plain model")
+    spawn.add_argument("--skip-fraction", type=float, default=None, help="--spawn: force a skip pattern")
+    spawn.add_argument("--no-constrain", action="store_true",
                         help="--spawn: decode freely (by default tool calls follow the tools' schemas: xgrammar)")
     parser.add_argument("--tool-choice", default="auto", choices=["auto", "required"],
                         help="tool_choice sent with every request (required: every step is a call)")
@@ -199,7 +204,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=4, help="model requests per user turn at most")
     parser.add_argument("--max-tokens", type=int, default=192)
     parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--output", default=None, help="write the full results (JSON) here")
+    add_output_argument(parser)  # the full results: summary and every task
 
 
 def run(args: argparse.Namespace) -> int:

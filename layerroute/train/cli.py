@@ -10,28 +10,22 @@ import argparse
 import json
 import sys
 
-from ..config import RunConfig
+from ..config import RunConfig, add_config_arguments, add_output_dir_argument, raw_config
 from .metrics import _finite_or_none
 from .trainer import train
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
-    parser.add_argument("--overlay", action="append", default=[], metavar="YAML",
-                        help="YAML with some of the config's sections whose keys replace the config's, key by key "
-                             "(e.g. a recipe of experiments/); repeatable, applied in order before --set")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one setting, e.g. --set train.lr=1e-3 (repeatable; value parsed as YAML)")
+    add_config_arguments(parser)
     parser.add_argument("--seed", type=int, default=None, help="train.seed (LoRA init, data order, dropout)")
-    parser.add_argument("--output-dir", default=None, help="run folder (default: train.output_dir)")
+    add_output_dir_argument(parser, required=False)  # default: the config's train.output_dir
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the run folder")
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
     if args.seed is not None:
-        overrides.append(f"train.seed={args.seed}")
-    cfg = RunConfig.from_yaml(args.config, overrides, args.overlay)  # every config error surfaces here, before any model load
+        args.overrides = [*args.overrides, f"train.seed={args.seed}"]
+    cfg = RunConfig.from_dict(raw_config(args))  # every config error surfaces here, before any model load
     result = train(cfg, args.output_dir, resume=args.resume)
     if result.is_main_process:
         metrics = {k: (_finite_or_none(v) if isinstance(v, float) else v) for k, v in result.metrics.items()}
