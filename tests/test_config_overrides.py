@@ -75,7 +75,9 @@ def test_the_data_cli_reads_set_with_the_run_configs_parser(tmp_path, capsys):
     assert stats["eval_fraction"] == 0.5 and stats["rows"]["gsm8k_hub"]["rows"] == 3
     with pytest.raises(ConfigError, match=r"--set data.sources\[4\].limit: index \[4\] does not exist"):
         cli.main(["--config", str(path), "--tokenizer", TOK, "--stats", "--set", "data.sources[4].limit=1"])
-    assert cli.apply_overrides is apply_overrides  # one parser, not a copy
+    from layerroute.config import raw_config
+
+    assert cli.raw_config is raw_config  # one reader of --config / --overlay / --set, not a copy
 
 
 def test_an_overlay_merges_sections_key_by_key_and_names_its_file():
