@@ -27,11 +27,15 @@ DEFAULT_THRESHOLDS = "0.01,0.02,0.05,0.1,0.2,0.3,0.5"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--adapter", required=True, help="the full-depth adapter the oracle ran on")
+    from ..config import add_adapter_argument, add_config_arguments, add_output_dir_argument
+
+    what = parser.add_argument_group("the adapter", "--adapter: the full-depth adapter the oracle ran on; its own "
+                                     "config unless --config")
+    add_adapter_argument(what, required=True)
+    add_config_arguments(what, required=False)
     parser.add_argument("--targets", required=True,
                         help="the oracle's output folder for the train split (holds oracle-tool_call.jsonl; "
                              "oracle-planning.jsonl is used when present)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--planning-steps", type=int, default=200,
                         help="training planning steps (every block runs unless the oracle has a record; default 200)")
     parser.add_argument("--val-fraction", type=float, default=0.25, help="steps held out to choose the threshold")
@@ -43,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=400)
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", required=True)
+    add_output_dir_argument(parser)
 
 
 def _thresholds(text: str) -> list[float]:
@@ -114,7 +118,7 @@ def _plot(points: list[dict], fixed: list[dict], chosen: dict | None, ceiling: f
 def run(args: argparse.Namespace) -> int:
     from ..adapters import adapter_base_name, load_adapter, read_adapter_meta, training_config, turn_token_id
     from ..atomic import write_text_atomic
-    from ..config import RunConfig, apply_overrides
+    from ..config import RunConfig, raw_config
     from ..data.build import load_steps
     from ..eval.oracle import read_records
     from ..eval.stage_cache import directory_digest
@@ -136,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     sets = ps.oracle_sets(tool_records + read_records(targets / "oracle-planning.jsonl"))
     with_tokens = {r["step"]: r["target"] for r in tool_records if "oracle" in r and r.get("target")}
 
-    raw = apply_overrides(training_config(args.adapter), args.set)
+    raw = raw_config(args, None if args.config else training_config(args.adapter))
     run_cfg = RunConfig.from_dict({k: raw.get(k) for k in ("model", "router", "lora", "data", "train", "eval")})
     meta = read_adapter_meta(args.adapter)
     rm = load_adapter(args.adapter, replace(run_cfg.model, name=adapter_base_name(args.adapter, meta)))
