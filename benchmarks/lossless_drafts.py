@@ -40,8 +40,9 @@ from layerroute.data.build import load_steps
 from layerroute.eval.bench import emit_json_line
 from layerroute.eval.sampling import _accuracy_steps
 from layerroute.infer.constrain import GrammarLogitsProcessor, model_grammars
-from layerroute.infer.drafts import DraftPolicy, SuffixStores, draft_generate, make_drafters
+from layerroute.infer.drafts import DraftPolicy, SuffixStores, make_drafters
 from layerroute.infer.generate import _cut, inference_weights, plain_blocks, run_generate, stop_ids
+from layerroute.infer.verify import draft_generate
 
 CONFIGS = {
     "dense": None,

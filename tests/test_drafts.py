@@ -1,4 +1,4 @@
-"""Lossless drafting (`layerroute.infer.drafts`): whatever the drafts, the tokens are plain greedy decoding's.
+"""Lossless drafting (`layerroute.infer.drafts`, verified by `layerroute.infer.verify`): whatever the drafts, the tokens are plain greedy decoding's.
 
 The reference is transformers' own greedy generate() on the same merged model (with the grammar's logits processor
 where constrained). Every drafter combination, drafts that are always wrong, an oracle whose drafts run past the end
@@ -20,11 +20,11 @@ from layerroute.infer.drafts import (
     GrammarDrafter,
     NgramIndex,
     SuffixStore,
-    draft_generate,
     make_drafters,
     only_allowed,
 )
 from layerroute.infer.generate import inference_weights, plain_blocks, run_generate
+from layerroute.infer.verify import draft_generate
 from layerroute.nn.kv_cache import RoutedCache
 from layerroute.nn.routed import routing
 from tests.helpers import lively, tiny_routed
@@ -284,7 +284,8 @@ def test_generate_cli_draft(tok, tmp_path, monkeypatch, capsys):
 
 def test_server_lone_path_drafts_same_answers(tok):
     """The server's lone request path with drafts: the same answers as without, per-drafter acceptance in the
-    response's `layerroute.drafts` and in /metrics; requests under a grammar are not drafted (its budget rule)."""
+    response's `layerroute.drafts` and in /metrics; requests under a grammar are drafted too (its budget rule in the
+    verify loop), a continued session included."""
     from fastapi.testclient import TestClient
 
     from layerroute.serve import create_app
@@ -307,10 +308,11 @@ def test_server_lone_path_drafts_same_answers(tok):
                                                              "temperature": 0}).json()
             metrics = client.get("/metrics").text
         answers[drafts] = [r["choices"][0]["message"] for r in (first, again, free)]
-        if drafts:  # under a grammar (its budget rule is not in the verify loop yet) requests are not drafted
-            assert "drafts" not in first["layerroute"] and "drafts" not in again["layerroute"]
-            assert again["layerroute"]["cache"]["reused"] is True and "drafts" in free["layerroute"]
+        if drafts:
+            assert all("drafts" in r["layerroute"] for r in (first, again, free))
+            assert again["layerroute"]["cache"]["reused"] is True
             assert free["layerroute"]["drafts"]["forwards"] <= free["usage"]["completion_tokens"] + 1
+            assert first["layerroute"]["drafts"]["forwards"] < first["usage"]["completion_tokens"]
             assert "layerroute_drafted_request_forwards_total" in metrics
         else:
             assert "drafts" not in first["layerroute"]
