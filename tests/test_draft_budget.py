@@ -15,7 +15,7 @@ import json
 import jsonschema
 import pytest
 import torch
-from transformers import AutoTokenizer, DynamicCache
+from transformers import DynamicCache
 
 from layerroute.data.toolcalls import parse_tool_calls
 from layerroute.infer.constrain import GrammarLogitsProcessor, model_grammars
@@ -23,13 +23,9 @@ from layerroute.infer.drafts import DraftPolicy, make_drafters
 from layerroute.infer.generate import inference_weights, plain_blocks, run_generate
 from layerroute.infer.verify import draft_generate
 from tests.helpers import lively, tiny_routed
-from tests.test_constrain import EOS, FREE_SETS, NOTE, TOKENIZER, prompts, shortest
+from tests.test_constrain import EOS, FREE_SETS, NOTE, prompts, shortest
 from tests.test_drafts import Oracle, Wrong
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return AutoTokenizer.from_pretrained(TOKENIZER)
+from tests.test_drafts import tok as tok  # the module-scoped tokenizer fixture
 
 
 @pytest.fixture(scope="module")
