@@ -17,7 +17,19 @@ Configurations (each step runs them all, in a rotating order):
   grammar_short_lookup   the same, the forced text one token short
   grammar_lookup_suffix  grammar + lookup + a suffix store of earlier steps' outputs with the same tools
 Per configuration: CPU seconds per step (prefill and decode apart), tokens, forwards, accepted draft tokens per
-forward by drafter, and how many outputs equal dense's token for token. Resumable: the per-step rows are written
+forward by drafter, and how many outputs equal dense's token for token.
+
+--budget-rule: every configuration decodes tool calls under the grammar's budget rule with the step's budget
+(`layerroute.infer.closer`; what the server and `generate --constrain` run): dense through
+`GrammarLogitsProcessor(budgets=...)`, the drafted ones through the verify loop's own rule (``closer``). With a tool
+budget below the calls' lengths (``--set eval.max_new_tokens_tool=40``) the rule closes many calls early; the
+outputs must still equal dense's. Per configuration the steps where the rule narrowed a choice are counted
+(``rule_engaged``), and for dense the steps whose answer holds at least one complete call (``with_complete_call``,
+read as a response cut by length is read: the calls it completed).
+
+    OMP_NUM_THREADS=1 python benchmarks/lossless_drafts.py --config configs/offline-smollm2.yaml \
+        --set model.dtype=float32 --set eval.max_new_tokens_tool=40 --steps 24 --planning 0 --budget-rule \
+        --configs dense,lookup,grammar_lookup --output benchmarks/results/lossless_drafts_smollm2_budget40.json Resumable: the per-step rows are written
 (atomically) to --output after every step and a rerun continues after the last one. The last line printed is the
 JSON result.
 """
@@ -37,11 +49,14 @@ from transformers import DynamicCache
 
 from layerroute.config import LoraSettings, RunConfig, add_adapter_argument, add_config_arguments, raw_config
 from layerroute.data.build import load_steps
+from layerroute.data.toolcalls import parse_tool_calls
 from layerroute.eval.bench import emit_json_line
 from layerroute.eval.sampling import _accuracy_steps
 from layerroute.infer.constrain import GrammarLogitsProcessor, model_grammars
-from layerroute.infer.drafts import DraftPolicy, SuffixStores, draft_generate, make_drafters
-from layerroute.infer.generate import _cut, inference_weights, plain_blocks, run_generate, stop_ids
+from layerroute.infer.drafts import DraftPolicy, SuffixStores, make_drafters
+from layerroute.infer.generate import inference_weights, plain_blocks, run_generate, stop_ids
+from layerroute.infer.stop import StopRule
+from layerroute.infer.verify import draft_generate
 
 CONFIGS = {
     "dense": None,
@@ -77,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=48, help="eval tool-call steps")
     parser.add_argument("--planning", type=int, default=12, help="eval planning (GSM8K) steps")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="which configurations (comma-separated)")
+    parser.add_argument("--budget-rule", action="store_true",
+                        help="tool calls under the grammar's budget rule (module doc)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", required=True, help="result file (per-step rows kept here; resumable)")
     args = parser.parse_args(argv)
@@ -102,14 +119,17 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.output, encoding="utf-8") as f:
             old = json.loads(f.read().strip().splitlines()[-1])
         # the same draw and no configuration the old run lacks: its rows for these configurations are kept
-        if set(configs) <= set(old.get("configs_run", ())) and old.get("steps_drawn") == [step_key(s) for s in steps]:
+        same = (old.get("steps_drawn") == [step_key(s) for s in steps]
+                and bool(old.get("budget_rule")) == args.budget_rule
+                and old.get("max_new_tokens_tool") == cfg.eval.max_new_tokens_tool)
+        if set(configs) <= set(old.get("configs_run", ())) and same:
             n = min(len(old["rows"][c]) for c in configs)
             rows = {c: old["rows"][c][:n] for c in configs}
     done = len(rows["dense"])
     suffix = SuffixStores()
 
     def save(final: bool = False) -> dict:
-        result = summarise(rows, configs, steps, rm, cfg, args, final)
+        result = summarise(rows, configs, steps, rm, cfg, args, final, eos_set)
         emit_json_line(result, args.output) if final else write_rows(args.output, result)
         return result
 
@@ -118,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             tool = step.step_type == "tool_call" and bool(step.tools)
             parallel = step.category is None or "parallel" in step.category
             grammar = grammars.for_tools(step.tools, "required", parallel=parallel) if tool else None
+            closer = grammars.closer if grammar is not None and args.budget_rule else None
             budget = ecfg.max_new_tokens_tool if step.step_type == "tool_call" else ecfg.max_new_tokens_planning
             tools_key = hashlib.sha1(json.dumps(step.tools, sort_keys=True).encode()).hexdigest()
             prompt = list(step.input_ids[: step.context_length])
@@ -129,15 +150,21 @@ def main(argv: list[str] | None = None) -> int:
             for c in order:
                 if c == "dense":
                     ids = torch.tensor([prompt])
-                    proc = GrammarLogitsProcessor([grammar], eos) if grammar is not None else None
+                    proc = (GrammarLogitsProcessor([grammar], eos, budgets=budget if closer else None, closer=closer)
+                            if grammar is not None else None)
                     start = time.process_time()
                     out, t = run_generate(model, ids, torch.ones_like(ids), cache=DynamicCache(),
                                           max_new_tokens=budget, eos_token_id=eos, pad_token_id=pad,
                                           logits_processor=proc)
                     cpu = time.process_time() - start
-                    tokens = _cut(out[0, len(prompt):].tolist(), eos_set)
+                    tokens = StopRule(budget, stop_ids=frozenset(eos)).cut(out[0, len(prompt):].tolist())
                     row = {"cpu_s": cpu, "cpu_prefill_s": t["cpu_ttft_s"], "cpu_decode_s": cpu - t["cpu_ttft_s"],
-                           "tokens": len(tokens), "forwards": t["forwards"], "by_source": {}, "output": tokens}
+                           "tokens": len(tokens), "forwards": t["forwards"], "by_source": {}, "output": tokens,
+                           "rule_closed": proc.closed if proc is not None else 0}
+                    if tool:  # does the answer hold complete calls (the ones a cut response keeps)?
+                        text = rm.tokenizer.decode(tokens, skip_special_tokens=True)
+                        calls, _, error = parse_tool_calls(text, cut=not tokens or tokens[-1] not in eos_set)
+                        row["complete_calls"] = 0 if error else len(calls)
                 else:
                     names, mode = CONFIGS[c]
                     store = suffix.get(tools_key)
@@ -147,11 +174,11 @@ def main(argv: list[str] | None = None) -> int:
                             d.learn = False
                     start = time.process_time()
                     r = draft_generate(model, prompt, max_new_tokens=budget, stop_ids=eos, grammar=grammar,
-                                       drafters=drafters, policy=DraftPolicy())
+                                       closer=closer, drafters=drafters, policy=DraftPolicy())
                     cpu = time.process_time() - start
                     row = {"cpu_s": cpu, "cpu_prefill_s": r.cpu_prefill_s, "cpu_decode_s": cpu - r.cpu_prefill_s,
                            "tokens": len(r.tokens), "forwards": r.forwards, "by_source": r.by_source(),
-                           "output": r.tokens}
+                           "output": r.tokens, "rule_closed": r.closed}
                 out_rows[c] = row
             suffix.get(tools_key).add(out_rows["dense"]["output"])
             for c in configs:
@@ -173,12 +200,15 @@ def write_rows(path: str, result: dict) -> None:
     write_text_atomic(path, json.dumps(result) + "\n")
 
 
-def summarise(rows, configs, steps, rm, cfg, args, final: bool) -> dict:
+def summarise(rows, configs, steps, rm, cfg, args, final: bool, eos: set[int]) -> dict:
     def summary(c, kind):
         rs = [r for r in rows[c] if r["step_type"] == kind]
         if not rs:
             return None
         out = {"steps": len(rs), "identical_to_dense": sum(r["identical"] for r in rs),
+               "rule_engaged": sum(r.get("rule_closed", 0) > 0 for r in rs),
+               "finish_length": sum(r["tokens"] > 0 and r["output"][-1] not in eos for r in rs),
+               "with_complete_call": sum(r.get("complete_calls", 0) > 0 for r in rs),
                "tokens": sum(r["tokens"] for r in rs), "forwards": sum(r["forwards"] for r in rs)}
         out["tokens_per_forward"] = out["tokens"] / max(out["forwards"], 1)
         for clock in ("cpu_s", "cpu_prefill_s", "cpu_decode_s"):
@@ -211,6 +241,7 @@ def summarise(rows, configs, steps, rm, cfg, args, final: bool) -> dict:
         "benchmark": "lossless_drafts", "config": args.config, "overrides": args.overrides, "adapter": args.adapter,
         "model": cfg.model.name, "dtype": cfg.model.dtype, "machine": platform.processor() or platform.machine(),
         "threads": args.threads, "date": time.strftime("%Y-%m-%d"), "complete": final,
+        "budget_rule": args.budget_rule,
         "steps_drawn": [step_key(s) for s in steps], "steps_done": len(rows["dense"]),
         "max_new_tokens_tool": cfg.eval.max_new_tokens_tool, "max_new_tokens_planning": cfg.eval.max_new_tokens_planning,
         "configs_run": configs, "summary": configs_out, "speedup": ratios,

@@ -1,4 +1,4 @@
-"""Lossless drafting (`layerroute.infer.drafts`): whatever the drafts, the tokens are plain greedy decoding's.
+"""Lossless drafting (`layerroute.infer.drafts`, verified by `layerroute.infer.verify`): whatever the drafts, the tokens are plain greedy decoding's.
 
 The reference is transformers' own greedy generate() on the same merged model (with the grammar's logits processor
 where constrained). Every drafter combination, drafts that are always wrong, an oracle whose drafts run past the end
@@ -20,11 +20,11 @@ from layerroute.infer.drafts import (
     GrammarDrafter,
     NgramIndex,
     SuffixStore,
-    draft_generate,
     make_drafters,
     only_allowed,
 )
 from layerroute.infer.generate import inference_weights, plain_blocks, run_generate
+from layerroute.infer.verify import draft_generate
 from layerroute.nn.kv_cache import RoutedCache
 from layerroute.nn.routed import routing
 from tests.helpers import lively, tiny_routed
@@ -251,13 +251,14 @@ def test_only_allowed_and_names(tok):
 
 
 def test_generate_cli_draft(tok, tmp_path, monkeypatch, capsys):
-    """`layerroute generate --draft grammar,lookup --constrain`: the same text as without drafts, fewer forwards."""
+    """`layerroute generate --draft grammar,lookup --constrain`: the same text as without drafts, fewer forwards;
+    with a free string and a budget only the budget rule closes (in the verify loop too)."""
     import argparse
     import json
 
     from layerroute.cli import generate_cli
     from layerroute.errors import ConfigError
-    from tests.test_constrain import GCD, WEATHER
+    from tests.test_constrain import GCD, SEARCH, WEATHER
 
     rm = lively(tiny_routed("shape:tiny-qwen2", seed=3), seed=3)
     rm.tokenizer = tok
@@ -276,6 +277,16 @@ def test_generate_cli_draft(tok, tmp_path, monkeypatch, capsys):
         outputs.append(("\n".join(out[1:-1]), json.loads(out[-1])))
     assert outputs[0][0] == outputs[1][0]
     assert outputs[1][1]["forwards"] < outputs[1][1]["tokens"] and "grammar" in outputs[1][1]["by_source"]
+    free = tmp_path / "search.json"
+    free.write_text(json.dumps([SEARCH]))
+    tight = [a if a != str(path) else str(free) for a in base[:-1]] + ["36"]  # the shortest call is 30 tokens
+    texts = []
+    for extra in ([], ["--draft", "grammar,lookup"]):
+        assert generate_cli.run(parser.parse_args(tight + extra)) == 0
+        out = capsys.readouterr().out.strip().splitlines()
+        texts.append("\n".join(out[1:-1]))
+    assert texts[0] == texts[1] and json.loads(out[-1])["budget_rule_closed"] > 0
+    assert texts[1].rstrip().endswith("</tool_call>")
     with pytest.raises(ConfigError, match="one --prompt"):
         generate_cli.run(parser.parse_args(base + ["--draft", "lookup", "--prompt", "again"]))
     with pytest.raises(ConfigError, match="unknown drafter"):
@@ -284,11 +295,12 @@ def test_generate_cli_draft(tok, tmp_path, monkeypatch, capsys):
 
 def test_server_lone_path_drafts_same_answers(tok):
     """The server's lone request path with drafts: the same answers as without, per-drafter acceptance in the
-    response's `layerroute.drafts` and in /metrics; requests under a grammar are not drafted (its budget rule)."""
+    response's `layerroute.drafts` and in /metrics; requests under a grammar are drafted too (its budget rule in the
+    verify loop), a continued session included."""
     from fastapi.testclient import TestClient
 
     from layerroute.serve import create_app
-    from tests.test_constrain import GCD, WEATHER
+    from tests.test_constrain import GCD, SEARCH, WEATHER
     from tests.test_serve import routed_model
 
     ask = [{"role": "user", "content": "gcd of 12 and 18?"}]
@@ -305,12 +317,16 @@ def test_server_lone_path_drafts_same_answers(tok):
                 {"role": "user", "content": "and of 4 and 6?"}]}).json()
             free = client.post("/v1/chat/completions", json={"model": "m", "messages": ask, "max_tokens": 24,
                                                              "temperature": 0}).json()
+            # a free string the random model never closes: only the budget rule ends the call within 36 tokens
+            tight = client.post("/v1/chat/completions", json={**body, "tools": [SEARCH], "max_tokens": 36}).json()
             metrics = client.get("/metrics").text
-        answers[drafts] = [r["choices"][0]["message"] for r in (first, again, free)]
-        if drafts:  # under a grammar (its budget rule is not in the verify loop yet) requests are not drafted
-            assert "drafts" not in first["layerroute"] and "drafts" not in again["layerroute"]
-            assert again["layerroute"]["cache"]["reused"] is True and "drafts" in free["layerroute"]
+        answers[drafts] = [r["choices"][0]["message"] for r in (first, again, free, tight)]
+        assert tight["choices"][0]["message"]["tool_calls"], tight
+        if drafts:
+            assert all("drafts" in r["layerroute"] for r in (first, again, free, tight))
+            assert again["layerroute"]["cache"]["reused"] is True
             assert free["layerroute"]["drafts"]["forwards"] <= free["usage"]["completion_tokens"] + 1
+            assert first["layerroute"]["drafts"]["forwards"] < first["usage"]["completion_tokens"]
             assert "layerroute_drafted_request_forwards_total" in metrics
         else:
             assert "drafts" not in first["layerroute"]

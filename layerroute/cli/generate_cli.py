@@ -126,24 +126,27 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_drafted(args, rm, prompts, tools, forced) -> int:
-    """--draft: one greedy prompt through `layerroute.infer.drafts` (its grammar under --constrain)."""
+    """--draft: one greedy prompt through `layerroute.infer.verify` (under --constrain its grammar and budget rule:
+    the tokens of --constrain without --draft)."""
     from ..errors import ConfigError
-    from ..infer.drafts import routed_draft_generate
+    from ..infer.verify import routed_draft_generate
 
     if len(prompts) > 1 or args.sample or args.prompt_lookup:
         raise ConfigError("--draft verifies greedy drafts for one --prompt (not with --sample or --prompt-lookup)")
-    grammar = None
+    grammar = closer = None
     if args.constrain:
         from ..infer.constrain import GrammarError, model_grammars
 
         choice = args.tool_choice if args.tool_choice in ("auto", "required", "none") else {
             "type": "function", "function": {"name": args.tool_choice}}
         try:
-            grammar = model_grammars(rm, stop_ids(rm)).for_tools(tools, choice, parallel=not args.no_parallel_calls)
+            grammars = model_grammars(rm, stop_ids(rm))
+            grammar = grammars.for_tools(tools, choice, parallel=not args.no_parallel_calls)
+            closer = grammars.closer
         except GrammarError as e:
             raise ConfigError(f"--tools {args.tools}: {e}") from None
     res, gates = routed_draft_generate(rm, prompts[0], drafts=args.draft, max_new_tokens=args.max_new_tokens,
-                                       grammar=grammar, forced=forced, kv_policy=args.kv_policy)
+                                       grammar=grammar, closer=closer, forced=forced, kv_policy=args.kv_policy)
     skipped = gates.count(False) / len(gates) if gates else 0.0
     print(f"--- [0] gates {''.join('1' if g else '.' for g in gates)} (skipped {skipped:.0%})")
     print(rm.tokenizer.decode(res.tokens, skip_special_tokens=True))

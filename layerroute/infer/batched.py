@@ -202,21 +202,26 @@ def generate_batched(
 
 
 def _drafted(rm, requests, todo, budgets, results, drafts, *, threshold, kv_policy, prompt_full_depth, lora):
-    """`generate_batched` with drafts: each request through `layerroute.infer.drafts.routed_draft_generate`."""
+    """`generate_batched` with drafts: each request through `layerroute.infer.verify.routed_draft_generate` (its
+    grammar's budget rule too, where its processor has one)."""
     from .constrain import GrammarLogitsProcessor
-    from .drafts import routed_draft_generate
+    from .verify import routed_draft_generate
 
     for i in todo:
         r = requests[i]
         proc = r.logits_processor
         if proc is not None and not (isinstance(proc, GrammarLogitsProcessor) and len(proc.grammars) == 1):
             raise ValueError("drafts decode under one grammar (a GrammarLogitsProcessor) or none, not other processors")
-        if proc is not None and getattr(proc, "budgets", None) is not None:
-            raise ValueError("drafts do not apply a grammar's budget rule yet: pass the grammar without budgets")
+        rule = None if proc is None else proc.budgets
+        if isinstance(rule, list):
+            rule = rule[0]
+        if rule is not None and rule != budgets[i]:
+            raise ValueError(f"drafts apply a grammar's budget rule with the request's own budget ({budgets[i]}), "
+                             f"not {rule}")
         res, gates = routed_draft_generate(
             rm, list(r.prompt), drafts=drafts, max_new_tokens=budgets[i], grammar=proc.grammars[0] if proc else None,
-            forced=r.forced, threshold=threshold, kv_policy=kv_policy, eos_token_id=sorted(r.stop),
-            lora=lora, prompt_full_depth=prompt_full_depth)
+            closer=proc.closer if rule is not None else None, forced=r.forced, threshold=threshold,
+            kv_policy=kv_policy, eos_token_id=sorted(r.stop), lora=lora, prompt_full_depth=prompt_full_depth)
         results[i] = RowResult(tokens=res.tokens, gates=gates, finish="stop" if res.finish == "stop"
                                else FINISH_LENGTH, budget=budgets[i],
                                extra={"forwards": res.forwards, "drafts": res.by_source()})

@@ -23,8 +23,8 @@ BFCL's non-standard parameter types ("dict", "float", "tuple", "any", Java/JavaS
 Schema with the data pipeline's own table (`layerroute.tasks.bfcl.BFCL_TYPE_MAP`).
 
 Under a token budget (`GrammarLogitsProcessor` ``budgets``, what the server and ``generate --constrain`` pass) a
-row keeps to tokens after which the shortest completion (`Closer`) still fits: a call or a JSON answer ends
-complete whenever the budget holds the shortest valid one; below that the budget cuts it.
+row keeps to tokens after which the shortest completion still fits (the budget rule, `layerroute.infer.closer`): a
+call or a JSON answer ends complete whenever the budget holds the shortest valid one; below that the budget cuts it.
 
 Cost: compiling a tool set takes milliseconds to a few hundred (the token masks are precomputed per grammar),
 cached per (tool set, choice) in an LRU keyed by the hash of its canonical JSON; a decode step then costs one
@@ -43,12 +43,12 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import LogitsProcessor
 
 from ..data.toolcalls import TOOL_CALL_OPEN, render_tool_call, render_tool_calls
 from ..tasks.bfcl import BFCL_TYPE_MAP
+from .closer import BudgetRule, Closer
 
 log = logging.getLogger(__name__)
 
@@ -297,144 +297,6 @@ def model_grammars(rm, stop_ids: list[int] | None = None) -> Grammars:
     return grammars_for(rm.tokenizer, int(rm.config.vocab_size), stop_ids)
 
 
-# -- the budget rule: the shortest way to a valid end -----------------------------------------------------------
-_CLOSE = '"}],'  # what ends a string, an object or an array, or moves on to the next element or key
-_DIGITS = "0123456789"
-_ORDER = _CLOSE + _DIGITS + "tfn{[: -.eE" + "".join(chr(c) for c in range(32, 127)) + "\n"
-BRANCH = 24  # at most this many characters tried at one choice point
-MAX_CLOSING_CHARS = 2048  # a completion longer than this is not searched for (the rule then steps aside)
-CHECKED = 8  # a step checks at most this many of the best tokens before it takes the closing path's next token
-TIGHT_CHECKED = 2  # ... and this many when the current path has no token to spare (each check is then a search)
-NEAR = 32  # sampled rows: the rule binds once the tokens left are within this many of the closing path's length
-
-
-class Closer:
-    """Shortest completions of a grammar state, in tokens, for the budget rule of `GrammarLogitsProcessor`.
-
-    xgrammar (0.2.9) tells what is allowed next (`fill_next_token_bitmask`), what is forced
-    (`find_jump_forward_string`) and whether the text so far is a complete match (`is_completed`), not how far
-    the nearest end is. `closing_text` walks a forked matcher to a complete match: it takes every forced string
-    whole; at a free choice it tries ``" } ] ,`` (what ends a string, an object or an array, or moves on to the
-    next key or element) and, when more than one is allowed, completes greedily from each and keeps the
-    shortest; else the first digit allowed (the shortest number); else (a function name, an enum value,
-    ``true``/``false``) it completes greedily from each allowed character and keeps the shortest. The greedy
-    completion takes forced strings, then the first allowed of ``" } ] ,``, a digit, any character.
-    `closing_tokens` is that text tokenized as the tokenizer writes it, checked against the grammar (one token per
-    character when that tokenization is refused). Its length is an upper bound on the tokens the state needs
-    (the budget rule needs no more to be sound); on the tool-call and JSON-schema grammars of the tests it is
-    the shortest. Costs tens of microseconds per choice (a fork ~6 us, a mask fill 3-40 us) plus one tokenizer
-    call; `GrammarLogitsProcessor` first tries the previous path from the new state, which is cheaper still."""
-
-    def __init__(self, info, tokenizer):
-        xgr = _xgr()
-        self.tokenizer = tokenizer
-        ids: dict[str, int] = {}
-        for i, piece in enumerate(info.decoded_vocab):
-            b = bytes(piece)
-            if len(b) == 1 and (32 <= b[0] < 127 or b == b"\n"):
-                ids.setdefault(chr(b[0]), i)
-        seen: set[str] = set()
-        self.chars = [c for c in _ORDER if c in ids and not (c in seen or seen.add(c))]
-        self.char_ids = {c: ids[c] for c in self.chars}
-        ids_np = np.array([ids[c] for c in self.chars], dtype=np.int64)
-        self._words, self._shifts = ids_np >> 5, (ids_np & 31).astype(np.int32)
-        self._bitmask = xgr.allocate_token_bitmask(1, info.vocab_size)
-        self._bits = self._bitmask[0].numpy()  # the same memory: read after each fill without a torch op
-        self._lock = threading.Lock()  # one bitmask; a scheduler's prefill thread may close a state too
-
-    def _allowed(self, m) -> list[str]:
-        with self._lock:
-            m.fill_next_token_bitmask(self._bitmask)
-            bits = (self._bits[self._words] >> self._shifts) & 1
-        return [self.chars[i] for i in np.flatnonzero(bits)]
-
-    @staticmethod
-    def _accepted(m, chars: str, first: bool = False) -> list[tuple[str, Any]]:
-        """(character, a fork of `m` that accepted it) for each of `chars` the grammar allows (first: the first)."""
-        out = []
-        for c in chars:
-            f = m.fork()
-            if f.accept_string(c):
-                out.append((c, f))
-                if first:
-                    break
-        return out
-
-    def _greedy(self, m, limit: int) -> str | None:
-        """A completion of matcher `m`: forced strings, then the first allowed of ``"}],``, a digit, anything."""
-        out: list[str] = []
-        n = 0
-        while not m.is_completed():
-            step = m.find_jump_forward_string()
-            if step:
-                if not m.accept_string(step):
-                    return None
-            else:
-                got = self._accepted(m, _CLOSE, True)
-                if not got:  # the first allowed in _ORDER: a digit before any other character
-                    allowed = self._allowed(m)
-                    got = self._accepted(m, allowed[0]) if allowed else []
-                if not got:
-                    return None
-                step, m = got[0]
-            out.append(step)
-            n += len(step)
-            if n > limit:
-                return None
-        return "".join(out)
-
-    def _shortest(self, options: list[tuple[str, Any]], limit: int) -> tuple[str, Any] | None:
-        best = None
-        for c, f in options:
-            rest = self._greedy(f.fork(), limit)
-            if rest is not None and (best is None or len(rest) < best[0]):
-                best = (len(rest), c, f)
-        return None if best is None else best[1:]
-
-    def closing_text(self, matcher, limit: int = MAX_CLOSING_CHARS) -> str | None:
-        """The shortest text found that completes `matcher`'s state (the matcher is not touched), or None."""
-        m = matcher.fork()
-        out: list[str] = []
-        n = 0
-        while not m.is_completed():
-            step = m.find_jump_forward_string()
-            if step:
-                if not m.accept_string(step):
-                    return None
-            else:
-                got = self._accepted(m, _CLOSE)
-                if len(got) > 1:
-                    got = [self._shortest(got, limit - n) or got[0]]
-                if not got:
-                    allowed = self._allowed(m)
-                    digits = [c for c in allowed if c in _DIGITS]
-                    options = self._accepted(m, digits[0] if digits else "".join(allowed[:BRANCH]))
-                    choice = self._shortest(options, limit - n) if len(options) > 1 else None
-                    got = [choice] if choice else options[:1]
-                if not got:
-                    return None
-                step, m = got[0]
-            out.append(step)
-            n += len(step)
-            if n > limit:
-                return None
-        return "".join(out)
-
-    def closing_tokens(self, matcher) -> list[int] | None:
-        """`closing_text` as tokens the grammar accepts from `matcher`'s state (None: no completion found)."""
-        text = self.closing_text(matcher)
-        if text is None:
-            return None
-        if not text:
-            return []
-        tokens = self.tokenizer.encode(text, add_special_tokens=False)
-        m = matcher.fork()
-        if all(m.accept_token(t) for t in tokens) and m.is_completed():
-            return list(tokens)
-        per_char = [self.char_ids.get(c) for c in text]  # the tokenizer's pieces were refused: one per character
-        return None if None in per_char else per_char
-
-
 # -- decoding ------------------------------------------------------------------------------------------------
 class GrammarLogitsProcessor(LogitsProcessor):
     """Masks each row's logits to what its grammar allows next (one xgrammar matcher per row; a row whose
@@ -445,17 +307,11 @@ class GrammarLogitsProcessor(LogitsProcessor):
     accepted a stop token is done (generate() pads it). A token the matcher refuses (only possible if another
     processor overrode the mask) releases the row, logged, rather than failing the request.
 
-    The budget rule (``budgets``: each row's ``max_new_tokens``, and ``closer``, `Grammars.closer`): a row keeps
-    to tokens after which the shortest completion (`Closer`) still fits in the tokens it has left, so it ends
-    with a complete match (a closed call, a whole JSON value) whenever its budget holds the shortest one from
-    the start. A greedy row checks its best tokens in order (at most `CHECKED`, `TIGHT_CHECKED` when the path
-    has no token to spare) and keeps the first that fits (none fits: the closing path's next token), so its
-    choice is the one plain decoding makes while there is room. A sampled row (``sampled``) is checked only within `NEAR` tokens of its closing length, on its
-    `CHECKED` best tokens, and samples among those that fit: a single token that adds more than `NEAR` tokens to
-    the shortest completion before then can still overrun. Below the minimum (the shortest completion from the
-    current state is longer than the tokens left) the rule steps aside and the row decodes under the plain
-    grammar until the budget cuts it. The stop token is not counted: a row whose budget ends right after the
-    match is complete but cut (``length``)."""
+    The budget rule (``budgets``: each row's ``max_new_tokens``, and ``closer``, `Grammars.closer`): each row keeps
+    to tokens after which the shortest completion (`layerroute.infer.closer.Closer`) still fits in the tokens it has
+    left, so it ends with a complete match whenever its budget holds the shortest one from the start; one
+    `layerroute.infer.closer.BudgetRule` per row (its doc: greedy and sampled rows, below the minimum). ``sampled``:
+    the rows are sampled, not greedy."""
 
     def __init__(self, grammars: list, stop_ids: list[int] | None = None, *, budgets: int | list[int] | None = None,
                  closer: Closer | None = None, sampled: bool = False):
@@ -473,7 +329,7 @@ class GrammarLogitsProcessor(LogitsProcessor):
         self.steps = 0  # calls (decode steps)
         self.seconds = 0.0  # wall time spent in this processor (benchmarks: the constraint's cost per token)
         self.budget_seconds = 0.0  # of which the budget rule
-        self.closed = 0  # steps where the rule narrowed a row's choice (a token that did not fit was masked)
+        self.rules: list[BudgetRule | None] = []  # per row, under budgets (built at the first call)
 
     def _init(self, input_ids: torch.Tensor, vocab: int) -> None:
         xgr = _xgr()
@@ -497,8 +353,14 @@ class GrammarLogitsProcessor(LogitsProcessor):
         if budgets is not None and len(budgets) != batch:
             raise ValueError(f"{len(budgets)} budgets for a batch of {batch} rows")
         self.budgets = budgets
-        self._paths: list[list[int] | None] = [None] * batch  # per row: the closing path from its current state
-        self._checked: list[dict[int, list[int] | None]] = [{} for _ in range(batch)]  # token -> path after it
+        self.rules = [None if budgets is None or m is None else BudgetRule(self.closer, budgets[i], self.stop_ids,
+                                                                           sampled=self.sampled)
+                      for i, m in enumerate(self.matchers)]
+
+    @property
+    def closed(self) -> int:
+        """Steps where the rule narrowed a row's choice (a token that did not fit was masked), all rows."""
+        return sum(r.closed for r in self.rules if r is not None)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         t0 = time.perf_counter()
@@ -525,7 +387,8 @@ class GrammarLogitsProcessor(LogitsProcessor):
                         self.released.append(row)
                         self.matchers[row] = m = None
                         break
-                    self._advance(row, tok)
+                    if self.rules[row] is not None:
+                        self.rules[row].advance(m, tok)
         rows = [i for i, m in enumerate(self.matchers) if m is not None and not m.is_terminated()]
         if not rows:
             return scores
@@ -540,81 +403,10 @@ class GrammarLogitsProcessor(LogitsProcessor):
         if self.budgets is not None:
             t0 = time.perf_counter()
             for row in rows:
-                self._budget(row, scores)
+                if self.rules[row] is not None:
+                    self.rules[row].apply(self.matchers[row], scores[row], self.fed)
             self.budget_seconds += time.perf_counter() - t0
         return scores
-
-    # -- the budget rule ----------------------------------------------------------------------------------
-    def _advance(self, row: int, tok: int) -> None:
-        """The closing path after `tok` was accepted: known when `tok` was checked or is the path's next token."""
-        if self.budgets is None:
-            return
-        path, checked = self._paths[row], self._checked[row]
-        if tok in checked:
-            self._paths[row] = checked[tok]
-        elif path and path[0] == tok:
-            self._paths[row] = path[1:]
-        elif path is not None:  # a token nobody checked (a sampled row far from its end): does the path still close?
-            f = self.matchers[row].fork()
-            self._paths[row] = path if all(f.accept_token(t) for t in path) and f.is_completed() else None
-        self._checked[row] = {}
-
-    def _path_after(self, row: int, tok: int, tight: bool) -> list[int] | None:
-        """A closing path from the state after `tok`: the current path's tail when `tok` is its next token, the
-        current path itself when it still completes the match (a token inside a string usually leaves the way
-        out unchanged: a check of a few microseconds), else a new search. tight: the current path's length
-        does not fit after one more token, so only a new (shorter) path can."""
-        m, path = self.matchers[row], self._paths[row]
-        if path and path[0] == tok:
-            return path[1:]
-        if self.stop_ids and tok in self.stop_ids:
-            return []  # the grammar allows a stop token only where the match is complete
-        f = m.fork()
-        if not f.accept_token(tok):
-            return None
-        if path is not None and not tight:
-            g = f.fork()
-            if all(g.accept_token(t) for t in path) and g.is_completed():
-                return path
-        return self.closer.closing_tokens(f)
-
-    def _budget(self, row: int, scores: torch.Tensor) -> None:
-        left = self.budgets[row] - self.fed  # tokens this row may still write, this one included
-        m = self.matchers[row]
-        if self._paths[row] is None:
-            self._paths[row] = self.closer.closing_tokens(m)
-        path = self._paths[row]
-        if path is None or len(path) > left or left <= 0:
-            return  # no completion found, or below the minimum: the plain grammar decides
-        if self.sampled and left - len(path) > NEAR:
-            return
-        s = scores[row]
-        checked = self._checked[row]
-        fits: dict[int, float] = {}  # checked tokens that fit -> their score
-        narrowed = False
-        tight = len(path) > left - 1  # only a token that shortens the way out fits
-        for _ in range(TIGHT_CHECKED if tight else CHECKED):
-            tok = int(s.argmax())
-            value = float(s[tok])
-            if value == float("-inf"):
-                break
-            after = self._path_after(row, tok, tight)
-            checked[tok] = after
-            if after is not None and len(after) <= left - 1:
-                fits[tok] = value
-                if not self.sampled:
-                    break  # greedy: the best token that fits stays the argmax
-            else:
-                narrowed = True
-            s[tok] = float("-inf")  # out of the next argmax's way (a sampled row's fits are put back below)
-        if self.sampled or not fits:
-            s.fill_(float("-inf"))
-            for tok, value in fits.items():
-                s[tok] = value
-            if not fits:  # none of the best tokens fits: the closing path's next token
-                s[path[0]] = 0.0
-                checked[path[0]] = path[1:]
-        self.closed += int(narrowed or not fits)
 
 
 def tool_call_processor(rm, tools_per_row: list, tool_choice: Any = "required", *, stop_ids: list[int] | None = None,
@@ -633,7 +425,7 @@ def tool_call_processor(rm, tools_per_row: list, tool_choice: Any = "required", 
 
 
 __all__ = [
-    "Closer", "GrammarError", "GrammarLogitsProcessor", "Grammars", "MAX_WHITESPACE", "call_separator", "call_wrapper",
+    "GrammarError", "GrammarLogitsProcessor", "Grammars", "MAX_WHITESPACE", "call_separator", "call_wrapper",
     "choice_name", "grammars_for", "json_schema", "model_grammars", "response_schema", "tool_call_processor",
     "tool_format",
 ]

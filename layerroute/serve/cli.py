@@ -55,8 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(outputs unchanged; not under a grammar; 0 = off)")
     parser.add_argument("--draft", default=None, metavar="SOURCES",
                         help="lossless drafts for a request decoded alone, greedy, e.g. grammar,lookup,suffix: "
-                             "verified in one forward under the request's grammar, outputs unchanged "
-                             "(layerroute.infer.drafts; per-drafter acceptance in the response's layerroute.drafts)")
+                             "verified in one forward under the request's grammar and its budget rule, outputs "
+                             "unchanged (layerroute.infer.verify; per-drafter acceptance in the response's "
+                             "layerroute.drafts)")
     parser.add_argument("--no-constrain", action="store_true",
                         help="decode freely: no grammar for tool calls or response_format (malformed calls possible)")
     add_dtype_argument(parser)

@@ -145,9 +145,9 @@ class Engine:
     session left by a drafted request keeps only its prompt checkpoint: the later running sums count rejected
     drafts too.
     drafts: lossless drafters for greedy requests (`layerroute.infer.drafts`, e.g. ['grammar', 'lookup', 'suffix']):
-    verified in one forward under the request's grammar, sessions continued; the suffix drafter reads earlier
-    requests with the same grammar (tool set and choice). Replaces prompt_lookup where both are set; not for a request
-    with stop strings (decoded as before)."""
+    verified in one forward under the request's grammar and its budget rule (the same tokens as without drafts),
+    sessions continued; the suffix drafter reads earlier requests with the same grammar (tool set and choice).
+    Replaces prompt_lookup where both are set; not for a request with stop strings (decoded as before)."""
 
     def __init__(self, rm, *, kv_policy: str = "kv_preserving", cache_sessions: int = 16, dense: bool = False,
                  forced=None, threshold: float | None = None, scripted: Callable | None = None,
@@ -254,10 +254,7 @@ class Engine:
             gen_kwargs["logits_processor"] = LogitsProcessorList([self.grammar_processor(params)])
         # transformers' assisted generation (5.23) feeds the whole input to its first forward whatever the cache
         # holds, so a request that continues a session decodes without drafts (the prefix cache saves more there)
-        # not under a grammar: the server's grammar carries the budget rule (a call closes whenever the budget holds
-        # the shortest one), which the verify loop does not apply yet, so a drafted call could differ near the budget
-        drafting = (bool(self.drafts) and greedy and scripted_text is None and not params.stop
-                    and params.grammar is None)
+        drafting = bool(self.drafts) and greedy and scripted_text is None and not params.stop
         lookup = (self.prompt_lookup if scripted_text is None and params.grammar is None and not cached
                   and not drafting else 0)
         if lookup:
@@ -331,8 +328,10 @@ class Engine:
 
     def _drafted(self, prompt: list[int], params: SamplingParams, cache: RoutedCache, streamer: _Streamer,
                  cancel: threading.Event | None):
-        """One greedy request through the lossless drafts (`layerroute.infer.drafts.draft_generate`)."""
-        from ..infer.drafts import draft_generate, make_drafters
+        """One greedy request through the lossless drafts (`layerroute.infer.verify.draft_generate`), under its
+        grammar's budget rule as `grammar_processor` decodes it."""
+        from ..infer.drafts import make_drafters
+        from ..infer.verify import draft_generate
 
         # earlier requests under the same compiled grammar (tool set and choice; the grammar cache hands out one object)
         store = self._suffix.get(id(params.grammar), owner=params.grammar)
@@ -346,7 +345,8 @@ class Engine:
 
         res = draft_generate(self.model, prompt, max_new_tokens=params.max_new_tokens,
                              stop_ids=None if params.ignore_eos else self.eos_ids, grammar=params.grammar,
-                             drafters=drafters, cache=cache, on_token=on_token,
+                             closer=None if params.grammar is None else self.grammars.closer, drafters=drafters,
+                             cache=cache, on_token=on_token,
                              cancel=cancel.is_set if cancel is not None else None)
         streamer.forwards = res.forwards
         return res
