@@ -36,7 +36,6 @@ from layerroute.eval.accuracy import score_generation
 from layerroute.eval.bench import emit_json_line
 from layerroute.eval.sampling import _accuracy_steps
 from layerroute.infer.generate import (
-    _cut,
     inference_weights,
     load_for_inference,
     plain_blocks,
@@ -44,6 +43,7 @@ from layerroute.infer.generate import (
     run_generate,
     stop_ids,
 )
+from layerroute.infer.stop import StopRule
 
 CONFIGS = ("dense", "dense_lookup", "routed", "routed_lookup")
 
@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                     with plain_blocks(model):
                         out, t = run_generate(model, ids, mask, cache=DynamicCache(), max_new_tokens=budget,
                                               eos_token_id=eos, pad_token_id=pad, prompt_lookup=lookup)
-                    tokens, forwards, gates = _cut(out[0, len(prompt):].tolist(), eos_set), t["forwards"], None
+                    tokens = StopRule(budget, stop_ids=frozenset(eos_set)).cut(out[0, len(prompt):].tolist())
+                    forwards, gates = t["forwards"], None
                 else:
                     r = routed_generate(rm, [prompt], max_new_tokens=budget, eos_token_id=eos, prompt_lookup=lookup,
                                         kv_policy=ecfg.kv_policy)

@@ -235,9 +235,11 @@ def test_last_turn_generation_decides_as_teacher_forcing_does():
 
 def test_last_turn_pooling_needs_the_turn_token_in_the_tokenizer():
     from layerroute.config import RouterConfig
+    from layerroute.config.experimental import RouterExperimental
     from layerroute.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="router.turn_token"):
-        tiny_routed(router=RouterConfig(pooling="last_turn", turn_token="<|turn|>"), tokenizer=TurnTokenizer())
+    router = RouterConfig(pooling="last_turn", experimental=RouterExperimental(turn_token="<|turn|>"))
+    with pytest.raises(ConfigError, match=r"router\.experimental\.turn_token"):
+        tiny_routed(router=router, tokenizer=TurnTokenizer())
     with pytest.raises(ConfigError, match="router.pooling"):
         RouterConfig(pooling="first_turn")
