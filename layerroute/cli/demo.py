@@ -74,7 +74,7 @@ def stages(config: str, out: Path, bench_steps: int = BENCH_STEPS, bench_reps: i
          ["eval", "--config", config, "--adapter", str(adapter), "--output-dir", str(out / "eval")]),
         # real eval tool calls (their own contexts and gold lengths), the trained routers deciding, against the
         # dense LoRA-merged model: what a tool call gains on this machine (synthetic prompts do not route like them)
-        ("benchmark", "layerroute.eval.bench",
+        ("benchmark", "layerroute.cli.bench",
          ["bench", "--adapter", str(adapter), "--steps-from", config, "--step-type", "tool_call",
           "--n-steps", str(bench_steps), "--reps", str(bench_reps), "--warmup", "1",
           "--output", str(out / "bench.json")]),

@@ -28,7 +28,7 @@ COMMANDS = {
     "fit-routers": ("layerroute.cli.fit_routers", "routers trained on the oracle's per-step targets, their threshold "
                                                    "chosen on validation steps (writes an adapter and a frontier)"),
     "curve": ("layerroute.eval.skip_curve", "tool-call accuracy against blocks skipped: static removals and trained routers"),
-    "bench": ("layerroute.eval.bench", "wall-clock latency of routed vs dense generation (a table; --json / --output: JSON)"),
+    "bench": ("layerroute.cli.bench", "wall-clock latency of routed vs dense generation (a table; --json / --output: JSON)"),
     "generate": ("layerroute.cli.generate_cli", "routed generation for one prompt"),
     "serve": ("layerroute.serve.cli", "OpenAI-compatible chat endpoint with tools"),
     "agent": ("layerroute.serve.agent", "BFCL multi-turn agent loop against a serve endpoint (success + routing per step)"),
