@@ -341,6 +341,14 @@ def test_at_most_twelve_top_level_modules():
     assert len(top) <= MAX_TOP_LEVEL, f"{len(top)} modules directly under layerroute/ (at most {MAX_TOP_LEVEL}): {top}"
 
 
+MAX_MODULE_LINES = 500  # issue 37: each room stays small enough to read in one sitting
+
+
+def test_no_module_over_five_hundred_lines():
+    long = {name: n for name, path in modules().items() if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"modules over {MAX_MODULE_LINES} lines (split them by job): {long}"
+
+
 if __name__ == "__main__":
     report = describe(graph())
     print(report or "no import cycle")
