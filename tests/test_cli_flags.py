@@ -34,7 +34,7 @@ def reference() -> dict[str, tuple]:
     for add in (flags.add_config_arguments, flags.add_model_argument, flags.add_adapter_argument,
                 flags.add_dtype_argument, flags.add_device_argument, flags.add_chat_template_argument,
                 flags.add_threads_argument, flags.add_output_dir_argument, flags.add_output_argument,
-                flags.add_json_argument):
+                flags.add_json_argument, flags.add_draft_arguments):
         add(parser, **({"required": False} if "required" in add.__code__.co_varnames else {}))
     return {s: definition(a) for a in parser._actions for s in a.option_strings if s in SHARED_FLAGS}
 
@@ -66,6 +66,8 @@ def test_the_commands_ask_for_the_shared_flags():
         assert {"--model", "--adapter", "--dtype", "--chat-template"} <= takes[name], name
     for name in ("train", "sweep", "eval", "ablation", "oracle", "curve"):
         assert "--output-dir" in takes[name], name
+    for name in ("generate", "serve"):  # the commands that decode for a user draft the same way
+        assert {"--prompt-lookup", "--draft"} <= takes[name], name
 
 
 #: the flags benchmarks/ scripts take from flags.py too: a run config and what is loaded. Their `--threads` (default 1:

@@ -19,6 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         add_adapter_argument,
         add_chat_template_argument,
         add_device_argument,
+        add_draft_arguments,
         add_dtype_argument,
         add_model_argument,
         add_threads_argument,
@@ -46,14 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--constrain", action="store_true",
                         help="decode under the tools' grammar (xgrammar): calls parse and name offered functions")
     parser.add_argument("--no-parallel-calls", action="store_true", help="with --constrain: at most one call per turn")
-    parser.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
-                        help="draft up to K tokens per forward from the prompt's n-grams, verified by the model "
-                             "(same output, fewer forwards when the answer copies the prompt; one prompt, no "
-                             "--constrain; 0 = off)")
-    parser.add_argument("--draft", default=None, metavar="SOURCES",
-                        help="lossless drafts verified in one forward, e.g. grammar,lookup,suffix (greedy, one "
-                             "--prompt; 'grammar' drafts the --constrain grammar's forced text): the same tokens as "
-                             "plain greedy decoding, fewer forwards (layerroute.infer.drafts)")
+    add_draft_arguments(parser)
 
 
 def _read_tools(path: str) -> list[dict]:

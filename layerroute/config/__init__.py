@@ -19,6 +19,7 @@ from .flags import (
     add_chat_template_argument,
     add_config_arguments,
     add_device_argument,
+    add_draft_arguments,
     add_dtype_argument,
     add_json_argument,
     add_model_argument,
@@ -44,7 +45,7 @@ __all__ = [
     "EvalConfig", "LoraSettings", "ModelConfig", "RouterConfig", "RouterExperimental", "RunConfig", "TrainConfig",
     "TrainExperimental",
     "add_adapter_argument", "add_chat_template_argument", "add_config_arguments", "add_device_argument",
-    "add_dtype_argument", "add_json_argument", "add_model_argument", "add_output_argument", "add_output_dir_argument",
+    "add_draft_arguments", "add_dtype_argument", "add_json_argument", "add_model_argument", "add_output_argument", "add_output_dir_argument",
     "add_threads_argument", "raw_config", "apply_eval_overlay", "apply_overlay", "apply_override", "apply_overrides", "check_choices", "check_range",
     "choices", "describe", "from_dict", "load_yaml", "parse_yaml", "resolve_raw", "setting",
 ]

@@ -1,7 +1,8 @@
 """The command line's shared flags, each defined once: one default and one help for every command that takes it.
 
 `--config`, `--overlay`, `--set` (a run config and how it is changed), `--model`, `--adapter`, `--dtype`, `--device`,
-`--chat-template`, `--threads` (what is loaded, and how), `--output-dir`, `--output` (where results go) and `--json`.
+`--chat-template`, `--threads` (what is loaded, and how), `--output-dir`, `--output` (where results go), `--json`,
+and `--prompt-lookup`, `--draft` (lossless drafting: generate and serve).
 Every command of `layerroute` (the dispatcher: layerroute/cli/main.py), the demo and the scripts of benchmarks/ ask
 these functions for them; `tests/test_cli_flags.py` walks every sub-command's parser and checks that each flag has one
 default and one help wherever it appears, and that no module defines one of them by hand.
@@ -48,6 +49,14 @@ HELP = {
     "--output-dir": "folder to write into (created if missing; `train` defaults to the config's train.output_dir)",
     "--output": "also write the whole result here, as JSON (atomically: never half a file)",
     "--json": "print the whole result as JSON instead of tables",
+    "--prompt-lookup": "draft up to K tokens per forward from the prompt's n-grams, verified by the model: the same "
+                       "output, fewer forwards where the answer copies the prompt (greedy, not under a grammar: "
+                       "--draft lookup drafts there too; 0 = off)",
+    "--draft": "lossless drafts verified in one forward with greedy acceptance, comma-separated from "
+               "grammar,lookup,suffix (grammar: the forced text of the step's grammar, under its budget rule): the "
+               "same tokens as plain (constrained) greedy decoding, fewer forwards (layerroute.infer.verify); "
+               "generate: one --prompt; serve: a request decoded alone, acceptance per drafter in its layerroute "
+               "field and /metrics",
 }
 
 
@@ -109,6 +118,15 @@ def add_output_argument(parser, required: bool = False) -> None:
 
 def add_json_argument(parser) -> None:
     parser.add_argument("--json", action="store_true", help=HELP["--json"])
+
+
+
+def add_draft_arguments(parser) -> None:
+    """--prompt-lookup K (default 0: off) and --draft SOURCES (default None: no drafts): generate and serve. The
+    drafter names are checked where they are made (`infer.drafts.make_drafters`: serve at start, generate before its
+    one prompt)."""
+    parser.add_argument("--prompt-lookup", type=int, default=0, metavar="K", help=HELP["--prompt-lookup"])
+    parser.add_argument("--draft", default=None, metavar="SOURCES", help=HELP["--draft"])
 
 
 #: the flags this module defines (what tests/test_cli_flags.py checks)

@@ -14,6 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         add_adapter_argument,
         add_chat_template_argument,
         add_device_argument,
+        add_draft_arguments,
         add_dtype_argument,
         add_model_argument,
     )
@@ -50,14 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "batch decodes, so a prefill stops stalling the running rows (default on; SmolLM2 bf16 "
                              "on 2 CPU cores, 8 clients: 1.16-1.22x the tokens/s, median latency -19 to -26%%; "
                              "fastest with OMP_NUM_THREADS at half the cores; measured on CPU only)")
-    parser.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
-                        help="draft up to K tokens per forward from the prompt's n-grams, verified by the model "
-                             "(outputs unchanged; not under a grammar; 0 = off)")
-    parser.add_argument("--draft", default=None, metavar="SOURCES",
-                        help="lossless drafts for a request decoded alone, greedy, e.g. grammar,lookup,suffix: "
-                             "verified in one forward under the request's grammar and its budget rule, outputs "
-                             "unchanged (layerroute.infer.verify; per-drafter acceptance in the response's "
-                             "layerroute.drafts)")
+    add_draft_arguments(parser)
     parser.add_argument("--no-constrain", action="store_true",
                         help="decode freely: no grammar for tool calls or response_format (malformed calls possible)")
     add_dtype_argument(parser)
