@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -50,13 +49,9 @@ def _stats(values: list[float]) -> dict:
 
 
 def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from layerroute.model import machine
+
+    return machine()["cpu"]
 
 
 def _order(rep: int) -> tuple[str, ...]:

@@ -41,7 +41,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import platform
 import time
 
 import torch
@@ -57,6 +56,7 @@ from layerroute.infer.drafts import DraftPolicy, SuffixStores, make_drafters
 from layerroute.infer.generate import inference_weights, plain_blocks, run_generate, stop_ids
 from layerroute.infer.stop import StopRule
 from layerroute.infer.verify import draft_generate
+from layerroute.model import machine
 
 CONFIGS = {
     "dense": None,
@@ -239,7 +239,7 @@ def summarise(rows, configs, steps, rm, cfg, args, final: bool, eos: set[int]) -
     prefill_share = (dense_tool["cpu_prefill_s_per_step"] / dense_tool["cpu_s_per_step"]) if dense_tool else None
     return {
         "benchmark": "lossless_drafts", "config": args.config, "overrides": args.overrides, "adapter": args.adapter,
-        "model": cfg.model.name, "dtype": cfg.model.dtype, "machine": platform.processor() or platform.machine(),
+        "model": cfg.model.name, "dtype": rm.dtype, "machine": machine(),  # the dtype used (auto resolved)
         "threads": args.threads, "date": time.strftime("%Y-%m-%d"), "complete": final,
         "budget_rule": args.budget_rule,
         "steps_drawn": [step_key(s) for s in steps], "steps_done": len(rows["dense"]),

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import os
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,6 +112,21 @@ def native_bf16(device: torch.device) -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def machine() -> dict:
+    """What a measurement ran on, for the record beside every figure: the CPU model, its cores, whether bf16 matmuls
+    are native on it (`native_bf16`), and the GPU if torch sees one."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    out = {"cpu": cpu, "cores": os.cpu_count(), "bf16_native_cpu": native_bf16(torch.device("cpu"))}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
 
 
 #: What bf16 costs on a CPU that emulates it (the warning an explicit model.dtype=bfloat16 starts with there).

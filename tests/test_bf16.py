@@ -258,3 +258,12 @@ def test_bf16_lm_head_gets_standard_strides_and_the_same_logits():
     assert seen[0] == (model.config.hidden_size, model.config.hidden_size, 1) and torch.equal(sliced, fresh)
     fp32 = load_base(ModelConfig(name="shape:tiny-llama"), tokenizer=False).model
     assert not fp32.get_output_embeddings()._forward_pre_hooks  # fp32 runs exactly as before
+
+
+def test_machine_names_the_cpu_and_asks_the_same_probe(monkeypatch):
+    import layerroute.model as model
+
+    for native in (True, False):
+        monkeypatch.setattr(model, "native_bf16", lambda device, native=native: native)
+        m = model.machine()
+        assert m["bf16_native_cpu"] is native and m["cpu"] and m["cores"] >= 1
