@@ -223,6 +223,11 @@ def write_atomically(directory: Path, fill) -> Path:
     try:
         fill(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private (0700); an adapter directory is ordinary output
+        mask = os.umask(0)
+        os.umask(mask)
+        for f in tmp.rglob("*"):  # safetensors writes its files 0600 (a private temp file renamed): readable as output
+            if f.is_file():
+                os.chmod(f, 0o666 & ~mask)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
             os.replace(directory, old)

@@ -80,6 +80,10 @@ def test_adapter_save_is_atomic_and_overwrites(tmp_path):
     save_adapter(rm, target)  # overwriting leaves one complete directory and no temp folders behind
     assert (target / "router.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in target.iterdir()}
+    assert modes and all(m == 0o666 & ~mask for m in modes.values()), modes  # ordinary output, not private files
 
 
 def test_adapter_refuses_pickled_weights(tmp_path):
