@@ -48,12 +48,6 @@ def _stats(values: list[float]) -> dict:
     return {"min": min(values), "median": statistics.median(values), "n": len(values)}
 
 
-def _cpu_name() -> str:
-    from layerroute.model import machine
-
-    return machine()["cpu"]
-
-
 def _order(rep: int) -> tuple[str, ...]:
     return DTYPES if rep % 2 == 0 else DTYPES[::-1]
 
@@ -292,12 +286,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from layerroute.config import RunConfig
     from layerroute.eval.bench import emit_json_line
+    from layerroute.model import machine
 
     t0 = time.perf_counter()
     run_cfg = RunConfig.from_dict(raw_config(args))
     result = {
         "benchmark": "dtype_compare", "command": " ".join(sys.argv), "config": args.config,
-        "threads": torch.get_num_threads(), "cpu": _cpu_name(),
+        "threads": torch.get_num_threads(), "cpu": machine()["cpu"],
         "torch": torch.__version__, "matmul_512x896x4864_gflops": matmul_gflops(args.reps),
         "models": [],
     }

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 
@@ -26,6 +25,7 @@ from ..eval.bench import (
     run_bench,
 )
 from ..infer.generate import load_for_inference
+from ..model import machine
 
 
 def _parse_scenario(text: str) -> tuple[int, int]:
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     meta = {
         "model": rm.identity.get("name"), "adapter": args.adapter, "num_layers": rm.num_layers,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else machine()["cpu"],
         "dtype": rm.dtype, "threads": torch.get_num_threads(), "reps": args.reps, "warmup": args.warmup,
         "torch": torch.__version__, "command": " ".join(sys.argv),
         "wall_s": None,

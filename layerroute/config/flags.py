@@ -120,7 +120,6 @@ def add_json_argument(parser) -> None:
     parser.add_argument("--json", action="store_true", help=HELP["--json"])
 
 
-
 def add_draft_arguments(parser) -> None:
     """--prompt-lookup K (default 0: off) and --draft SOURCES (default None: no drafts): generate and serve. The
     drafter names are checked where they are made (`infer.drafts.make_drafters`: serve at start, generate before its
