@@ -19,6 +19,7 @@ from layerroute.calibrate.oracle import (
     greedy_reproducing_set,
 )
 from layerroute.config import EvalConfig
+from layerroute.errors import ConfigError
 from layerroute.eval import oracle
 from layerroute.infer.batched import Request, generate_batched
 from layerroute.infer.generate import inference_weights
@@ -115,6 +116,33 @@ def test_speculative_chain_finds_the_one_at_a_time_greedy_set(seed):
     assert not cost(tuple(beam["set"])).errors and len(beam["set"]) >= 1
 
 
+def test_a_margin_counts_a_lead_lost_where_full_depth_kept_it(case):
+    """margin m: where full depth leads by >= m a set must keep a lead >= m; elsewhere the argmax is enough. The
+    counts equal that rule recomputed from the sets' own logits, never fall under the plain exact counts, and the
+    full-depth row keeps every lead (so the criterion is relative to 0 errors there)."""
+    rm, prompt, target, _ = case
+    sets = [()] + [(j,) for j in range(rm.num_layers)] + [(0, 2)]
+    with inference_weights(rm) as model:
+        # every set in one forward, for the costs as for the leads read here (the same rounding)
+        plain = CachedStep(rm, model, prompt, target, rows=len(sets))
+        full_leads, leads = plain._leads([()])[0], plain._leads(sets)
+        # m halfway between full depth's lead and a set's smaller one that keeps the argmax: that set loses it
+        drop = torch.where(leads > 0, full_leads - leads, torch.zeros_like(leads))
+        lowered, pos = divmod(int(drop.argmax()), drop.shape[1])
+        assert drop[lowered, pos] > 1e-3, "no set lowers a lead and keeps the argmax: the test shows nothing"
+        m = float(full_leads[pos] + leads[lowered, pos]) / 2
+        strict = CachedStep(rm, model, prompt, target, rows=len(sets), margin=m)
+        got, base = strict.costs(sets), plain.costs(sets)
+    floor = torch.where(full_leads >= m, m, 0.0)
+    for i, (c, b) in enumerate(zip(got, base, strict=True)):
+        wrong = (leads[i] < 0) | (leads[i] < floor)
+        assert c.errors == int(wrong.sum()) + strict.first_error
+        assert c.errors >= b.errors and c.nll == pytest.approx(b.nll, rel=1e-5)
+    assert got[0].errors == 0 and got[lowered].errors > base[lowered].errors
+    with pytest.raises(ConfigError, match="margin"):
+        CachedStep(rm, None, prompt, target, margin=-1.0)
+
+
 def test_answer_criterion_holds_the_answer_tokens_and_bounds_the_nll_rise():
     full = RowCost(errors=0, answer_errors=0, nll=10.0)
     ok = criterion_check("answer", full, 20, 0.1)  # up to 2 nats more over 20 tokens
@@ -139,8 +167,12 @@ def test_a_run_resumes_from_its_jsonl_and_ignores_a_torn_line(tmp_path, monkeypa
     assert calls == ["c0", "c1", "c2"] and [r["step"] for r in recs] == ["c0#0", "c1#0", "c2#0"]
     oracle.run_oracle(None, "other adapter", steps[:1], EvalConfig(), tmp_path, **kw)
     assert calls[-1] == "c0"  # another identity is another key: measured again
+    oracle.run_oracle(None, "m", steps[:1], EvalConfig(), tmp_path, margin=0.5, **kw)
+    assert calls[-1] == "c0" and len(calls) == 5  # a margin is another key: measured again
+    oracle.run_oracle(None, "m", steps, EvalConfig(), tmp_path, margin=0.0, **kw)
+    assert len(calls) == 5  # margin 0 is the key without a margin: nothing measured again
     lines = (tmp_path / "oracle-tool_call.jsonl").read_text().splitlines()
-    assert sum(1 for line in lines if line.startswith("{\"key\"") and json.loads(line)) == 4
+    assert sum(1 for line in lines if line.startswith("{\"key\"") and json.loads(line)) == 5
 
 
 @pytest.mark.slow

@@ -32,6 +32,12 @@ answer, so per-token exactness finds almost nothing there; the NLL bound keeps t
 model's path (teacher forcing alone would let a derailed solution copy the gold answer); the free-running check says
 how often the answer survives.
 
+**A margin** (``margin`` m > 0, in logits): where full depth leads by at least m, a set must keep the target token
+ahead of every other token by at least m; elsewhere (near-ties at full depth) the argmax is enough. Without it the
+check is exact only in exact arithmetic: in bf16 a forward over the step's tokens rounds differently from one-token
+decoding, and a set that wins a near-tie under teacher forcing can lose it free-running (45/50 identical on Qwen in
+bf16, docs/results/headroom.md). The margin costs one forward per step (the full-depth leads).
+
 **Attention only** (``units="attention"``): the same search over attention sub-blocks (the MLP keeps running), by a
 forward hook that zeroes the attention output of the removed rows' step tokens.
 """
@@ -99,9 +105,11 @@ class CachedStep:
     positions of the final answer (bools, one per target token)."""
 
     def __init__(self, rm, model, context: Sequence[int], target: Sequence[int], *, rows: int = 8,
-                 answer: Sequence[bool] | None = None, units: str = "block"):
+                 answer: Sequence[bool] | None = None, units: str = "block", margin: float = 0.0):
         if units not in UNITS:
             raise ConfigError(f"oracle: units must be one of {UNITS}, not {units!r}")
+        if not margin >= 0:
+            raise ConfigError(f"oracle: margin must be >= 0 (logits), not {margin!r}")
         if not context or not target:
             raise ValueError("oracle: a step needs a context and at least one target token")
         self.rm, self.model, self.rows, self.units = rm, model, max(1, rows), units
@@ -120,6 +128,10 @@ class CachedStep:
         first = F.log_softmax(logits.float(), dim=-1)
         self.first_nll = float(-first[self.target[0]])
         self.first_error = int(int(first.argmax()) != int(self.target[0]))
+        # per target position after the first: the lead a set must keep (m where full depth leads by >= m, else 0)
+        self.margin, self.floor = float(margin), None
+        if self.margin > 0 and len(self.target) > 1:
+            self.floor = torch.where(self._leads([()])[0] >= self.margin, self.margin, 0.0)
 
     def _cache(self, r: int) -> RoutedCache:
         cache = RoutedCache()
@@ -128,10 +140,9 @@ class CachedStep:
         return cache
 
     @torch.no_grad()
-    def _batch(self, sets: list[tuple[int, ...]]) -> list[RowCost]:
+    def _logits(self, sets: list[tuple[int, ...]]) -> torch.Tensor:
+        """[R, n-1, V] float logits of the target's positions after the first, one row per set."""
         r, n = len(sets), len(self.target)
-        if n == 1:  # only the first token, which every set gets from the full-depth context
-            return [RowCost(self.first_error, int(self.first_error and bool(self.answer[0])), self.first_nll)] * r
         run = torch.ones(r, self.n_layers, dtype=torch.bool)
         for i, s in enumerate(sets):
             run[i, list(s)] = False
@@ -142,10 +153,29 @@ class CachedStep:
             logits = self.model(input_ids=ids, position_ids=pos, past_key_values=self._cache(r),
                                 use_cache=True).logits.float()  # [R, n-1, V]
         self.forwards += 1
+        return logits
+
+    @staticmethod
+    def _lead(logits: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+        """[R, n-1]: the target's logit minus the best other token's."""
+        idx = want.expand(logits.shape[0], -1).unsqueeze(-1)
+        mine = logits.gather(-1, idx).squeeze(-1)
+        return mine - logits.scatter(-1, idx, float("-inf")).amax(-1)
+
+    def _leads(self, sets: list[tuple[int, ...]]) -> torch.Tensor:
+        return self._lead(self._logits(sets), self.target[1:].to(self.device))
+
+    def _batch(self, sets: list[tuple[int, ...]]) -> list[RowCost]:
+        r, n = len(sets), len(self.target)
+        if n == 1:  # only the first token, which every set gets from the full-depth context
+            return [RowCost(self.first_error, int(self.first_error and bool(self.answer[0])), self.first_nll)] * r
+        logits = self._logits(sets)
         logp = F.log_softmax(logits, dim=-1)
         want = self.target[1:].to(self.device)
         nll = -logp.gather(-1, want.expand(r, n - 1).unsqueeze(-1)).squeeze(-1)  # [R, n-1]
         wrong = logits.argmax(-1) != want  # [R, n-1]
+        if self.floor is not None:  # a lead under the margin where full depth kept it counts as an error
+            wrong = wrong | (self._lead(logits, want) < self.floor.to(logits.device))
         answer = self.answer[1:].to(self.device)
         first_answer = int(self.first_error and bool(self.answer[0]))
         return [RowCost(int(wrong[i].sum()) + self.first_error, int(wrong[i][answer].sum()) + first_answer,

@@ -76,7 +76,7 @@ def step_features(step) -> dict:
 
 
 def oracle_step(rm, step, cfg, *, criterion: str, nll_rise: float, rows: int, chain: int, stop: list[int],
-                beam: int = 0, attention: bool = False, free_running: bool = False) -> dict:
+                beam: int = 0, attention: bool = False, free_running: bool = False, margin: float = 0.0) -> dict:
     """Everything the oracle records for one step (see the module doc)."""
     from ..calibrate.influence import skip_set_cost
     from ..flops import attention_flops, block_flops, step_flops
@@ -98,12 +98,13 @@ def oracle_step(rm, step, cfg, *, criterion: str, nll_rise: float, rows: int, ch
     crit = criterion if (criterion != "answer" or answer) else "exact"  # no number to hold: the whole text
     L = rm.num_layers
     with inference_weights(rm) as model:
-        cached = CachedStep(rm, model, step.input_ids[:step.context_length], target, rows=rows, answer=answer)
+        cached = CachedStep(rm, model, step.input_ids[:step.context_length], target, rows=rows, answer=answer,
+                            margin=margin)
         res = cached.costs([()] + [(j,) for j in range(L)])
         full, singles = res[0], res[1:]
         ok = criterion_check(crit, full, len(target), nll_rise)
         greedy = greedy_reproducing_set(cached.costs, L, ok, singles, chain=chain)
-        rec.update(criterion=crit, full_depth_errors=full.errors, full_nll=full.nll,
+        rec.update(criterion=crit, margin=margin, full_depth_errors=full.errors, full_nll=full.nll,
                    single_nll_rise=[round(c.nll - full.nll, 5) for c in singles],
                    single_ok=[ok(c) for c in singles], oracle=greedy["set"], order=greedy["order"],
                    size=len(greedy["set"]), checks=greedy["checks"],
@@ -116,7 +117,7 @@ def oracle_step(rm, step, cfg, *, criterion: str, nll_rise: float, rows: int, ch
         if attention:
             ta = time.perf_counter()
             att = CachedStep(rm, model, step.input_ids[:step.context_length], target, rows=rows, answer=answer,
-                             units="attention")
+                             units="attention", margin=margin)
             ares = att.costs([()] + [(j,) for j in range(L)])
             aok = criterion_check(crit, ares[0], len(target), nll_rise)
             ag = greedy_reproducing_set(att.costs, L, aok, ares[1:], chain=chain)
@@ -196,15 +197,18 @@ def draw_steps(steps, step_type: str, n: int, seed: int, sources: list[str] | No
 
 def run_oracle(rm, identity: str, steps, cfg, out: Path, *, step_type: str, criterion: str, nll_rise: float,
                rows: int, chain: int, beam_steps: int = 0, beam: int = 4, attention_steps: int = 0,
-               free_running_steps: int = 0, progress: bool = True) -> list[dict]:
+               free_running_steps: int = 0, margin: float = 0.0, progress: bool = True) -> list[dict]:
     """Oracle every step not already in ``out/oracle-<type>.jsonl`` under the same key; returns all its records."""
     from ..infer.generate import stop_ids
     from .stage_cache import fingerprint
 
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"oracle-{step_type}.jsonl"
-    key = fingerprint({"model": identity, "criterion": criterion, "nll_rise": nll_rise,
-                       "budget": [cfg.max_new_tokens_tool, cfg.max_new_tokens_planning], "kv": cfg.kv_policy})[:16]
+    settings = {"model": identity, "criterion": criterion, "nll_rise": nll_rise,
+                "budget": [cfg.max_new_tokens_tool, cfg.max_new_tokens_planning], "kv": cfg.kv_policy}
+    if margin:  # a margin is part of the key; without one the key is what it was (earlier JSONL still resumes)
+        settings["margin"] = margin
+    key = fingerprint(settings)[:16]
     done = {r["step"]: r for r in read_records(path, key)}
     if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
         with open(path, "a") as fh:  # a torn last line (an interrupted write) stays a line of its own
@@ -217,7 +221,7 @@ def run_oracle(rm, identity: str, steps, cfg, out: Path, *, step_type: str, crit
         if sid not in done:
             rec = oracle_step(rm, step, cfg, criterion=criterion, nll_rise=nll_rise, rows=rows, chain=chain,
                               stop=stop, beam=beam if i < beam_steps else 0, attention=i < attention_steps,
-                              free_running=i < free_running_steps)
+                              free_running=i < free_running_steps, margin=margin)
             done[sid] = {"key": key, "index": i, **rec}
             append_record(path, done[sid])
         records.append(done[sid])
@@ -249,6 +253,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="exact (default for tool calls) or answer (default for planning steps)")
     parser.add_argument("--nll-rise", type=float, default=0.1,
                         help="answer criterion: mean NLL rise allowed over full depth, nats/token (default 0.1)")
+    parser.add_argument("--margin", type=float, default=0.0,
+                        help="exact criterion: where full depth leads by at least this (logits), a set must keep "
+                             "that lead (robust to bf16 rounding between teacher forcing and decoding; default 0)")
     parser.add_argument("--rows", type=int, default=8, help="candidate sets per forward (default 8)")
     parser.add_argument("--chain", type=int, default=8, help="longest speculative chain of nested sets (default 8)")
     parser.add_argument("--beam", type=int, default=4, help="beam width of the beam check (default 4)")
@@ -278,6 +285,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("oracle: give --adapter DIR, or --base with --config")
     if args.steps < 1 or args.rows < 1 or args.chain < 1:
         raise ConfigError("oracle: --steps, --rows and --chain must be >= 1")
+    if not args.margin >= 0:
+        raise ConfigError(f"oracle: --margin must be >= 0 (logits), got {args.margin}")
     if args.base and not args.config:
         raise ConfigError("oracle --base needs --config")
     raw = raw_config(args, None if args.config else training_config(args.adapter))
@@ -304,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
     records = run_oracle(rm, identity, steps, run_cfg.eval, out, step_type=args.step_type,
                          criterion=criterion, nll_rise=args.nll_rise, rows=args.rows, chain=args.chain,
                          beam_steps=args.beam_steps, beam=args.beam, attention_steps=args.attention_steps,
-                         free_running_steps=args.free_running_steps)
+                         free_running_steps=args.free_running_steps, margin=args.margin)
     sizes = [r["size"] for r in records if "size" in r]
     print(json.dumps({"type": args.step_type, "steps": len(records), "mean_size": sum(sizes) / max(len(sizes), 1),
                       "jsonl": str(out / f"oracle-{args.step_type}.jsonl")}))
