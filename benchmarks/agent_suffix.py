@@ -1,8 +1,12 @@
 """BFCL multi-turn agent sessions through the server: tokens per forward with and without the suffix drafter.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/agent_suffix.py --model smollm2-135m-instruct \
-        --adapter benchmarks/results/adapters/smollm2_lora_only_s0 --dtype float32 --limit 6 \
+        --adapter benchmarks/results/adapters/smollm2_lora_only_s0 --dtype float32 --limit 20 \
+        --configs grammar,lookup grammar,lookup,suffix grammar,suffix,lookup --work-dir runs/agent_suffix \
         --output benchmarks/results/agent_suffix_smollm2.json
+
+(docs/results/lossless_drafts.md, "Agent sessions through the server", has the figures and the second run, with
+``--tool-choice required --no-parallel-calls --max-steps 1 --max-tokens 96``.)
 
 Runs `layerroute agent --spawn` (`layerroute.serve.agent.run`, the CLI's own code) once per drafter set of
 ``--configs`` (default ``grammar,lookup`` then ``grammar,lookup,suffix``) on the same tasks, greedy, one in-process
