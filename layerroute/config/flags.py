@@ -56,7 +56,7 @@ HELP = {
                "grammar,lookup,suffix (grammar: the forced text of the step's grammar, under its budget rule): the "
                "same tokens as plain (constrained) greedy decoding, fewer forwards (layerroute.infer.verify); "
                "generate: one --prompt; serve: a request decoded alone, acceptance per drafter in its layerroute "
-               "field and /metrics",
+               "field and /metrics; agent: the --spawn server's, acceptance per step",
 }
 
 

@@ -2,6 +2,7 @@
 
     layerroute agent --task bfcl-multi-turn --base-url http://127.0.0.1:8000/v1 --served-model NAME --limit 3
     layerroute agent --task bfcl-multi-turn --spawn --model smollm2-135m-instruct --limit 3   # server in-process
+    layerroute agent --spawn --model smollm2-135m-instruct --draft grammar,lookup,suffix --limit 3  # with drafts
 
 For each task of ``BFCL_v4_multi_turn_base.json`` (bfcl-eval's data, read from the installed package): the
 tools are the function docs of the task's classes (``multi_turn_func_doc/*.json``, converted exactly as the
@@ -21,6 +22,13 @@ results for the turn must all appear among the model's results so far; a turn wh
 must see at least one call. A task succeeds when every turn does. A cheaper diagnostic, the per-turn match of
 call names (as multisets), is reported beside it. Routing is reported per step from the server's
 ``layerroute`` extension.
+
+Drafts: ``--spawn --draft grammar,lookup,suffix`` (the shared flag of ``generate`` and ``serve``, with
+``--prompt-lookup``; rejected without ``--spawn``, since a running server drafts as it was started) decodes every
+greedy request of the in-process server with those lossless drafters (`layerroute.infer.drafts`; the suffix drafter
+reads the server's earlier requests under the same tools). Each step then records the response's draft statistics
+(forwards, generated tokens, per drafter the tokens drafted and accepted) and `summarize` reports tokens per forward
+and accepted draft tokens per decode forward by drafter, per step type (`draft_summary` says what the ratios count).
 """
 
 from __future__ import annotations
@@ -75,9 +83,11 @@ def run_task(client, model: str, task: Task, *, max_steps: int, max_tokens: int,
             choice = resp.choices[0]
             ext = (resp.model_extra or {}).get("layerroute", {})
             calls = choice.message.tool_calls or []
+            drafts = ext.get("drafts")  # present when the server decoded the request with lossless drafts
             steps.append({
                 "task": task.id, "turn": t, "step": s, "finish_reason": choice.finish_reason,
                 "calls": [c.function.name for c in calls], "parsed_tool_call": ext.get("parsed_tool_call"),
+                "arguments": [c.function.arguments for c in calls],
                 "content": (choice.message.content or "")[:300],
                 "gate_pattern": ext.get("gate_pattern"), "blocks_skipped": ext.get("blocks_skipped"),
                 "block_flops_skipped": ext.get("block_flops_skipped"),
@@ -85,6 +95,7 @@ def run_task(client, model: str, task: Task, *, max_steps: int, max_tokens: int,
                 "cache_reused": ext.get("cache", {}).get("reused"),
                 "prefilled_tokens": ext.get("cache", {}).get("prefilled_tokens"),
                 "prompt_tokens": resp.usage.prompt_tokens, "completion_tokens": resp.usage.completion_tokens,
+                "forwards": ext.get("timings", {}).get("forwards"), "drafts": _draft_record(drafts),
                 "latency_s": latency,
             })
             log(f"  {task.id} turn {t} step {s}: {ext.get('gate_pattern')} "
@@ -141,6 +152,47 @@ def _turn_verdict(t, task, turn_calls, all_results, truth_results, model_env, tr
     return {"valid": response["valid"], "error_type": response.get("error_type")}
 
 
+def _draft_record(drafts: dict | None) -> dict | None:
+    """A step's draft statistics from the response's ``layerroute.drafts`` (`Server.extension`): the server's
+    forwards and generated tokens, and per drafter the draft tokens verified and accepted; None without drafts."""
+    if not drafts:
+        return None
+    return {"forwards": drafts.get("forwards"), "tokens": drafts.get("tokens"),
+            "by_source": {s: {"drafted": int(d.get("drafted", 0)), "accepted": int(d.get("accepted", 0))}
+                          for s, d in sorted(drafts.items()) if isinstance(d, dict)}}
+
+
+def draft_summary(steps: list[dict]) -> dict | None:
+    """Tokens per forward over the steps the server decoded with lossless drafts (None when it drafted none).
+
+    Forwards are the server's (`layerroute.infer.verify.DraftResult.forwards`): every model forward of the request,
+    the prefill's included; the prefill's forward yields the first token, so plain greedy decoding is exactly 1.00
+    token per forward. Tokens are the generated tokens with the end-of-turn token (a forward chose it too; usage's
+    completion_tokens leaves it out). ``tokens_per_forward`` = sum of tokens / sum of forwards over the steps.
+
+    Per drafter, ``accepted_per_decode_forward`` = sum over steps of its accepted draft tokens / sum of decode forwards
+    (forwards - 1 per step: the prefill's forward verifies no draft, so it is not counted): the tokens that drafter
+    adds to each verify forward's one token of its own, as benchmarks/lossless_drafts.py counts them.
+    ``tokens_per_decode_forward`` = (tokens - steps) / decode forwards, 1 + the drafters' sum except where a turn ended
+    inside an accepted draft (its end-of-turn token or the budget: the model's own token after it is not kept);
+    ``acceptance`` = accepted / drafted."""
+    sel = [s["drafts"] for s in steps if s.get("drafts") and s["drafts"].get("forwards")]
+    if not sel:
+        return None
+    tokens, forwards = sum(d["tokens"] for d in sel), sum(d["forwards"] for d in sel)
+    decode = sum(d["forwards"] - 1 for d in sel)
+    by_source = {}
+    for src in sorted({s for d in sel for s in d["by_source"]}):
+        drafted = sum(d["by_source"].get(src, {}).get("drafted", 0) for d in sel)
+        accepted = sum(d["by_source"].get(src, {}).get("accepted", 0) for d in sel)
+        by_source[src] = {"drafted": drafted, "accepted": accepted,
+                          "accepted_per_decode_forward": accepted / decode if decode else 0.0,
+                          "acceptance": accepted / drafted if drafted else None}
+    return {"steps": len(sel), "tokens": tokens, "forwards": forwards, "decode_forwards": decode,
+            "tokens_per_forward": tokens / forwards,
+            "tokens_per_decode_forward": (tokens - len(sel)) / decode if decode else None, "by_source": by_source}
+
+
 def summarize(results: list[dict], checker: str) -> dict:
     steps = [s for r in results for s in r["steps"]]
     turns = [t for r in results for t in r["turns"]]
@@ -157,6 +209,7 @@ def summarize(results: list[dict], checker: str) -> dict:
             "blocks_skipped_mean": mean([len(s["blocks_skipped"]) for s in sel if s["blocks_skipped"] is not None]),
             "block_flops_skipped_mean": mean([s["block_flops_skipped"] for s in sel]),
             "total_flops_skipped_mean": mean([s["total_flops_skipped"] for s in sel]),
+            "drafts": draft_summary(sel),
         }
     return {
         "task": "bfcl-multi-turn", "checker": checker, "tasks": len(results),
@@ -168,6 +221,7 @@ def summarize(results: list[dict], checker: str) -> dict:
         "prefilled_over_prompt": (sum(s["prefilled_tokens"] or 0 for s in steps)
                                   / max(1, sum(s["prompt_tokens"] for s in steps))),
         "latency_s_median": statistics.median([s["latency_s"] for s in steps]) if steps else None,
+        "drafts": draft_summary(steps),  # tokens per forward with lossless drafts (`draft_summary`); None: none
     }
 
 
@@ -176,6 +230,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..config import (
         add_adapter_argument,
         add_chat_template_argument,
+        add_draft_arguments,
         add_dtype_argument,
         add_model_argument,
         add_output_argument,
@@ -194,6 +249,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     spawn.add_argument("--skip-fraction", type=float, default=None, help="--spawn: force a skip pattern")
     spawn.add_argument("--no-constrain", action="store_true",
                         help="--spawn: decode freely (by default tool calls follow the tools' schemas: xgrammar)")
+    add_draft_arguments(spawn)  # --spawn only: the in-process server's drafts (a running server has its own)
     parser.add_argument("--tool-choice", default="auto", choices=["auto", "required"],
                         help="tool_choice sent with every request (required: every step is a call)")
     parser.add_argument("--no-parallel-calls", action="store_true",
@@ -210,6 +266,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import openai
 
+    if not args.spawn:
+        for flag, value in (("--draft", args.draft), ("--prompt-lookup", args.prompt_lookup)):
+            if value:
+                raise ConfigError(f"{flag} sets the drafts of the server started with --spawn; a running server "
+                                  f"(--base-url) drafts as it was started (`layerroute serve {flag} ...`)")
     tasks = load_tasks(args.limit, args.ids)
     checkers = bfcl_checkers()
     server = dtype = None
@@ -225,7 +286,8 @@ def run(args: argparse.Namespace) -> int:
         dtype = rm.dtype
         forced = skip_pattern(rm.num_layers, args.skip_fraction) if args.skip_fraction is not None else None
         app = create_app(rm, model_name=args.model or rm.identity.get("name") or "layerroute", dense=args.dense,
-                         forced=forced, max_tokens_limit=max(args.max_tokens, 4096), constrained=not args.no_constrain)
+                         forced=forced, max_tokens_limit=max(args.max_tokens, 4096), constrained=not args.no_constrain,
+                         prompt_lookup=args.prompt_lookup, drafts=args.draft)
         server = BackgroundServer(app).start()
         base_url = server.base_url
     try:
@@ -247,8 +309,10 @@ def run(args: argparse.Namespace) -> int:
             server.stop()
     summary = summarize(results, "bfcl_state_response" if checkers else "call_names")
     summary["model"] = model
-    if dtype is not None:  # --spawn: the dtype the in-process server ran in
+    if dtype is not None:  # --spawn: the dtype the in-process server ran in, and its drafts
         summary["dtype"] = dtype
+        summary["draft"] = args.draft
+        summary["prompt_lookup"] = args.prompt_lookup
     if args.output:
         write_text_atomic(args.output, json.dumps({"summary": summary, "tasks": results}, indent=2, default=str))
     print(json.dumps(summary))

@@ -221,7 +221,10 @@ class Server:
             "step_type": "tool_call" if tool_calls is not None else "planning",
             "mode": "dense" if self.engine.dense else ("forced" if self.engine.forced is not None else "routed"),
             "cache": c.cache,
-            **({"drafts": {**c.drafts, "forwards": c.timings.get("forwards")}} if c.timings.get("drafting") else {}),
+            # per drafter (drafted, accepted), the request's forwards (the prefill's included) and generated tokens
+            # (the end-of-turn token included; usage leaves it out): tokens per forward = tokens / forwards
+            **({"drafts": {**c.drafts, "forwards": c.timings.get("forwards"), "tokens": len(c.tokens)}}
+               if c.timings.get("drafting") else {}),
             "timings": {"queue_s": job.queue_s, **c.timings, "total_s": total_s},
         }
 
