@@ -17,6 +17,7 @@ import argparse
 import itertools
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -160,7 +161,7 @@ def plot(doc: dict, path: Path, n_layers: int) -> None:
     axes[1].set_xlabel("block")
     axes[1].set_ylabel("share of steps whose oracle set holds it")
     axes[1].legend(fontsize=8)
-    fig.suptitle(doc.get("note", ""), fontsize=9)
+    fig.suptitle(textwrap.fill(doc.get("note", ""), 160), fontsize=8)  # a long note wraps instead of running off
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
