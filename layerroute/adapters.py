@@ -32,9 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -45,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__, chat_template
+from .atomic import write_dir_atomically
 from .config import LoraSettings, ModelConfig, RouterConfig, from_dict
 from .errors import AdapterError, ConfigError
 from .identity import describe_base, describe_tokenizer, same_tokenizer, tokenizer_identity
@@ -215,32 +213,6 @@ def _router_state_dict(rm: RoutedModel) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_atomically(directory: Path, fill) -> Path:
-    """Create `directory` by filling a temp sibling with `fill(tmp)` and renaming it into place."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        fill(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private (0700); an adapter directory is ordinary output
-        mask = os.umask(0)
-        os.umask(mask)
-        for f in tmp.rglob("*"):  # safetensors writes its files 0600 (a private temp file renamed): readable as output
-            if f.is_file():
-                os.chmod(f, 0o666 & ~mask)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
-
-
 def save_adapter(rm: RoutedModel, directory: str | Path, extra: dict | None = None) -> Path:
     """Save PEFT's adapter files + router.safetensors + the tokenizer + layerroute.json, atomically."""
     tokenizer = tokenizer_identity(rm.tokenizer)
@@ -263,7 +235,7 @@ def save_adapter(rm: RoutedModel, directory: str | Path, extra: dict | None = No
         save_file(_router_state_dict(rm), str(tmp / ROUTER_FILE))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
 
-    return write_atomically(Path(directory), fill)
+    return write_dir_atomically(directory, fill)
 
 
 def training_config(directory: str | Path) -> dict:

@@ -110,7 +110,7 @@ def _current_layout(saved: dict) -> dict:
 def write_checkpoint(path: Path, trainable: dict, optimizer_tensors: dict, rng: list, state: dict) -> None:
     """Write one checkpoint folder to a temp folder and rename it (main process only); `rng` has one entry per
     process, `state` holds the step, schedule, optimizer metadata and config."""
-    from ..adapters import write_atomically
+    from ..atomic import write_dir_atomically
 
     def fill(tmp: Path) -> None:
         save_file(trainable, str(tmp / TRAINABLE_FILE))
@@ -118,7 +118,7 @@ def write_checkpoint(path: Path, trainable: dict, optimizer_tensors: dict, rng: 
         (tmp / RNG_FILE).write_text(json.dumps({str(r): s for r, s in enumerate(rng)}))
         (tmp / STATE_FILE).write_text(json.dumps(state, default=str))  # last: marks the folder complete
 
-    write_atomically(path, fill)
+    write_dir_atomically(path, fill)
 
 
 def read_state(path: Path, world: int, config: dict, trainable_names: list[str]) -> dict:
