@@ -12,7 +12,11 @@ model forwards (tokens per forward > 1 when lookup drafts were accepted), correc
 **time per correct call**. Lookup drafts are verified by the model, so `dense_lookup` must equal `dense` and
 `routed_lookup` must equal `routed` token for token (up to the rounding of a multi-token forward: counted).
 
-The four configurations run each step in a rotating order (the machine is shared: compare within a run). One
+An adapter evaluated with `eval.prompt_full_depth` (the per-step routers of `layerroute fit-routers`) is routed the
+same way here: the prompt's prefill runs every block, the decision applies to the generated tokens; `routed_lookup`
+is then left out (prompt lookup needs the prompt routed too: `routing` refuses the pair).
+
+The configurations run each step in a rotating order (the machine is shared: compare within a run). One
 thread: CPU seconds are a core's seconds, the headline here; wall seconds are reported beside them. The last line
 printed is the JSON result.
 """
@@ -74,13 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.max_new_tokens or ecfg.max_new_tokens_tool
     pad = rm.tokenizer.pad_token_id if rm.tokenizer.pad_token_id is not None else eos[0]
 
-    rows = {c: [] for c in CONFIGS}
+    full_prompt = ecfg.prompt_full_depth
+    configs = tuple(c for c in CONFIGS if not (full_prompt and c == "routed_lookup"))
+    rows = {c: [] for c in configs}
     with torch.no_grad(), inference_weights(rm) as model:
         for i, step in enumerate(tqdm(steps, desc="real tool-call steps", unit="step")):
             prompt = list(step.input_ids[: step.context_length])
             ids = torch.tensor([prompt])
             mask = torch.ones_like(ids)
-            order = CONFIGS[i % 4:] + CONFIGS[: i % 4]  # rotate who goes first
+            k = i % len(configs)
+            order = configs[k:] + configs[:k]  # rotate who goes first
             for c in order:
                 lookup = args.lookup if c.endswith("lookup") else 0
                 start, cpu_start = time.perf_counter(), time.process_time()
@@ -92,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                     forwards, gates = t["forwards"], None
                 else:
                     r = routed_generate(rm, [prompt], max_new_tokens=budget, eos_token_id=eos, prompt_lookup=lookup,
-                                        kv_policy=ecfg.kv_policy)
+                                        kv_policy=ecfg.kv_policy, prompt_full_depth=full_prompt)
                     tokens, forwards, gates = r.tokens[0], r.forwards, r.gates[0]
                 wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
                 text = rm.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -116,13 +123,14 @@ def main(argv: list[str] | None = None) -> int:
             out[f"{clock}_per_correct_call"] = total / correct if correct else None
         return out
 
-    summaries = {c: summary(c) for c in CONFIGS}
+    summaries = {c: summary(c) for c in configs}
     identical = {f"{c}_vs_{base}": sum(a["output"] == b["output"] for a, b in zip(rows[base], rows[c], strict=True))
-                 for base, c in (("dense", "dense_lookup"), ("routed", "routed_lookup"), ("dense", "routed"))}
+                 for base, c in (("dense", "dense_lookup"), ("routed", "routed_lookup"), ("dense", "routed"))
+                 if c in rows}
     speedup = {}
     for clock in ("wall_s", "cpu_s"):
         for base in ("dense", "dense_lookup"):
-            for c in CONFIGS:
+            for c in configs:
                 if c != base:
                     speedup[f"{clock}:{c}_vs_{base}:per_step"] = (summaries[base][f"{clock}_total"]
                                                                   / summaries[c][f"{clock}_total"])
@@ -135,10 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "end_to_end_steps", "adapter": args.adapter, "model": cfg.model.name, "dtype": rm.dtype,
         "machine": platform.processor() or platform.machine(), "threads": args.threads,
         "date": time.strftime("%Y-%m-%d"), "steps": len(steps), "max_new_tokens": budget, "lookup": args.lookup,
-        "kv_policy": ecfg.kv_policy, "context_tokens_mean": statistics.mean(s.context_length for s in steps),
+        "kv_policy": ecfg.kv_policy, "prompt_full_depth": full_prompt, "context_tokens_mean": statistics.mean(s.context_length for s in steps),
         "blocks": rm.num_layers, "routed_skipped_blocks_mean": statistics.mean(skipped),
         "configs": summaries, "identical_outputs": identical, "speedup": speedup,
-        "per_step": {c: [{k: v for k, v in r.items() if k != "output"} for r in rows[c]] for c in CONFIGS},
+        "per_step": {c: [{k: v for k, v in r.items() if k != "output"} for r in rows[c]] for c in configs},
     }, args.output)
     return 0
 
