@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import statistics
 import time
 
@@ -48,6 +47,7 @@ from layerroute.infer.generate import (
     stop_ids,
 )
 from layerroute.infer.stop import StopRule
+from layerroute.model import machine
 
 CONFIGS = ("dense", "dense_lookup", "routed", "routed_lookup")
 
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     skipped = [r["skipped_blocks"] for r in rows["routed"]]
     emit_json_line({
         "benchmark": "end_to_end_steps", "adapter": args.adapter, "model": cfg.model.name, "dtype": rm.dtype,
-        "machine": platform.processor() or platform.machine(), "threads": args.threads,
+        "machine": machine(), "threads": args.threads,
         "date": time.strftime("%Y-%m-%d"), "steps": len(steps), "max_new_tokens": budget, "lookup": args.lookup,
         "kv_policy": ecfg.kv_policy, "prompt_full_depth": full_prompt, "context_tokens_mean": statistics.mean(s.context_length for s in steps),
         "blocks": rm.num_layers, "routed_skipped_blocks_mean": statistics.mean(skipped),
