@@ -55,7 +55,7 @@ from layerroute.infer.constrain import GrammarLogitsProcessor, model_grammars
 from layerroute.infer.drafts import DraftPolicy, SuffixStores, make_drafters
 from layerroute.infer.generate import inference_weights, plain_blocks, run_generate, stop_ids
 from layerroute.infer.stop import StopRule
-from layerroute.infer.verify import draft_generate
+from layerroute.infer.verify import draft_generate, tally_drafts
 from layerroute.model import machine
 
 CONFIGS = {
@@ -213,15 +213,12 @@ def summarise(rows, configs, steps, rm, cfg, args, final: bool, eos: set[int]) -
         out["tokens_per_forward"] = out["tokens"] / max(out["forwards"], 1)
         for clock in ("cpu_s", "cpu_prefill_s", "cpu_decode_s"):
             out[f"{clock}_per_step"] = sum(r[clock] for r in rs) / len(rs)
-        # decode forwards only (the prefill's forward excluded): accepted drafts per decode forward, by drafter
-        decode_forwards = sum(r["forwards"] - 1 for r in rs)
-        sources = sorted({s for r in rs for s in r["by_source"]})
-        out["by_source"] = {s: {"drafted": sum(r["by_source"].get(s, {}).get("drafted", 0) for r in rs),
-                                "accepted": sum(r["by_source"].get(s, {}).get("accepted", 0) for r in rs)}
-                            for s in sources}
-        for s in sources:
-            out["by_source"][s]["accepted_per_forward"] = out["by_source"][s]["accepted"] / max(decode_forwards, 1)
-        out["tokens_per_decode_forward"] = (out["tokens"] - len(rs)) / max(decode_forwards, 1)
+        # accepted drafts per decode forward (the prefill's forward excluded), by drafter: `tally_drafts`
+        tally = tally_drafts(rs)
+        out["by_source"] = {s: {"drafted": v["drafted"], "accepted": v["accepted"],
+                                "accepted_per_forward": v["accepted_per_decode_forward"]}
+                            for s, v in tally["by_source"].items()}
+        out["tokens_per_decode_forward"] = tally["tokens_per_decode_forward"]
         return out
 
     configs_out = {kind: {c: summary(c, kind) for c in configs} for kind in ("tool_call", "planning")}

@@ -71,6 +71,31 @@ class DraftResult:
                 "budget_rule_closed": self.closed}
 
 
+def tally_drafts(records: Sequence[dict]) -> dict:
+    """Draft statistics summed over steps, each record {"tokens": generated tokens (the end-of-turn token included),
+    "forwards": model forwards (the prefill's included), "by_source": {drafter: {"drafted", "accepted"}}} (the shape
+    of `DraftResult.by_source` and of a served request's ``layerroute.drafts``).
+
+    ``tokens_per_forward`` = tokens / forwards (plain greedy decoding: exactly 1.00, the prefill's forward yields the
+    first token). The prefill's forward verifies no draft, so the per-drafter ratio counts decode forwards only
+    (forwards - 1 per step): ``accepted_per_decode_forward`` = a drafter's accepted tokens / decode forwards, what it
+    adds to each verify forward's own token; ``tokens_per_decode_forward`` = (tokens - steps) / decode forwards, 1 +
+    the drafters' sum except where a step ended inside an accepted draft; ``acceptance`` = accepted / drafted."""
+    tokens, forwards = sum(r["tokens"] for r in records), sum(r["forwards"] for r in records)
+    decode = sum(r["forwards"] - 1 for r in records)
+    by_source = {}
+    for src in sorted({s for r in records for s in r["by_source"]}):
+        drafted = sum(r["by_source"].get(src, {}).get("drafted", 0) for r in records)
+        accepted = sum(r["by_source"].get(src, {}).get("accepted", 0) for r in records)
+        by_source[src] = {"drafted": drafted, "accepted": accepted,
+                          "accepted_per_decode_forward": accepted / decode if decode else 0.0,
+                          "acceptance": accepted / drafted if drafted else None}
+    return {"steps": len(records), "tokens": tokens, "forwards": forwards, "decode_forwards": decode,
+            "tokens_per_forward": tokens / forwards if forwards else None,
+            "tokens_per_decode_forward": (tokens - len(records)) / decode if decode else None,
+            "by_source": by_source}
+
+
 def _xgr():
     from .constrain import _xgr as load
 
@@ -277,4 +302,4 @@ def routed_draft_generate(rm, prompt: list[int], *, drafts: Iterable[str] | str 
     return result, gates
 
 
-__all__ = ["DraftResult", "draft_generate", "routed_draft_generate"]
+__all__ = ["DraftResult", "draft_generate", "routed_draft_generate", "tally_drafts"]

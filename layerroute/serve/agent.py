@@ -163,34 +163,14 @@ def _draft_record(drafts: dict | None) -> dict | None:
 
 
 def draft_summary(steps: list[dict]) -> dict | None:
-    """Tokens per forward over the steps the server decoded with lossless drafts (None when it drafted none).
+    """Tokens per forward and accepted draft tokens per decode forward by drafter, over the steps the server decoded
+    with lossless drafts (`layerroute.infer.verify.tally_drafts` says what each ratio counts); None when it drafted
+    none. Forwards and tokens are the server's: the prefill's forward and the end-of-turn token included (usage's
+    completion_tokens leaves the latter out)."""
+    from ..infer.verify import tally_drafts
 
-    Forwards are the server's (`layerroute.infer.verify.DraftResult.forwards`): every model forward of the request,
-    the prefill's included; the prefill's forward yields the first token, so plain greedy decoding is exactly 1.00
-    token per forward. Tokens are the generated tokens with the end-of-turn token (a forward chose it too; usage's
-    completion_tokens leaves it out). ``tokens_per_forward`` = sum of tokens / sum of forwards over the steps.
-
-    Per drafter, ``accepted_per_decode_forward`` = sum over steps of its accepted draft tokens / sum of decode forwards
-    (forwards - 1 per step: the prefill's forward verifies no draft, so it is not counted): the tokens that drafter
-    adds to each verify forward's one token of its own, as benchmarks/lossless_drafts.py counts them.
-    ``tokens_per_decode_forward`` = (tokens - steps) / decode forwards, 1 + the drafters' sum except where a turn ended
-    inside an accepted draft (its end-of-turn token or the budget: the model's own token after it is not kept);
-    ``acceptance`` = accepted / drafted."""
     sel = [s["drafts"] for s in steps if s.get("drafts") and s["drafts"].get("forwards")]
-    if not sel:
-        return None
-    tokens, forwards = sum(d["tokens"] for d in sel), sum(d["forwards"] for d in sel)
-    decode = sum(d["forwards"] - 1 for d in sel)
-    by_source = {}
-    for src in sorted({s for d in sel for s in d["by_source"]}):
-        drafted = sum(d["by_source"].get(src, {}).get("drafted", 0) for d in sel)
-        accepted = sum(d["by_source"].get(src, {}).get("accepted", 0) for d in sel)
-        by_source[src] = {"drafted": drafted, "accepted": accepted,
-                          "accepted_per_decode_forward": accepted / decode if decode else 0.0,
-                          "acceptance": accepted / drafted if drafted else None}
-    return {"steps": len(sel), "tokens": tokens, "forwards": forwards, "decode_forwards": decode,
-            "tokens_per_forward": tokens / forwards,
-            "tokens_per_decode_forward": (tokens - len(sel)) / decode if decode else None, "by_source": by_source}
+    return tally_drafts(sel) if sel else None
 
 
 def summarize(results: list[dict], checker: str) -> dict:
